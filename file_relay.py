@@ -1,0 +1,2440 @@
+#!/usr/bin/env python3
+"""file-relay: an ad-hoc HTTP relay for machines that cannot reach each other.
+
+Start a relay on a host both machines can reach, then move files with plain curl:
+
+    PUT    /<server_id>/<sha256>   upload; stored only if the content hashes to the name
+    GET    /<server_id>/<sha256>   download (also HEAD and Range); follows an upload in progress
+    DELETE /<server_id>/<sha256>   remove a file (or cancel its partial upload)
+    GET    /<server_id>            status (JSON, or Prometheus text)
+    DELETE /<server_id>            drain, then shut the relay down
+
+SECURITY WARNING: the server ID is a bearer secret carried in every URL. Anyone who knows
+it and a file's SHA-256 can fetch that file; anyone who knows it can upload, delete and
+shut the relay down. Generate it (the default), serve over TLS on public networks, and
+keep it out of shell history and process listings (RELAY_SERVER_ID). The relay never
+logs it. The relay is a transient, single-purpose transfer point: it is not a file
+server, has no users or listings, and stores nothing but content-addressed blobs.
+
+Storage invariant: a file under a hash name always holds exactly the content with that
+hash. Uploads are written under a private directory, hashed as they arrive, fsynced, and
+only then hard-linked to their public name, which is never overwritten. Everything that
+matters lives on the filesystem and is coordinated with open-file-description locks, so
+several workers (and several relays on one directory) behave like one.
+
+The relay runs on Linux (it relies on open-file-description locks). The built-in client
+(`file_relay.py send` / `get`) needs only the Python standard library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import dataclasses
+import email.utils
+import errno
+import fcntl
+import hashlib
+import hmac
+import json
+import logging
+import math
+import mmap
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+from pathlib import Path
+
+# ---------------------------------------------------------------------------
+# Constants and defaults
+# ---------------------------------------------------------------------------
+
+__version__ = "1.0.0"
+
+BLOCK_SIZE = 1 << 20  # unit of body reads, file writes and streamed reads
+OBJECT_ID_RE = re.compile(r"[0-9a-fA-F]{64}")
+WEAK_SERVER_ID_LENGTH = 16  # shorter given IDs get a warning: they can be guessed
+SERVER_ID_RE = re.compile(r"[A-Za-z0-9._~-]+")  # URL-safe, needs no escaping
+CLIENT_COMMANDS = ("send", "get")  # reserved first words of the command line
+
+
+@dataclasses.dataclass(frozen=True)
+class RelayConfig:
+    """Every setting of a relay, with its default. Tests build these directly."""
+
+    server_id: str
+    files_directory: Path = Path("/var/tmp/file-relay")
+    bind: str = "0.0.0.0:8080"
+    workers: int = 1
+    threads: int = 64
+    max_file_size: int | None = None  # bytes; None: bounded by free disk space only
+    log_level: str = "info"
+    log_format: str = "text"  # or "json"
+    get_wait_timeout: float = 30.0  # how long a GET waits for an upload to start
+    max_get_wait: float = 600.0  # upper bound of a request's ?wait=SECONDS
+    idle_timeout: float = 60.0  # a peer silent this long is dropped; an upload stalled this long is cut
+    partial_ttl: float = 24 * 3600.0  # partial uploads untouched this long are removed
+    ttl: float | None = None  # stored objects expire this long after their upload completed
+    max_ttl: float | None = None  # the longest expiry a client may ask for with Max-Days
+    max_disk: int | None = None  # bytes of stored plus in-progress objects
+    min_free: int = 0  # bytes of the filesystem to keep free
+    graceful_timeout: float = 30.0  # how long a drain waits for transfers in flight
+    purge_on_exit: bool = False
+    certfile: str | None = None
+    keyfile: str | None = None
+    forwarded_allow_ips: str = "127.0.0.1,::1"
+    sweep_interval: float = 60.0
+    worker_timeout: int = 30  # a silent worker is restarted after this; transfers may last longer
+
+    @property
+    def waiting_reader_limit(self) -> int:
+        """Readers that may wait for an upload at once, per worker: half the threads, so
+        waiting never takes the threads that uploads, status and other downloads need."""
+        return max(1, self.threads // 2)
+
+
+# ---------------------------------------------------------------------------
+# Small helpers: sizes, durations, HTTP field values
+# ---------------------------------------------------------------------------
+
+_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:i?B)?\s*", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+
+
+def parse_size(text: str) -> int:
+    """Parse '512', '100M', '1.5G', '2TiB' (binary units) into bytes."""
+    match = _SIZE_RE.fullmatch(text)
+    if not match:
+        raise ValueError(f"not a size: {text!r} (use a number with an optional K, M, G or T suffix)")
+    number, unit = match.groups()
+    return int(float(number) * _SIZE_UNITS[unit.upper()])
+
+
+def format_size(size: float) -> str:
+    """Render a byte count for people: '1.5 GiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(size) < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def http_date(timestamp: float) -> str:
+    return email.utils.formatdate(timestamp, usegmt=True)
+
+
+def sha256_field(digest: bytes) -> str:
+    """An RFC 9530 Repr-Digest / Content-Digest value for a SHA-256 digest."""
+    return "sha-256=:" + base64.b64encode(digest).decode("ascii") + ":"
+
+
+def parse_digest_field(value: str) -> bytes | None:
+    """The SHA-256 digest named in a Content-Digest field, or None if it names none.
+
+    Raises ValueError when the sha-256 member is present but malformed.
+    """
+    for member in value.split(","):
+        name, _, rest = member.strip().partition("=")
+        if name.strip().lower() != "sha-256":
+            continue
+        rest = rest.strip()
+        if len(rest) < 2 or rest[0] != ":" or rest[-1] != ":":
+            raise ValueError("sha-256 digest must be a byte sequence (:base64:)")
+        try:
+            digest = base64.b64decode(rest[1:-1], validate=True)
+        except ValueError:
+            raise ValueError("sha-256 digest is not valid base64") from None
+        if len(digest) != 32:
+            raise ValueError("sha-256 digest must be 32 bytes")
+        return digest
+    return None
+
+
+def parse_object_id(text: str) -> str | None:
+    """The canonical (lowercase) object ID, or None when *text* is not 64 hex digits."""
+    return text.lower() if OBJECT_ID_RE.fullmatch(text) else None
+
+
+def merge_ranges(ranges) -> list[tuple[int, int]]:
+    """Merge inclusive byte ranges into sorted, disjoint, non-adjacent ones."""
+    merged: list[tuple[int, int]] = []
+    for first, last in sorted(ranges):
+        if merged and first <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], last))
+        else:
+            merged.append((first, last))
+    return merged
+
+
+def format_ranges(ranges) -> str:
+    return ", ".join(f"{first}-{last}" for first, last in ranges)
+
+
+def contiguous_prefix(ranges) -> int:
+    """How many bytes from offset 0 the (merged) ranges cover without a gap."""
+    return ranges[0][1] + 1 if ranges and ranges[0][0] == 0 else 0
+
+
+# ---------------------------------------------------------------------------
+# Storage
+#
+# <files-directory>/<sha256>                      stored, verified objects (never overwritten)
+# <files-directory>/.relay/partial/<sha256>/      an upload in progress or a resumable partial:
+#     data            the bytes, each at its offset (sparse while chunks are missing)
+#     info            {"mode": "stream" | "chunks", "length": N | null, "created": t}
+#     range-A-B       one empty marker per acknowledged chunk (bytes A..B, durably written)
+# <files-directory>/.relay/partial/.new-*, .trash-*   being created / being removed
+# <files-directory>/.relay/meta/<sha256>.<inode>      limits asked for at upload (JSON)
+# <files-directory>/.relay/meta/<sha256>.<inode>.count  completed downloads, one byte each
+# <files-directory>/.relay/lock                   serialises space reservations
+#
+# Coordination uses open-file-description (OFD) locks, which the kernel drops when a
+# process dies, so a crash never leaves a lock behind. On a partial's data file:
+#   byte _WRITERS   shared by each chunk request writing to it; exclusive for a plain PUT
+#                   (which writes the whole object), for DELETE and for the sweeper
+#   byte _FINISHER  exclusive while one request verifies and publishes the object
+#   bytes A..B      exclusive while one request writes chunk A..B
+# On a meta file: byte 0 serialises download accounting, bytes 1..N are download slots.
+# ---------------------------------------------------------------------------
+
+
+class RelayError(Exception):
+    """A request refused by the relay: an HTTP status and a one-line reason."""
+
+    def __init__(self, status: int, reason: str, *, retry_after: int | None = None):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+class UploadFailed(Exception):
+    """An upload that a reader was following failed, was aborted or stalled."""
+
+
+_FLOCK = struct.Struct("hhqqi4x")  # struct flock (64-bit Linux)
+_WRITERS = 1 << 62
+_FINISHER = _WRITERS + 1
+_MUTEX = 0
+_DOWNLOAD_SLOTS = 256  # most concurrent counted downloads of one limited object
+_SPACE_CHECK_INTERVAL = 64 << 20  # bytes between free-space checks of an upload of unknown size
+_POLL_MIN, _POLL_MAX = 0.005, 0.1  # seconds between looks at an upload being followed
+
+
+def _lock(fd: int, kind: int, start: int, length: int = 1, *, wait: bool = False) -> bool:
+    """Take an OFD lock on bytes [start, start+length); False if another holds it."""
+    command = fcntl.F_OFD_SETLKW if wait else fcntl.F_OFD_SETLK
+    try:
+        fcntl.fcntl(fd, command, _FLOCK.pack(kind, os.SEEK_SET, start, length, 0))
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
+
+
+def _unlock(fd: int, start: int, length: int = 1) -> None:
+    _lock(fd, fcntl.F_UNLCK, start, length)
+
+
+def _lock_held(fd: int, start: int, length: int = 1) -> bool:
+    """Whether another open file description holds any lock on these bytes."""
+    result = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, start, length, 0))
+    return _FLOCK.unpack(result)[0] != fcntl.F_UNLCK
+
+
+def _write_all(fd: int, data, offset: int | None = None) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view) if offset is None else os.pwrite(fd, view, offset)
+        view = view[written:]
+        if offset is not None:
+            offset += written
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    """Create *path* holding *data*, durably."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        _write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _disk_full_is_507():
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise RelayError(507, "the relay ran out of disk space while storing the upload") from None
+        raise
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What an uploader asked for: expiry after completion, and a download budget."""
+
+    ttl: float | None = None
+    max_downloads: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredObject:
+    oid: str
+    size: int
+    inode: int
+    stored_at: float
+    expires_at: float | None
+    max_downloads: int | None
+    downloads: int
+
+    @property
+    def remaining_downloads(self) -> int | None:
+        return None if self.max_downloads is None else max(0, self.max_downloads - self.downloads)
+
+
+@dataclasses.dataclass(frozen=True)
+class Progress:
+    """Where an upload in progress (or a resumable partial upload) stands."""
+
+    mode: str  # "stream": one plain PUT writing in order; "chunks": Content-Range requests
+    length: int | None
+    ranges: list  # merged inclusive (first, last) ranges received
+    active: bool  # a request is writing to it now
+
+    @property
+    def offset(self) -> int:
+        return contiguous_prefix(self.ranges)
+
+    @property
+    def received(self) -> int:
+        return sum(last - first + 1 for first, last in self.ranges)
+
+
+class _Partial:
+    """An open partial upload directory; closing the data file releases its locks."""
+
+    def __init__(self, path: Path, fd: int, info: dict):
+        self.path = path
+        self.fd = fd
+        self.info = info
+        self.inode = os.fstat(fd).st_ino
+
+    @property
+    def data(self) -> Path:
+        return self.path / "data"
+
+    def is_current(self) -> bool:
+        """Whether this is still the upload at its public partial path."""
+        try:
+            return os.stat(self.data).st_ino == self.inode
+        except FileNotFoundError:
+            return False
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class Store:
+    """The relay's files directory: verified objects, partial uploads, their limits."""
+
+    def __init__(self, config: RelayConfig):
+        self.config = config
+        self.root = Path(config.files_directory)
+        self.partials = self.root / ".relay" / "partial"
+        self.meta = self.root / ".relay" / "meta"
+        self.lock_path = self.root / ".relay" / "lock"
+
+    def prepare(self) -> None:
+        """Create the directories (private to the relay's user) if they are missing."""
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for path in (self.root / ".relay", self.partials, self.meta):
+            path.mkdir(mode=0o700, exist_ok=True)
+        self.lock_path.touch(mode=0o600, exist_ok=True)
+
+    # -- stored objects ----------------------------------------------------
+
+    def _object_path(self, oid: str) -> Path:
+        return self.root / oid
+
+    def _meta_path(self, oid: str, inode: int) -> Path:
+        return self.meta / f"{oid}.{inode}"
+
+    def _describe(self, oid: str, st: os.stat_result) -> StoredObject:
+        ttl = self.config.ttl
+        max_downloads = None
+        downloads = 0
+        meta = self._meta_path(oid, st.st_ino)
+        with contextlib.suppress(FileNotFoundError):
+            limits = json.loads(meta.read_bytes())
+            if limits.get("ttl") is not None:
+                ttl = limits["ttl"] if ttl is None else min(ttl, limits["ttl"])
+            max_downloads = limits.get("max_downloads")
+        if max_downloads is not None:
+            with contextlib.suppress(FileNotFoundError):
+                downloads = os.stat(f"{meta}.count").st_size
+        return StoredObject(
+            oid=oid,
+            size=st.st_size,
+            inode=st.st_ino,
+            stored_at=st.st_mtime,
+            expires_at=None if ttl is None else st.st_mtime + ttl,
+            max_downloads=max_downloads,
+            downloads=downloads,
+        )
+
+    @staticmethod
+    def _is_spent(obj: StoredObject, now: float) -> bool:
+        expired = obj.expires_at is not None and now >= obj.expires_at
+        return expired or obj.remaining_downloads == 0
+
+    def lookup(self, oid: str) -> StoredObject | None:
+        """The stored object, or None; an expired or used-up object is removed on sight."""
+        try:
+            st = os.stat(self._object_path(oid))
+        except FileNotFoundError:
+            return None
+        obj = self._describe(oid, st)
+        if self._is_spent(obj, time.time()):
+            self._remove_object(oid, obj.inode)
+            return None
+        return obj
+
+    def open_object(self, oid: str) -> tuple[int, StoredObject] | None:
+        """Open a stored object for reading: (fd, object), or None if it is not there."""
+        try:
+            fd = os.open(self._object_path(oid), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        obj = self._describe(oid, os.fstat(fd))
+        if self._is_spent(obj, time.time()):
+            os.close(fd)
+            self._remove_object(oid, obj.inode)
+            return None
+        return fd, obj
+
+    def _remove_object(self, oid: str, inode: int) -> bool:
+        """Remove the object if its name still refers to *inode*; then its limits."""
+        removed = False
+        path = self._object_path(oid)
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_ino == inode:
+                os.unlink(path)
+                removed = True
+        meta = self._meta_path(oid, inode)
+        for leftover in (Path(f"{meta}.count"), meta):
+            leftover.unlink(missing_ok=True)
+        return removed
+
+    def delete(self, oid: str) -> bool:
+        """Remove a stored object and cancel its partial upload; False if neither existed.
+
+        Raises 409 when a request is writing to the partial upload right now.
+        """
+        removed = False
+        with contextlib.suppress(FileNotFoundError):
+            removed = self._remove_object(oid, os.stat(self._object_path(oid)).st_ino)
+        try:
+            partial = self._open_partial(oid, exclusive=True)
+        except RelayError:
+            if removed:
+                return True
+            raise RelayError(409, "an upload of this object is in progress", retry_after=5) from None
+        if partial is not None:
+            self._discard(partial)
+            removed = True
+        return removed
+
+    def reserve_download(self, obj: StoredObject) -> DownloadTicket | None:
+        """A slot for one counted download of an object with a download budget.
+
+        Downloads in flight hold their slot, so concurrent downloads of the last allowed
+        copy cannot all go through; a download that fails gives its slot back.
+        """
+        if obj.max_downloads is None:
+            return None
+        try:
+            fd = os.open(self._meta_path(obj.oid, obj.inode), os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise RelayError(404, "no such object") from None
+        try:
+            _lock(fd, fcntl.F_WRLCK, _MUTEX, wait=True)
+            try:
+                done = self._downloads_done(obj)
+                slots = range(1, min(obj.max_downloads, _DOWNLOAD_SLOTS) + 1)
+                in_flight = sum(_lock_held(fd, slot) for slot in slots)
+                if done >= obj.max_downloads:
+                    self._remove_object(obj.oid, obj.inode)
+                    raise RelayError(404, "no such object")
+                if done + in_flight < obj.max_downloads:
+                    for slot in slots:
+                        if _lock(fd, fcntl.F_WRLCK, slot):
+                            return DownloadTicket(self, obj, fd, slot)
+                raise RelayError(409, "the remaining downloads of this object are in progress", retry_after=5)
+            finally:
+                _unlock(fd, _MUTEX)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _downloads_done(self, obj: StoredObject) -> int:
+        try:
+            return os.stat(f"{self._meta_path(obj.oid, obj.inode)}.count").st_size
+        except FileNotFoundError:
+            return 0
+
+    # -- uploads -------------------------------------------------------------
+
+    def check_size(self, size: int) -> None:
+        limit = self.config.max_file_size
+        if limit is not None and size > limit:
+            raise RelayError(413, f"larger than the relay's limit of {format_size(limit)} ({limit} bytes)")
+
+    def is_stored(self, oid: str) -> bool:
+        return self.lookup(oid) is not None
+
+    def put_stream(self, oid: str, body, length: int | None, limits: Limits) -> bool:
+        """Store a whole object sent in one request: True if created, False if it was
+        already stored. *body* yields the request body's blocks."""
+        if self.is_stored(oid):
+            for _ in body:
+                pass
+            return False
+        if length is not None:
+            self.check_size(length)
+        partial = self._create_partial(oid, "stream", length, limits)
+        created = False
+        try:
+            hasher = hashlib.sha256()
+            received = 0
+            next_space_check = _SPACE_CHECK_INTERVAL
+            with _disk_full_is_507():
+                for block in body:
+                    received += len(block)
+                    if length is None:
+                        self.check_size(received)
+                        if received >= next_space_check:
+                            with self._space_lock():
+                                self._check_space(0)
+                            next_space_check += _SPACE_CHECK_INTERVAL
+                    hasher.update(block)
+                    _write_all(partial.fd, block)
+                if length is not None and received != length:
+                    raise RelayError(400, f"body has {received} bytes, Content-Length says {length}")
+                self._verify(oid, hasher)
+                created = self._publish(partial, oid)
+            return created
+        finally:
+            self._discard(partial, keep_meta=created)
+
+    def put_chunk(self, oid: str, first: int, last: int, total: int, body, digest: bytes | None, limits: Limits):
+        """Store bytes first..last of an object of *total* bytes.
+
+        Returns (status, progress): 202 and the upload's progress while it is incomplete,
+        201 when this chunk completed an object that verified, 200 if already stored.
+        """
+        if self.is_stored(oid):
+            for _ in body:
+                pass
+            return 200, None
+        self.check_size(total)
+        partial = self._join_partial(oid, total, limits)
+        if partial is None:
+            for _ in body:
+                pass
+            return 200, None
+        try:
+            if partial.info["length"] != total:
+                raise RelayError(409, f"this upload is {partial.info['length']} bytes long, not {total}")
+            if not _lock(partial.fd, fcntl.F_WRLCK, first, last - first + 1):
+                raise RelayError(409, f"bytes {first}-{last} are being written by another request", retry_after=1)
+            with _disk_full_is_507():
+                self._receive_chunk(partial, first, last, body, digest)
+                os.fdatasync(partial.fd)
+                (partial.path / f"range-{first}-{last}").touch()
+                _fsync_dir(partial.path)
+            ranges = self._recorded_ranges(partial.path)
+            if contiguous_prefix(ranges) >= total:
+                return self._finish_chunks(oid, partial), None
+            return 202, Progress("chunks", total, ranges, True)
+        finally:
+            partial.close()
+
+    def _receive_chunk(self, partial: _Partial, first: int, last: int, body, digest: bytes | None) -> None:
+        """Write a chunk's bytes at their offsets. Bytes of ranges already acknowledged
+        are compared instead of written: a retried chunk is fine, a different one is not."""
+        recorded = self._recorded_ranges(partial.path)
+        hasher = hashlib.sha256() if digest is not None else None
+        position = first
+        for block in body:
+            if position + len(block) > last + 1:
+                raise RelayError(400, f"body is longer than its Content-Range ({last - first + 1} bytes)")
+            if hasher is not None:
+                hasher.update(block)
+            self._write_or_compare(partial.fd, position, memoryview(block), recorded)
+            position += len(block)
+        if position != last + 1:
+            raise RelayError(400, f"body has {position - first} bytes, Content-Range says {last - first + 1}")
+        if hasher is not None and hasher.digest() != digest:
+            raise RelayError(400, "chunk does not match its Content-Digest; it was not stored")
+
+    @staticmethod
+    def _write_or_compare(fd: int, position: int, block: memoryview, recorded: list) -> None:
+        end = position + len(block)
+        cursor = position
+        for first, last in recorded:
+            if last < cursor:
+                continue
+            if first >= end:
+                break
+            if first > cursor:
+                _write_all(fd, block[cursor - position : first - position], cursor)
+                cursor = first
+            stop = min(last + 1, end)
+            if os.pread(fd, stop - cursor, cursor) != block[cursor - position : stop - position]:
+                raise RelayError(409, f"bytes {cursor}-{stop - 1} differ from those already received")
+            cursor = stop
+        if cursor < end:
+            _write_all(fd, block[cursor - position :], cursor)
+
+    def _finish_chunks(self, oid: str, partial: _Partial) -> int:
+        """Verify a fully received chunked upload and publish it (201), or discard it (400)."""
+        if not _lock(partial.fd, fcntl.F_WRLCK, _FINISHER) or not partial.is_current():
+            # Another request is verifying it: its verdict is ours.
+            _lock(partial.fd, fcntl.F_WRLCK, _FINISHER, wait=True)
+            if self.is_stored(oid):
+                return 200
+            raise RelayError(400, "the completed upload did not verify and was discarded")
+        hasher = hashlib.sha256()
+        position = 0
+        while block := os.pread(partial.fd, BLOCK_SIZE, position):
+            hasher.update(block)
+            position += len(block)
+        created = False
+        try:
+            self._verify(oid, hasher, discarded=True)
+            with _disk_full_is_507():
+                created = self._publish(partial, oid)
+        finally:
+            self._discard(partial, keep_meta=created)
+        return 201 if created else 200
+
+    @staticmethod
+    def _verify(oid: str, hasher, discarded: bool = False) -> None:
+        actual = hasher.hexdigest()
+        if actual != oid:
+            note = "; the partial upload was discarded" if discarded else ""
+            raise RelayError(400, f"content does not match its name: expected sha256 {oid}, got {actual}{note}")
+
+    def _publish(self, partial: _Partial, oid: str) -> bool:
+        """Make verified data public under its hash name, durably, never overwriting."""
+        os.utime(partial.fd)  # the object's mtime is its completion time (expiry counts from it)
+        os.fsync(partial.fd)
+        try:
+            os.link(partial.data, self._object_path(oid))
+        except FileExistsError:
+            return False
+        _fsync_dir(self.root)
+        return True
+
+    def progress(self, oid: str) -> Progress | None:
+        """The state of an upload in progress or a resumable partial, or None."""
+        opened = self._open_for_reading(oid)
+        if opened is None:
+            return None
+        fd, info = opened
+        try:
+            active = _lock_held(fd, _WRITERS)
+            if info["mode"] == "stream":
+                if not active:
+                    return None  # left by a crashed plain upload; never resumable
+                size = os.fstat(fd).st_size
+                ranges = [(0, size - 1)] if size else []
+            else:
+                ranges = self._recorded_ranges(self.partials / oid)
+            return Progress(info["mode"], info["length"], ranges, active)
+        finally:
+            os.close(fd)
+
+    def follow(self, oid: str, start: int = 0) -> UploadFollower | None:
+        """A reader of the upload of *oid* in progress, from byte *start*; None if none."""
+        opened = self._open_for_reading(oid)
+        if opened is None:
+            return None
+        fd, info = opened
+        if info["mode"] == "stream" and not _lock_held(fd, _WRITERS):
+            os.close(fd)
+            return None
+        return UploadFollower(self, oid, fd, info, start)
+
+    def _open_for_reading(self, oid: str) -> tuple[int, dict] | None:
+        path = self.partials / oid
+        for _ in range(5):
+            try:
+                fd = os.open(path / "data", os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                return None
+            try:
+                info = json.loads((path / "info").read_bytes())
+                if os.stat(path / "data").st_ino == os.fstat(fd).st_ino:
+                    return fd, info
+            except FileNotFoundError:
+                pass  # removed or replaced meanwhile: look again
+            os.close(fd)
+        return None
+
+    def limits_of_upload(self, oid: str, inode: int) -> StoredObject | None:
+        """The download budget of an upload in progress, as its object will carry it."""
+        meta = self._meta_path(oid, inode)
+        try:
+            limits = json.loads(meta.read_bytes())
+        except FileNotFoundError:
+            return None
+        if limits.get("max_downloads") is None:
+            return None
+        return StoredObject(oid, 0, inode, time.time(), None, limits["max_downloads"], 0)
+
+    # -- partial uploads -----------------------------------------------------
+
+    def _open_partial(self, oid: str, *, exclusive: bool) -> _Partial | None:
+        """Open the partial upload of *oid* as a writer (shared) or owner (exclusive).
+
+        Returns None if there is none; raises 409 if the lock is held against us.
+        """
+        path = self.partials / oid
+        for _ in range(5):
+            try:
+                fd = os.open(path / "data", os.O_RDWR | os.O_CLOEXEC)
+            except FileNotFoundError:
+                return None
+            try:
+                kind = fcntl.F_WRLCK if exclusive else fcntl.F_RDLCK
+                if not _lock(fd, kind, _WRITERS):
+                    raise RelayError(409, "another upload of this object is in progress", retry_after=5)
+                info = json.loads((path / "info").read_bytes())
+                partial = _Partial(path, fd, info)
+                if partial.is_current():
+                    return partial
+            except FileNotFoundError:
+                pass
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)
+        raise RelayError(409, "another upload of this object is in progress", retry_after=5)
+
+    def _create_partial(self, oid: str, mode: str, length: int | None, limits: Limits) -> _Partial:
+        """Start a new partial upload of *oid*. A plain upload ("stream") owns it
+        exclusively and replaces an idle partial; chunk requests ("chunks") share it, and
+        FileExistsError tells a chunk request that another one created it first."""
+        with self._space_lock():
+            if mode == "chunks" and (self.partials / oid).exists():
+                raise FileExistsError(oid)
+            existing = self._open_partial(oid, exclusive=True)
+            if existing is not None:
+                self._discard(existing)
+            self._check_space(length or 0)
+            staging = self.partials / f".new-{secrets.token_hex(8)}"
+            staging.mkdir(mode=0o700)
+            partial = None
+            try:
+                fd = os.open(staging / "data", os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                partial = _Partial(staging, fd, {"mode": mode, "length": length, "created": time.time()})
+                _lock(fd, fcntl.F_WRLCK if mode == "stream" else fcntl.F_RDLCK, _WRITERS)
+                _write_file(staging / "info", json.dumps(partial.info).encode())
+                if limits.ttl is not None or limits.max_downloads is not None:
+                    limits_json = json.dumps(dataclasses.asdict(limits)).encode()
+                    _write_file(self._meta_path(oid, partial.inode), limits_json)
+                os.rename(staging, self.partials / oid)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                if partial is not None:
+                    self._meta_path(oid, partial.inode).unlink(missing_ok=True)
+                    partial.close()
+                raise
+            partial.path = self.partials / oid
+            if mode == "chunks":
+                _fsync_dir(self.partials)
+            return partial
+
+    def _join_partial(self, oid: str, total: int, limits: Limits) -> _Partial | None:
+        """Open the chunked upload of *oid* to write a chunk, creating it if needed.
+        None if the object got stored meanwhile."""
+        for _ in range(5):
+            partial = self._open_partial(oid, exclusive=False)
+            if partial is None:
+                if self.is_stored(oid):
+                    return None
+                with contextlib.suppress(FileExistsError):
+                    return self._create_partial(oid, "chunks", total, limits)
+                continue
+            if partial.info["mode"] == "chunks":
+                return partial
+            # A plain upload's leftover (its writer crashed): no one can resume it.
+            if not _lock(partial.fd, fcntl.F_WRLCK, _WRITERS):
+                partial.close()
+                raise RelayError(409, "a plain upload of this object is in progress", retry_after=5)
+            self._discard(partial)
+        raise RelayError(409, "another upload of this object is in progress", retry_after=5)
+
+    def _discard(self, partial: _Partial, *, keep_meta: bool = False) -> None:
+        """Remove a partial upload we own (its readers see it vanish), then close it."""
+        try:
+            if partial.is_current():
+                trash = self.partials / f".trash-{secrets.token_hex(8)}"
+                with contextlib.suppress(FileNotFoundError):
+                    os.rename(partial.path, trash)
+                    shutil.rmtree(trash, ignore_errors=True)
+            if not keep_meta:
+                self._meta_path(partial.path.name, partial.inode).unlink(missing_ok=True)
+        finally:
+            partial.close()
+
+    @staticmethod
+    def _recorded_ranges(path: Path) -> list[tuple[int, int]]:
+        ranges = []
+        with contextlib.suppress(FileNotFoundError):
+            for name in os.listdir(path):
+                if name.startswith("range-"):
+                    first, _, last = name[6:].partition("-")
+                    ranges.append((int(first), int(last)))
+        return merge_ranges(ranges)
+
+    # -- space ---------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _space_lock(self):
+        """Serialise space reservations across workers and relays sharing the directory."""
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            _lock(fd, fcntl.F_WRLCK, 0, wait=True)
+            yield
+        finally:
+            os.close(fd)
+
+    def _check_space(self, needed: int) -> None:
+        """Refuse (507) an upload of *needed* bytes that the disk or quota cannot hold,
+        counting the bytes promised to uploads in progress as already used."""
+        usage = self.usage()
+        disk = shutil.disk_usage(self.root)
+        outstanding = usage["reserved_bytes"] - usage["partial_allocated_bytes"]
+        available = disk.free - max(0, outstanding) - self.config.min_free
+        if needed > available:
+            raise RelayError(507, f"not enough free space: {needed} bytes needed, {max(0, available)} bytes available")
+        quota = self.config.max_disk
+        if quota is not None and usage["stored_bytes"] + usage["reserved_bytes"] + needed > quota:
+            raise RelayError(507, f"over the relay's disk quota of {format_size(quota)} ({quota} bytes)")
+
+    def usage(self) -> dict:
+        """Stored objects and partial uploads, counted from the directory."""
+        stored_count = stored_bytes = 0
+        with os.scandir(self.root) as entries:
+            for entry in entries:
+                if len(entry.name) == 64 and parse_object_id(entry.name) == entry.name:
+                    with contextlib.suppress(FileNotFoundError):
+                        stored_bytes += entry.stat().st_size
+                        stored_count += 1
+        partial_count = reserved = allocated = 0
+        for name in self._partial_names():
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                info = json.loads((self.partials / name / "info").read_bytes())
+                st = os.stat(self.partials / name / "data")
+                on_disk = st.st_blocks * 512
+                partial_count += 1
+                allocated += on_disk
+                reserved += max(info["length"] or 0, on_disk)
+        return {
+            "stored_count": stored_count,
+            "stored_bytes": stored_bytes,
+            "partial_count": partial_count,
+            "reserved_bytes": reserved,
+            "partial_allocated_bytes": allocated,
+        }
+
+    def _partial_names(self) -> list[str]:
+        try:
+            return [name for name in os.listdir(self.partials) if not name.startswith(".")]
+        except FileNotFoundError:
+            return []
+
+    # -- housekeeping --------------------------------------------------------
+
+    def sweep(self, now: float | None = None) -> dict:
+        """Remove what is expired, used up, abandoned or left over by a crash.
+
+        Safe to run from several processes and relays at once: everything is removed
+        only under the lock its users hold, after looking again.
+        """
+        now = time.time() if now is None else now
+        removed = {"objects": 0, "partials": 0, "leftovers": 0}
+        with os.scandir(self.root) as entries:
+            names = [entry.name for entry in entries if len(entry.name) == 64]
+        for oid in names:
+            with contextlib.suppress(FileNotFoundError):
+                obj = self._describe(oid, os.stat(self._object_path(oid)))
+                if self._is_spent(obj, now) and self._remove_object(oid, obj.inode):
+                    removed["objects"] += 1
+        for name in os.listdir(self.partials):
+            path = self.partials / name
+            if name.startswith((".trash-", ".new-")):
+                if self._remove_if_unlocked(path, older_than=now - 60 if name.startswith(".new-") else None):
+                    removed["leftovers"] += 1
+            elif not name.startswith(".") and self._sweep_partial(name, now):
+                removed["partials"] += 1
+        removed["leftovers"] += self._sweep_meta()
+        return removed
+
+    def _sweep_partial(self, oid: str, now: float) -> bool:
+        try:
+            partial = self._open_partial(oid, exclusive=True)
+        except RelayError:
+            return False  # in use
+        if partial is None:
+            return False
+        try:
+            idle_since = max(os.stat(partial.path).st_mtime, os.fstat(partial.fd).st_mtime)
+        except FileNotFoundError:
+            partial.close()
+            return False
+        abandoned = partial.info["mode"] == "stream" or self.lookup(oid) is not None
+        if abandoned or now - idle_since > self.config.partial_ttl:
+            self._discard(partial)
+            return True
+        partial.close()
+        return False
+
+    @staticmethod
+    def _remove_if_unlocked(path: Path, older_than: float | None) -> bool:
+        try:
+            fd = os.open(path / "data", os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            fd = None  # an empty leftover directory
+        try:
+            if fd is not None and not _lock(fd, fcntl.F_WRLCK, _WRITERS):
+                return False
+            if older_than is not None and os.stat(path).st_mtime > older_than:
+                return False
+            shutil.rmtree(path, ignore_errors=True)
+            return True
+        except FileNotFoundError:
+            return False
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    def _sweep_meta(self) -> int:
+        """Remove limits whose object and upload are both gone."""
+        live = set()
+        for oid in os.listdir(self.root):
+            if len(oid) != 64:
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                live.add(f"{oid}.{os.stat(self._object_path(oid)).st_ino}")
+        for name in self._partial_names():
+            with contextlib.suppress(FileNotFoundError):
+                live.add(f"{name}.{os.stat(self.partials / name / 'data').st_ino}")
+        removed = 0
+        for name in os.listdir(self.meta):
+            key = name.removesuffix(".count")
+            if key not in live:
+                # Limits are written just before their upload appears: spare young files.
+                with contextlib.suppress(FileNotFoundError):
+                    if time.time() - os.stat(self.meta / name).st_mtime > 60:
+                        (self.meta / name).unlink()
+                        removed += 1
+        return removed
+
+    def purge(self) -> None:
+        """Remove every stored object and partial upload (an ephemeral relay's exit)."""
+        for oid in os.listdir(self.root):
+            if parse_object_id(oid) == oid:
+                (self.root / oid).unlink(missing_ok=True)
+        shutil.rmtree(self.root / ".relay", ignore_errors=True)
+
+
+class DownloadTicket:
+    """A held download slot: complete() counts the download, release() gives it back."""
+
+    def __init__(self, store: Store, obj: StoredObject, fd: int, slot: int):
+        self.store = store
+        self.obj = obj
+        self.fd = fd
+        self.slot = slot
+
+    def complete(self) -> None:
+        """Count one whole download; the last allowed one removes the object."""
+        if self.fd < 0:
+            return
+        meta = self.store._meta_path(self.obj.oid, self.obj.inode)
+        _lock(self.fd, fcntl.F_WRLCK, _MUTEX, wait=True)
+        try:
+            counter = os.open(f"{meta}.count", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(counter, b".")
+                os.fsync(counter)
+                done = os.fstat(counter).st_size
+            finally:
+                os.close(counter)
+            if done >= self.obj.max_downloads:
+                self.store._remove_object(self.obj.oid, self.obj.inode)
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class UploadFollower:
+    """Reads an upload in progress as its bytes arrive, from the start or an offset.
+
+    Until the upload has verified, the last byte of a known length is held back, so a
+    reader never receives something that looks complete but is not. If the upload fails,
+    is cancelled or stalls, iteration raises UploadFailed.
+    """
+
+    def __init__(self, store: Store, oid: str, fd: int, info: dict, start: int = 0):
+        self.store = store
+        self.oid = oid
+        self.fd = fd
+        self.mode = info["mode"]
+        self.length = info["length"]
+        self.position = start
+        self.inode = os.fstat(fd).st_ino
+        self.partial_path = store.partials / oid
+        self.stall_timeout = store.config.idle_timeout + 5  # the writer's own timeout fires first
+
+    def _published(self) -> bool:
+        try:
+            return os.stat(self.store._object_path(self.oid)).st_ino == self.inode
+        except FileNotFoundError:
+            return False
+
+    def _available(self) -> tuple[int, bool]:
+        """(bytes that may be sent, whether the upload has verified)."""
+        if self._published():
+            return os.fstat(self.fd).st_size, True
+        alive = False
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(self.partial_path / "data").st_ino == self.inode:
+                alive = self.mode == "chunks" or _lock_held(self.fd, _WRITERS)
+        if not alive:
+            if self._published():  # published between the two looks
+                return os.fstat(self.fd).st_size, True
+            raise UploadFailed("the upload failed or was cancelled")
+        if self.mode == "stream":
+            end = os.fstat(self.fd).st_size
+        else:
+            end = contiguous_prefix(self.store._recorded_ranges(self.partial_path))
+        if self.length is not None:
+            end = min(end, self.length - 1)
+        return end, False
+
+    def __iter__(self):
+        try:
+            end, verified = self._available()
+            last_progress = time.monotonic()
+            delay = _POLL_MIN
+            while True:
+                if self.position < end:
+                    block = os.pread(self.fd, min(BLOCK_SIZE, end - self.position), self.position)
+                    if not block:
+                        raise UploadFailed("the upload's data shrank")
+                    self.position += len(block)
+                    last_progress = time.monotonic()
+                    delay = _POLL_MIN
+                    yield block
+                    continue
+                if verified:
+                    return
+                if time.monotonic() - last_progress > self.stall_timeout:
+                    raise UploadFailed("the upload stalled")
+                time.sleep(delay)
+                delay = min(delay * 2, _POLL_MAX)
+                end, verified = self._available()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+# ---------------------------------------------------------------------------
+# Shared counters: one anonymous shared-memory block, created before the workers fork
+# ---------------------------------------------------------------------------
+
+
+class SharedState:
+    """Counters, gauges and flags shared by the master and every worker process.
+
+    Row 0 holds flags; each worker writes only its own row (its slot), so rows need no
+    lock between processes. A worker's counters outlive it; its gauges are zeroed when
+    it exits, so a crashed worker never leaves phantom transfers behind.
+    """
+
+    COUNTERS = (
+        "requests_1xx",
+        "requests_2xx",
+        "requests_3xx",
+        "requests_4xx",
+        "requests_5xx",
+        "bytes_in",
+        "bytes_out",
+        "uploads_completed",
+        "downloads_completed",
+    )
+    GAUGES = ("uploads_active", "downloads_active", "waiting_readers")
+    FIELDS = COUNTERS + GAUGES
+    _DRAINING, _MASTER_PID = 0, 1  # positions in row 0
+
+    def __init__(self, slots: int = 1):
+        self.slots = slots
+        self._memory = mmap.mmap(-1, (slots + 1) * len(self.FIELDS) * 8)
+        self._values = memoryview(self._memory).cast("q")
+        self._row = 1
+        self._lock = threading.Lock()
+        self.started = time.time()
+
+    def use_slot(self, slot: int) -> None:
+        """Make this process write to row *slot* (1..slots)."""
+        self._row = slot
+
+    def _index(self, row: int, field: str) -> int:
+        return row * len(self.FIELDS) + self.FIELDS.index(field)
+
+    def add(self, field: str, amount: int = 1) -> None:
+        index = self._index(self._row, field)
+        with self._lock:
+            self._values[index] += amount
+
+    @contextlib.contextmanager
+    def active(self, gauge: str):
+        self.add(gauge)
+        try:
+            yield
+        finally:
+            self.add(gauge, -1)
+
+    def get(self, field: str) -> int:
+        return sum(self._values[self._index(row, field)] for row in range(1, self.slots + 1))
+
+    def totals(self) -> dict:
+        return {field: self.get(field) for field in self.FIELDS}
+
+    def reset_gauges(self, slot: int) -> None:
+        for gauge in self.GAUGES:
+            self._values[self._index(slot, gauge)] = 0
+
+    @property
+    def draining(self) -> bool:
+        return bool(self._values[self._DRAINING])
+
+    def start_draining(self) -> None:
+        self._values[self._DRAINING] = 1
+
+    @property
+    def master_pid(self) -> int:
+        return self._values[self._MASTER_PID]
+
+    @master_pid.setter
+    def master_pid(self, pid: int) -> None:
+        self._values[self._MASTER_PID] = pid
+
+    def request_shutdown(self) -> None:
+        """Start a drain: through the gunicorn master when there is one."""
+        if self.master_pid:
+            os.kill(self.master_pid, signal.SIGTERM)
+        else:
+            self.start_draining()
+
+
+# ---------------------------------------------------------------------------
+# Web application
+# ---------------------------------------------------------------------------
+
+log = logging.getLogger("file_relay")
+access_log = logging.getLogger("file_relay.access")
+
+
+class ClientGone(Exception):
+    """The client stopped sending its body: it disconnected, stalled or broke framing."""
+
+
+class _CutOff(ConnectionResetError):
+    """Abort a response mid-body: the server closes the connection without finishing it,
+    so the client sees an error rather than a short file (gunicorn stays quiet for
+    ECONNRESET, which is what the client experiences)."""
+
+    def __init__(self, reason: str):
+        super().__init__(errno.ECONNRESET, reason)
+
+
+class _Exchange:
+    """One request/response, measured for the access log and the counters."""
+
+    def __init__(self, environ: dict, state: SharedState, trusted_proxies: set):
+        self.started = time.monotonic()
+        self.state = state
+        self.method = environ.get("REQUEST_METHOD", "-")
+        self.path = _redacted_path(environ)
+        self.client = _client_address(environ, trusted_proxies)
+        self.status: int | None = None
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.note = ""
+        self.finished = False
+
+    def finish(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        status = self.status or 500
+        self.state.add(f"requests_{status // 100}xx")
+        self.state.add("bytes_in", self.bytes_in)
+        self.state.add("bytes_out", self.bytes_out)
+        access_log.info(
+            "access",
+            extra={
+                "client": self.client,
+                "method": self.method,
+                "path": self.path,
+                "status": status,
+                "bytes_out": self.bytes_out,
+                "bytes_in": self.bytes_in,
+                "duration": time.monotonic() - self.started,
+                "note": self.note,
+            },
+        )
+
+
+def _redacted_path(environ: dict) -> str:
+    """The request path with its first segment (the server ID, or a wrong guess) hidden."""
+    path = environ.get("PATH_INFO", "")
+    segments = path.split("/", 2)
+    if len(segments) > 1 and segments[1]:
+        segments[1] = "***"
+    query = environ.get("QUERY_STRING")
+    return "/".join(segments) + (f"?{query}" if query else "")
+
+
+def _client_address(environ: dict, trusted_proxies: set) -> str:
+    peer = environ.get("REMOTE_ADDR", "-")
+    forwarded = environ.get("HTTP_X_FORWARDED_FOR")
+    if forwarded and ("*" in trusted_proxies or peer in trusted_proxies):
+        return forwarded.split(",")[-1].strip() or peer
+    return peer
+
+
+class _CountedIterable:
+    """Wraps a small response body so its bytes are counted and the exchange is logged
+    when the server closes it."""
+
+    def __init__(self, body, exchange: _Exchange):
+        self.body = body
+        self.exchange = exchange
+
+    def __iter__(self):
+        for chunk in self.body:
+            self.exchange.bytes_out += len(chunk)
+            yield chunk
+
+    def close(self) -> None:
+        try:
+            if hasattr(self.body, "close"):
+                self.body.close()
+        finally:
+            self.exchange.finish()
+
+
+class _Body:
+    """A large response body handed to the server as a file-like object, so that Bottle
+    passes it through untouched and gunicorn can use sendfile when there is a file.
+
+    It tells whether the whole body reached the socket: through read() reaching the end
+    (the server asks for more only after writing the previous block), or through the
+    seek() that socket.sendfile() makes to the final offset.
+    """
+
+    def __init__(self, exchange: _Exchange, length: int | None, on_close=None):
+        self.exchange = exchange
+        self.length = length
+        self.sent = 0
+        self.at_end = length == 0
+        self.on_close = on_close
+
+    def close(self) -> None:
+        if self.exchange is None:
+            return
+        exchange, self.exchange = self.exchange, None
+        exchange.bytes_out += self.sent
+        try:
+            if self.on_close is not None:
+                self.on_close(self.at_end)
+        finally:
+            self.release()
+            if exchange.status is not None:  # the response went out: this is its end
+                exchange.finish()
+
+    def release(self) -> None:
+        """Free what the body holds (a file descriptor)."""
+
+
+class _FileBody(_Body):
+    """Bytes start..start+length of an open file."""
+
+    def __init__(self, exchange, fd: int, start: int, length: int, on_close=None):
+        super().__init__(exchange, length, on_close)
+        self.fd = fd
+        self.start = start
+        os.lseek(fd, start, os.SEEK_SET)
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def read(self, size: int = -1) -> bytes:
+        remaining = self.length - self.sent
+        block = os.pread(self.fd, min(max(size, BLOCK_SIZE), remaining), self.start + self.sent) if remaining else b""
+        if not block:
+            self.at_end = self.sent >= self.length
+        self.sent += len(block)
+        return block
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        # socket.sendfile() seeks to where it stopped: that is how many bytes went out.
+        position = os.lseek(self.fd, offset, whence)
+        self.sent = position - self.start
+        self.at_end = self.sent >= self.length
+        return position
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class _FollowBody(_Body):
+    """The bytes of an upload in progress, as they arrive."""
+
+    def __init__(self, exchange, follower: UploadFollower, length: int | None, on_close=None):
+        super().__init__(exchange, length, on_close)
+        self.follower = follower
+        self.blocks = iter(follower)
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            block = next(self.blocks)
+        except StopIteration:
+            self.at_end = True
+            return b""
+        except UploadFailed as exc:
+            self.exchange.note = f"cut off: {exc}"
+            raise _CutOff(str(exc)) from None
+        self.sent += len(block)
+        return block
+
+    def release(self) -> None:
+        self.follower.close()
+
+
+def _request_body(environ: dict, length: int | None, exchange: _Exchange):
+    """Yield the request body in blocks of up to BLOCK_SIZE, read straight from wsgi.input.
+
+    Raises RelayError(400) if the body ends before its Content-Length, ClientGone if the
+    client disconnects, stalls past the idle timeout or breaks the chunked framing.
+    """
+    stream = environ["wsgi.input"]
+    remaining = length
+    while remaining is None or remaining > 0:
+        try:
+            block = stream.read(BLOCK_SIZE if remaining is None else min(BLOCK_SIZE, remaining))
+        except (OSError, ValueError) as exc:
+            raise ClientGone(f"the client stopped sending: {exc.__class__.__name__}") from None
+        except Exception as exc:  # gunicorn's parse errors for a broken chunked body
+            raise ClientGone(f"bad chunked body: {exc.__class__.__name__}") from None
+        if not block:
+            if remaining is None:
+                return
+            received = length - remaining
+            raise RelayError(400, f"body ended after {received} bytes, Content-Length says {length}")
+        exchange.bytes_in += len(block)
+        if remaining is not None:
+            remaining -= len(block)
+        yield block
+
+
+_RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
+_CONTENT_RANGE_RE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
+
+
+def _parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """The single byte range a Range header asks for as (first, last), or None to send
+    the whole representation. Raises RelayError(416) for an unsatisfiable range."""
+    if not header:
+        return None
+    match = _RANGE_RE.fullmatch(header.strip())
+    if not match or match.groups() == ("", ""):
+        return None  # multiple or malformed ranges: a server may ignore Range
+    first_text, last_text = match.groups()
+    if first_text:
+        first = int(first_text)
+        last = min(int(last_text), size - 1) if last_text else size - 1
+        if last_text and int(last_text) < first:
+            return None
+    else:
+        first, last = max(0, size - int(last_text)), size - 1
+        if int(last_text) == 0:
+            first = size
+    if first >= size:
+        raise RelayError(416, f"range not satisfiable: the object has {size} bytes")
+    return first, last
+
+
+def _parse_content_range(header: str) -> tuple[int, int, int]:
+    match = _CONTENT_RANGE_RE.fullmatch(header.strip())
+    if not match:
+        raise RelayError(400, "Content-Range must be 'bytes FIRST-LAST/TOTAL'")
+    first, last, total = map(int, match.groups())
+    if last < first:
+        raise RelayError(400, f"Content-Range {first}-{last} ends before it starts")
+    if last >= total:
+        raise RelayError(400, f"Content-Range {first}-{last} does not fit in {total} bytes")
+    return first, last, total
+
+
+def _parse_limits(environ: dict, config: RelayConfig) -> Limits:
+    """Max-Days and Max-Downloads (the transfer.sh headers), capped by the relay."""
+    ttl = max_downloads = None
+    days = environ.get("HTTP_MAX_DAYS")
+    if days is not None:
+        try:
+            ttl = float(days) * 86400
+        except ValueError:
+            raise RelayError(400, "Max-Days must be a number of days") from None
+        if not math.isfinite(ttl) or ttl <= 0:
+            raise RelayError(400, "Max-Days must be a positive number of days")
+    cap = config.max_ttl if config.max_ttl is not None else config.ttl
+    if cap is not None and ttl is not None:
+        ttl = min(ttl, cap)
+    downloads = environ.get("HTTP_MAX_DOWNLOADS")
+    if downloads is not None:
+        if not downloads.strip().isdigit() or int(downloads) < 1:
+            raise RelayError(400, "Max-Downloads must be a positive whole number")
+        max_downloads = int(downloads)
+    return Limits(ttl=ttl, max_downloads=max_downloads)
+
+
+def _declared_length(environ: dict) -> int | None:
+    """The request body's length: Content-Length, or None for a chunked body."""
+    text = environ.get("CONTENT_LENGTH")
+    if text:
+        if not text.isdigit():
+            raise RelayError(400, "Content-Length must be a whole number")
+        return int(text)
+    if "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
+        return None
+    return 0
+
+
+def _wants_prometheus(environ: dict, query) -> bool:
+    if query.get("format"):
+        return query.get("format") == "prometheus"
+    accept = environ.get("HTTP_ACCEPT", "")
+    return "openmetrics-text" in accept or "version=0.0.4" in accept
+
+
+def _object_headers(obj: StoredObject) -> dict:
+    headers = {
+        "Content-Type": "application/octet-stream",
+        "ETag": f'"{obj.oid}"',
+        "Repr-Digest": sha256_field(bytes.fromhex(obj.oid)),
+        "Accept-Ranges": "bytes",
+        "Last-Modified": http_date(obj.stored_at),
+    }
+    if obj.expires_at is not None:
+        headers["Expires"] = http_date(obj.expires_at)
+        headers["X-Remaining-Days"] = f"{max(0.0, obj.expires_at - time.time()) / 86400:.3f}"
+    if obj.remaining_downloads is not None:
+        headers["X-Remaining-Downloads"] = str(obj.remaining_downloads)
+    return headers
+
+
+def _progress_headers(progress: Progress) -> dict:
+    headers = {"Upload-Offset": str(progress.offset), "Upload-Incomplete": "?1"}
+    if progress.length is not None:
+        headers["Upload-Length"] = str(progress.length)
+    if progress.mode == "chunks":
+        headers["Upload-Ranges"] = format_ranges(progress.ranges)
+    return headers
+
+
+def _etag_matches(header: str | None, oid: str) -> bool:
+    if not header:
+        return False
+    tags = [tag.strip() for tag in header.split(",")]
+    return "*" in tags or f'"{oid}"' in tags or f'W/"{oid}"' in tags
+
+
+def make_app(config: RelayConfig, state: SharedState | None = None):
+    """Build the relay's WSGI application (a Bottle app) over *config*'s files directory.
+
+    *state* holds the counters and the drain flag; gunicorn shares one between its
+    workers, a test may pass its own or let the app make one.
+    """
+    import bottle
+
+    store = Store(config)
+    store.prepare()
+    state = state if state is not None else SharedState()
+    trusted_proxies = {address.strip() for address in config.forwarded_allow_ips.split(",")}
+    waiting_slots = threading.BoundedSemaphore(config.waiting_reader_limit)
+    expected_id = hashlib.sha256(config.server_id.encode()).digest()
+    request = bottle.request
+
+    class RelayBottle(bottle.Bottle):
+        """Measures and logs every exchange, and bounds how long a peer may stay silent."""
+
+        def wsgi(self, environ, start_response):
+            exchange = _Exchange(environ, state, trusted_proxies)
+            environ["file_relay.exchange"] = exchange
+            environ["wsgi.errors"] = _LogWriter()
+            peer = environ.get("gunicorn.socket")
+            if peer is not None:
+                peer.settimeout(config.idle_timeout)
+
+            def observed_start_response(status, headers, exc_info=None):
+                exchange.status = int(status[:3])
+                if environ.get("file_relay.close"):
+                    _close_connection_after(start_response)
+                return start_response(status, headers, exc_info)
+
+            body = super().wsgi(environ, observed_start_response)
+            wrapped = getattr(body, "filelike", None) or getattr(body, "fp", None)
+            if isinstance(wrapped, _Body):
+                return body  # a file wrapper: left whole for sendfile; the body reports itself
+            return _CountedIterable(body, exchange)
+
+        def default_error_handler(self, res):
+            if res.status_code >= 500 and res.traceback:
+                log.error("unhandled error: %s", res.traceback.rstrip())
+            res.content_type = "text/plain; charset=utf-8"
+            return f"{res.body}\n" if res.status_code < 500 else "internal error\n"
+
+    app = RelayBottle(catchall=True)
+    app.config.update("relay", config=config, store=store, state=state)
+
+    def reply(status: int, text: str, headers: dict | None = None, *, close: bool = False):
+        if close:
+            request.environ["file_relay.close"] = True
+        response = bottle.HTTPResponse(f"{text}\n", status, headers)
+        response.content_type = "text/plain; charset=utf-8"
+        return response
+
+    def refuse(error: RelayError, *, close: bool = True):
+        """Answer a refusal; a request whose body was not read closes its connection, so
+        the relay never drains a body it will not store."""
+        headers = {"Retry-After": str(error.retry_after)} if error.retry_after else {}
+        return reply(error.status, error.reason, headers, close=close)
+
+    def require_server_id(callback):
+        """Bottle plugin: every route needs the server ID as its first path segment.
+
+        Both sides are hashed first, so the comparison takes the same time whatever was
+        sent, and the refusal is the same whatever the path."""
+
+        def checked(*args, **kwargs):
+            given = request.environ.get("PATH_INFO", "").split("/", 2)[1:2] or [""]
+            digest = hashlib.sha256(given[0].encode("latin-1", "replace")).digest()
+            if not hmac.compare_digest(digest, expected_id):
+                return reply(403, "forbidden", close=True)
+            kwargs.pop("server_id", None)
+            return callback(*args, **kwargs)
+
+        return checked
+
+    app.install(require_server_id)
+
+    def object_id(text: str) -> str:
+        oid = parse_object_id(text)
+        if oid is None:
+            raise refuse(RelayError(400, "object ID must be 64 hex digits (the SHA-256 of the content)"))
+        return oid
+
+    # -- routes ------------------------------------------------------------
+
+    @app.get("/<server_id>")
+    def status():
+        report = _status_report(config, store, state)
+        if _wants_prometheus(request.environ, request.query):
+            body = _prometheus_text(report)
+            return bottle.HTTPResponse(body, 200, {"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+        return bottle.HTTPResponse(json.dumps(report, indent=2) + "\n", 200, {"Content-Type": "application/json"})
+
+    @app.delete("/<server_id>")
+    def shutdown():
+        state.request_shutdown()
+        return reply(200, f"draining: the relay exits when transfers finish (at most {config.graceful_timeout:g} s)")
+
+    @app.put("/<server_id>/<oid_text>")
+    def put_object(oid_text):
+        oid = object_id(oid_text)
+        exchange = request.environ["file_relay.exchange"]
+        try:
+            if state.draining:
+                raise RelayError(503, "the relay is shutting down", retry_after=60)
+            length = _declared_length(request.environ)
+            content_range = request.environ.get("HTTP_CONTENT_RANGE")
+            chunk = _parse_content_range(content_range) if content_range else None
+            if chunk and length is not None and length != chunk[1] - chunk[0] + 1:
+                raise RelayError(400, "Content-Length does not match Content-Range")
+            if request.environ.get("HTTP_IF_NONE_MATCH", "").strip() == "*" and store.is_stored(oid):
+                raise RelayError(412, "already stored")
+            limits = _parse_limits(request.environ, config)
+            digest_field = request.environ.get("HTTP_CONTENT_DIGEST")
+            digest = parse_digest_field(digest_field) if digest_field else None
+            store.check_size(chunk[2] if chunk else length or 0)
+        except ValueError as exc:
+            return refuse(RelayError(400, f"Content-Digest: {exc}"))
+        except RelayError as exc:
+            return refuse(exc)
+        body = _request_body(request.environ, length, exchange)
+        try:
+            with state.active("uploads_active"):
+                if chunk:
+                    status, progress = store.put_chunk(oid, *chunk, body, digest, limits)
+                else:
+                    status, progress = (201 if store.put_stream(oid, body, length, limits) else 200), None
+        except RelayError as exc:
+            return refuse(exc)
+        except ClientGone as exc:
+            exchange.note = str(exc)
+            return reply(400, str(exc), close=True)
+        if status == 202:
+            received = f"received {progress.received} of {progress.length} bytes ({format_ranges(progress.ranges)})"
+            return reply(202, received, _progress_headers(progress))
+        if status == 201:
+            state.add("uploads_completed")
+        obj = store.lookup(oid)
+        headers = _object_headers(obj) if obj else {}
+        headers.pop("Content-Type", None)
+        verb = "stored" if status == 201 else "already stored"
+        return reply(status, f"{verb} {oid}" + (f" ({obj.size} bytes)" if obj else ""), headers)
+
+    @app.get("/<server_id>/<oid_text>")
+    def get_object(oid_text):
+        oid = object_id(oid_text)
+        exchange = request.environ["file_relay.exchange"]
+        if request.method == "HEAD":
+            return head_object(oid)
+        try:
+            wait = config.get_wait_timeout
+            if "wait" in request.query:
+                try:
+                    wait = min(max(0.0, float(request.query["wait"])), config.max_get_wait)
+                except ValueError:
+                    raise RelayError(400, "wait must be a number of seconds") from None
+            found = find_or_wait(oid, wait)
+            if found is None:
+                raise RelayError(404, "no such object")
+            if isinstance(found, UploadFollower):
+                return follow_upload(oid, found, exchange)
+            return send_stored(*found, exchange)
+        except RelayError as exc:
+            return refuse(exc, close=False)
+
+    def find_or_wait(oid: str, wait: float):
+        """The stored object (fd, object) or a follower of its upload; None after *wait*."""
+        opened = store.open_object(oid)
+        if opened is not None:
+            return opened
+        follower = store.follow(oid)
+        if follower is not None or wait <= 0:
+            return follower
+        if not waiting_slots.acquire(blocking=False):
+            raise RelayError(503, "too many readers are waiting for uploads", retry_after=5)
+        try:
+            with state.active("waiting_readers"):
+                deadline = time.monotonic() + wait
+                delay = 0.05
+                while time.monotonic() < deadline:
+                    if state.draining:
+                        raise RelayError(503, "the relay is shutting down", retry_after=60)
+                    time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+                    delay = min(delay * 1.5, 0.5)
+                    opened = store.open_object(oid)
+                    if opened is not None:
+                        return opened
+                    follower = store.follow(oid)
+                    if follower is not None:
+                        return follower
+        finally:
+            waiting_slots.release()
+        return None
+
+    def send_stored(fd: int, obj: StoredObject, exchange: _Exchange):
+        try:
+            headers = _object_headers(obj)
+            if _etag_matches(request.environ.get("HTTP_IF_NONE_MATCH"), obj.oid):
+                os.close(fd)
+                return bottle.HTTPResponse(None, 304, {**headers, "Content-Length": str(obj.size)})
+            wanted = None
+            if_range = request.environ.get("HTTP_IF_RANGE")
+            if if_range is None or if_range.strip() == headers["ETag"]:
+                wanted = _parse_range(request.environ.get("HTTP_RANGE"), obj.size)
+        except RelayError as exc:
+            os.close(fd)
+            unsatisfiable = refuse(exc, close=False)
+            unsatisfiable.set_header("Content-Range", f"bytes */{obj.size}")
+            return unsatisfiable
+        except BaseException:
+            os.close(fd)
+            raise
+        if wanted is None:
+            status, first, length = 200, 0, obj.size
+        else:
+            status, first, length = 206, wanted[0], wanted[1] - wanted[0] + 1
+            headers["Content-Range"] = f"bytes {wanted[0]}-{wanted[1]}/{obj.size}"
+        headers["Content-Length"] = str(length)
+        ticket = None
+        if status == 200:
+            try:
+                ticket = store.reserve_download(obj)
+            except BaseException:
+                os.close(fd)
+                raise
+        body = _FileBody(exchange, fd, first, length, on_close=download_finished(ticket))
+        return bottle.HTTPResponse(body, status, headers)
+
+    def download_finished(ticket: DownloadTicket | None):
+        state.add("downloads_active")
+
+        def finished(complete: bool) -> None:
+            state.add("downloads_active", -1)
+            if complete:
+                state.add("downloads_completed")
+            if ticket is not None:
+                ticket.complete() if complete else ticket.release()
+
+        return finished
+
+    def follow_upload(oid: str, follower: UploadFollower, exchange: _Exchange):
+        headers = {"Content-Type": "application/octet-stream", "Accept-Ranges": "bytes"}
+        length = follower.length
+        status = 200
+        try:
+            wanted = _parse_range(request.environ.get("HTTP_RANGE"), length) if length is not None else None
+            ticket = None
+            if wanted is not None:
+                status = 206
+                follower.position = wanted[0]
+                headers["Content-Range"] = f"bytes {wanted[0]}-{length - 1}/{length}"
+                headers["Content-Length"] = str(length - wanted[0])
+                # A range that ends early is served whole from its start: the end of an
+                # upload in progress is only sent once it has verified.
+            else:
+                if length is not None:
+                    headers["Content-Length"] = str(length)
+                limits = store.limits_of_upload(oid, follower.inode)
+                ticket = store.reserve_download(limits) if limits else None
+        except BaseException:
+            follower.close()
+            raise
+        body = _FollowBody(exchange, follower, length, on_close=download_finished(ticket))
+        return bottle.HTTPResponse(body, status, headers)
+
+    def head_object(oid: str):
+        obj = store.lookup(oid)
+        if obj is not None:
+            headers = _object_headers(obj)
+            headers["Content-Length"] = str(obj.size)
+            status = 304 if _etag_matches(request.environ.get("HTTP_IF_NONE_MATCH"), oid) else 200
+            return bottle.HTTPResponse(None, status, headers)
+        progress = store.progress(oid)
+        if progress is None:
+            return reply(404, "no such object")
+        headers = {"Content-Type": "application/octet-stream", **_progress_headers(progress)}
+        if progress.length is not None:
+            headers["Content-Length"] = str(progress.length)
+        return bottle.HTTPResponse(None, 200, headers)
+
+    @app.delete("/<server_id>/<oid_text>")
+    def delete_object(oid_text):
+        oid = object_id(oid_text)
+        try:
+            if not store.delete(oid):
+                raise RelayError(404, "no such object")
+        except RelayError as exc:
+            return refuse(exc, close=False)
+        return reply(200, f"deleted {oid}")
+
+    @app.route("/<server_id>/<oid_text>", method="ANY")
+    def object_other(oid_text):
+        return reply(405, "method not allowed", {"Allow": "GET, HEAD, PUT, DELETE"}, close=True)
+
+    @app.route("/<server_id>", method="ANY")
+    def relay_other():
+        return reply(405, "method not allowed", {"Allow": "GET, HEAD, DELETE"}, close=True)
+
+    @app.route("/", method="ANY")
+    @app.route("/<path:path>", method="ANY")
+    def anything_else(path=""):
+        return reply(404, "not found", close=True)
+
+    return app
+
+
+def _close_connection_after(start_response) -> None:
+    """Ask gunicorn to close the connection after this response (the app cannot send
+    'Connection: close' itself; gunicorn owns hop-by-hop headers). gunicorn's
+    start_response is a bound method of its Response, which has force_close()."""
+    force_close = getattr(getattr(start_response, "__self__", None), "force_close", None)
+    if force_close is not None:
+        force_close()
+
+
+class _LogWriter:
+    """wsgi.errors for the app: what Bottle writes there goes to the (redacting) log."""
+
+    def write(self, text: str) -> None:
+        if text.strip():
+            log.error("%s", text.rstrip())
+
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        pass
+
+
+def _status_report(config: RelayConfig, store: Store, state: SharedState) -> dict:
+    usage = store.usage()
+    disk = shutil.disk_usage(store.root)
+    totals = state.totals()
+    used_percent = 100.0 * disk.used / disk.total if disk.total else 0.0
+    return {
+        "version": __version__,
+        "uptime_seconds": round(time.time() - state.started, 3),
+        "disk utilization": {
+            "bytes_used": disk.used,
+            "bytes_remaining": disk.free,
+            "string": f"{used_percent:.1f}% full, {format_size(disk.free)} remaining",
+        },
+        "stored_objects": usage["stored_count"],
+        "stored_bytes": usage["stored_bytes"],
+        "partial_uploads": usage["partial_count"],
+        "uploads_in_progress": totals["uploads_active"],
+        "downloads_in_progress": totals["downloads_active"],
+        "waiting_readers": totals["waiting_readers"],
+        "totals": {
+            "bytes_in": totals["bytes_in"],
+            "bytes_out": totals["bytes_out"],
+            "uploads_completed": totals["uploads_completed"],
+            "downloads_completed": totals["downloads_completed"],
+            "requests": {f"{n}xx": totals[f"requests_{n}xx"] for n in range(1, 6)},
+        },
+        "limits": {
+            "max_file_size": config.max_file_size,
+            "max_disk": config.max_disk,
+            "min_free": config.min_free,
+            "ttl": config.ttl,
+            "max_ttl": config.max_ttl,
+            "partial_ttl": config.partial_ttl,
+            "get_wait_timeout": config.get_wait_timeout,
+            "waiting_readers_per_worker": config.waiting_reader_limit,
+        },
+        "draining": state.draining,
+    }
+
+
+def _prometheus_text(report: dict) -> str:
+    """The status report in the Prometheus text exposition format (version 0.0.4)."""
+    lines = []
+
+    def metric(name: str, kind: str, help_text: str, samples) -> None:
+        lines.append(f"# HELP file_relay_{name} {help_text}")
+        lines.append(f"# TYPE file_relay_{name} {kind}")
+        for labels, value in samples:
+            lines.append(f"file_relay_{name}{labels} {value}")
+
+    totals = report["totals"]
+    disk = report["disk utilization"]
+    metric("up", "gauge", "Always 1 while the relay answers.", [("", 1)])
+    metric("uptime_seconds", "gauge", "Seconds since the relay started.", [("", report["uptime_seconds"])])
+    metric("stored_objects", "gauge", "Verified objects stored.", [("", report["stored_objects"])])
+    metric("stored_bytes", "gauge", "Bytes of verified objects stored.", [("", report["stored_bytes"])])
+    metric("partial_uploads", "gauge", "Uploads in progress or resumable.", [("", report["partial_uploads"])])
+    metric("uploads_active", "gauge", "Upload requests being served.", [("", report["uploads_in_progress"])])
+    metric("downloads_active", "gauge", "Download responses being sent.", [("", report["downloads_in_progress"])])
+    metric("waiting_readers", "gauge", "Downloads waiting for an upload to start.", [("", report["waiting_readers"])])
+    metric("disk_used_bytes", "gauge", "Used bytes of the files directory's filesystem.", [("", disk["bytes_used"])])
+    metric(
+        "disk_free_bytes", "gauge", "Free bytes of the files directory's filesystem.", [("", disk["bytes_remaining"])]
+    )
+    metric("received_bytes_total", "counter", "Request body bytes received.", [("", totals["bytes_in"])])
+    metric("sent_bytes_total", "counter", "Response body bytes sent.", [("", totals["bytes_out"])])
+    metric("uploads_completed_total", "counter", "Objects stored.", [("", totals["uploads_completed"])])
+    metric("downloads_completed_total", "counter", "Whole downloads sent.", [("", totals["downloads_completed"])])
+    requests_samples = [(f'{{class="{cls}"}}', count) for cls, count in totals["requests"].items()]
+    metric("requests_total", "counter", "Requests answered, by status class.", requests_samples)
+    limit_samples = [(f'{{limit="{name}"}}', value) for name, value in report["limits"].items() if value is not None]
+    metric("limit", "gauge", "Limits in force (bytes or seconds).", limit_samples)
+    metric("draining", "gauge", "1 while the relay drains before exiting.", [("", int(report["draining"]))])
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------
+# Logging: one line per event on stderr, text or JSON, never the server ID
+# ---------------------------------------------------------------------------
+
+
+class _LogFormatter(logging.Formatter):
+    """One line per record, text or JSON; access records from their fields. The server
+    ID is replaced wherever it appears in the finished line, tracebacks included."""
+
+    def __init__(self, as_json: bool, secret: str):
+        super().__init__("%(asctime)s [%(levelname)s] %(message)s")
+        self.as_json = as_json
+        self.secret = secret
+
+    def format(self, record: logging.LogRecord) -> str:
+        return self._format(record).replace(self.secret, "***")
+
+    def _format(self, record: logging.LogRecord) -> str:
+        access = record.name == "file_relay.access" and hasattr(record, "status")
+        if self.as_json:
+            fields = {"time": self.formatTime(record), "level": record.levelname.lower()}
+            if access:
+                fields.update(
+                    {
+                        key: getattr(record, key)
+                        for key in ("client", "method", "path", "status", "bytes_out", "bytes_in")
+                    }
+                )
+                fields["duration"] = round(record.duration, 6)
+                if record.note:
+                    fields["note"] = record.note
+            else:
+                fields["message"] = record.getMessage()
+                if record.exc_info or record.exc_text:
+                    fields["exception"] = record.exc_text or self.formatException(record.exc_info)
+            return json.dumps(fields)
+        if access:
+            note = f" ({record.note})" if record.note else ""
+            record.msg = (
+                f'{record.client} "{record.method} {record.path}" {record.status} '
+                f"{record.bytes_out} {record.bytes_in} {record.duration:.3f}s{note}"
+            )
+            record.args = ()
+        return super().format(record)
+
+
+def configure_logging(config: RelayConfig, handler: logging.Handler | None = None) -> logging.Handler:
+    """Send the relay's log (and access log) to stderr in the configured format."""
+    handler = handler or logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_LogFormatter(config.log_format == "json", config.server_id))
+    for logger in (log, access_log):
+        logger.handlers[:] = [handler]
+        logger.propagate = False
+    log.setLevel(config.log_level.upper())
+    access_log.setLevel(logging.INFO)
+    return handler
+
+
+# ---------------------------------------------------------------------------
+# Server: gunicorn embedded, threaded workers, a draining master
+# ---------------------------------------------------------------------------
+
+
+def serve(config: RelayConfig) -> int:
+    """Run the relay until it is shut down; returns the exit status."""
+    from gunicorn.app.base import BaseApplication
+    from gunicorn.arbiter import Arbiter
+    from gunicorn.glogging import Logger
+    from gunicorn.workers.gthread import ThreadWorker
+
+    store = Store(config)
+    store.prepare()
+    handler = configure_logging(config)
+    swept = store.sweep()  # leftovers of a crash: partial plain uploads, trash
+    if any(swept.values()):
+        log.info("startup: removed %s", ", ".join(f"{n} {what}" for what, n in swept.items() if n))
+    state = SharedState(slots=config.workers + 8)  # spare rows for workers restarting
+    state.master_pid = os.getpid()
+    free_slots = list(range(1, state.slots + 1))
+
+    class RelayLogger(Logger):
+        """gunicorn's own messages, in the relay's format and redacted."""
+
+        def setup(self, cfg):
+            super().setup(cfg)
+            for handler_ in self.error_log.handlers:
+                handler_.setFormatter(handler.formatter)
+
+    class RelayWorker(ThreadWorker):
+        """A gthread worker that leaves Ctrl-C to the master, which drains first."""
+
+        def init_signals(self):
+            super().init_signals()
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    class RelayArbiter(Arbiter):
+        """The master: SIGTERM, SIGINT and DELETE /<server_id> start a drain; a second
+        signal exits at once. It also runs the sweeper, once for the whole relay."""
+
+        drain_deadline: float | None = None
+        next_sweep = time.monotonic() + config.sweep_interval
+
+        def handle_term(self):
+            self.drain_or_quit()
+
+        def handle_int(self):
+            self.drain_or_quit()
+
+        def drain_or_quit(self):
+            if self.drain_deadline is None:
+                state.start_draining()
+                self.drain_deadline = time.monotonic() + config.graceful_timeout
+                log.info("draining: new uploads are refused; exiting when transfers finish")
+                return
+            log.info("second signal: exiting now")
+            self.stop(graceful=False)
+            raise StopIteration
+
+        def manage_workers(self):
+            super().manage_workers()
+            now = time.monotonic()
+            if self.drain_deadline is not None:
+                transfers = state.get("uploads_active") + state.get("downloads_active")
+                if transfers and now < self.drain_deadline:
+                    return
+                if transfers:
+                    log.warning("graceful timeout: cutting %d transfers", transfers)
+                    self.stop(graceful=False)
+                raise StopIteration
+            if now >= self.next_sweep:
+                self.next_sweep = now + config.sweep_interval
+                try:
+                    swept = store.sweep()
+                except OSError as exc:
+                    log.error("sweep failed: %s", exc)
+                else:
+                    if any(swept.values()):
+                        log.info("sweep: removed %s", ", ".join(f"{n} {what}" for what, n in swept.items() if n))
+
+    def pre_fork(server, worker):
+        worker.relay_slot = free_slots.pop(0)
+
+    def post_fork(server, worker):
+        state.use_slot(worker.relay_slot)
+
+    def child_exit(server, worker):
+        state.reset_gauges(worker.relay_slot)
+        free_slots.append(worker.relay_slot)
+
+    def when_ready(server):
+        host, port = server.LISTENERS[0].getsockname()[:2]
+        if host in ("0.0.0.0", "::"):
+            host = socket.getfqdn()
+        scheme = "https" if config.certfile else "http"
+        host = f"[{host}]" if ":" in host else host
+        print(f"{scheme}://{host}:{port}/{config.server_id}", flush=True)
+
+    def on_exit(server):
+        if config.purge_on_exit:
+            store.purge()
+            log.info("purged every stored and partial object")
+
+    settings = {
+        "bind": [config.bind],
+        "workers": config.workers,
+        "threads": config.threads,
+        "worker_class": RelayWorker,
+        "worker_connections": max(1000, config.threads * 4),
+        "timeout": config.worker_timeout,  # a worker's heartbeat, not a request's duration (gthread)
+        "graceful_timeout": math.ceil(config.graceful_timeout),
+        "keepalive": 5,
+        "accesslog": None,  # the app writes its own, redacted
+        "errorlog": "-",
+        "loglevel": config.log_level,
+        "logger_class": RelayLogger,
+        "proc_name": "file-relay",
+        "control_socket_disable": True,
+        "forwarded_allow_ips": config.forwarded_allow_ips,
+        "certfile": config.certfile,
+        "keyfile": config.keyfile,
+        "pre_fork": pre_fork,
+        "post_fork": post_fork,
+        "child_exit": child_exit,
+        "when_ready": when_ready,
+        "on_exit": on_exit,
+    }
+
+    class RelayApplication(BaseApplication):
+        def load_config(self):
+            for key, value in settings.items():
+                if value is not None:
+                    self.cfg.set(key, value)
+
+        def load(self):
+            return make_app(config, state)
+
+        def run(self):
+            RelayArbiter(self).run()
+
+    RelayApplication().run()
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+
+def _option_type(convert, what: str):
+    """An argparse type: a one-line error instead of a traceback."""
+
+    def parse(text: str):
+        try:
+            return convert(text)
+        except (ValueError, OSError) as exc:
+            raise argparse.ArgumentTypeError(f"{what}: {exc}") from None
+
+    parse.__name__ = what
+    return parse
+
+
+def _positive_int(limit: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if not 1 <= value <= limit:
+            raise ValueError(f"{value} is not between 1 and {limit}")
+        return value
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{text!r} is not a number of seconds >= 0")
+    return value
+
+
+def _bind_address(text: str) -> str:
+    """'HOST:PORT', ':PORT' (all interfaces), '[IPv6]:PORT' or 'HOST' (port 8080)."""
+    host, port_text = text, "8080"
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f"{text!r} is not HOST:PORT")
+            port_text = rest[1:]
+    elif ":" in text:
+        host, _, port_text = text.rpartition(":")
+    if not port_text.isdigit() or int(port_text) > 65535:
+        raise ValueError(f"{port_text!r} is not a port number (0-65535)")
+    host = host or "0.0.0.0"
+    return f"[{host}]:{int(port_text)}" if ":" in host else f"{host}:{int(port_text)}"
+
+
+def _files_directory(text: str) -> Path:
+    path = Path(text).expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path} is not a directory")
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"{path} is not writable")
+    return path
+
+
+def _server_id(text: str) -> str:
+    if not SERVER_ID_RE.fullmatch(text):
+        raise ValueError("use only letters, digits and - . _ ~ (it goes into URLs unescaped)")
+    return text
+
+
+def _readable_file(text: str) -> str:
+    with open(text, "rb"):
+        pass
+    return text
+
+
+_SERVER_OPTIONS = [
+    # (flags, environment variable, argparse keywords)
+    (
+        ("--server-id", "--server_id"),
+        "RELAY_SERVER_ID",
+        {
+            "type": _option_type(_server_id, "server ID"),
+            "help": "the relay's secret first path segment (default: generate one and print the URL)",
+        },
+    ),
+    (
+        ("--bind", "-b"),
+        "RELAY_BIND",
+        {
+            "type": _option_type(_bind_address, "bind"),
+            "default": "0.0.0.0:8080",
+            "help": "HOST:PORT to listen on; ':PORT' means all interfaces",
+        },
+    ),
+    (
+        ("--files-directory",),
+        "RELAY_FILES_DIRECTORY",
+        {
+            "type": _option_type(_files_directory, "files directory"),
+            "default": str(RelayConfig.files_directory),
+            "help": "where files are stored (created if missing)",
+        },
+    ),
+    (
+        ("--workers",),
+        "RELAY_WORKERS",
+        {"type": _option_type(_positive_int(64), "workers"), "default": "1", "help": "worker processes"},
+    ),
+    (
+        ("--threads",),
+        "RELAY_THREADS",
+        {
+            "type": _option_type(_positive_int(4096), "threads"),
+            "default": "64",
+            "help": "threads per worker: a transfer or a waiting reader holds one; at most half may wait",
+        },
+    ),
+    (
+        ("--max-file-size",),
+        "RELAY_MAX_FILE_SIZE",
+        {
+            "type": _option_type(parse_size, "max file size"),
+            "help": "largest object accepted, e.g. 100G (default: bounded by free space)",
+        },
+    ),
+    (
+        ("--max-disk",),
+        "RELAY_MAX_DISK",
+        {"type": _option_type(parse_size, "max disk"), "help": "quota for stored plus in-progress objects, e.g. 500G"},
+    ),
+    (
+        ("--min-free",),
+        "RELAY_MIN_FREE",
+        {"type": _option_type(parse_size, "min free"), "default": "0", "help": "free space to leave on the filesystem"},
+    ),
+    (
+        ("--ttl",),
+        "RELAY_TTL",
+        {
+            "type": _option_type(_seconds, "ttl"),
+            "help": "seconds a stored object lives after its upload (default: forever)",
+        },
+    ),
+    (
+        ("--max-ttl",),
+        "RELAY_MAX_TTL",
+        {
+            "type": _option_type(_seconds, "max ttl"),
+            "help": "longest expiry a client may ask for with Max-Days (default: --ttl)",
+        },
+    ),
+    (
+        ("--partial-ttl",),
+        "RELAY_PARTIAL_TTL",
+        {
+            "type": _option_type(_seconds, "partial ttl"),
+            "default": "86400",
+            "help": "seconds an untouched partial upload is kept",
+        },
+    ),
+    (
+        ("--get-wait-timeout",),
+        "RELAY_GET_WAIT_TIMEOUT",
+        {
+            "type": _option_type(_seconds, "get wait timeout"),
+            "default": "30",
+            "help": "seconds a GET waits for an upload to start; 0: answer 404 at once",
+        },
+    ),
+    (
+        ("--max-get-wait",),
+        "RELAY_MAX_GET_WAIT",
+        {
+            "type": _option_type(_seconds, "max get wait"),
+            "default": "600",
+            "help": "upper bound of a request's ?wait=SECONDS",
+        },
+    ),
+    (
+        ("--idle-timeout",),
+        "RELAY_IDLE_TIMEOUT",
+        {
+            "type": _option_type(_seconds, "idle timeout"),
+            "default": "60",
+            "help": "seconds a silent client is kept; also cuts followers of a stalled upload",
+        },
+    ),
+    (
+        ("--worker-timeout",),
+        "RELAY_WORKER_TIMEOUT",
+        {
+            "type": _option_type(_positive_int(3600), "worker timeout"),
+            "default": "30",
+            "help": "seconds before the master restarts an unresponsive worker (transfers may last longer)",
+        },
+    ),
+    (
+        ("--graceful-timeout",),
+        "RELAY_GRACEFUL_TIMEOUT",
+        {
+            "type": _option_type(_seconds, "graceful timeout"),
+            "default": "30",
+            "help": "seconds a drain waits for transfers in flight",
+        },
+    ),
+    (
+        ("--purge-on-exit",),
+        "RELAY_PURGE_ON_EXIT",
+        {"action": "store_true", "help": "remove every stored and partial object when the relay exits"},
+    ),
+    (
+        ("--certfile",),
+        "RELAY_CERTFILE",
+        {"type": _option_type(_readable_file, "certfile"), "help": "TLS certificate (PEM): serve HTTPS"},
+    ),
+    (
+        ("--keyfile",),
+        "RELAY_KEYFILE",
+        {"type": _option_type(_readable_file, "keyfile"), "help": "TLS private key (PEM)"},
+    ),
+    (
+        ("--forwarded-allow-ips",),
+        "RELAY_FORWARDED_ALLOW_IPS",
+        {
+            "default": "127.0.0.1,::1",
+            "help": "proxies whose X-Forwarded-For names the client in the access log ('*': any)",
+        },
+    ),
+    (
+        ("--log-level",),
+        "RELAY_LOG_LEVEL",
+        {"choices": ["debug", "info", "warning", "error", "critical"], "default": "info", "help": "log level"},
+    ),
+    (
+        ("--log-format",),
+        "RELAY_LOG_FORMAT",
+        {"choices": ["text", "json"], "default": "text", "help": "access and error log format"},
+    ),
+]
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad options get one line (the reason), not a screenful of usage."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="file_relay.py",
+        description="Start a file relay: an HTTP relay through which machines that cannot "
+        "reach each other exchange files by SHA-256.",
+        epilog="Every option can also be set through the environment variable shown "
+        "(RELAY_SERVER_ID keeps the secret out of process listings). "
+        "'file_relay.py send ...' and 'file_relay.py get ...' are the built-in client.",
+    )
+    parser.add_argument(
+        "server_id_positional",
+        nargs="?",
+        metavar="SERVER_ID",
+        type=_option_type(_server_id, "server ID"),
+        help="same as --server-id",
+    )
+    for flags, env, keywords in _SERVER_OPTIONS:
+        keywords = dict(keywords)
+        env_value = os.environ.get(env)
+        if keywords.get("action") == "store_true":
+            keywords["default"] = env_value not in (None, "", "0", "false", "no")
+        elif env_value is not None:
+            keywords["default"] = env_value
+        default = keywords.get("default")
+        shown = f"; default {default}" if default not in (None, False) and env != "RELAY_SERVER_ID" else ""
+        keywords["help"] = f"{keywords['help']} (env {env}{shown})"
+        parser.add_argument(*flags, **keywords)
+    parser.add_argument("--version", action="version", version=f"file-relay {__version__}")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> RelayConfig:
+    server_id = args.server_id_positional or args.server_id
+    if args.server_id_positional and args.server_id and args.server_id_positional != args.server_id:
+        parser.error("the server ID is given twice, differently")
+    if server_id is None:
+        server_id = secrets.token_urlsafe(24)  # 192 bits
+    elif len(server_id) < WEAK_SERVER_ID_LENGTH:
+        print(
+            f"file_relay.py: warning: a server ID of {len(server_id)} characters can be guessed; "
+            f"use at least {WEAK_SERVER_ID_LENGTH} (or let the relay generate one)",
+            file=sys.stderr,
+        )
+    if bool(args.certfile) != bool(args.keyfile):
+        parser.error("--certfile and --keyfile go together")
+    return RelayConfig(
+        server_id=server_id,
+        files_directory=args.files_directory,
+        bind=args.bind,
+        workers=args.workers,
+        threads=args.threads,
+        max_file_size=args.max_file_size,
+        log_level=args.log_level,
+        log_format=args.log_format,
+        get_wait_timeout=args.get_wait_timeout,
+        max_get_wait=args.max_get_wait,
+        idle_timeout=args.idle_timeout,
+        partial_ttl=args.partial_ttl,
+        ttl=args.ttl,
+        max_ttl=args.max_ttl,
+        max_disk=args.max_disk,
+        min_free=args.min_free,
+        graceful_timeout=args.graceful_timeout,
+        purge_on_exit=args.purge_on_exit,
+        certfile=args.certfile,
+        keyfile=args.keyfile,
+        forwarded_allow_ips=args.forwarded_allow_ips,
+        worker_timeout=args.worker_timeout,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    if argv and argv[0] in CLIENT_COMMANDS:
+        parser.error(f"{argv[0]!r} is a client command, not a server ID")
+    args = parser.parse_args(argv)
+    config = config_from_args(args, parser)
+    return serve(config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""The command line: options, environment fallbacks, fail-fast validation. The one seam
+mocked is serve(), which would start the server."""
+
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+import file_relay
+
+
+@pytest.fixture
+def started(monkeypatch):
+    """Run main() and return the config serve() would have been given."""
+    seen = []
+    monkeypatch.setattr(file_relay, "serve", lambda config: seen.append(config) or 0)
+    for name in [name for name in list(__import__("os").environ) if name.startswith("RELAY_")]:
+        monkeypatch.delenv(name)
+
+    def run(*argv):
+        assert file_relay.main(list(argv)) == 0
+        return seen[-1]
+
+    return run
+
+
+def fails(capsys, *argv) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        file_relay.main(list(argv))
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.startswith("file_relay.py: error:")
+    return message
+
+
+def test_defaults(started, tmp_path):
+    config = started("server-id-long-enough", "--files-directory", str(tmp_path / "f"))
+    assert config.server_id == "server-id-long-enough"
+    assert config.bind == "0.0.0.0:8080"
+    assert config.max_file_size is None
+    assert config.files_directory == tmp_path / "f" and config.files_directory.is_dir()
+    assert (config.workers, config.threads) == (1, 64)
+
+
+def test_the_default_files_directory_is_dedicated():
+    default = file_relay.RelayConfig.files_directory
+    assert default.name == "file-relay" and str(default) not in ("/var/tmp", "/tmp")
+
+
+def test_options(started, tmp_path):
+    config = started(
+        "--server_id",
+        "server-id-long-enough",
+        "--bind",
+        ":8002",
+        "--files-directory",
+        str(tmp_path),
+        "--workers",
+        "4",
+        "--threads",
+        "16",
+        "--max-file-size",
+        "1.5G",
+        "--log-level",
+        "debug",
+    )
+    assert config.server_id == "server-id-long-enough"
+    assert config.bind == "0.0.0.0:8002"
+    assert (config.workers, config.threads) == (4, 16)
+    assert config.max_file_size == 3 << 29
+    assert config.log_level == "debug"
+
+
+def test_environment_fallbacks(started, tmp_path, monkeypatch):
+    monkeypatch.setenv("RELAY_SERVER_ID", "from-the-environment-0123")
+    monkeypatch.setenv("RELAY_BIND", "127.0.0.1:9000")
+    monkeypatch.setenv("RELAY_FILES_DIRECTORY", str(tmp_path / "env"))
+    monkeypatch.setenv("RELAY_MAX_FILE_SIZE", "10M")
+    config = started()
+    assert config.server_id == "from-the-environment-0123"
+    assert config.bind == "127.0.0.1:9000"
+    assert config.files_directory == tmp_path / "env"
+    assert config.max_file_size == 10 << 20
+    assert started("--bind", "127.0.0.1:9001").bind == "127.0.0.1:9001"  # the command line wins
+
+
+def test_no_server_id_generates_an_unguessable_one(started, tmp_path):
+    first = started("--files-directory", str(tmp_path)).server_id
+    second = started("--files-directory", str(tmp_path)).server_id
+    assert first != second and len(first) >= 22  # 22 URL-safe characters hold 128 bits
+    assert file_relay.SERVER_ID_RE.fullmatch(first)
+
+
+def test_a_short_server_id_is_warned_about(started, tmp_path, capsys):
+    started("short", "--files-directory", str(tmp_path))
+    assert "can be guessed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (":8002", "0.0.0.0:8002"),
+        ("example.org:80", "example.org:80"),
+        ("[::1]:8080", "[::1]:8080"),
+        ("host", "host:8080"),
+    ],
+)
+def test_bind_forms(text, expected):
+    assert file_relay._bind_address(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "size"), [("0", 0), ("512", 512), ("1K", 1024), ("100M", 100 << 20), ("1.5G", 3 << 29), ("2TiB", 2 << 40)]
+)
+def test_sizes(text, size):
+    assert file_relay.parse_size(text) == size
+
+
+@pytest.mark.parametrize(
+    ("argv", "complaint"),
+    [
+        (["--bind", "host:port"], "bind"),
+        (["--bind", "host:70000"], "bind"),
+        (["--workers", "0"], "workers"),
+        (["--threads", "many"], "threads"),
+        (["--max-file-size", "12Q"], "max file size"),
+        (["--ttl", "-5"], "ttl"),
+        (["--log-level", "loud"], "log-level"),
+        (["--server-id", "bad/id"], "server ID"),
+        (["--certfile", "/nonexistent.pem"], "certfile"),
+    ],
+)
+def test_bad_options_fail_fast_with_one_line(capsys, tmp_path, argv, complaint):
+    message = fails(capsys, "--files-directory", str(tmp_path), *argv)
+    assert complaint in message
+
+
+def test_a_server_id_must_be_url_safe(capsys, tmp_path):
+    assert "server ID" in fails(capsys, "bad/id", "--files-directory", str(tmp_path))
+
+
+def test_a_files_directory_that_is_a_file_is_refused(capsys, tmp_path):
+    plain_file = tmp_path / "plain"
+    plain_file.write_text("x")
+    assert "not a directory" in fails(capsys, "server-id-long-enough", "--files-directory", str(plain_file))
+
+
+def test_a_certificate_needs_its_key(capsys, tmp_path):
+    cert = tmp_path / "cert.pem"
+    cert.write_text("x")
+    assert "go together" in fails(capsys, "--files-directory", str(tmp_path), "--certfile", str(cert))
+
+
+def test_help_names_the_environment_variables():
+    result = subprocess.run([sys.executable, str(ROOT / "file_relay.py"), "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    for variable in ("RELAY_SERVER_ID", "RELAY_BIND", "RELAY_FILES_DIRECTORY", "RELAY_MAX_FILE_SIZE"):
+        assert variable in result.stdout
+
+
+def test_a_bad_option_starts_nothing(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "file_relay.py"), "--bind", "nowhere:x", "--files-directory", str(tmp_path / "d")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert result.stdout == "" and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "d").exists()

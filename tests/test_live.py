@@ -1,0 +1,172 @@
+"""A real relay process: shutdown, concurrency, long and slow transfers, crashes, early
+rejects. What only a live gunicorn shows."""
+
+import concurrent.futures
+import os
+import re
+import signal
+import socket
+import time
+
+import requests
+from conftest import SERVER_ID, blob, raw_request, sha256, wait_until
+
+
+def test_upload_download_and_shutdown_exits_zero(live, http, files):
+    relay = live()
+    data, oid = blob(3 << 20)
+    assert http.put(relay.url(oid), data=data).status_code == 201
+    response = http.get(relay.url(oid))
+    assert response.content == data and response.headers["Content-Length"] == str(len(data))
+    assert http.delete(relay.url()).status_code == 200
+    assert relay.wait_exit(20) == 0
+    assert (files / oid).read_bytes() == data
+
+
+def test_a_generated_server_id_is_printed_once_and_never_logged(live, http):
+    relay = live(server_id=None)
+    url = wait_until(lambda: relay.output().strip(), message="the URL on stdout")
+    assert len(url.splitlines()) == 1
+    server_id = url.rsplit("/", 1)[1]
+    assert len(server_id) >= 22 and re.fullmatch(r"[A-Za-z0-9_-]+", server_id)  # >= 128 bits
+    port = relay.base.rsplit(":", 1)[1]
+    assert http.get(f"http://127.0.0.1:{port}/{server_id}").status_code == 200
+    assert server_id not in relay.log()
+
+
+def test_chunked_request_bodies_are_stored(live, http):
+    relay = live()
+    data, oid = blob(5 << 20)
+    pieces = (data[i : i + 65536] for i in range(0, len(data), 65536))  # no Content-Length
+    assert http.put(relay.url(oid), data=pieces).status_code == 201
+    assert http.get(relay.url(oid)).content == data
+
+
+def test_concurrent_clients_each_get_their_own_file(live):
+    relay = live("--workers", "2")
+    blobs = [blob(2 << 20, seed=i) for i in range(12)]
+
+    def round_trip(item):
+        data, oid = item
+        with requests.Session() as session:
+            assert session.put(relay.url(oid), data=data).status_code == 201
+            return sha256(session.get(relay.url(oid)).content) == oid
+
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        assert all(pool.map(round_trip, blobs))
+
+
+def slow_body(data: bytes, seconds: float, pieces: int = 20):
+    step = len(data) // pieces + 1
+    for start in range(0, len(data), step):
+        time.sleep(seconds / pieces)
+        yield data[start : start + step]
+
+
+def test_a_transfer_longer_than_the_worker_timeout_completes_and_does_not_block_others(live, http):
+    relay = live("--worker-timeout", "2", "--workers", "1")
+    data, oid = blob(1 << 20)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        started = time.monotonic()
+        upload = pool.submit(requests.put, relay.url(oid), data=slow_body(data, 5))
+        other, other_oid = blob(1000, seed=1)
+        time.sleep(0.5)
+        assert http.put(relay.url(other_oid), data=other).status_code == 201
+        assert http.get(relay.url()).status_code == 200
+        assert not upload.done()  # the others were answered while the slow upload went on
+        assert upload.result(30).status_code == 201
+        assert time.monotonic() - started > 4
+    assert http.get(relay.url(oid)).content == data
+    assert "WORKER TIMEOUT" not in relay.log()
+
+
+def test_kill_9_mid_upload_leaves_no_bad_file_and_a_restart_cleans_up(live, http, files):
+    relay = live()
+    data, oid = blob(4 << 20)
+    head = f"PUT /{SERVER_ID}/{oid} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n\r\n".encode()
+    sock = socket.create_connection(relay.base.split("//")[1].split(":"), timeout=10)
+    sock.sendall(head + data[: 2 << 20])
+    partial = files / ".relay" / "partial" / oid / "data"
+    wait_until(lambda: partial.exists() and partial.stat().st_size >= 2 << 20, message="the partial upload")
+    relay.kill()
+    sock.close()
+    assert not (files / oid).exists()
+    restarted = live()
+    assert not (files / ".relay" / "partial" / oid).exists()  # a plain upload's leftover is removed
+    assert http.get(restarted.url(oid)).status_code == 404
+    assert http.put(restarted.url(oid), data=data).status_code == 201
+    assert (files / oid).read_bytes() == data
+
+
+def test_a_body_shorter_than_its_content_length_is_400(live, files):
+    relay = live()
+    data, oid = blob(1000)
+    head = f"PUT /{SERVER_ID}/{oid} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n".encode()
+    host, port = relay.base.split("//")[1].split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    sock.sendall(head + data[:500])
+    sock.shutdown(socket.SHUT_WR)
+    answer = sock.makefile("rb").read()
+    assert answer.startswith(b"HTTP/1.1 400")
+    assert b"after 500 bytes" in answer
+    assert not (files / oid).exists()
+
+
+def test_an_early_reject_answers_at_once_and_closes_without_draining(live):
+    relay = live()
+    _, oid = blob(10)
+    huge = 100 << 30  # announced, never sent
+    for path in (f"/wrong-id/{oid}", f"/{SERVER_ID}/not-a-hash"):
+        head = f"PUT {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {huge}\r\n\r\n".encode()
+        started = time.monotonic()
+        answer, sock = raw_request(relay.base, head, b"x" * 1000)
+        assert answer.split(b"\r\n")[0] in (b"HTTP/1.1 403 Forbidden", b"HTTP/1.1 400 Bad Request")
+        assert b"Connection: close" in answer
+        # The relay closes the connection rather than reading 100 GiB.
+        sock.settimeout(10)
+        while sock.recv(65536):
+            pass
+        assert time.monotonic() - started < 5
+        sock.close()
+
+
+def test_requests_sending_a_big_body_to_a_refused_upload_sees_the_status(live):
+    """requests writes the whole body before reading: it must still get the status."""
+    relay = live("--max-file-size", "1M")
+    data, oid = blob(64 << 20)
+    assert requests.put(relay.url(oid, server_id="wrong"), data=data).status_code == 403
+    assert requests.put(relay.url(oid), data=data).status_code == 413
+
+
+def test_the_server_id_never_reaches_the_log(live, http):
+    relay = live("--log-level", "debug")
+    data, oid = blob(1000)
+    http.put(relay.url(oid), data=data)
+    http.get(relay.url(oid))
+    http.get(relay.url(oid, server_id=SERVER_ID + "x"))
+    http.get(f"{relay.base}/wrong/{SERVER_ID}")
+    http.put(relay.url("f" * 64), data=b"bad")
+    raw_request(relay.base, f"GET /{SERVER_ID} HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n".encode())
+    http.get(relay.url())
+    assert relay.log().count('"PUT /***/') == 2
+    assert SERVER_ID not in relay.log()
+
+
+def test_sigterm_exits_zero(live, http):
+    relay = live()
+    assert http.get(relay.url()).status_code == 200
+    relay.signal(signal.SIGTERM)
+    assert relay.wait_exit(20) == 0
+
+
+def test_several_workers_share_one_directory(live, files):
+    relay = live("--workers", "4")
+    blobs = [blob(100_000, seed=i) for i in range(20)]
+    with requests.Session() as session:
+        for data, oid in blobs:
+            assert session.put(relay.url(oid), data=data).status_code == 201
+    for data, oid in blobs:  # new connections land on any worker
+        assert requests.get(relay.url(oid)).content == data
+        assert requests.put(relay.url(oid), data=data).status_code == 200
+    assert len(relay.worker_pids()) == 4
+    assert sorted(os.listdir(files)) == sorted([oid for _, oid in blobs] + [".relay"])

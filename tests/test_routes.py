@@ -1,0 +1,300 @@
+"""The five routes and their status codes, through WebTest over a real files directory."""
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import sys
+import threading
+
+import pytest
+from conftest import SERVER_ID, blob, object_url, sha256
+
+import file_relay
+
+
+def stored_files(files):
+    return sorted(path.name for path in files.iterdir() if len(path.name) == 64)
+
+
+# -- PUT ------------------------------------------------------------------------
+
+
+def test_put_stores_verified_content_under_its_hash(app, files):
+    data, oid = blob(300_000)  # larger than Bottle's MEMFILE_MAX (100 KiB)
+    response = app.put(object_url(oid), data, status=201)
+    assert oid in response.text
+    assert response.headers["ETag"] == f'"{oid}"'
+    assert (files / oid).read_bytes() == data
+    assert stored_files(files) == [oid]
+
+
+def test_put_of_a_stored_object_is_idempotent(app, files):
+    data, oid = blob(1000)
+    app.put(object_url(oid), data, status=201)
+    response = app.put(object_url(oid), data, status=200)
+    assert "already stored" in response.text
+    assert (files / oid).read_bytes() == data
+
+
+def test_uppercase_names_are_the_same_object(app, files):
+    data, oid = blob(1000)
+    app.put(object_url(oid.upper()), data, status=201)
+    assert stored_files(files) == [oid]
+    assert app.get(object_url(oid.upper())).body == data
+    app.put(object_url(oid), data, status=200)
+
+
+def test_content_that_does_not_match_its_name_is_refused_and_not_kept(app, files):
+    data, oid = blob(5000)
+    tampered = b"X" + data[1:]
+    response = app.put(object_url(oid), tampered, status=400)
+    assert oid in response.text and sha256(tampered) in response.text
+    assert stored_files(files) == []
+    assert os.listdir(files / ".relay" / "partial") == []
+
+
+@pytest.mark.parametrize("bad_id", ["abc", "g" * 64, "a" * 63, "a" * 65, "..", "%2e%2e"])
+def test_malformed_object_ids_are_refused(app, bad_id):
+    assert "64 hex digits" in app.put(f"/{SERVER_ID}/{bad_id}", b"x", status=400).text
+    app.get(f"/{SERVER_ID}/{bad_id}", status=400)
+    app.delete(f"/{SERVER_ID}/{bad_id}", status=400)
+
+
+def test_an_empty_file_is_a_valid_object(app, files):
+    oid = sha256(b"")
+    app.put(object_url(oid), b"", status=201)
+    response = app.get(object_url(oid), status=200)
+    assert response.body == b"" and response.headers["Content-Length"] == "0"
+    assert (files / oid).read_bytes() == b""
+
+
+def test_larger_than_max_file_size_is_413_before_reading(make_app, files):
+    app = make_app(max_file_size=1000)
+    data, oid = blob(1001)
+    response = app.put(object_url(oid), data, status=413)
+    assert "1000 bytes" in response.text
+    assert stored_files(files) == []
+    small, small_oid = blob(1000)
+    app.put(object_url(small_oid), small, status=201)
+
+
+def test_not_enough_free_space_is_507_before_reading(make_app, files):
+    app = make_app(min_free=1 << 60)  # more than any disk has
+    data, oid = blob(1000)
+    assert "free space" in app.put(object_url(oid), data, status=507).text
+    assert stored_files(files) == []
+
+
+def test_disk_full_while_writing_is_507_and_leaves_nothing(app, files, monkeypatch):
+    real_write_all = file_relay._write_all
+
+    def write_until_full(fd, data, offset=None):
+        if os.fstat(fd).st_size > 100_000:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write_all(fd, data, offset)
+
+    monkeypatch.setattr(file_relay, "_write_all", write_until_full)
+    data, oid = blob(3 << 20)
+    assert "disk space" in app.put(object_url(oid), data, status=507).text
+    assert stored_files(files) == []
+    assert os.listdir(files / ".relay" / "partial") == []
+    monkeypatch.setattr(file_relay, "_write_all", real_write_all)
+    app.put(object_url(oid), data, status=201)
+
+
+def test_a_concurrent_upload_of_the_same_object_gets_409_and_the_first_is_unharmed(app, make_config, files):
+    data, oid = blob(2 << 20)
+    store = file_relay.Store(make_config())
+    first_block_written = threading.Event()
+    release = threading.Event()
+
+    def slow_body():
+        yield data[: 1 << 20]
+        first_block_written.set()
+        release.wait(10)
+        yield data[1 << 20 :]
+
+    result = {}
+    first = threading.Thread(
+        target=lambda: result.setdefault("created", store.put_stream(oid, slow_body(), len(data), file_relay.Limits()))
+    )
+    first.start()
+    assert first_block_written.wait(10)
+    response = app.put(object_url(oid), data, status=409)
+    assert "in progress" in response.text
+    assert response.headers["Retry-After"]
+    release.set()
+    first.join(10)
+    assert result["created"] is True
+    assert (files / oid).read_bytes() == data
+    app.put(object_url(oid), data, status=200)
+
+
+def test_if_none_match_star_skips_a_stored_object(app):
+    data, oid = blob(1000)
+    app.put(object_url(oid), data, headers={"If-None-Match": "*"}, status=201)
+    app.put(object_url(oid), data, headers={"If-None-Match": "*"}, status=412)
+
+
+# -- GET and HEAD ----------------------------------------------------------------
+
+
+def test_get_returns_the_object_with_its_headers(app):
+    data, oid = blob(200_000)
+    app.put(object_url(oid), data)
+    response = app.get(object_url(oid), status=200)
+    assert response.body == data
+    assert response.headers["Content-Length"] == str(len(data))
+    assert response.headers["Content-Type"] == "application/octet-stream"
+    assert response.headers["ETag"] == f'"{oid}"'
+    assert response.headers["Accept-Ranges"] == "bytes"
+    expected_digest = file_relay.sha256_field(hashlib.sha256(data).digest())
+    assert response.headers["Repr-Digest"] == expected_digest
+
+
+def test_head_returns_the_headers_only(app):
+    data, oid = blob(5000)
+    app.put(object_url(oid), data)
+    response = app.head(object_url(oid), status=200)
+    assert response.body == b""
+    assert response.headers["Content-Length"] == "5000"
+    assert response.headers["ETag"] == f'"{oid}"'
+
+
+@pytest.mark.parametrize(
+    ("range_header", "first", "last"),
+    [("bytes=0-9", 0, 9), ("bytes=100-", 100, 4999), ("bytes=-10", 4990, 4999), ("bytes=4990-99999", 4990, 4999)],
+)
+def test_a_range_gives_206(app, range_header, first, last):
+    data, oid = blob(5000)
+    app.put(object_url(oid), data)
+    response = app.get(object_url(oid), headers={"Range": range_header}, status=206)
+    assert response.body == data[first : last + 1]
+    assert response.headers["Content-Range"] == f"bytes {first}-{last}/5000"
+    assert response.headers["Content-Length"] == str(last - first + 1)
+
+
+def test_an_unsatisfiable_range_gives_416(app):
+    data, oid = blob(5000)
+    app.put(object_url(oid), data)
+    response = app.get(object_url(oid), headers={"Range": "bytes=5000-"}, status=416)
+    assert response.headers["Content-Range"] == "bytes */5000"
+
+
+def test_if_range_with_another_etag_sends_the_whole_object(app):
+    data, oid = blob(5000)
+    app.put(object_url(oid), data)
+    headers = {"Range": "bytes=0-9", "If-Range": '"something-else"'}
+    assert app.get(object_url(oid), headers=headers, status=200).body == data
+
+
+def test_if_none_match_gives_304(app):
+    data, oid = blob(5000)
+    app.put(object_url(oid), data)
+    response = app.get(object_url(oid), headers={"If-None-Match": f'"{oid}"'}, status=304)
+    assert response.body == b""
+    app.get(object_url(oid), headers={"If-None-Match": '"other"'}, status=200)
+
+
+def test_get_and_head_of_a_missing_object_are_404(app):
+    _, oid = blob(10)
+    app.get(object_url(oid), status=404)
+    app.head(object_url(oid), status=404)
+
+
+# -- DELETE ---------------------------------------------------------------------
+
+
+def test_delete_removes_the_object(app, files):
+    data, oid = blob(1000)
+    app.put(object_url(oid), data)
+    app.delete(object_url(oid), status=200)
+    assert stored_files(files) == []
+    app.get(object_url(oid), status=404)
+    app.delete(object_url(oid), status=404)
+
+
+# -- the relay itself --------------------------------------------------------------
+
+
+def test_status_reports_disk_and_objects(app):
+    data, oid = blob(1234)
+    app.put(object_url(oid), data)
+    report = app.get(f"/{SERVER_ID}", status=200).json
+    utilization = report["disk utilization"]
+    assert utilization["bytes_used"] > 0 and utilization["bytes_remaining"] > 0
+    assert "remaining" in utilization["string"]
+    assert report["version"] == file_relay.__version__
+    assert report["uptime_seconds"] >= 0
+    assert (report["stored_objects"], report["stored_bytes"]) == (1, 1234)
+    assert report["uploads_in_progress"] == 0
+    assert report["totals"]["uploads_completed"] == 1
+
+
+def test_delete_of_the_relay_starts_a_drain(app):
+    assert "draining" in app.delete(f"/{SERVER_ID}", status=200).text
+    data, oid = blob(100)
+    response = app.put(object_url(oid), data, status=503)
+    assert response.headers["Retry-After"]
+    assert app.get(f"/{SERVER_ID}").json["draining"] is True
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/wrong"),
+        ("DELETE", "/wrong"),
+        ("GET", "/wrong/" + "a" * 64),
+        ("PUT", "/wrong/" + "a" * 64),
+        ("DELETE", "/wrong/" + "a" * 64),
+        ("POST", "/wrong/x/y/z"),
+        ("GET", "/"),
+        ("GET", f"/{SERVER_ID}x"),
+        ("GET", f"/{SERVER_ID[:-1]}"),
+    ],
+)
+def test_a_wrong_server_id_gets_the_same_403_on_every_route(app, method, path):
+    response = app.request(path, method=method, body=b"x" if method == "PUT" else b"", expect_errors=True)
+    assert response.status_int == 403
+    assert response.text == "forbidden\n"
+    assert set(response.headers) == {"Content-Type", "Content-Length"}
+
+
+def test_unknown_paths_and_methods_with_the_right_id(app):
+    app.get(f"/{SERVER_ID}/a/b", status=404)
+    response = app.request(f"/{SERVER_ID}/{'a' * 64}", method="POST", expect_errors=True)
+    assert response.status_int == 405 and "PUT" in response.headers["Allow"]
+
+
+def test_access_log_has_one_redacted_line_per_request(app, caplog):
+    data, oid = blob(2000)
+    with caplog.at_level(logging.INFO, logger="file_relay.access"):
+        app.put(object_url(oid), data)
+        app.get(object_url(oid))
+        app.get(f"/{SERVER_ID}/{oid}", headers={"Range": "bytes=0-9"})
+        app.get(f"/not-{SERVER_ID}", status=403)
+    records = [record for record in caplog.records if record.name == "file_relay.access"]
+    assert [(r.method, r.status) for r in records] == [("PUT", 201), ("GET", 200), ("GET", 206), ("GET", 403)]
+    assert records[0].bytes_in == 2000
+    assert records[1].bytes_out == 2000 and records[2].bytes_out == 10
+    handler = file_relay.configure_logging(file_relay.RelayConfig(server_id=SERVER_ID))
+    for record in records:
+        line = handler.format(record)
+        assert SERVER_ID not in line and "/***" in line
+    json_handler = file_relay.configure_logging(file_relay.RelayConfig(server_id=SERVER_ID, log_format="json"))
+    entry = json.loads(json_handler.format(records[0]))
+    assert entry["status"] == 201 and entry["path"] == f"/***/{oid}"
+
+
+def test_the_server_id_is_redacted_from_every_log_line_tracebacks_included():
+    for log_format in ("text", "json"):
+        handler = file_relay.configure_logging(file_relay.RelayConfig(server_id=SERVER_ID, log_format=log_format))
+        try:
+            raise ValueError(f"path /{SERVER_ID}/x")
+        except ValueError:
+            exc_info = sys.exc_info()
+        record = logging.LogRecord("gunicorn.error", logging.ERROR, __file__, 1, "bad %s", (SERVER_ID,), exc_info)
+        line = handler.format(record)
+        assert SERVER_ID not in line and "ValueError" in line and "bad ***" in line
