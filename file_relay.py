@@ -37,6 +37,7 @@ import errno
 import fcntl
 import hashlib
 import hmac
+import io
 import json
 import logging
 import math
@@ -1023,7 +1024,9 @@ class UploadFollower:
         self.position = start
         self.inode = os.fstat(fd).st_ino
         self.partial_path = store.partials / oid
-        self.stall_timeout = store.config.idle_timeout + 5  # the writer's own timeout fires first
+        # A plain upload's writer enforces the idle timeout itself, and its lock says it is
+        # alive; between the requests of a chunked upload, silence is the only sign.
+        self.stall_timeout = store.config.idle_timeout
 
     def _published(self) -> bool:
         try:
@@ -1068,7 +1071,7 @@ class UploadFollower:
                     continue
                 if verified:
                     return
-                if time.monotonic() - last_progress > self.stall_timeout:
+                if self.mode == "chunks" and time.monotonic() - last_progress > self.stall_timeout:
                     raise UploadFailed("the upload stalled")
                 time.sleep(delay)
                 delay = min(delay * 2, _POLL_MAX)
@@ -1360,29 +1363,79 @@ class _FollowBody(_Body):
 
 
 def _request_body(environ: dict, length: int | None, exchange: _Exchange):
-    """Yield the request body in blocks of up to BLOCK_SIZE, read straight from wsgi.input.
+    """Yield the request body in blocks as they arrive (up to BLOCK_SIZE each).
 
     Raises RelayError(400) if the body ends before its Content-Length, ClientGone if the
-    client disconnects, stalls past the idle timeout or breaks the chunked framing.
+    client disconnects, stalls past the idle timeout or breaks the chunked framing. A
+    yielded block may be a view into a reused buffer: use it before asking for the next.
     """
     stream = environ["wsgi.input"]
+    peer = environ.get("gunicorn.socket")
+    reader = getattr(stream, "reader", None)
+    if length is not None and peer is not None and _is_length_reader(stream, reader):
+        blocks = _socket_blocks(stream, reader, peer, length)
+    else:
+        blocks = _stream_blocks(stream, length)
+    received = 0
+    try:
+        for block in blocks:
+            received += len(block)
+            exchange.bytes_in += len(block)
+            yield block
+    except (OSError, ValueError) as exc:
+        raise ClientGone(f"the client stopped sending: {exc.__class__.__name__}") from None
+    except RelayError:
+        raise
+    except Exception as exc:  # gunicorn's parse errors for a broken chunked body
+        raise ClientGone(f"bad chunked body: {exc.__class__.__name__}") from None
+    if length is not None and received < length:
+        raise RelayError(400, f"body ended after {received} bytes, Content-Length says {length}")
+
+
+def _stream_blocks(stream, length: int | None):
+    """The body through wsgi.input. Its read(n) returns only once n bytes came, so a body
+    of unknown length is read in small steps to reach followers as it arrives."""
     remaining = length
     while remaining is None or remaining > 0:
-        try:
-            block = stream.read(BLOCK_SIZE if remaining is None else min(BLOCK_SIZE, remaining))
-        except (OSError, ValueError) as exc:
-            raise ClientGone(f"the client stopped sending: {exc.__class__.__name__}") from None
-        except Exception as exc:  # gunicorn's parse errors for a broken chunked body
-            raise ClientGone(f"bad chunked body: {exc.__class__.__name__}") from None
+        block = stream.read(_MIN_READ if remaining is None else min(BLOCK_SIZE, remaining))
         if not block:
-            if remaining is None:
-                return
-            received = length - remaining
-            raise RelayError(400, f"body ended after {received} bytes, Content-Length says {length}")
-        exchange.bytes_in += len(block)
+            return
         if remaining is not None:
             remaining -= len(block)
         yield block
+
+
+def _is_length_reader(stream, reader) -> bool:
+    return (
+        type(reader).__name__ == "LengthReader"
+        and hasattr(reader, "length")
+        and isinstance(getattr(stream, "buf", None), io.BytesIO)
+        and isinstance(getattr(getattr(reader, "unreader", None), "buf", None), io.BytesIO)
+    )
+
+
+def _socket_blocks(stream, reader, peer, length: int):
+    """A Content-Length body straight from the socket: what gunicorn already buffered,
+    through gunicorn, then recv_into() one reused buffer, which yields bytes as they
+    arrive and copies nothing. gunicorn's count of unread body bytes (its reader's
+    length) is kept in step, so it frames the next request on the connection right."""
+    remaining = length
+    buffered = len(stream.buf.getvalue()) + len(reader.unreader.buf.getvalue())
+    if buffered:
+        block = stream.read(min(buffered, remaining))
+        remaining -= len(block)
+        yield block
+    buffer = memoryview(bytearray(min(BLOCK_SIZE, remaining)))
+    while remaining > 0:
+        count = peer.recv_into(buffer, min(len(buffer), remaining))
+        if not count:
+            return
+        reader.length -= count
+        remaining -= count
+        yield buffer[:count]
+
+
+_MIN_READ = 64 << 10
 
 
 _RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
@@ -1526,6 +1579,8 @@ def make_app(config: RelayConfig, state: SharedState | None = None):
 
             def observed_start_response(status, headers, exc_info=None):
                 exchange.status = int(status[:3])
+                if environ.get("file_relay.length_unknown"):  # not the 0 Bottle gives empty bodies
+                    headers = [(name, value) for name, value in headers if name.lower() != "content-length"]
                 if environ.get("file_relay.close"):
                     _close_connection_after(start_response)
                 return start_response(status, headers, exc_info)
@@ -1777,6 +1832,8 @@ def make_app(config: RelayConfig, state: SharedState | None = None):
         headers = {"Content-Type": "application/octet-stream", **_progress_headers(progress)}
         if progress.length is not None:
             headers["Content-Length"] = str(progress.length)
+        else:
+            request.environ["file_relay.length_unknown"] = True
         return bottle.HTTPResponse(None, 200, headers)
 
     @app.delete("/<server_id>/<oid_text>")

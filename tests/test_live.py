@@ -170,3 +170,21 @@ def test_several_workers_share_one_directory(live, files):
         assert requests.put(relay.url(oid), data=data).status_code == 200
     assert len(relay.worker_pids()) == 4
     assert sorted(os.listdir(files)) == sorted([oid for _, oid in blobs] + [".relay"])
+
+
+def test_requests_pipelined_after_an_upload_body_are_answered(live):
+    """The upload body is read straight from the socket: the next request on the same
+    connection must still be framed right."""
+    relay = live()
+    data, oid = blob(3 << 20)
+    put = f"PUT /{SERVER_ID}/{oid} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n\r\n".encode()
+    get = f"GET /{SERVER_ID}/{oid} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+    host, port = relay.base.split("//")[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=20) as sock:
+        sock.sendall(put + data + get)
+        answer = sock.makefile("rb").read()
+    first, _, rest = answer.partition(b"\r\n\r\n")
+    assert first.startswith(b"HTTP/1.1 201")
+    second = rest[rest.index(b"HTTP/1.1 ") :]
+    assert second.startswith(b"HTTP/1.1 200")
+    assert second.endswith(data)

@@ -1,0 +1,258 @@
+"""Streaming relay: downloads that follow an upload in progress, and downloads that wait
+for an upload to start. Live relays, real curl where the client's view matters."""
+
+import concurrent.futures
+import hashlib
+import socket
+import subprocess
+import threading
+import time
+
+import requests
+from conftest import SERVER_ID, blob, sha256, wait_until
+
+
+class Pacer:
+    """A request body that trickles out in pieces, optionally stopping half-way."""
+
+    def __init__(self, data: bytes, seconds: float, pieces: int = 40):
+        self.data = data
+        self.delay = seconds / pieces
+        self.step = len(data) // pieces + 1
+        self.sent = 0
+        self.finished_at = None
+
+    def __len__(self):  # requests then sends a Content-Length, not a chunked body
+        return len(self.data)
+
+    def __iter__(self):
+        for start in range(0, len(self.data), self.step):
+            time.sleep(self.delay)
+            piece = self.data[start : start + self.step]
+            self.sent += len(piece)
+            yield piece
+        self.finished_at = time.monotonic()
+
+
+def start_upload(pool, url: str, body) -> concurrent.futures.Future:
+    return pool.submit(lambda: requests.put(url, data=body, timeout=60))
+
+
+def curl_download(url: str, path, *extra) -> subprocess.Popen:
+    return subprocess.Popen(
+        ["curl", "-sS", "-o", str(path), "-w", "%{http_code} %{size_download}", *extra, url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_readers_started_before_and_during_an_upload_get_the_exact_bytes(live, tmp_path):
+    relay = live()
+    data, oid = blob(8 << 20)
+    early = curl_download(relay.url(oid), tmp_path / "early")  # waits for the upload to start
+    wait_until(lambda: '"GET /***/' not in relay.log() and time.sleep(0.3) is None, message="the reader to wait")
+    body = Pacer(data, seconds=3)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        upload = start_upload(pool, relay.url(oid), body)
+        wait_until(lambda: body.sent > len(data) // 3, message="a third of the upload")
+        late = curl_download(relay.url(oid), tmp_path / "late")
+        assert upload.result().status_code == 201
+    for reader, name in ((early, "early"), (late, "late")):
+        out, err = reader.communicate(timeout=30)
+        finished = time.monotonic()
+        assert reader.returncode == 0, err
+        assert out == f"200 {len(data)}"
+        assert sha256((tmp_path / name).read_bytes()) == oid
+    assert finished - body.finished_at < 5  # the readers finished with the upload, not long after
+
+
+def test_a_reader_of_an_upload_that_fails_verification_is_cut_off(live, tmp_path, files):
+    relay = live()
+    data, oid = blob(4 << 20)
+    tampered = data[:-1] + bytes([data[-1] ^ 1])  # only the very last byte differs
+    reader = None
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        body = Pacer(tampered, seconds=2)
+        upload = start_upload(pool, relay.url(oid), body)
+        wait_until(lambda: body.sent > 0, message="the upload to start")
+        reader = curl_download(relay.url(oid), tmp_path / "cut")
+        assert upload.result().status_code == 400
+    out, err = reader.communicate(timeout=30)
+    assert reader.returncode != 0  # curl reports the transfer as failed
+    assert (tmp_path / "cut").stat().st_size < len(data)
+    assert not (files / oid).exists()
+
+
+def test_a_reader_of_an_upload_whose_client_disconnects_is_cut_off(live, tmp_path):
+    relay = live()
+    data, oid = blob(4 << 20)
+    host, port = relay.base.split("//")[1].split(":")
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(f"PUT /{SERVER_ID}/{oid} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n\r\n".encode())
+    sock.sendall(data[: 1 << 20])
+    partial = relay.files / ".relay" / "partial" / oid / "data"
+    wait_until(lambda: partial.exists() and partial.stat().st_size == 1 << 20, message="the first MiB")
+    reader = curl_download(relay.url(oid), tmp_path / "cut")
+    wait_until(lambda: (tmp_path / "cut").exists() and (tmp_path / "cut").stat().st_size > 0, message="reader bytes")
+    sock.close()
+    out, err = reader.communicate(timeout=30)
+    assert reader.returncode == 18, err  # CURLE_PARTIAL_FILE
+    assert (tmp_path / "cut").stat().st_size == 1 << 20
+
+
+def test_a_stalled_upload_cuts_its_readers_after_the_idle_timeout(live, tmp_path):
+    relay = live("--idle-timeout", "1")
+    data, oid = blob(1 << 20)
+    host, port = relay.base.split("//")[1].split(":")
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(f"PUT /{SERVER_ID}/{oid} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n\r\n".encode())
+    sock.sendall(data[:200_000])  # then silence, the connection left open
+    reader = curl_download(relay.url(oid), tmp_path / "cut")
+    out, err = reader.communicate(timeout=30)
+    assert reader.returncode == 18, err  # CURLE_PARTIAL_FILE
+    assert 0 < (tmp_path / "cut").stat().st_size < len(data)
+    sock.close()
+
+
+def test_a_slow_upload_reaches_its_readers_as_it_comes(live):
+    relay = live("--idle-timeout", "5")
+    data, oid = blob(300_000)
+    body = Pacer(data, seconds=6, pieces=60)  # 50 KB/s: a MiB would take 20 s
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        upload = start_upload(pool, relay.url(oid), body)
+        wait_until(lambda: body.sent > 0, message="the upload to start")
+        with requests.get(relay.url(oid), stream=True, timeout=30) as response:
+            first = response.raw.read(100_000)
+            assert body.sent < 250_000  # the first bytes came long before the end of the upload
+            rest = response.raw.read()
+        assert upload.result().status_code == 201
+    assert first + rest == data
+
+
+def test_an_upload_of_unknown_length_is_followed_with_chunked_transfer(live, tmp_path):
+    relay = live()
+    data, oid = blob(3 << 20)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        body = Pacer(data, seconds=2)
+        upload = start_upload(pool, relay.url(oid), iter(body))  # a generator: no Content-Length
+        wait_until(lambda: body.sent > 0, message="the upload to start")
+        with requests.get(relay.url(oid), stream=True, timeout=30) as response:
+            assert response.headers.get("Transfer-Encoding") == "chunked"
+            received = response.raw.read()
+        assert upload.result().status_code == 201
+    assert sha256(received) == oid
+
+
+def test_readers_in_other_workers_follow_the_upload(live):
+    relay = live("--workers", "4")
+    data, oid = blob(6 << 20)
+    body = Pacer(data, seconds=3)
+
+    def read():
+        with requests.Session() as session:  # a connection each: they land on several workers
+            return hashlib.sha256(session.get(relay.url(oid), timeout=60).content).hexdigest()
+
+    with concurrent.futures.ThreadPoolExecutor(9) as pool:
+        readers = [pool.submit(read) for _ in range(8)]
+        time.sleep(0.5)
+        upload = start_upload(pool, relay.url(oid), body)
+        assert upload.result().status_code == 201
+        assert [reader.result() for reader in readers] == [oid] * 8
+
+
+def test_head_during_an_upload_marks_it_incomplete(live, http):
+    relay = live()
+    data, oid = blob(4 << 20)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        body = Pacer(data, seconds=2)
+        upload = start_upload(pool, relay.url(oid), body)
+        wait_until(lambda: body.sent > len(data) // 4, message="a quarter of the upload")
+        started = time.monotonic()
+        head = http.head(relay.url(oid))
+        assert time.monotonic() - started < 1  # HEAD never waits
+        assert head.status_code == 200
+        assert head.headers["Content-Length"] == str(len(data))
+        assert head.headers["Upload-Incomplete"] == "?1"
+        assert 0 < int(head.headers["Upload-Offset"]) < len(data)
+        assert "ETag" not in head.headers
+        assert upload.result().status_code == 201
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        other, other_oid = blob(2 << 20, seed=1)
+        body = Pacer(other, seconds=2)
+        upload = pool.submit(requests.put, relay.url(other_oid), data=iter(body))  # no length
+        wait_until(lambda: body.sent > 0, message="the upload to start")
+        head = http.head(relay.url(other_oid))
+        assert head.headers["Upload-Incomplete"] == "?1" and "Content-Length" not in head.headers
+        assert upload.result().status_code == 201
+    stored = http.head(relay.url(oid))
+    assert stored.headers["ETag"] == f'"{oid}"' and "Upload-Offset" not in stored.headers
+
+
+def test_wait_parameter_and_timeout(live, http):
+    relay = live("--get-wait-timeout", "1")
+    data, oid = blob(1000)
+    started = time.monotonic()
+    assert http.get(relay.url(oid)).status_code == 404
+    assert 1 <= time.monotonic() - started < 5
+    started = time.monotonic()
+    assert http.get(relay.url(oid) + "?wait=0").status_code == 404
+    assert time.monotonic() - started < 1
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(http.get, relay.url(oid) + "?wait=20")
+        time.sleep(1.5)  # longer than the default wait: ?wait is what keeps it waiting
+        assert requests.put(relay.url(oid), data=data).status_code == 201
+        assert waiting.result(30).content == data
+    assert http.head(relay.url("0" * 64)).status_code == 404  # HEAD never waits
+
+
+def test_the_wait_is_bounded_by_the_server_maximum(live, http):
+    relay = live("--max-get-wait", "1", "--get-wait-timeout", "0")
+    started = time.monotonic()
+    assert http.get(relay.url("1" * 64) + "?wait=3600").status_code == 404
+    assert time.monotonic() - started < 5
+
+
+def test_dozens_of_waiting_readers_leave_the_relay_responsive(live):
+    relay = live("--threads", "64", "--get-wait-timeout", "60")
+    awaited, awaited_oid = blob(100_000)
+    other, other_oid = blob(50_000, seed=1)
+    with concurrent.futures.ThreadPoolExecutor(40) as pool:
+        readers = [pool.submit(requests.get, relay.url(awaited_oid), timeout=90) for _ in range(30)]
+        wait_until(lambda: requests.get(relay.url()).json()["waiting_readers"] == 30, message="30 waiting readers")
+        started = time.monotonic()
+        assert requests.put(relay.url(other_oid), data=other, timeout=10).status_code == 201
+        assert requests.get(relay.url(other_oid), timeout=10).content == other
+        assert requests.get(relay.url(), timeout=10).status_code == 200
+        assert time.monotonic() - started < 5
+        assert requests.put(relay.url(awaited_oid), data=awaited, timeout=10).status_code == 201
+        assert all(reader.result().content == awaited for reader in readers)
+
+
+def test_readers_beyond_the_waiting_limit_are_told_to_retry(live):
+    relay = live("--threads", "8", "--get-wait-timeout", "30")  # at most 4 may wait
+    _, oid = blob(10)
+    stop = threading.Event()
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        for _ in range(4):
+            pool.submit(requests.get, relay.url(oid), timeout=60)
+        wait_until(lambda: requests.get(relay.url()).json()["waiting_readers"] == 4, message="4 waiting readers")
+        refused = requests.get(relay.url(oid), timeout=10)
+        assert refused.status_code == 503 and refused.headers["Retry-After"]
+        assert requests.get(relay.url(), timeout=10).status_code == 200
+        stop.set()
+        requests.put(relay.url(oid), data=blob(10)[0])
+
+
+def test_a_range_request_can_resume_following_an_upload(live):
+    relay = live()
+    data, oid = blob(4 << 20)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        body = Pacer(data, seconds=2)
+        upload = start_upload(pool, relay.url(oid), body)
+        wait_until(lambda: body.sent > 0, message="the upload to start")
+        response = requests.get(relay.url(oid), headers={"Range": "bytes=1000-"}, timeout=30)
+        assert upload.result().status_code == 201
+    assert response.status_code == 206
+    assert response.headers["Content-Range"] == f"bytes 1000-{len(data) - 1}/{len(data)}"
+    assert response.content == data[1000:]
