@@ -96,6 +96,11 @@ class RelayConfig:
     worker_timeout: int = 30  # a silent worker is restarted after this; transfers may last longer
 
     @property
+    def ttl_cap(self) -> float | None:
+        """The longest lifetime an object may have: --max-ttl, else --ttl."""
+        return self.max_ttl if self.max_ttl is not None else self.ttl
+
+    @property
     def waiting_reader_limit(self) -> int:
         """Readers that may wait for an upload at once, per worker: half the threads, so
         waiting never takes the threads that uploads, status and other downloads need."""
@@ -382,6 +387,8 @@ class Store:
         return self.meta / f"{oid}.{inode}"
 
     def _describe(self, oid: str, st: os.stat_result) -> StoredObject:
+        """An object's state: its lifetime is what its uploader asked for (Max-Days), or
+        --ttl, and never more than the relay allows now (--max-ttl, else --ttl)."""
         ttl = self.config.ttl
         max_downloads = None
         downloads = 0
@@ -389,8 +396,11 @@ class Store:
         with contextlib.suppress(FileNotFoundError):
             limits = json.loads(meta.read_bytes())
             if limits.get("ttl") is not None:
-                ttl = limits["ttl"] if ttl is None else min(ttl, limits["ttl"])
+                ttl = limits["ttl"]
             max_downloads = limits.get("max_downloads")
+        cap = self.config.ttl_cap
+        if cap is not None and ttl is not None:
+            ttl = min(ttl, cap)
         if max_downloads is not None:
             with contextlib.suppress(FileNotFoundError):
                 downloads = os.stat(f"{meta}.count").st_size
@@ -1420,9 +1430,15 @@ def _socket_blocks(stream, reader, peer, length: int):
     arrive and copies nothing. gunicorn's count of unread body bytes (its reader's
     length) is kept in step, so it frames the next request on the connection right."""
     remaining = length
-    buffered = len(stream.buf.getvalue()) + len(reader.unreader.buf.getvalue())
-    if buffered:
+    while remaining > 0:
+        # gunicorn reads at least 1 KiB from the socket per step: a small read can leave
+        # more in its buffers, so drain them until they are empty.
+        buffered = len(stream.buf.getvalue()) + len(reader.unreader.buf.getvalue())
+        if not buffered:
+            break
         block = stream.read(min(buffered, remaining))
+        if not block:
+            return
         remaining -= len(block)
         yield block
     buffer = memoryview(bytearray(min(BLOCK_SIZE, remaining)))
@@ -1488,9 +1504,8 @@ def _parse_limits(environ: dict, config: RelayConfig) -> Limits:
             raise RelayError(400, "Max-Days must be a number of days") from None
         if not math.isfinite(ttl) or ttl <= 0:
             raise RelayError(400, "Max-Days must be a positive number of days")
-    cap = config.max_ttl if config.max_ttl is not None else config.ttl
-    if cap is not None and ttl is not None:
-        ttl = min(ttl, cap)
+    if config.ttl_cap is not None and ttl is not None:
+        ttl = min(ttl, config.ttl_cap)
     downloads = environ.get("HTTP_MAX_DOWNLOADS")
     if downloads is not None:
         if not downloads.strip().isdigit() or int(downloads) < 1:
@@ -1779,6 +1794,8 @@ def make_app(config: RelayConfig, state: SharedState | None = None):
             except BaseException:
                 os.close(fd)
                 raise
+            if ticket is not None:  # what will remain once this download is through
+                headers["X-Remaining-Downloads"] = str(obj.remaining_downloads - 1)
         body = _FileBody(exchange, fd, first, length, on_close=download_finished(ticket))
         return bottle.HTTPResponse(body, status, headers)
 
@@ -2077,7 +2094,17 @@ def serve(config: RelayConfig) -> int:
                 log.info("draining: new uploads are refused; exiting when transfers finish")
                 return
             log.info("second signal: exiting now")
-            self.stop(graceful=False)
+            self.exit_now()
+
+        def exit_now(self):
+            """Stop the workers within a moment, even those whose threads are blocked in a
+            transfer (their interpreter would wait for those threads), then exit."""
+            self.kill_workers(signal.SIGQUIT)
+            deadline = time.monotonic() + 1
+            while self.WORKERS and time.monotonic() < deadline:
+                time.sleep(0.05)
+                self.reap_workers()
+            self.kill_workers(signal.SIGKILL)
             raise StopIteration
 
         def manage_workers(self):
@@ -2089,7 +2116,7 @@ def serve(config: RelayConfig) -> int:
                     return
                 if transfers:
                     log.warning("graceful timeout: cutting %d transfers", transfers)
-                    self.stop(graceful=False)
+                    self.exit_now()
                 raise StopIteration
             if now >= self.next_sweep:
                 self.next_sweep = now + config.sweep_interval
@@ -2370,6 +2397,15 @@ _SERVER_OPTIONS = [
         },
     ),
     (
+        ("--sweep-interval",),
+        "RELAY_SWEEP_INTERVAL",
+        {
+            "type": _option_type(_seconds, "sweep interval"),
+            "default": "60",
+            "help": "seconds between sweeps for expired objects and abandoned partial uploads",
+        },
+    ),
+    (
         ("--purge-on-exit",),
         "RELAY_PURGE_ON_EXIT",
         {"action": "store_true", "help": "remove every stored and partial object when the relay exits"},
@@ -2480,6 +2516,7 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         keyfile=args.keyfile,
         forwarded_allow_ips=args.forwarded_allow_ips,
         worker_timeout=args.worker_timeout,
+        sweep_interval=args.sweep_interval,
     )
 
 

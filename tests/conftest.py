@@ -156,6 +156,25 @@ def live(tmp_path, files):
 
 
 @pytest.fixture
+def small_filesystem(tmp_path):
+    """Mount a tmpfs of a given size (a real filesystem that fills up); skip if we can't."""
+    mounts = []
+
+    def mount(size: str) -> Path:
+        path = tmp_path / f"fs{len(mounts)}"
+        path.mkdir()
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+        if result.returncode:
+            pytest.skip(f"cannot mount a tmpfs (needs root): {result.stderr.decode().strip()}")
+        mounts.append(path)
+        return path
+
+    yield mount
+    for path in mounts:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+@pytest.fixture
 def http():
     with requests.Session() as session:
         yield session

@@ -188,3 +188,18 @@ def test_requests_pipelined_after_an_upload_body_are_answered(live):
     second = rest[rest.index(b"HTTP/1.1 ") :]
     assert second.startswith(b"HTTP/1.1 200")
     assert second.endswith(data)
+
+
+def test_a_body_arriving_in_bursts_after_its_headers_is_stored_whole(live, files):
+    """Headers with a few body bytes, then a pause, then the rest: what gunicorn buffered
+    around the headers and what comes later must join up exactly."""
+    relay = live()
+    data, oid = blob(3 << 20)
+    head = f"PUT /{SERVER_ID}/{oid} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n\r\n".encode()
+    host, port = relay.base.split("//")[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=20) as sock:
+        for piece in (head + data[:1000], data[1000:1500], data[1500:200_000], data[200_000:]):
+            sock.sendall(piece)
+            time.sleep(0.2)
+        assert sock.recv(100).startswith(b"HTTP/1.1 201")
+    assert (files / oid).read_bytes() == data
