@@ -336,29 +336,80 @@ class Progress:
 
 
 class _Partial:
-    """An open partial upload directory; closing the data file releases its locks."""
+    """A partial upload, held through open descriptors of its directory and data file.
 
-    def __init__(self, path: Path, fd: int, info: dict):
+    Every look inside (info, data, range markers) goes through them, so a request keeps
+    working on the upload it opened even if that upload is finished, cancelled or
+    replaced meanwhile: it can then tell, instead of touching another upload's files.
+    Closing it releases its locks.
+    """
+
+    def __init__(self, oid: str, path: Path, dir_fd: int, fd: int, info: dict):
+        self.oid = oid
         self.path = path
+        self.dir_fd = dir_fd
         self.fd = fd
         self.info = info
-        self.inode = os.fstat(fd).st_ino
+        self.inode = os.fstat(fd).st_ino  # the data file's: the object will be this inode
+        self.dir_inode = os.fstat(dir_fd).st_ino
 
-    @property
-    def data(self) -> Path:
-        return self.path / "data"
+    @classmethod
+    def open(cls, oid: str, path: Path, *, writable: bool) -> _Partial | None:
+        """Open the partial upload at *path*, or None if there is none (or it is being
+        removed right now)."""
+        try:
+            dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        fd = -1
+        try:
+            fd = os.open("data", (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC, dir_fd=dir_fd)
+            info_fd = os.open("info", os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+            with open(info_fd, "rb") as info_file:
+                info = json.load(info_file)
+            return cls(oid, path, dir_fd, fd, info)
+        except (FileNotFoundError, ValueError):
+            if fd >= 0:
+                os.close(fd)
+            os.close(dir_fd)
+            return None
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            os.close(dir_fd)
+            raise
 
     def is_current(self) -> bool:
         """Whether this is still the upload at its public partial path."""
         try:
-            return os.stat(self.data).st_ino == self.inode
+            return os.stat(self.path).st_ino == self.dir_inode
         except FileNotFoundError:
             return False
 
+    def ranges(self) -> list[tuple[int, int]]:
+        """The ranges acknowledged so far (merged)."""
+        ranges = []
+        for name in os.listdir(self.dir_fd):
+            if name.startswith("range-"):
+                first, _, last = name[6:].partition("-")
+                ranges.append((int(first), int(last)))
+        return merge_ranges(ranges)
+
+    def record(self, first: int, last: int) -> None:
+        """Acknowledge bytes first..last, durably (their data must be synced first).
+        Nothing happens if the upload was removed meanwhile: see is_current()."""
+        try:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC
+            os.close(os.open(f"range-{first}-{last}", flags, 0o600, dir_fd=self.dir_fd))
+        except FileNotFoundError:
+            return  # the directory is gone
+        os.fsync(self.dir_fd)
+
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        for name in ("fd", "dir_fd"):
+            if getattr(self, name) >= 0:
+                os.close(getattr(self, name))
+                setattr(self, name, -1)
 
 
 class Store:
@@ -582,9 +633,12 @@ class Store:
             with _disk_full_is_507():
                 self._receive_chunk(partial, first, last, body, digest)
                 os.fdatasync(partial.fd)
-                (partial.path / f"range-{first}-{last}").touch()
-                _fsync_dir(partial.path)
-            ranges = self._recorded_ranges(partial.path)
+                partial.record(first, last)
+            if not partial.is_current():  # another request finished (or cancelled) it meanwhile
+                if self.is_stored(oid):
+                    return 200, None
+                raise RelayError(409, "the upload was cancelled while this chunk was written")
+            ranges = partial.ranges()
             if contiguous_prefix(ranges) >= total:
                 return self._finish_chunks(oid, partial), None
             return 202, Progress("chunks", total, ranges, True)
@@ -594,7 +648,7 @@ class Store:
     def _receive_chunk(self, partial: _Partial, first: int, last: int, body, digest: bytes | None) -> None:
         """Write a chunk's bytes at their offsets. Bytes of ranges already acknowledged
         are compared instead of written: a retried chunk is fine, a different one is not."""
-        recorded = self._recorded_ranges(partial.path)
+        recorded = partial.ranges()
         hasher = hashlib.sha256() if digest is not None else None
         position = first
         for block in body:
@@ -662,7 +716,7 @@ class Store:
         os.utime(partial.fd)  # the object's mtime is its completion time (expiry counts from it)
         os.fsync(partial.fd)
         try:
-            os.link(partial.data, self._object_path(oid))
+            os.link("data", self._object_path(oid), src_dir_fd=partial.dir_fd)
         except FileExistsError:
             return False
         _fsync_dir(self.root)
@@ -670,49 +724,31 @@ class Store:
 
     def progress(self, oid: str) -> Progress | None:
         """The state of an upload in progress or a resumable partial, or None."""
-        opened = self._open_for_reading(oid)
-        if opened is None:
+        partial = _Partial.open(oid, self.partials / oid, writable=False)
+        if partial is None:
             return None
-        fd, info = opened
         try:
-            active = _lock_held(fd, _WRITERS)
-            if info["mode"] == "stream":
+            active = _lock_held(partial.fd, _WRITERS)
+            if partial.info["mode"] == "stream":
                 if not active:
                     return None  # left by a crashed plain upload; never resumable
-                size = os.fstat(fd).st_size
+                size = os.fstat(partial.fd).st_size
                 ranges = [(0, size - 1)] if size else []
             else:
-                ranges = self._recorded_ranges(self.partials / oid)
-            return Progress(info["mode"], info["length"], ranges, active)
+                ranges = partial.ranges()
+            return Progress(partial.info["mode"], partial.info["length"], ranges, active)
         finally:
-            os.close(fd)
+            partial.close()
 
     def follow(self, oid: str, start: int = 0) -> UploadFollower | None:
         """A reader of the upload of *oid* in progress, from byte *start*; None if none."""
-        opened = self._open_for_reading(oid)
-        if opened is None:
+        partial = _Partial.open(oid, self.partials / oid, writable=False)
+        if partial is None:
             return None
-        fd, info = opened
-        if info["mode"] == "stream" and not _lock_held(fd, _WRITERS):
-            os.close(fd)
+        if partial.info["mode"] == "stream" and not _lock_held(partial.fd, _WRITERS):
+            partial.close()
             return None
-        return UploadFollower(self, oid, fd, info, start)
-
-    def _open_for_reading(self, oid: str) -> tuple[int, dict] | None:
-        path = self.partials / oid
-        for _ in range(5):
-            try:
-                fd = os.open(path / "data", os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError:
-                return None
-            try:
-                info = json.loads((path / "info").read_bytes())
-                if os.stat(path / "data").st_ino == os.fstat(fd).st_ino:
-                    return fd, info
-            except FileNotFoundError:
-                pass  # removed or replaced meanwhile: look again
-            os.close(fd)
-        return None
+        return UploadFollower(self, partial, start)
 
     def limits_of_upload(self, oid: str, inode: int) -> StoredObject | None:
         """The download budget of an upload in progress, as its object will carry it."""
@@ -732,26 +768,16 @@ class Store:
 
         Returns None if there is none; raises 409 if the lock is held against us.
         """
-        path = self.partials / oid
         for _ in range(5):
-            try:
-                fd = os.open(path / "data", os.O_RDWR | os.O_CLOEXEC)
-            except FileNotFoundError:
+            partial = _Partial.open(oid, self.partials / oid, writable=True)
+            if partial is None:
                 return None
-            try:
-                kind = fcntl.F_WRLCK if exclusive else fcntl.F_RDLCK
-                if not _lock(fd, kind, _WRITERS):
-                    raise RelayError(409, "another upload of this object is in progress", retry_after=5)
-                info = json.loads((path / "info").read_bytes())
-                partial = _Partial(path, fd, info)
-                if partial.is_current():
-                    return partial
-            except FileNotFoundError:
-                pass
-            except BaseException:
-                os.close(fd)
-                raise
-            os.close(fd)
+            if not _lock(partial.fd, fcntl.F_WRLCK if exclusive else fcntl.F_RDLCK, _WRITERS):
+                partial.close()
+                raise RelayError(409, "another upload of this object is in progress", retry_after=5)
+            if partial.is_current():
+                return partial
+            partial.close()  # finished or replaced before we had it locked: look again
         raise RelayError(409, "another upload of this object is in progress", retry_after=5)
 
     def _create_partial(self, oid: str, mode: str, length: int | None, limits: Limits) -> _Partial:
@@ -769,10 +795,17 @@ class Store:
             staging.mkdir(mode=0o700)
             partial = None
             try:
-                fd = os.open(staging / "data", os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-                partial = _Partial(staging, fd, {"mode": mode, "length": length, "created": time.time()})
+                dir_fd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                try:
+                    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+                    fd = os.open("data", flags, 0o600, dir_fd=dir_fd)
+                except BaseException:
+                    os.close(dir_fd)
+                    raise
+                info = {"mode": mode, "length": length, "created": time.time()}
+                partial = _Partial(oid, staging, dir_fd, fd, info)
                 _lock(fd, fcntl.F_WRLCK if mode == "stream" else fcntl.F_RDLCK, _WRITERS)
-                _write_file(staging / "info", json.dumps(partial.info).encode())
+                _write_file(staging / "info", json.dumps(info).encode())
                 if limits.ttl is not None or limits.max_downloads is not None:
                     limits_json = json.dumps(dataclasses.asdict(limits)).encode()
                     _write_file(self._meta_path(oid, partial.inode), limits_json)
@@ -817,19 +850,9 @@ class Store:
                     os.rename(partial.path, trash)
                     shutil.rmtree(trash, ignore_errors=True)
             if not keep_meta:
-                self._meta_path(partial.path.name, partial.inode).unlink(missing_ok=True)
+                self._meta_path(partial.oid, partial.inode).unlink(missing_ok=True)
         finally:
             partial.close()
-
-    @staticmethod
-    def _recorded_ranges(path: Path) -> list[tuple[int, int]]:
-        ranges = []
-        with contextlib.suppress(FileNotFoundError):
-            for name in os.listdir(path):
-                if name.startswith("range-"):
-                    first, _, last = name[6:].partition("-")
-                    ranges.append((int(first), int(last)))
-        return merge_ranges(ranges)
 
     # -- space ---------------------------------------------------------------
 
@@ -922,11 +945,7 @@ class Store:
             return False  # in use
         if partial is None:
             return False
-        try:
-            idle_since = max(os.stat(partial.path).st_mtime, os.fstat(partial.fd).st_mtime)
-        except FileNotFoundError:
-            partial.close()
-            return False
+        idle_since = max(os.fstat(partial.dir_fd).st_mtime, os.fstat(partial.fd).st_mtime)
         abandoned = partial.info["mode"] == "stream" or self.lookup(oid) is not None
         if abandoned or now - idle_since > self.config.partial_ttl:
             self._discard(partial)
@@ -1025,41 +1044,34 @@ class UploadFollower:
     is cancelled or stalls, iteration raises UploadFailed.
     """
 
-    def __init__(self, store: Store, oid: str, fd: int, info: dict, start: int = 0):
+    def __init__(self, store: Store, partial: _Partial, start: int = 0):
         self.store = store
-        self.oid = oid
-        self.fd = fd
-        self.mode = info["mode"]
-        self.length = info["length"]
+        self.partial = partial
+        self.mode = partial.info["mode"]
+        self.length = partial.info["length"]
+        self.inode = partial.inode
         self.position = start
-        self.inode = os.fstat(fd).st_ino
-        self.partial_path = store.partials / oid
         # A plain upload's writer enforces the idle timeout itself, and its lock says it is
         # alive; between the requests of a chunked upload, silence is the only sign.
         self.stall_timeout = store.config.idle_timeout
 
     def _published(self) -> bool:
         try:
-            return os.stat(self.store._object_path(self.oid)).st_ino == self.inode
+            return os.stat(self.store._object_path(self.partial.oid)).st_ino == self.inode
         except FileNotFoundError:
             return False
 
     def _available(self) -> tuple[int, bool]:
         """(bytes that may be sent, whether the upload has verified)."""
+        partial = self.partial
         if self._published():
-            return os.fstat(self.fd).st_size, True
-        alive = False
-        with contextlib.suppress(FileNotFoundError):
-            if os.stat(self.partial_path / "data").st_ino == self.inode:
-                alive = self.mode == "chunks" or _lock_held(self.fd, _WRITERS)
+            return os.fstat(partial.fd).st_size, True
+        alive = partial.is_current() and (self.mode == "chunks" or _lock_held(partial.fd, _WRITERS))
         if not alive:
             if self._published():  # published between the two looks
-                return os.fstat(self.fd).st_size, True
+                return os.fstat(partial.fd).st_size, True
             raise UploadFailed("the upload failed or was cancelled")
-        if self.mode == "stream":
-            end = os.fstat(self.fd).st_size
-        else:
-            end = contiguous_prefix(self.store._recorded_ranges(self.partial_path))
+        end = os.fstat(partial.fd).st_size if self.mode == "stream" else contiguous_prefix(partial.ranges())
         if self.length is not None:
             end = min(end, self.length - 1)
         return end, False
@@ -1071,7 +1083,7 @@ class UploadFollower:
             delay = _POLL_MIN
             while True:
                 if self.position < end:
-                    block = os.pread(self.fd, min(BLOCK_SIZE, end - self.position), self.position)
+                    block = os.pread(self.partial.fd, min(BLOCK_SIZE, end - self.position), self.position)
                     if not block:
                         raise UploadFailed("the upload's data shrank")
                     self.position += len(block)
@@ -1090,9 +1102,7 @@ class UploadFollower:
             self.close()
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        self.partial.close()
 
 
 # ---------------------------------------------------------------------------
