@@ -8,9 +8,9 @@ once per recipe and kept in podman's own storage; the relay image is rebuilt by 
 which podman's layer cache makes cheap while the Containerfile and requirements.txt stay the
 same. The workarounds this machine kind needs live here, not in the Containerfile users build:
 
-- runc as the OCI runtime (crun cannot set its rlimits here), with explicit ulimits for the
-  same reason;
-- `--network host` for the build, whose pip reaches the package index only that way;
+- runc as the OCI runtime (crun fails on CI's hybrid cgroups), with explicit ulimits: the
+  open-files limit podman asks for by default cannot be set there;
+- `--network host` for the build: CI's builds reach the package index only that way;
 - HTTPS to the index goes through a proxy whose CA is in the host's bundle: the bundle is
   mounted over the base's own for the build, and the base sets PIP_CERT to it.
 
