@@ -38,6 +38,7 @@ import fcntl
 import hashlib
 import hmac
 import io
+import ipaddress
 import json
 import logging
 import math
@@ -1218,7 +1219,7 @@ class _CutOff(ConnectionResetError):
 class _Exchange:
     """One request/response, measured for the access log and the counters."""
 
-    def __init__(self, environ: dict, state: SharedState, trusted_proxies: set):
+    def __init__(self, environ: dict, state: SharedState, trusted_proxies: tuple):
         self.started = time.monotonic()
         self.state = state
         self.method = environ.get("REQUEST_METHOD", "-")
@@ -1263,12 +1264,28 @@ def _redacted_path(environ: dict) -> str:
     return "/".join(segments) + (f"?{query}" if query else "")
 
 
-def _client_address(environ: dict, trusted_proxies: set) -> str:
+def parse_trusted_proxies(text: str) -> tuple:
+    """'*', or addresses and networks ('127.0.0.1,::1,10.88.0.0/16') as ip_networks."""
+    entries = [entry.strip() for entry in text.split(",") if entry.strip()]
+    if "*" in entries:
+        return ("*",)
+    return tuple(ipaddress.ip_network(entry, strict=False) for entry in entries)
+
+
+def _client_address(environ: dict, trusted_proxies: tuple) -> str:
+    """The client for the access log: the peer, or the address a trusted proxy forwarded."""
     peer = environ.get("REMOTE_ADDR", "-")
     forwarded = environ.get("HTTP_X_FORWARDED_FOR")
-    if forwarded and ("*" in trusted_proxies or peer in trusted_proxies):
-        return forwarded.split(",")[-1].strip() or peer
-    return peer
+    if not forwarded or not trusted_proxies:
+        return peer
+    if trusted_proxies != ("*",):
+        try:
+            address = ipaddress.ip_address(peer)
+        except ValueError:
+            return peer
+        if not any(address in network for network in trusted_proxies):
+            return peer
+    return forwarded.split(",")[-1].strip() or peer
 
 
 class _CountedIterable:
@@ -1586,7 +1603,7 @@ def make_app(config: RelayConfig, state: SharedState | None = None):
     store = Store(config)
     store.prepare()
     state = state if state is not None else SharedState()
-    trusted_proxies = {address.strip() for address in config.forwarded_allow_ips.split(",")}
+    trusted_proxies = parse_trusted_proxies(config.forwarded_allow_ips)
     waiting_slots = threading.BoundedSemaphore(config.waiting_reader_limit)
     expected_id = hashlib.sha256(config.server_id.encode()).digest()
     request = bottle.request
@@ -2052,8 +2069,9 @@ def configure_logging(config: RelayConfig, handler: logging.Handler | None = Non
 # ---------------------------------------------------------------------------
 
 
-def serve(config: RelayConfig) -> int:
-    """Run the relay until it is shut down; returns the exit status."""
+def serve(config: RelayConfig, *, generated_id: bool = False) -> int:
+    """Run the relay until it is shut down; returns the exit status. A server ID the
+    relay generated is printed once, with the URL, on stdout: nowhere else has it."""
     from gunicorn.app.base import BaseApplication
     from gunicorn.arbiter import Arbiter
     from gunicorn.glogging import Logger
@@ -2149,6 +2167,8 @@ def serve(config: RelayConfig) -> int:
         free_slots.append(worker.relay_slot)
 
     def when_ready(server):
+        if not generated_id:
+            return  # the user knows it; stdout may be a log (podman logs, the journal)
         host, port = server.LISTENERS[0].getsockname()[:2]
         if host in ("0.0.0.0", "::"):
             host = socket.getfqdn()
@@ -2267,6 +2287,11 @@ def _files_directory(text: str) -> Path:
 def _server_id(text: str) -> str:
     if not SERVER_ID_RE.fullmatch(text):
         raise ValueError("use only letters, digits and - . _ ~ (it goes into URLs unescaped)")
+    return text
+
+
+def _trusted_proxies(text: str) -> str:
+    parse_trusted_proxies(text)  # raises ValueError for what is not an address or network
     return text
 
 
@@ -2434,8 +2459,9 @@ _SERVER_OPTIONS = [
         ("--forwarded-allow-ips",),
         "RELAY_FORWARDED_ALLOW_IPS",
         {
+            "type": _option_type(_trusted_proxies, "forwarded allow ips"),
             "default": "127.0.0.1,::1",
-            "help": "proxies whose X-Forwarded-For names the client in the access log ('*': any)",
+            "help": "proxies (addresses, networks) whose X-Forwarded-For names the client in access logs; '*': any",
         },
     ),
     (
@@ -2537,7 +2563,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{argv[0]!r} is a client command, not a server ID")
     args = parser.parse_args(argv)
     config = config_from_args(args, parser)
-    return serve(config)
+    generated = not (args.server_id_positional or args.server_id)
+    return serve(config, generated_id=True) if generated else serve(config)
 
 
 if __name__ == "__main__":

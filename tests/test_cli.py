@@ -14,7 +14,7 @@ import file_relay
 def started(monkeypatch):
     """Run main() and return the config serve() would have been given."""
     seen = []
-    monkeypatch.setattr(file_relay, "serve", lambda config: seen.append(config) or 0)
+    monkeypatch.setattr(file_relay, "serve", lambda config, **options: seen.append(config) or 0)
     for name in [name for name in list(__import__("os").environ) if name.startswith("RELAY_")]:
         monkeypatch.delenv(name)
 
@@ -129,6 +129,7 @@ def test_sizes(text, size):
         (["--log-level", "loud"], "log-level"),
         (["--server-id", "bad/id"], "server ID"),
         (["--certfile", "/nonexistent.pem"], "certfile"),
+        (["--forwarded-allow-ips", "localhost"], "forwarded allow ips"),
     ],
 )
 def test_bad_options_fail_fast_with_one_line(capsys, tmp_path, argv, complaint):
@@ -169,3 +170,14 @@ def test_a_bad_option_starts_nothing(tmp_path):
     assert result.returncode == 2
     assert result.stdout == "" and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "d").exists()
+
+
+def test_trusted_proxies_may_be_networks():
+    trusted = file_relay.parse_trusted_proxies("127.0.0.1, 10.88.0.0/16, ::1")
+    forwarded = {"HTTP_X_FORWARDED_FOR": "198.51.100.1, 203.0.113.7"}
+    assert file_relay._client_address({"REMOTE_ADDR": "10.88.3.4", **forwarded}, trusted) == "203.0.113.7"
+    assert file_relay._client_address({"REMOTE_ADDR": "10.89.0.1", **forwarded}, trusted) == "10.89.0.1"
+    assert file_relay._client_address({"REMOTE_ADDR": "::1", **forwarded}, trusted) == "203.0.113.7"
+    anyone = file_relay.parse_trusted_proxies("*")
+    assert file_relay._client_address({"REMOTE_ADDR": "192.0.2.9", **forwarded}, anyone) == "203.0.113.7"
+    assert file_relay._client_address({"REMOTE_ADDR": "192.0.2.9"}, anyone) == "192.0.2.9"

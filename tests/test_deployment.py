@@ -48,7 +48,6 @@ def test_https_upload_and_download_with_a_self_signed_certificate(live, certific
     relay = live("--certfile", cert, "--keyfile", key)
     assert relay.base.startswith("https://")
     assert "Listening at: https://" in relay.log()
-    assert wait_until(lambda: relay.output().strip(), message="the URL on stdout").startswith("https://")
     data, oid = blob(5 << 20)
     chunked, chunked_oid = blob(3 << 20, seed=1)
     with https_session(cert) as https:
@@ -226,3 +225,10 @@ def test_nginx_streams_an_upload_to_a_download_that_follows_it(behind_nginx, cer
         assert upload.result(60).status_code == 201
     assert released == [True], "the reader got nothing before the upload finished"
     assert bytes(received) == data
+
+
+def test_a_generated_server_id_is_printed_with_an_https_url(live, certificate):
+    cert, key = certificate
+    relay = live("--certfile", cert, "--keyfile", key, server_id=None)
+    url = wait_until(lambda: relay.output().strip(), message="the URL on stdout")
+    assert url.startswith("https://") and url.count("/") == 3

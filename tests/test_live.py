@@ -34,6 +34,15 @@ def test_a_generated_server_id_is_printed_once_and_never_logged(live, http):
     assert server_id not in relay.log()
 
 
+def test_a_given_server_id_is_printed_nowhere(live, http):
+    relay = live()
+    assert http.get(relay.url()).status_code == 200
+    relay.signal(signal.SIGTERM)
+    assert relay.wait_exit(20) == 0
+    assert relay.output() == ""  # stdout may be a log too (podman logs, the journal)
+    assert SERVER_ID not in relay.log()
+
+
 def test_chunked_request_bodies_are_stored(live, http):
     relay = live()
     data, oid = blob(5 << 20)
