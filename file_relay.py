@@ -76,7 +76,7 @@ class RelayConfig:
     files_directory: Path = Path("/var/tmp/file-relay")
     bind: str = "0.0.0.0:8080"
     workers: int = 1
-    threads: int = 64
+    threads: int = 256  # created as needed: a transfer, a waiting reader or a slow client holds one
     max_file_size: int | None = None  # bytes; None: bounded by free disk space only
     log_level: str = "info"
     log_format: str = "text"  # or "json"
@@ -1052,8 +1052,10 @@ class UploadFollower:
         self.length = partial.info["length"]
         self.inode = partial.inode
         self.position = start
-        # A plain upload's writer enforces the idle timeout itself, and its lock says it is
-        # alive; between the requests of a chunked upload, silence is the only sign.
+        # While a request writes to the upload (a plain PUT, a chunk, or the verification
+        # of a completed chunked upload) its lock says the upload is alive, and the writer
+        # enforces the idle timeout itself. Between the requests of a chunked upload,
+        # silence for that long means it stalled.
         self.stall_timeout = store.config.idle_timeout
 
     def _published(self) -> bool:
@@ -1094,7 +1096,9 @@ class UploadFollower:
                     continue
                 if verified:
                     return
-                if self.mode == "chunks" and time.monotonic() - last_progress > self.stall_timeout:
+                if _lock_held(self.partial.fd, _WRITERS):
+                    last_progress = time.monotonic()
+                elif time.monotonic() - last_progress > self.stall_timeout:
                     raise UploadFailed("the upload stalled")
                 time.sleep(delay)
                 delay = min(delay * 2, _POLL_MAX)
@@ -1616,7 +1620,9 @@ def make_app(config: RelayConfig, state: SharedState | None = None):
             environ["file_relay.exchange"] = exchange
             environ["wsgi.errors"] = _LogWriter()
             peer = environ.get("gunicorn.socket")
-            if peer is not None:
+            if isinstance(peer, _GuardedConnection):
+                peer.headers_received(config.idle_timeout)
+            elif peer is not None:
                 peer.settimeout(config.idle_timeout)
 
             def observed_start_response(status, headers, exc_info=None):
@@ -1683,6 +1689,8 @@ def make_app(config: RelayConfig, state: SharedState | None = None):
 
     @app.get("/<server_id>")
     def status():
+        if request.method == "HEAD":  # a cheap check of the server ID, without the scan
+            return bottle.HTTPResponse(None, 200, {"Content-Type": "application/json"})
         report = _status_report(config, store, state)
         if _wants_prometheus(request.environ, request.query):
             body = _prometheus_text(report)
@@ -1700,7 +1708,7 @@ def make_app(config: RelayConfig, state: SharedState | None = None):
         exchange = request.environ["file_relay.exchange"]
         try:
             if state.draining:
-                raise RelayError(503, "the relay is shutting down", retry_after=60)
+                raise RelayError(503, "the relay is shutting down", retry_after=5)
             length = _declared_length(request.environ)
             content_range = request.environ.get("HTTP_CONTENT_RANGE")
             chunk = _parse_content_range(content_range) if content_range else None
@@ -1777,7 +1785,7 @@ def make_app(config: RelayConfig, state: SharedState | None = None):
                 delay = 0.05
                 while time.monotonic() < deadline:
                     if state.draining:
-                        raise RelayError(503, "the relay is shutting down", retry_after=60)
+                        raise RelayError(503, "the relay is shutting down", retry_after=5)
                     time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
                     delay = min(delay * 1.5, 0.5)
                     opened = store.open_object(oid)
@@ -1843,7 +1851,13 @@ def make_app(config: RelayConfig, state: SharedState | None = None):
         length = follower.length
         status = 200
         try:
-            wanted = _parse_range(request.environ.get("HTTP_RANGE"), length) if length is not None else None
+            try:
+                wanted = _parse_range(request.environ.get("HTTP_RANGE"), length) if length is not None else None
+            except RelayError as exc:
+                follower.close()
+                unsatisfiable = refuse(exc, close=False)
+                unsatisfiable.set_header("Content-Range", f"bytes */{length}")
+                return unsatisfiable
             ticket = None
             if wanted is not None:
                 status = 206
@@ -2069,6 +2083,56 @@ def configure_logging(config: RelayConfig, handler: logging.Handler | None = Non
 # ---------------------------------------------------------------------------
 
 
+HEADER_TIMEOUT = 10.0  # seconds a client has to send a request's headers, in all
+
+
+class _GuardedConnection(socket.socket):
+    """A client connection whose request headers must arrive within HEADER_TIMEOUT.
+
+    gunicorn makes a connection blocking just before it reads a request; from then until
+    the app takes the request (headers_received), every read waits only until that
+    deadline. A client trickling its headers byte by byte (slowloris) holds a worker
+    thread for seconds, not for as long as it likes.
+    """
+
+    _deadline: float | None = None
+    _expired = False
+
+    @classmethod
+    def adopt(cls, connection: socket.socket) -> _GuardedConnection:
+        guarded = cls(connection.family, connection.type, connection.proto, fileno=connection.detach())
+        guarded.setblocking(False)
+        return guarded
+
+    def setblocking(self, flag: bool) -> None:
+        super().setblocking(flag)
+        self._deadline = time.monotonic() + HEADER_TIMEOUT if flag else None
+
+    def headers_received(self, idle_timeout: float) -> None:
+        self._deadline = None
+        self.settimeout(idle_timeout)
+
+    def recv(self, size: int, flags: int = 0) -> bytes:
+        if self._deadline is None:
+            return super().recv(size, flags)
+        remaining = self._deadline - time.monotonic()
+        current = self.gettimeout()
+        self.settimeout(max(0.001, remaining if current is None else min(current, remaining)))
+        try:
+            if remaining <= 0:
+                raise TimeoutError
+            return super().recv(size, flags)
+        except TimeoutError:
+            self._expired = True
+            # gunicorn ignores a reset connection quietly; a timeout would log a traceback.
+            raise ConnectionResetError(errno.ECONNRESET, "request headers took too long") from None
+
+    def shutdown(self, how: int) -> None:
+        if self._expired:  # no lingering over a client too slow to send a request
+            raise ConnectionResetError(errno.ECONNRESET, "request headers took too long")
+        super().shutdown(how)
+
+
 def serve(config: RelayConfig, *, generated_id: bool = False) -> int:
     """Run the relay until it is shut down; returns the exit status. A server ID the
     relay generated is printed once, with the URL, on stdout: nowhere else has it."""
@@ -2096,11 +2160,28 @@ def serve(config: RelayConfig, *, generated_id: bool = False) -> int:
                 handler_.setFormatter(handler.formatter)
 
     class RelayWorker(ThreadWorker):
-        """A gthread worker that leaves Ctrl-C to the master, which drains first."""
+        """A gthread worker that bounds how long a client may take to send its headers,
+        and leaves Ctrl-C to the master, which drains first."""
 
         def init_signals(self):
             super().init_signals()
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+        def enqueue_req(self, conn):
+            if not self.cfg.is_ssl and not isinstance(conn.sock, _GuardedConnection):
+                conn.sock = _GuardedConnection.adopt(conn.sock)
+            super().enqueue_req(conn)
+
+        def finish_request(self, conn, fs):
+            """Close a connection off the main loop: a graceful close lingers up to 2 s for
+            the client to read the answer, and the main loop accepts new connections."""
+            if fs.cancelled() or fs.exception() is not None or fs.result() is not False:
+                return super().finish_request(conn, fs)
+            self.nr_conns -= 1
+            try:
+                self.tpool.submit(conn.close, True)
+            except RuntimeError:  # the pool is shutting down
+                conn.close(True)
 
     class RelayArbiter(Arbiter):
         """The master: SIGTERM, SIGINT and DELETE /<server_id> start a drain; a second
@@ -2339,7 +2420,7 @@ _SERVER_OPTIONS = [
         "RELAY_THREADS",
         {
             "type": _option_type(_positive_int(4096), "threads"),
-            "default": "64",
+            "default": "256",
             "help": "threads per worker: a transfer or a waiting reader holds one; at most half may wait",
         },
     ),

@@ -212,3 +212,47 @@ def test_a_body_arriving_in_bursts_after_its_headers_is_stored_whole(live, files
             time.sleep(0.2)
         assert sock.recv(100).startswith(b"HTTP/1.1 201")
     assert (files / oid).read_bytes() == data
+
+
+def test_slowloris_connections_do_not_stop_a_real_client(live):
+    """100 idle and 100 trickling connections: a real client still uploads and downloads,
+    and a client trickling its headers is cut off once the header deadline passes."""
+    relay = live()
+    host, port = relay.base.split("//")[1].split(":")
+    idle = [socket.create_connection((host, int(port))) for _ in range(100)]
+    trickling = [socket.create_connection((host, int(port))) for _ in range(100)]
+    for sock in trickling:
+        sock.sendall(f"PUT /{SERVER_ID}/{'a' * 64} HTTP/1.1\r\n".encode())
+    stop = time.monotonic() + 30
+    cut_off = []
+
+    def trickle():
+        while time.monotonic() < stop and len(cut_off) < len(trickling):
+            for sock in trickling:
+                if sock in cut_off:
+                    continue
+                try:
+                    sock.sendall(b"X")
+                except OSError:
+                    cut_off.append(sock)
+            time.sleep(0.5)
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        trickler = pool.submit(trickle)
+        time.sleep(2)
+        data, oid = blob(4 << 20)
+        started = time.monotonic()
+        with requests.Session() as session:
+            assert session.put(relay.url(oid), data=data, timeout=20).status_code == 201
+            assert session.get(relay.url(oid), timeout=20).content == data
+        assert time.monotonic() - started < 10
+        while len(cut_off) < 10 and time.monotonic() < stop:  # the cut-offs have begun
+            time.sleep(0.1)
+        started = time.monotonic()
+        assert requests.get(relay.url(oid), timeout=20).content == data
+        assert time.monotonic() - started < 5
+        trickler.result()
+    assert len(cut_off) == len(trickling)  # the header deadline cut every trickler off
+    assert time.monotonic() < stop
+    for sock in idle + trickling:
+        sock.close()

@@ -256,3 +256,28 @@ def test_a_range_request_can_resume_following_an_upload(live):
     assert response.status_code == 206
     assert response.headers["Content-Range"] == f"bytes 1000-{len(data) - 1}/{len(data)}"
     assert response.content == data[1000:]
+
+
+def test_a_follower_waits_for_a_slow_chunk_and_for_the_final_verification(live, tmp_path):
+    """While a request writes to the upload (a chunk slower than the idle timeout, then the
+    verification of the whole object), its readers keep waiting."""
+    relay = live("--idle-timeout", "2")
+    data, oid = blob(600_000)
+    headers = {"Content-Range": f"bytes 0-{len(data) - 1}/{len(data)}"}
+    body = Pacer(data, seconds=5, pieces=50)  # one chunk, 5 s: longer than the idle timeout
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        upload = pool.submit(requests.put, relay.url(oid), data=body, headers=headers, timeout=60)
+        wait_until(lambda: body.sent > 0, message="the chunk to start")
+        reader = curl_download(relay.url(oid), tmp_path / "followed")
+        assert upload.result().status_code == 201
+    out, err = reader.communicate(timeout=30)
+    assert reader.returncode == 0, err
+    assert sha256((tmp_path / "followed").read_bytes()) == oid
+
+
+def test_a_range_beyond_an_upload_in_progress_is_416_with_its_length(live, http):
+    relay = live()
+    data, oid = blob(3000)
+    http.put(relay.url(oid), data=data[:1000], headers={"Content-Range": "bytes 0-999/3000"})
+    response = http.get(relay.url(oid), headers={"Range": "bytes=5000-"})
+    assert response.status_code == 416 and response.headers["Content-Range"] == "bytes */3000"
