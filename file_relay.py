@@ -2421,7 +2421,7 @@ class _Console:
 
     def draw(self, line: str) -> None:
         """Show *line* as the progress line ('' erases it)."""
-        if not self.progress:
+        if not self.progress or not (line or self.shown):
             return
         with self.lock:
             width = shutil.get_terminal_size().columns - 1
@@ -2493,7 +2493,7 @@ class _RateLimiter:
             return
         with self.lock:
             now = time.monotonic()
-            self.free_at = max(self.free_at, now - 0.5) + amount / self.rate  # bursts of 0.5 s at most
+            self.free_at = max(self.free_at, now - 0.1) + amount / self.rate  # bursts of 0.1 s at most
             delay = self.free_at - now
         if delay > 0:
             time.sleep(delay)
@@ -3081,8 +3081,9 @@ def get_file(object_url: str, output: str | None, options: ClientOptions, consol
             raise ClientError(f"another download is writing {part}", EXIT_LOCAL) from None
         try:
             _Download(_Session(address, options, console), oid, fd, target.name).run()
-        except _Mismatch:
-            part.unlink(missing_ok=True)
+        except BaseException as exc:
+            if isinstance(exc, _Mismatch) or not os.fstat(fd).st_size:
+                part.unlink(missing_ok=True)  # keep only bytes worth resuming from
             raise
         try:
             os.fsync(fd)
