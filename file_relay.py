@@ -2488,6 +2488,11 @@ class _RateLimiter:
         self.lock = threading.Lock()
         self.free_at = 0.0
 
+    def block(self, size: int) -> int:
+        """A block size that keeps bytes flowing about four times a second under the limit,
+        so that a slow rate never looks like a stalled peer to the relay."""
+        return size if not self.rate else max(4096, min(size, self.rate // 4))
+
     def take(self, amount: int) -> None:
         if not self.rate:
             return
@@ -2692,9 +2697,12 @@ class _Upload:
         while True:
             try:
                 stored, ranges = self._ask()
-                if stored:
+                if stored and self.meter is None:
                     self.console.note(f"{self.label}: already on the relay, nothing to send")
                     return
+                if stored:  # it was completed by what we sent, though the answer was lost
+                    created = True
+                    break
                 received = sum(last - first + 1 for first, last in ranges)
                 if self.meter is None:
                     self.meter = self.console.meter(self.label, self.size, received)
@@ -2741,7 +2749,7 @@ class _Upload:
         position, end = first, first + length
         while position < end:
             try:
-                block = os.pread(self.fd, min(_SEND_BLOCK, end - position), position)
+                block = os.pread(self.fd, min(self.session.limiter.block(_SEND_BLOCK), end - position), position)
             except OSError as exc:
                 raise ClientError(f"cannot read {self.file}: {exc.strerror}", EXIT_LOCAL) from None
             if not block:
@@ -3004,7 +3012,7 @@ class _Download:
         received = 0
         while True:
             try:
-                block = response.read1(BLOCK_SIZE)
+                block = response.read1(self.session.limiter.block(BLOCK_SIZE))
             except (OSError, http.client.HTTPException) as exc:
                 self.connection.close()
                 raise _Retry(f"the download broke off: {_describe(exc)}") from None
@@ -3109,7 +3117,23 @@ exit status:
 'send' and 'get' as the first word select the client, which needs only the Python
 standard library; without them, 'file_relay.py [SERVER_ID] [options]' starts a relay.
 A relay whose server ID is spelled 'send' or 'get' is started with --server-id or
-RELAY_SERVER_ID.
+RELAY_SERVER_ID. Object URLs carry the relay's secret: whoever sees one can fetch it.
+"""
+
+
+_SEND_DESCRIPTION = """\
+Send files to a relay. Each file is hashed, skipped if the relay has it, and uploaded:
+in one request if it fits in a chunk, else in chunks that survive failures (after any
+failure the relay is asked what it has, and only the rest is sent). Then its object URL
+and the commands that receive it are printed on stdout. Progress goes to stderr when it
+is a terminal.
+"""
+
+_GET_DESCRIPTION = """\
+Get an object from a relay, following its upload if it is still in progress. It is
+downloaded to .NAME.part beside PATH (which an interrupted get resumes from), hashed as
+it arrives, and moved to PATH only if its SHA-256 matches the URL; otherwise nothing is
+left at PATH. Progress goes to stderr when it is a terminal.
 """
 
 
@@ -3119,13 +3143,7 @@ def build_client_parser(command: str) -> argparse.ArgumentParser:
         prog=f"file_relay.py {command}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=_CLIENT_EPILOG,
-        description=(
-            "Send files to a relay: hash each one, skip it if the relay has it, upload it (in chunks, resuming "
-            "and retrying), then print its object URL and the commands that receive it."
-            if send
-            else "Get an object from a relay: download it beside PATH, resuming and retrying, following an "
-            "upload still in progress; it is moved to PATH only once its SHA-256 matches the URL."
-        ),
+        description=_SEND_DESCRIPTION if send else _GET_DESCRIPTION,
     )
     if send:
         parser.add_argument(
@@ -3134,9 +3152,12 @@ def build_client_parser(command: str) -> argparse.ArgumentParser:
             type=_option_type(_relay_url, "relay URL"),
             help="http(s)://HOST:PORT/SERVER_ID",
         )
-        parser.add_argument("files", metavar="FILE", nargs="+", type=_option_type(_readable_file, "file"))
+        parser.add_argument(
+            "files", metavar="FILE", nargs="+", type=_option_type(_readable_file, "file"), help="files to send"
+        )
         parser.add_argument(
             "--chunk-size",
+            metavar="SIZE",
             type=_option_type(_positive_size, "chunk size"),
             default=ClientOptions.chunk_size,
             help="upload larger files in chunks of SIZE, each resumable; smaller ones in one request (default 64M)",
@@ -3170,7 +3191,7 @@ def build_client_parser(command: str) -> argparse.ArgumentParser:
         )
     parser.add_argument(
         "--timeout",
-        type=_option_type(_seconds, "timeout"),
+        type=_option_type(_positive_seconds, "timeout"),
         default=ClientOptions.timeout,
         metavar="SECONDS",
         help="for connecting, and for each read or write to make progress (default 60)",
@@ -3188,7 +3209,12 @@ def build_client_parser(command: str) -> argparse.ArgumentParser:
         metavar="SIZE",
         help="at most SIZE bytes per second, e.g. 10M",
     )
-    parser.add_argument("--cacert", type=_option_type(_readable_file, "cacert"), help="CA certificates (PEM) for HTTPS")
+    parser.add_argument(
+        "--cacert",
+        metavar="FILE",
+        type=_option_type(_readable_file, "cacert"),
+        help="verify the relay's HTTPS certificate with these CA certificates (PEM)",
+    )
     parser.add_argument("--insecure", action="store_true", help="do not verify the relay's HTTPS certificate")
     parser.add_argument(
         "-q",
@@ -3210,6 +3236,13 @@ def _object_url(text: str) -> str:
     return text.strip()
 
 
+def _positive_seconds(text: str) -> float:
+    seconds = _seconds(text)
+    if not seconds:
+        raise ValueError("must be more than 0")
+    return seconds
+
+
 def _positive_size(text: str) -> int:
     size = parse_size(text)
     if size < 1:
@@ -3219,7 +3252,10 @@ def _positive_size(text: str) -> int:
 
 def client_main(command: str, argv: list[str]) -> int:
     """Run 'send' or 'get' with their arguments; returns the exit status."""
-    args = build_client_parser(command).parse_args(argv)
+    parser = build_client_parser(command)
+    args = parser.parse_args(argv)
+    if getattr(args, "output", None) == "-":
+        parser.error("-o - is not supported: the content is verified only once all of it has arrived")
     options = ClientOptions(
         chunk_size=getattr(args, "chunk_size", ClientOptions.chunk_size),
         parallel=getattr(args, "parallel", ClientOptions.parallel),

@@ -165,7 +165,9 @@ def test_a_file_the_relay_has_is_not_sent_again(live, tmp_path, capsys):
     assert client("send", relay.url(), source, "--chunk-size", "256K") == 0
     output = capsys.readouterr()
     assert "already on the relay" in output.err and relay.url(oid) in output.out
-    logged(relay, oid, "HEAD", lambda found: len(found) == 2)
+    assert client("send", "--quiet", relay.url(), source) == 0
+    assert capsys.readouterr() == (relay.url(oid) + "\n", "")  # only the URL, for scripts
+    logged(relay, oid, "HEAD", lambda found: len(found) == 3)
     assert len(accesses(relay, oid, "PUT")) == sent
 
 
@@ -365,6 +367,8 @@ def test_send_and_get_help_explain_exit_codes_and_the_server_form(capsys):
         (["send", f"http://h:1/{SERVER_ID}", "/nonexistent"], "file"),
         (["get", f"http://h:1/{SERVER_ID}"], "not an object URL"),
         (["send", f"http://h:1/{SERVER_ID}", "README.md", "--chunk-size", "0"], "chunk size"),
+        (["get", f"http://h:1/{SERVER_ID}/{'a' * 64}", "-o", "-"], "not supported"),
+        (["get", f"http://h:1/{SERVER_ID}/{'a' * 64}", "--timeout", "0"], "timeout"),
         (["--bind", "127.0.0.1:0", "send"], "--server-id send"),
     ],
 )
