@@ -2646,6 +2646,8 @@ def _hash_file(fd: int, size: int, console: _Console, label: str) -> str:
             hasher.update(block)
             position += len(block)
             meter.add(len(block))
+    except OSError as exc:
+        raise ClientError(f"cannot read {label}: {exc.strerror}", EXIT_LOCAL) from None
     finally:
         meter.close()
     if position != size:
@@ -2678,14 +2680,16 @@ class _Upload:
     def run(self) -> str:
         """Make sure the relay has the file; returns its object URL."""
         try:
-            with open(self.file, "rb") as file:
+            file = open(self.file, "rb")
+        except OSError as exc:
+            raise ClientError(f"cannot read {self.file}: {exc.strerror or exc}", EXIT_LOCAL) from None
+        try:
+            with file:
                 self.fd = file.fileno()
                 self.size = os.fstat(self.fd).st_size
                 self.oid = _hash_file(self.fd, self.size, self.console, self.label)
                 self._send()
                 return self.session.address.object_url(self.oid)
-        except OSError as exc:
-            raise ClientError(f"cannot read {self.file}: {exc.strerror or exc}", EXIT_LOCAL) from None
         finally:
             for connection in self.connections:
                 connection.close()
@@ -2843,6 +2847,8 @@ class _Upload:
         if response.status in (200, 201, 202):
             self.policy.progressed()
             return None if response.status == 202 else response.status == 201
+        if response.status == 400 and "Content-Digest" in text:
+            raise _Retry(f"bytes {first}-{last} arrived damaged")  # the relay did not keep them
         if response.status == 400:
             raise ClientError(f"the relay refused bytes {first}-{last}: {text} (did the file change while being sent?)")
         if response.status == 409 and _retry_after(response) is None:

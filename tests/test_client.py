@@ -297,6 +297,20 @@ def test_a_tampered_stored_file_makes_get_fail_and_leaves_no_file(live, tmp_path
     assert os.listdir(tmp_path / "received") == []  # no output, no temporary file
 
 
+def test_a_file_changed_while_it_is_sent_fails_and_the_relay_keeps_nothing(live, tmp_path, files, spawn):
+    relay = live()
+    data, oid = blob(16 * CHUNK)
+    source = write(tmp_path / "f", data)
+    sender = spawn("send", relay.url(), source, "--chunk-size", "256K", "--limit-rate", "3M")
+    wait_until(lambda: len(range_markers(files, oid)) >= 2, message="two chunks on the relay")
+    with open(source, "r+b") as changing:
+        changing.seek(len(data) - 10)  # in the last chunk, not sent yet
+        changing.write(b"x" * 10)
+    assert sender.wait(30) == file_relay.EXIT_FAILED
+    assert "did the file change" in sender.err and sender.out == ""
+    assert not (files / oid).exists() and not (files / ".relay" / "partial" / oid).exists()
+
+
 @pytest.mark.parametrize("leftover", [b"garbage", b"garbage" * 100_000], ids=["shorter", "longer"])
 def test_a_foreign_partial_download_is_replaced_not_trusted(live, tmp_path, http, leftover, capsys):
     relay = live()
