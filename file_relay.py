@@ -2670,6 +2670,8 @@ class _Upload:
         self.size = 0
         self.oid = ""
         self.meter: _Meter | None = None
+        self.sent = 0  # bytes put on the wire by this run, retries included
+        self.sent_lock = threading.Lock()
         self.policy = _RetryPolicy(self.options.retry_for, self.console, self.label)
         self.connections = [_Connection(session) for _ in range(self.options.parallel)]
 
@@ -2723,8 +2725,9 @@ class _Upload:
         self.meter.close()
         elapsed = time.monotonic() - started
         if created:
-            rate = f"{format_size(self.size / max(elapsed, 1e-6))}/s"
-            self.console.note(f"{self.label}: sent and verified, {format_size(self.size)} in {elapsed:.1f} s ({rate})")
+            rate = f"{format_size(self.sent / max(elapsed, 1e-6))}/s"
+            sent = f"{format_size(self.sent)}" + (f" of {format_size(self.size)}" if self.sent != self.size else "")
+            self.console.note(f"{self.label}: stored and verified; sent {sent} in {elapsed:.1f} s ({rate})")
         else:
             self.console.note(f"{self.label}: the relay already had it")
 
@@ -2762,6 +2765,8 @@ class _Upload:
             yield block
             position += len(block)
             self.meter.add(len(block))
+            with self.sent_lock:
+                self.sent += len(block)
 
     def _put_whole(self) -> bool:
         headers = {"Content-Type": "application/octet-stream", "Content-Length": str(self.size), "If-None-Match": "*"}

@@ -198,7 +198,7 @@ def test_progress_shows_bytes_rate_and_eta_when_asked(live, tmp_path):
     assert file_relay.send_files(relay.url(), [str(write(tmp_path / "f", data))], options, console, out) == 0
     shown = stream.getvalue()
     assert re.search(r"f: [\d.]+ (KiB|MiB) of 4\.0 MiB \(\d+%\)  [\d.]+ (B|KiB|MiB)/s  ETA \d+:\d\d:\d\d", shown)
-    assert "sent and verified" in shown
+    assert "f: stored and verified; sent 4.0 MiB in" in shown
 
 
 # -- resume, retries, following ----------------------------------------------
