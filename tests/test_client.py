@@ -2,6 +2,7 @@
 side, retries across a relay restart, following an upload in progress, verification,
 parallel chunks, TLS, and the standard library alone. Real files, real SHA-256."""
 
+import http.client
 import io
 import os
 import re
@@ -268,6 +269,37 @@ def test_get_waits_for_an_upload_and_follows_it_in_progress(live, tmp_path, file
     assert sender.wait(30) == 0, sender.err
     assert getter.wait(30) == 0, getter.err
     assert target.read_bytes() == data
+
+
+def test_get_follows_a_plain_upload_in_progress(live, tmp_path, files):
+    relay = live()
+    data, oid = blob(8 * CHUNK)
+    host, port = relay.base.rsplit("/", 1)[1].split(":")
+
+    def upload_slowly():  # like curl -T with a slow link: one PUT with a Content-Length
+        connection = http.client.HTTPConnection(host, int(port), timeout=30)
+        connection.putrequest("PUT", f"/{SERVER_ID}/{oid}")
+        connection.putheader("Content-Length", str(len(data)))
+        connection.endheaders()
+        for start in range(0, len(data), CHUNK // 2):
+            connection.send(data[start : start + CHUNK // 2])
+            threading.Event().wait(0.05)
+        statuses.append(connection.getresponse().status)
+        connection.close()
+
+    statuses = []
+    uploader = threading.Thread(target=upload_slowly)
+    uploader.start()
+    try:
+        partial = files / ".relay" / "partial" / oid / "data"
+        wait_until(lambda: partial.exists() and partial.stat().st_size, message="the upload to start")
+        assert client("get", relay.url(oid), "-o", tmp_path / "copy") == 0
+    finally:
+        uploader.join(30)
+    assert statuses == [201]
+    assert (tmp_path / "copy").read_bytes() == data
+    gets = logged(relay, oid, "GET", lambda found: found)
+    assert [status for _, status, _, _ in gets] == [200]  # one GET, which followed the upload
 
 
 def test_a_relay_that_stays_down_makes_the_client_give_up_with_status_3(tmp_path, capsys):
