@@ -24,7 +24,7 @@ CHUNK = 256 << 10
 ACCESS_RE = re.compile(r'"(\w+) /\*\*\*/(\w*)[^"]*" (\d+) (\d+) (\d+)')
 
 
-def accesses(relay, oid: str, method: str | None = None) -> list[tuple[str, int, int, int]]:
+def accesses(relay, oid: str, method=None) -> list:
     """(method, status, bytes out, bytes in) of each logged request for *oid*."""
     found = []
     for line in relay.log().splitlines():
@@ -34,7 +34,7 @@ def accesses(relay, oid: str, method: str | None = None) -> list[tuple[str, int,
     return found
 
 
-def logged(relay, oid: str, method: str, until) -> list[tuple[str, int, int, int]]:
+def logged(relay, oid: str, method, until) -> list:
     """accesses(), once *until* holds for them (the access line follows the response)."""
 
     def look():
@@ -54,7 +54,7 @@ def client(*argv) -> int:
     return file_relay.main([str(arg) for arg in argv])
 
 
-def range_markers(files, oid: str) -> list[str]:
+def range_markers(files, oid: str) -> list:
     try:
         return [name for name in os.listdir(files / ".relay" / "partial" / oid) if name.startswith("range-")]
     except FileNotFoundError:
@@ -438,6 +438,9 @@ def test_the_client_needs_only_the_standard_library(live, tmp_path, spawn):
     bare = (sys.executable, "-I", "-S")  # no site-packages: no bottle, no gunicorn
     probe = subprocess.run([*bare, "-c", "import bottle"], capture_output=True)
     assert probe.returncode != 0, "this interpreter finds bottle even without site-packages"
+    importing = f"import sys; sys.path.insert(0, {str(ROOT)!r}); import file_relay"
+    imported = subprocess.run([*bare, "-c", importing], capture_output=True, text=True)
+    assert imported.returncode == 0, imported.stderr
     relay = live()
     data, oid = blob(3 * CHUNK + 5)
     sender = spawn("send", relay.url(), write(tmp_path / "f", data), "--chunk-size", "256K", python=bare)
