@@ -3101,8 +3101,13 @@ def get_file(object_url: str, output: str | None, options: ClientOptions, consol
         try:
             _Download(_Session(address, options, console), oid, fd, target.name).run()
         except BaseException as exc:
-            if isinstance(exc, _Mismatch) or not os.fstat(fd).st_size:
+            kept = os.fstat(fd).st_size
+            if isinstance(exc, _Mismatch) or not kept:
                 part.unlink(missing_ok=True)  # keep only bytes worth resuming from
+            elif isinstance(exc, ClientError):
+                raise ClientError(
+                    f"{exc}; {part} keeps {kept} bytes for the next get to resume", exc.exit_code
+                ) from None
             raise
         try:
             os.fsync(fd)
