@@ -2261,6 +2261,8 @@ class ClientOptions:
 
     chunk_size: int = 64 << 20  # send: larger files go in chunks of this size
     parallel: int = 1  # send: chunks in flight at once
+    max_days: float | None = None  # send: ask the relay to drop the object this many days after upload
+    max_downloads: int | None = None  # send: ask the relay to drop the object after this many downloads
     timeout: float = 60.0  # seconds for a connect, and for any read or write to make progress
     retry_for: float = 300.0  # give up after failing this long in a row without progress
     limit_rate: int | None = None  # bytes per second for the whole command
@@ -2679,6 +2681,17 @@ class _Upload:
     def path(self) -> str:
         return f"{self.session.address.path}/{self.oid}"
 
+    @property
+    def headers(self) -> dict:
+        """Headers of every upload request: the limits asked for (the relay takes them from
+        the request that starts the upload)."""
+        headers = {"Content-Type": "application/octet-stream"}
+        if self.options.max_days is not None:
+            headers["Max-Days"] = f"{self.options.max_days:g}"
+        if self.options.max_downloads is not None:
+            headers["Max-Downloads"] = str(self.options.max_downloads)
+        return headers
+
     def run(self) -> str:
         """Make sure the relay has the file; returns its object URL."""
         try:
@@ -2704,7 +2717,9 @@ class _Upload:
             try:
                 stored, ranges = self._ask()
                 if stored and self.meter is None:
-                    self.console.note(f"{self.label}: already on the relay, nothing to send")
+                    limits = self.options.max_days is not None or self.options.max_downloads is not None
+                    unchanged = " (its limits stay as they were)" if limits else ""
+                    self.console.note(f"{self.label}: already on the relay, nothing to send{unchanged}")
                     return
                 if stored:  # it was completed by what we sent, though the answer was lost
                     created = True
@@ -2769,7 +2784,7 @@ class _Upload:
                 self.sent += len(block)
 
     def _put_whole(self) -> bool:
-        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(self.size), "If-None-Match": "*"}
+        headers = {**self.headers, "Content-Length": str(self.size), "If-None-Match": "*"}
         connection = self.connections[0]
         response = connection.request("PUT", self.path, headers, lambda: self._blocks(0, self.size))
         text = connection.read_text(response)
@@ -2841,7 +2856,7 @@ class _Upload:
         request created it (False: it was already stored)."""
         length = last - first + 1
         headers = {
-            "Content-Type": "application/octet-stream",
+            **self.headers,
             "Content-Length": str(length),
             "Content-Range": f"bytes {first}-{last}/{self.size}",
             "Content-Digest": sha256_field(self._digest(first, length)),
@@ -3179,6 +3194,18 @@ def build_client_parser(command: str) -> argparse.ArgumentParser:
             help="upload larger files in chunks of SIZE, each resumable; smaller ones in one request (default 64M)",
         )
         parser.add_argument(
+            "--max-days",
+            type=_option_type(_positive_days, "max days"),
+            metavar="DAYS",
+            help="ask the relay to remove the file this many days after its upload (Max-Days; the relay may cap it)",
+        )
+        parser.add_argument(
+            "--max-downloads",
+            type=_option_type(_positive_int(1 << 31), "max downloads"),
+            metavar="N",
+            help="ask the relay to remove the file after N whole downloads (Max-Downloads)",
+        )
+        parser.add_argument(
             "--parallel",
             type=_option_type(_positive_int(64), "parallel"),
             default=ClientOptions.parallel,
@@ -3252,6 +3279,13 @@ def _object_url(text: str) -> str:
     return text.strip()
 
 
+def _positive_days(text: str) -> float:
+    days = float(text)
+    if not math.isfinite(days) or days <= 0:
+        raise ValueError(f"{text!r} is not a positive number of days")
+    return days
+
+
 def _positive_seconds(text: str) -> float:
     seconds = _seconds(text)
     if not seconds:
@@ -3275,6 +3309,8 @@ def client_main(command: str, argv: list[str]) -> int:
     options = ClientOptions(
         chunk_size=getattr(args, "chunk_size", ClientOptions.chunk_size),
         parallel=getattr(args, "parallel", ClientOptions.parallel),
+        max_days=getattr(args, "max_days", None),
+        max_downloads=getattr(args, "max_downloads", None),
         timeout=args.timeout,
         retry_for=args.retry_for,
         limit_rate=args.limit_rate,

@@ -172,6 +172,18 @@ def test_a_file_the_relay_has_is_not_sent_again(live, tmp_path, capsys):
     assert len(accesses(relay, oid, "PUT")) == sent
 
 
+def test_send_passes_the_limits_asked_for(live, tmp_path, http):
+    relay = live()
+    data, oid = blob(3 * CHUNK)
+    source = write(tmp_path / "f", data)
+    assert client("send", relay.url(), source, "--chunk-size", "256K", "--max-downloads", "1", "--max-days", "0.5") == 0
+    head = http.head(relay.url(oid))
+    assert head.headers["X-Remaining-Downloads"] == "1" and 0.49 < float(head.headers["X-Remaining-Days"]) <= 0.5
+    assert client("get", relay.url(oid), "-o", tmp_path / "once") == 0
+    assert client("get", relay.url(oid), "-o", tmp_path / "twice", "--wait", "0") == file_relay.EXIT_FAILED
+    assert (tmp_path / "once").read_bytes() == data and not (tmp_path / "twice").exists()
+
+
 def test_get_saves_under_the_sha256_by_default_and_never_overwrites_unless_forced(live, tmp_path, http, monkeypatch):
     relay = live()
     data, oid = blob(5000)
