@@ -2259,7 +2259,10 @@ _METER_INTERVAL = 0.2  # seconds between redraws of a progress line
 class ClientOptions:
     """Every setting of the built-in client, with its default. Tests build these directly."""
 
-    chunk_size: int = 64 << 20  # send: larger files go in chunks of this size
+    # send: larger files go in chunks of this size. Small enough that a chunk arrives well
+    # within the relay's idle timeout on a slow link: a reader following the upload sees
+    # nothing until a chunk is complete, and the relay cuts it after --idle-timeout.
+    chunk_size: int = 16 << 20
     parallel: int = 1  # send: chunks in flight at once
     max_days: float | None = None  # send: ask the relay to drop the object this many days after upload
     max_downloads: int | None = None  # send: ask the relay to drop the object after this many downloads
@@ -3191,7 +3194,7 @@ def build_client_parser(command: str) -> argparse.ArgumentParser:
             metavar="SIZE",
             type=_option_type(_positive_size, "chunk size"),
             default=ClientOptions.chunk_size,
-            help="upload larger files in chunks of SIZE, each resumable; smaller ones in one request (default 64M)",
+            help="upload larger files in chunks of SIZE, each resumable; smaller ones in one request (default 16M)",
         )
         parser.add_argument(
             "--max-days",
