@@ -37,6 +37,7 @@ import errno
 import fcntl
 import hashlib
 import hmac
+import http.client
 import io
 import ipaddress
 import json
@@ -44,15 +45,19 @@ import logging
 import math
 import mmap
 import os
+import random
 import re
 import secrets
+import shlex
 import shutil
 import signal
 import socket
+import ssl
 import struct
 import sys
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 
 # ---------------------------------------------------------------------------
@@ -2304,6 +2309,1116 @@ def serve(config: RelayConfig, *, generated_id: bool = False) -> int:
 
 
 # ---------------------------------------------------------------------------
+# Client: `file_relay.py send` and `file_relay.py get`, standard library only
+#
+# send: hash the file; HEAD its object URL and skip it if stored; otherwise PUT it whole
+#       (If-None-Match: *) when it fits in one chunk, else in Content-Range chunks, each
+#       with its Content-Digest, several at once with --parallel. After any failure, HEAD
+#       again and send only what the relay's Upload-Ranges lack.
+# get:  download to .<name>.part beside the target, hashing while writing; resume with
+#       Range (also into an upload still in progress); move into place only once the
+#       SHA-256 in the URL matches.
+# Retries: exponential backoff with jitter, capped, never sooner than Retry-After; a
+# transfer gives up after failing for --retry-for seconds in a row without progress.
+# ---------------------------------------------------------------------------
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # the content did not verify, the relay refused, no such object
+EXIT_USAGE = 2  # a bad command line (argparse's own status)
+EXIT_NETWORK = 3  # the relay could not be reached, or kept failing, for --retry-for seconds
+EXIT_LOCAL = 4  # a local file could not be read or written, or the output exists
+EXIT_INTERRUPTED = 130
+
+_SEND_BLOCK = 256 << 10  # unit of a request body's sends: each must finish within the timeout
+_BACKOFF_FIRST, _BACKOFF_CAP = 0.5, 30.0  # seconds before the first retry; the longest wait
+_VERIFY_RATE = 50 << 20  # bytes/s: how fast a relay is assumed to re-read an object to verify it
+_RELAY_GET_WAIT = 30.0  # the relay's default wait for an upload to start (--get-wait-timeout)
+_METER_INTERVAL = 0.2  # seconds between redraws of a progress line
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientOptions:
+    """Every setting of the built-in client, with its default. Tests build these directly."""
+
+    # send: larger files go in chunks of this size. Small enough that a chunk arrives well
+    # within the relay's idle timeout on a slow link: a reader following the upload sees
+    # nothing until a chunk is complete, and the relay cuts it after --idle-timeout.
+    chunk_size: int = 16 << 20
+    parallel: int = 1  # send: chunks in flight at once
+    max_days: float | None = None  # send: ask the relay to drop the object this many days after upload
+    max_downloads: int | None = None  # send: ask the relay to drop the object after this many downloads
+    timeout: float = 60.0  # seconds for a connect, and for any read or write to make progress
+    retry_for: float = 300.0  # give up after failing this long in a row without progress
+    limit_rate: int | None = None  # bytes per second for the whole command
+    cacert: str | None = None  # CA certificates (PEM) to verify an HTTPS relay with
+    insecure: bool = False  # do not verify an HTTPS relay's certificate
+    wait: float | None = None  # get: seconds the relay may wait for an upload to start
+    force: bool = False  # get: replace an existing output file
+    quiet: bool = False  # no progress and no notes; errors only
+    progress: bool | None = None  # progress lines; None: when stderr is a terminal
+
+
+class ClientError(Exception):
+    """A transfer that cannot succeed: the message says why, exit_code how the command ends."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_FAILED):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class _Mismatch(ClientError):
+    """The downloaded bytes do not hash to the object's name."""
+
+
+class _Retry(Exception):
+    """A failure worth trying again: the network, a 5xx, a busy or draining relay."""
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclasses.dataclass(frozen=True)
+class RelayAddress:
+    """Where a relay is: 'http(s)://host:port' and the path of its server ID."""
+
+    origin: str
+    scheme: str
+    host: str
+    port: int
+    path: str  # "/<server_id>" (or under a proxy's prefix), without a trailing slash
+
+    def object_url(self, oid: str) -> str:
+        return f"{self.origin}{self.path}/{oid}"
+
+
+def _split_url(text: str) -> tuple[RelayAddress, list[str]]:
+    parts = urllib.parse.urlsplit(text.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{text!r} is not an http:// or https:// URL")
+    if parts.query or parts.fragment or parts.username is not None:
+        raise ValueError("the URL must not have a query, a fragment or credentials")
+    port = parts.port or (443 if parts.scheme == "https" else 80)  # .port raises ValueError if bad
+    segments = parts.path.rstrip("/").split("/")[1:]
+    if not segments or not all(segments):
+        raise ValueError("the URL has no server ID (http(s)://HOST:PORT/SERVER_ID)")
+    origin = f"{parts.scheme}://{parts.netloc}"
+    path = "/" + "/".join(segments[:-1])
+    return RelayAddress(origin, parts.scheme, parts.hostname, port, path.rstrip("/")), segments
+
+
+def parse_relay_url(text: str) -> RelayAddress:
+    """The relay of 'http(s)://host:port/<server_id>'."""
+    address, segments = _split_url(text)
+    if len(segments) > 1 and parse_object_id(segments[-1]):
+        raise ValueError("that is an object URL; send wants the relay's URL, http(s)://HOST:PORT/SERVER_ID")
+    return dataclasses.replace(address, path=f"{address.path}/{segments[-1]}")
+
+
+def parse_object_url(text: str) -> tuple[RelayAddress, str]:
+    """The relay and object ID of 'http(s)://host:port/<server_id>/<sha256>'."""
+    address, segments = _split_url(text)
+    oid = parse_object_id(segments[-1])
+    if len(segments) < 2 or oid is None:
+        raise ValueError("not an object URL: it must end in /SERVER_ID/SHA256 (64 hex digits)")
+    return address, oid
+
+
+def _missing(ranges, size: int) -> list[tuple[int, int]]:
+    """The inclusive byte ranges of 0..size-1 that *ranges* do not cover."""
+    gaps, cursor = [], 0
+    for first, last in merge_ranges(ranges):
+        if first > cursor:
+            gaps.append((cursor, min(first, size) - 1))
+        cursor = max(cursor, last + 1)
+    if cursor < size:
+        gaps.append((cursor, size - 1))
+    return gaps
+
+
+def _split(ranges, chunk_size: int) -> list[tuple[int, int]]:
+    return [
+        (start, min(start + chunk_size, last + 1) - 1)
+        for first, last in ranges
+        for start in range(first, last + 1, chunk_size)
+    ]
+
+
+def _parse_ranges(text: str | None) -> list[tuple[int, int]]:
+    """An Upload-Ranges value ('0-99, 200-299'); nothing if it is absent or malformed."""
+    try:
+        return [tuple(int(n) for n in part.strip().split("-", 1)) for part in (text or "").split(",") if part.strip()]
+    except ValueError:
+        return []
+
+
+def _retry_after(response) -> float | None:
+    value = (response.getheader("Retry-After") or "").strip()
+    return float(value) if value.isdigit() else None
+
+
+def _describe(exc: BaseException) -> str:
+    """A network failure in a few words."""
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve the relay's host name ({exc.strerror})"
+    if isinstance(exc, http.client.RemoteDisconnected):
+        return "the relay closed the connection"
+    if isinstance(exc, http.client.IncompleteRead):
+        return "the connection broke off"
+    return f"{exc.strerror or exc}" if isinstance(exc, OSError) else f"{exc.__class__.__name__}: {exc}"
+
+
+def _refusal(response, text: str) -> Exception:
+    """The exception for an unexpected answer: a _Retry when it is worth trying again."""
+    status, retry_after = response.status, _retry_after(response)
+    said = f"the relay answered {status} {response.reason}" + (f": {text}" if text else "")
+    if status in (408, 429, 503) or (status >= 500 and status != 507) or (status == 409 and retry_after):
+        return _Retry(said, retry_after)
+    if status == 403:
+        return ClientError("the relay refused the server ID (403 forbidden): check the URL")
+    return ClientError(said)
+
+
+class _Console:
+    """Notes and progress on stderr: progress lines only on a terminal, only errors with --quiet."""
+
+    def __init__(self, quiet: bool = False, progress: bool | None = None, stream=None):
+        self.stream = stream or sys.stderr
+        self.quiet = quiet
+        self.progress = (not quiet and self.stream.isatty()) if progress is None else progress
+        self.lock = threading.Lock()
+        self.shown = ""  # the progress line on screen
+
+    def note(self, text: str) -> None:
+        if not self.quiet:
+            self._print(text)
+
+    def error(self, text: str) -> None:
+        self._print(f"file_relay.py: error: {text}")
+
+    def _print(self, text: str) -> None:
+        with self.lock:
+            self.stream.write(("\r\033[K" if self.shown else "") + text + "\n" + self.shown)
+            self.stream.flush()
+
+    def draw(self, line: str) -> None:
+        """Show *line* as the progress line ('' erases it)."""
+        if not self.progress or not (line or self.shown):
+            return
+        with self.lock:
+            width = shutil.get_terminal_size().columns - 1
+            self.shown = line[:width]
+            self.stream.write("\r\033[K" + self.shown)
+            self.stream.flush()
+
+    def meter(self, label: str, total: int | None, done: int = 0) -> _Meter:
+        return _Meter(self, label, total, done)
+
+
+class _Meter:
+    """One transfer's progress line: bytes, percentage, rate and time left."""
+
+    def __init__(self, console: _Console, label: str, total: int | None, done: int):
+        self.console = console
+        self.label = label
+        self.total = total
+        self.lock = threading.Lock()
+        self.started = self.drawn = time.monotonic()
+        self.first = self.done = done
+
+    def add(self, amount: int) -> None:
+        with self.lock:
+            self.done += amount
+        self._draw()
+
+    def set(self, done: int, total: int | None = None) -> None:
+        """Say where the transfer stands after a retry (the rate counts from here)."""
+        with self.lock:
+            self.first = self.done = done
+            self.started = time.monotonic()
+            self.total = self.total if total is None else total
+        self._draw(force=True)
+
+    @property
+    def rate(self) -> float:
+        return (self.done - self.first) / max(time.monotonic() - self.started, 1e-6)
+
+    def _draw(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not self.console.progress or (not force and now - self.drawn < _METER_INTERVAL):
+            return
+        self.drawn = now
+        line = f"{self.label}: {format_size(self.done)}"
+        if self.total:
+            line += f" of {format_size(self.total)} ({100 * self.done // self.total}%)"
+        rate = self.rate
+        line += f"  {format_size(rate)}/s"
+        if self.total and rate > 0:
+            left = int((self.total - self.done) / rate)
+            line += f"  ETA {left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}"
+        self.console.draw(line)
+
+    def close(self) -> None:
+        self.console.draw("")
+
+
+class _RateLimiter:
+    """Keeps a command's transfer rate at or under *rate* bytes per second."""
+
+    def __init__(self, rate: int | None):
+        self.rate = rate
+        self.lock = threading.Lock()
+        self.free_at = 0.0
+
+    def block(self, size: int) -> int:
+        """A block size that keeps bytes flowing about four times a second under the limit,
+        so that a slow rate never looks like a stalled peer to the relay."""
+        return size if not self.rate else max(4096, min(size, self.rate // 4))
+
+    def take(self, amount: int) -> None:
+        if not self.rate:
+            return
+        with self.lock:
+            now = time.monotonic()
+            self.free_at = max(self.free_at, now - 0.1) + amount / self.rate  # bursts of 0.1 s at most
+            delay = self.free_at - now
+        if delay > 0:
+            time.sleep(delay)
+
+
+class _RetryPolicy:
+    """When to try again: exponential backoff with jitter up to a cap, never sooner than
+    the relay's Retry-After; give up once failures have gone on for *retry_for* seconds
+    without any progress in between."""
+
+    def __init__(self, retry_for: float, console: _Console, what: str):
+        self.retry_for = retry_for
+        self.console = console
+        self.what = what
+        self.failures = 0
+        self.deadline: float | None = None
+
+    def progressed(self) -> None:
+        self.failures = 0
+        self.deadline = None
+
+    def wait(self, error: _Retry) -> None:
+        """Sleep before the next attempt, or raise ClientError when it is time to give up."""
+        now = time.monotonic()
+        if self.deadline is None:
+            self.deadline = now + self.retry_for
+        self.failures += 1
+        if now >= self.deadline:
+            raise ClientError(
+                f"{error}; giving up after {self.failures} failed attempts in {self.retry_for:g} s", EXIT_NETWORK
+            )
+        backoff = min(_BACKOFF_CAP, _BACKOFF_FIRST * 2 ** (self.failures - 1)) * random.uniform(0.5, 1.0)
+        delay = min(max(backoff, error.retry_after or 0.0), self.deadline - now)
+        self.console.note(f"{self.what}: {error}; retrying in {delay:.1f} s")
+        time.sleep(delay)
+
+
+class _Session:
+    """What the requests of one command share: the relay, TLS, the rate limit, the console."""
+
+    def __init__(self, address: RelayAddress, options: ClientOptions, console: _Console):
+        self.address = address
+        self.options = options
+        self.console = console
+        self.limiter = _RateLimiter(options.limit_rate)
+        self.tls = None
+        if address.scheme == "https":
+            self.tls = ssl.create_default_context(cafile=options.cacert)
+            if options.insecure:
+                self.tls.check_hostname = False
+                self.tls.verify_mode = ssl.CERT_NONE
+
+    def connect(self) -> http.client.HTTPConnection:
+        host, port, timeout = self.address.host, self.address.port, self.options.timeout
+        if self.tls is not None:
+            return http.client.HTTPSConnection(host, port, timeout=timeout, context=self.tls)
+        return http.client.HTTPConnection(host, port, timeout=timeout)
+
+
+class _Connection:
+    """One kept-alive connection to the relay, reopened after any failure. Network errors
+    come out as _Retry, an untrusted certificate as ClientError."""
+
+    def __init__(self, session: _Session):
+        self.session = session
+        self.conn: http.client.HTTPConnection | None = None
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+    def request(self, method: str, path: str, headers: dict | None = None, body=None, *, wait: float = 0.0):
+        """Send a request and return its response, body unread. *body* is a function
+        returning the body's blocks, so that a request on a kept-alive connection the relay
+        has closed meanwhile can be sent again at once. *wait*: extra seconds the relay may
+        take before it answers."""
+        headers = {"User-Agent": f"file-relay/{__version__}", **(headers or {})}
+        for attempt in (1, 2):
+            if self.conn is None:
+                self.conn = self.session.connect()
+            reused = self.conn.sock is not None
+            try:
+                return self._exchange(method, path, headers, body, wait)
+            except ssl.SSLCertVerificationError as exc:
+                self.close()
+                raise ClientError(
+                    f"the relay's certificate did not verify ({exc.verify_message}): use --cacert FILE or --insecure",
+                    EXIT_NETWORK,
+                ) from None
+            except ConnectionError as exc:
+                self.close()
+                if not (reused and attempt == 1):
+                    raise _Retry(_describe(exc)) from None
+            except (OSError, http.client.HTTPException) as exc:
+                self.close()
+                raise _Retry(_describe(exc)) from None
+            except BaseException:
+                self.close()
+                raise
+        raise AssertionError("unreachable")
+
+    def _exchange(self, method: str, path: str, headers: dict, body, wait: float):
+        conn = self.conn
+        conn.putrequest(method, path, skip_accept_encoding=True)
+        for name, value in headers.items():
+            conn.putheader(name, value)
+        conn.endheaders()
+        sock = conn.sock
+        broken = None
+        if body is not None:
+            try:
+                for block in body():
+                    conn.send(block)
+            except OSError as exc:
+                broken = exc  # the relay may have refused early and closed: read its answer
+        sock.settimeout(self.session.options.timeout + wait)
+        try:
+            response = conn.getresponse()
+        except (OSError, http.client.HTTPException):
+            if broken is not None:
+                raise broken from None
+            raise
+        sock.settimeout(self.session.options.timeout)
+        return response
+
+    def read_text(self, response) -> str:
+        """A short response body, as text; a longer one is cut and its connection closed."""
+        try:
+            data = response.read(4096)
+        except (OSError, http.client.HTTPException) as exc:
+            self.close()
+            raise _Retry(_describe(exc)) from None
+        if not response.isclosed():
+            self.close()
+        return data.decode("utf-8", "replace").strip()
+
+
+def _hash_file(fd: int, size: int, console: _Console, label: str) -> str:
+    hasher = hashlib.sha256()
+    meter = console.meter(f"{label} (hashing)", size)
+    position = 0
+    try:
+        while block := os.pread(fd, BLOCK_SIZE, position):
+            hasher.update(block)
+            position += len(block)
+            meter.add(len(block))
+    except OSError as exc:
+        raise ClientError(f"cannot read {label}: {exc.strerror}", EXIT_LOCAL) from None
+    finally:
+        meter.close()
+    if position != size:
+        raise ClientError(f"{label} changed size while it was being hashed", EXIT_LOCAL)
+    return hasher.hexdigest()
+
+
+class _Upload:
+    """Sends one file to the relay: nothing if it is stored, one PUT if it fits in a chunk,
+    else chunks (several at once with --parallel). After every failure it asks the relay
+    (HEAD) what it has, and sends only the rest."""
+
+    def __init__(self, session: _Session, file: str):
+        self.session = session
+        self.options = session.options
+        self.console = session.console
+        self.file = file
+        self.label = Path(file).name
+        self.fd = -1
+        self.size = 0
+        self.oid = ""
+        self.meter: _Meter | None = None
+        self.sent = 0  # bytes put on the wire by this run, retries included
+        self.sent_lock = threading.Lock()
+        self.policy = _RetryPolicy(self.options.retry_for, self.console, self.label)
+        self.connections = [_Connection(session) for _ in range(self.options.parallel)]
+
+    @property
+    def path(self) -> str:
+        return f"{self.session.address.path}/{self.oid}"
+
+    @property
+    def headers(self) -> dict:
+        """Headers of every upload request: the limits asked for (the relay takes them from
+        the request that starts the upload)."""
+        headers = {"Content-Type": "application/octet-stream"}
+        if self.options.max_days is not None:
+            headers["Max-Days"] = f"{self.options.max_days:g}"
+        if self.options.max_downloads is not None:
+            headers["Max-Downloads"] = str(self.options.max_downloads)
+        return headers
+
+    def run(self) -> str:
+        """Make sure the relay has the file; returns its object URL."""
+        try:
+            file = open(self.file, "rb")
+        except OSError as exc:
+            raise ClientError(f"cannot read {self.file}: {exc.strerror or exc}", EXIT_LOCAL) from None
+        try:
+            with file:
+                self.fd = file.fileno()
+                self.size = os.fstat(self.fd).st_size
+                self.oid = _hash_file(self.fd, self.size, self.console, self.label)
+                self._send()
+                return self.session.address.object_url(self.oid)
+        finally:
+            for connection in self.connections:
+                connection.close()
+            if self.meter is not None:
+                self.meter.close()
+
+    def _send(self) -> None:
+        started = time.monotonic()
+        while True:
+            try:
+                stored, ranges = self._ask()
+                if stored and self.meter is None:
+                    limits = self.options.max_days is not None or self.options.max_downloads is not None
+                    unchanged = " (its limits stay as they were)" if limits else ""
+                    self.console.note(f"{self.label}: already on the relay, nothing to send{unchanged}")
+                    return
+                if stored:  # it was completed by what we sent, though the answer was lost
+                    created = True
+                    break
+                received = sum(last - first + 1 for first, last in ranges)
+                if self.meter is None:
+                    self.meter = self.console.meter(self.label, self.size, received)
+                    if received:
+                        self.console.note(f"{self.label}: the relay has {received} of {self.size} bytes; resuming")
+                self.meter.set(received)
+                if self.size <= self.options.chunk_size and not ranges:
+                    created = self._put_whole()
+                else:
+                    created = self._put_chunks(ranges)
+                break
+            except _Retry as exc:
+                self.policy.wait(exc)
+        self.meter.close()
+        elapsed = time.monotonic() - started
+        if created:
+            rate = f"{format_size(self.sent / max(elapsed, 1e-6))}/s"
+            sent = f"{format_size(self.sent)}" + (f" of {format_size(self.size)}" if self.sent != self.size else "")
+            self.console.note(f"{self.label}: stored and verified; sent {sent} in {elapsed:.1f} s ({rate})")
+        else:
+            self.console.note(f"{self.label}: the relay already had it")
+
+    def _ask(self) -> tuple[bool, list]:
+        """(whether the relay has the object, the byte ranges it has of a partial upload)."""
+        connection = self.connections[0]
+        response = connection.request("HEAD", self.path)
+        text = connection.read_text(response)
+        if response.status == 404:
+            return False, []
+        if response.status != 200:
+            raise _refusal(response, text)
+        if response.getheader("Upload-Incomplete") is None:
+            return True, []
+        length = response.getheader("Upload-Length")
+        if length is not None and length.isdigit() and int(length) != self.size:
+            raise self._conflict(f"an upload of this object with {length} bytes, not {self.size}, is in progress")
+        return False, _parse_ranges(response.getheader("Upload-Ranges"))
+
+    def _conflict(self, text: str) -> ClientError:
+        url = self.session.address.object_url(self.oid)
+        return ClientError(f"{text}; to drop the relay's partial upload: curl -X DELETE {shlex.quote(url)}")
+
+    def _blocks(self, first: int, length: int):
+        """The file's bytes first..first+length-1, rate-limited and counted as they go out."""
+        position, end = first, first + length
+        while position < end:
+            try:
+                block = os.pread(self.fd, min(self.session.limiter.block(_SEND_BLOCK), end - position), position)
+            except OSError as exc:
+                raise ClientError(f"cannot read {self.file}: {exc.strerror}", EXIT_LOCAL) from None
+            if not block:
+                raise ClientError(f"{self.file} shrank while it was being sent")
+            self.session.limiter.take(len(block))
+            yield block
+            position += len(block)
+            self.meter.add(len(block))
+            with self.sent_lock:
+                self.sent += len(block)
+
+    def _put_whole(self) -> bool:
+        headers = {**self.headers, "Content-Length": str(self.size), "If-None-Match": "*"}
+        connection = self.connections[0]
+        response = connection.request("PUT", self.path, headers, lambda: self._blocks(0, self.size))
+        text = connection.read_text(response)
+        if response.status in (200, 201, 412):
+            self.policy.progressed()
+            return response.status == 201
+        if response.status == 400:
+            raise ClientError(f"the relay refused {self.label}: {text} (did the file change after it was hashed?)")
+        raise _refusal(response, text)
+
+    def _put_chunks(self, ranges: list) -> bool:
+        """Send the chunks missing from *ranges*: True once the relay has stored the object.
+        With every byte received but the object not stored (its finisher failed), send the
+        last byte again to make the relay verify and store it."""
+        pending = _split(_missing(ranges, self.size), self.options.chunk_size) or [(self.size - 1, self.size - 1)]
+        pending.reverse()
+        lock = threading.Lock()
+        outcome: dict = {"created": None, "error": None}
+
+        def work(connection: _Connection) -> None:
+            while True:
+                with lock:
+                    if outcome["created"] is not None or outcome["error"] is not None or not pending:
+                        return
+                    first, last = pending.pop()
+                    final = len(pending) < self.options.parallel  # this one may complete the object
+                try:
+                    created = self._put_chunk(connection, first, last, final)
+                except Exception as exc:
+                    with lock:
+                        if outcome["error"] is None or isinstance(exc, ClientError):
+                            outcome["error"] = exc
+                    return
+                if created is not None:
+                    with lock:
+                        outcome["created"] = created
+
+        workers = min(self.options.parallel, len(pending))
+        if workers == 1:
+            work(self.connections[0])
+        else:
+            threads = [threading.Thread(target=work, args=(c,), daemon=True) for c in self.connections[:workers]]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        if outcome["created"] is not None:
+            return outcome["created"]
+        if outcome["error"] is not None:
+            raise outcome["error"]
+        raise _Retry("every chunk was received but the object is not stored yet")
+
+    def _digest(self, first: int, length: int) -> bytes:
+        hasher = hashlib.sha256()
+        position, end = first, first + length
+        while position < end:
+            try:
+                block = os.pread(self.fd, min(BLOCK_SIZE, end - position), position)
+            except OSError as exc:
+                raise ClientError(f"cannot read {self.file}: {exc.strerror}", EXIT_LOCAL) from None
+            if not block:
+                raise ClientError(f"{self.file} shrank while it was being sent")
+            hasher.update(block)
+            position += len(block)
+        return hasher.digest()
+
+    def _put_chunk(self, connection: _Connection, first: int, last: int, final: bool) -> bool | None:
+        """Send bytes first..last: None while the object is incomplete, else whether this
+        request created it (False: it was already stored)."""
+        length = last - first + 1
+        headers = {
+            **self.headers,
+            "Content-Length": str(length),
+            "Content-Range": f"bytes {first}-{last}/{self.size}",
+            "Content-Digest": sha256_field(self._digest(first, length)),
+        }
+        wait = self.size / _VERIFY_RATE if final else 0.0  # completing it, the relay hashes it all
+        response = connection.request("PUT", self.path, headers, lambda: self._blocks(first, length), wait=wait)
+        text = connection.read_text(response)
+        if response.status in (200, 201, 202):
+            self.policy.progressed()
+            return None if response.status == 202 else response.status == 201
+        if response.status == 400 and "Content-Digest" in text:
+            raise _Retry(f"bytes {first}-{last} arrived damaged")  # the relay did not keep them
+        if response.status == 400:
+            raise ClientError(f"the relay refused bytes {first}-{last}: {text} (did the file change while being sent?)")
+        if response.status == 409 and _retry_after(response) is None:
+            raise self._conflict(f"the relay refused bytes {first}-{last}: {text}")
+        raise _refusal(response, text)
+
+
+def _receive_commands(url: str, name: str) -> list[str]:
+    """Commands that fetch *url* into *name* and check it, ready to paste."""
+    oid = url.rsplit("/", 1)[1]
+    quoted_url, quoted_name = shlex.quote(url), shlex.quote(name)
+    return [
+        f"curl -fo {quoted_name} {quoted_url} && echo {shlex.quote(f'{oid}  {name}')} | sha256sum -c",
+        f"python3 file_relay.py get {quoted_url} -o {quoted_name}",
+    ]
+
+
+def _probe(session: _Session) -> None:
+    """Check the relay URL before hashing anything: a wrong server ID fails at once."""
+    connection = _Connection(session)
+    policy = _RetryPolicy(session.options.retry_for, session.console, "relay")
+    try:
+        while True:
+            try:
+                response = connection.request("HEAD", session.address.path)
+                text = connection.read_text(response)
+                if response.status != 200:
+                    raise _refusal(response, text)
+                return
+            except _Retry as exc:
+                policy.wait(exc)
+    finally:
+        connection.close()
+
+
+def send_files(
+    relay_url: str, files: list[str], options: ClientOptions, console: _Console | None = None, out=None
+) -> int:
+    """Send *files* to the relay; print each one's object URL and receive commands on *out*.
+
+    Returns the exit status: that of the first file that failed, or 0. A file that fails
+    does not stop the others, unless the relay cannot be reached."""
+    console = console or _Console(options.quiet, options.progress)
+    out = out or sys.stdout
+    session = _Session(parse_relay_url(relay_url), options, console)
+    try:
+        _probe(session)
+    except ClientError as exc:
+        console.error(str(exc))
+        return exc.exit_code
+    status = EXIT_OK
+    for file in files:
+        try:
+            url = _Upload(session, file).run()
+        except ClientError as exc:
+            console.error(f"{file}: {exc}")
+            status = status or exc.exit_code
+            if exc.exit_code == EXIT_NETWORK:
+                break
+            continue
+        name = Path(file).name
+        lines = [url] if options.quiet else [f"{url}  {name}", *(f"  {line}" for line in _receive_commands(url, name))]
+        print("\n".join(lines), file=out, flush=True)
+    return status
+
+
+class _Download:
+    """Fetches one object into an open temporary file, from where an earlier attempt
+    stopped, following an upload in progress; done only when the bytes hash to the name."""
+
+    def __init__(self, session: _Session, oid: str, fd: int, label: str):
+        self.session = session
+        self.options = session.options
+        self.console = session.console
+        self.oid = oid
+        self.fd = fd
+        self.label = label
+        self.path = f"{session.address.path}/{oid}"
+        if self.options.wait is not None:
+            self.path += f"?wait={self.options.wait:g}"
+        self.connection = _Connection(session)
+        self.policy = _RetryPolicy(self.options.retry_for, self.console, label)
+        self.hasher = hashlib.sha256()
+        self.offset = 0
+        self.pieces = 0  # responses (and an earlier run's bytes) the file was assembled from
+        self.meter = self.console.meter(label, None)
+
+    def run(self) -> None:
+        try:
+            self._check_earlier_bytes()
+            started_over = False
+            while True:
+                if self.hasher.hexdigest() == self.oid and self.pieces:
+                    return
+                try:
+                    if not self._fetch():
+                        continue
+                except _Retry as exc:
+                    self.policy.wait(exc)
+                    continue
+                if self.hasher.hexdigest() == self.oid:
+                    return
+                if self.pieces > 1 and not started_over:
+                    # Pieces of several attempts (an earlier run's, or an upload that failed
+                    # while we followed it): one clean download settles it.
+                    self.console.note(f"{self.label}: the assembled download did not verify; starting over")
+                    self._start_over()
+                    started_over = True
+                    continue
+                raise _Mismatch(
+                    f"the content does not match its SHA-256 (expected {self.oid}, got {self.hasher.hexdigest()}); "
+                    "nothing was saved"
+                )
+        finally:
+            self.connection.close()
+            self.meter.close()
+
+    def _check_earlier_bytes(self) -> None:
+        """Hash what an interrupted earlier run left in the temporary file."""
+        size = os.fstat(self.fd).st_size
+        if not size:
+            return
+        meter = self.console.meter(f"{self.label} (checking the partial download)", size)
+        try:
+            while self.offset < size and (block := os.pread(self.fd, BLOCK_SIZE, self.offset)):
+                self.hasher.update(block)
+                self.offset += len(block)
+                meter.add(len(block))
+        finally:
+            meter.close()
+        self.pieces = 1
+        self.console.note(f"{self.label}: resuming after {self.offset} bytes")
+
+    def _start_over(self) -> None:
+        os.ftruncate(self.fd, 0)
+        self.hasher = hashlib.sha256()
+        self.offset = self.pieces = 0
+        self.meter.set(0)
+
+    def _fetch(self) -> bool:
+        """One GET from the current offset to the end: True if the body came whole, False
+        to ask again at once (the relay could not resume from our offset)."""
+        headers = {"Range": f"bytes={self.offset}-"} if self.offset else {}
+        wait = self.options.wait if self.options.wait is not None else _RELAY_GET_WAIT
+        response = self.connection.request("GET", self.path, headers, wait=wait)
+        status = response.status
+        if status not in (200, 206):
+            text = self.connection.read_text(response)
+            if status == 416 and self.offset:
+                self.console.note(f"{self.label}: the partial download is longer than the object; starting over")
+                self._start_over()
+                return False
+            if status == 404:
+                raise ClientError("no such object on the relay (nor an upload of it starting in time; see --wait)")
+            raise _refusal(response, text)
+        length = response.getheader("Content-Length")
+        expected = int(length) if length and length.isdigit() else None
+        if status == 206:
+            match = re.fullmatch(r"bytes (\d+)-\d+/\d+", response.getheader("Content-Range") or "")
+            if not match or int(match.group(1)) != self.offset:
+                self.connection.close()
+                self._start_over()
+                return False
+        elif self.offset:
+            self._start_over()  # the relay sent everything, not the rest
+        self.meter.set(self.offset, None if expected is None else self.offset + expected)
+        received = 0
+        while True:
+            try:
+                block = response.read1(self.session.limiter.block(BLOCK_SIZE))
+            except (OSError, http.client.HTTPException) as exc:
+                self.connection.close()
+                raise _Retry(f"the download broke off: {_describe(exc)}") from None
+            if not block:
+                break
+            if not received:
+                self.pieces += 1
+            try:
+                _write_all(self.fd, block, self.offset)
+            except OSError as exc:
+                raise ClientError(f"cannot write the download: {exc.strerror}", EXIT_LOCAL) from None
+            self.hasher.update(block)
+            self.offset += len(block)
+            received += len(block)
+            self.meter.add(len(block))
+            self.policy.progressed()
+            self.session.limiter.take(len(block))
+        if expected is not None and received < expected:
+            self.connection.close()
+            raise _Retry(f"the download broke off after {received} of {expected} bytes")
+        if not received:
+            self.pieces += 1
+        return True
+
+
+def _output_path(output: str | None, oid: str) -> Path:
+    """Where get saves: -o PATH, or a directory's (default: the current one) SHA-256 name."""
+    if output is None:
+        return Path(oid)
+    path = Path(output)
+    return path / oid if path.is_dir() else path
+
+
+def _move_into_place(part: Path, target: Path, force: bool) -> None:
+    """Publish the verified download: never over an existing file unless *force*."""
+    if force:
+        os.replace(part, target)
+    else:
+        try:
+            try:
+                os.link(part, target)
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EMLINK):
+                    raise
+                if os.path.lexists(target):  # no hard links here: a check, then a rename
+                    raise FileExistsError(errno.EEXIST, "exists") from None
+                os.rename(part, target)
+            else:
+                os.unlink(part)
+        except FileExistsError:
+            raise ClientError(f"{target} appeared meanwhile; the verified download is in {part}", EXIT_LOCAL) from None
+    _fsync_dir(target.parent.absolute())
+
+
+def get_file(object_url: str, output: str | None, options: ClientOptions, console: _Console | None = None) -> Path:
+    """Download an object to *output* and verify it; returns where it is.
+
+    Raises ClientError. Nothing is ever left at the output path unless it verified; an
+    interrupted download stays in .<name>.part beside it, for the next run to resume."""
+    console = console or _Console(options.quiet, options.progress)
+    address, oid = parse_object_url(object_url)
+    target = _output_path(output, oid)
+    if os.path.lexists(target) and not options.force:
+        raise ClientError(f"{target} already exists (--force replaces it)", EXIT_LOCAL)
+    part = target.with_name(f".{target.name}.part")
+    try:
+        fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    except OSError as exc:
+        raise ClientError(f"cannot write {part}: {exc.strerror}", EXIT_LOCAL) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ClientError(f"another download is writing {part}", EXIT_LOCAL) from None
+        try:
+            _Download(_Session(address, options, console), oid, fd, target.name).run()
+        except BaseException as exc:
+            kept = os.fstat(fd).st_size
+            if isinstance(exc, _Mismatch) or not kept:
+                part.unlink(missing_ok=True)  # keep only bytes worth resuming from
+            elif isinstance(exc, ClientError):
+                raise ClientError(
+                    f"{exc}; {part} keeps {kept} bytes for the next get to resume", exc.exit_code
+                ) from None
+            raise
+        try:
+            os.fsync(fd)
+            _move_into_place(part, target, options.force)
+        except OSError as exc:
+            raise ClientError(f"cannot save {target}: {exc.strerror or exc}", EXIT_LOCAL) from None
+    finally:
+        os.close(fd)
+    size = target.stat().st_size
+    console.note(f"{target}: {format_size(size)}, SHA-256 verified")
+    return target
+
+
+_CLIENT_EPILOG = f"""\
+exit status:
+  {EXIT_OK}    success
+  {EXIT_FAILED}    the content did not verify (nothing is saved), the relay refused, or no such object
+  {EXIT_USAGE}    bad command line
+  {EXIT_NETWORK}    the relay could not be reached, or kept failing, for --retry-for seconds
+  {EXIT_LOCAL}    a local file could not be read or written, or the output exists (see --force)
+  {EXIT_INTERRUPTED}  interrupted: run the same command again to resume
+
+'send' and 'get' as the first word select the client, which needs only the Python
+standard library; without them, 'file_relay.py [SERVER_ID] [options]' starts a relay.
+A relay whose server ID is spelled 'send' or 'get' is started with --server-id or
+RELAY_SERVER_ID. Object URLs carry the relay's secret: whoever sees one can fetch it.
+"""
+
+
+_SEND_DESCRIPTION = """\
+Send files to a relay. Each file is hashed, skipped if the relay has it, and uploaded:
+in one request if it fits in a chunk, else in chunks that survive failures (after any
+failure the relay is asked what it has, and only the rest is sent). Then its object URL
+and the commands that receive it are printed on stdout. Progress goes to stderr when it
+is a terminal.
+"""
+
+_GET_DESCRIPTION = """\
+Get an object from a relay, following its upload if it is still in progress. It is
+downloaded to .NAME.part beside PATH (which an interrupted get resumes from), hashed as
+it arrives, and moved to PATH only if its SHA-256 matches the URL; otherwise nothing is
+left at PATH. Progress goes to stderr when it is a terminal.
+"""
+
+
+def build_client_parser(command: str) -> argparse.ArgumentParser:
+    send = command == "send"
+    parser = _Parser(
+        prog=f"file_relay.py {command}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_CLIENT_EPILOG,
+        description=_SEND_DESCRIPTION if send else _GET_DESCRIPTION,
+    )
+    if send:
+        parser.add_argument(
+            "relay_url",
+            metavar="RELAY_URL",
+            type=_option_type(_relay_url, "relay URL"),
+            help="http(s)://HOST:PORT/SERVER_ID",
+        )
+        parser.add_argument(
+            "files", metavar="FILE", nargs="+", type=_option_type(_readable_file, "file"), help="files to send"
+        )
+        parser.add_argument(
+            "--chunk-size",
+            metavar="SIZE",
+            type=_option_type(_positive_size, "chunk size"),
+            default=ClientOptions.chunk_size,
+            help="upload larger files in chunks of SIZE, each resumable; smaller ones in one request (default 16M)",
+        )
+        parser.add_argument(
+            "--max-days",
+            type=_option_type(_positive_days, "max days"),
+            metavar="DAYS",
+            help="ask the relay to remove the file this many days after its upload (Max-Days; the relay may cap it)",
+        )
+        parser.add_argument(
+            "--max-downloads",
+            type=_option_type(_positive_int(1 << 31), "max downloads"),
+            metavar="N",
+            help="ask the relay to remove the file after N whole downloads (Max-Downloads)",
+        )
+        parser.add_argument(
+            "--parallel",
+            type=_option_type(_positive_int(64), "parallel"),
+            default=ClientOptions.parallel,
+            metavar="N",
+            help="chunks in flight at once (default 1)",
+        )
+    else:
+        parser.add_argument(
+            "object_url",
+            metavar="OBJECT_URL",
+            type=_option_type(_object_url, "object URL"),
+            help="http(s)://HOST:PORT/SERVER_ID/SHA256",
+        )
+        parser.add_argument(
+            "-o",
+            "--output",
+            metavar="PATH",
+            help="where to save it; a directory gets the SHA-256 as the name (default: the SHA-256, here)",
+        )
+        parser.add_argument("--force", action="store_true", help="replace PATH if it exists (default: refuse)")
+        parser.add_argument(
+            "--wait",
+            type=_option_type(_seconds, "wait"),
+            metavar="SECONDS",
+            help="how long the relay may wait for the upload to start (default: the relay's, usually 30)",
+        )
+    parser.add_argument(
+        "--timeout",
+        type=_option_type(_positive_seconds, "timeout"),
+        default=ClientOptions.timeout,
+        metavar="SECONDS",
+        help="for connecting, and for each read or write to make progress (default 60)",
+    )
+    parser.add_argument(
+        "--retry-for",
+        type=_option_type(_seconds, "retry for"),
+        default=ClientOptions.retry_for,
+        metavar="SECONDS",
+        help="retry failures with backoff until they go on this long without progress (default 300)",
+    )
+    parser.add_argument(
+        "--limit-rate",
+        type=_option_type(_positive_size, "limit rate"),
+        metavar="SIZE",
+        help="at most SIZE bytes per second, e.g. 10M",
+    )
+    parser.add_argument(
+        "--cacert",
+        metavar="FILE",
+        type=_option_type(_readable_file, "cacert"),
+        help="verify the relay's HTTPS certificate with these CA certificates (PEM)",
+    )
+    parser.add_argument("--insecure", action="store_true", help="do not verify the relay's HTTPS certificate")
+    parser.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="no progress or notes, errors only" + ("; print only the object URLs" if send else ""),
+    )
+    parser.add_argument("--version", action="version", version=f"file-relay {__version__}")
+    return parser
+
+
+def _relay_url(text: str) -> str:
+    parse_relay_url(text)
+    return text.strip()
+
+
+def _object_url(text: str) -> str:
+    parse_object_url(text)
+    return text.strip()
+
+
+def _positive_days(text: str) -> float:
+    days = float(text)
+    if not math.isfinite(days) or days <= 0:
+        raise ValueError(f"{text!r} is not a positive number of days")
+    return days
+
+
+def _positive_seconds(text: str) -> float:
+    seconds = _seconds(text)
+    if not seconds:
+        raise ValueError("must be more than 0")
+    return seconds
+
+
+def _positive_size(text: str) -> int:
+    size = parse_size(text)
+    if size < 1:
+        raise ValueError(f"{text!r} is not a positive size")
+    return size
+
+
+def client_main(command: str, argv: list[str]) -> int:
+    """Run 'send' or 'get' with their arguments; returns the exit status."""
+    parser = build_client_parser(command)
+    args = parser.parse_args(argv)
+    if getattr(args, "output", None) == "-":
+        parser.error("-o - is not supported: the content is verified only once all of it has arrived")
+    options = ClientOptions(
+        chunk_size=getattr(args, "chunk_size", ClientOptions.chunk_size),
+        parallel=getattr(args, "parallel", ClientOptions.parallel),
+        max_days=getattr(args, "max_days", None),
+        max_downloads=getattr(args, "max_downloads", None),
+        timeout=args.timeout,
+        retry_for=args.retry_for,
+        limit_rate=args.limit_rate,
+        cacert=args.cacert,
+        insecure=args.insecure,
+        wait=getattr(args, "wait", None),
+        force=getattr(args, "force", False),
+        quiet=args.quiet,
+    )
+    console = _Console(options.quiet, options.progress)
+    try:
+        if command == "send":
+            return send_files(args.relay_url, args.files, options, console)
+        get_file(args.object_url, args.output, options, console)
+        return EXIT_OK
+    except ClientError as exc:
+        console.error(str(exc))
+        return exc.exit_code
+    except KeyboardInterrupt:
+        console.error("interrupted; run the same command again to resume")
+        return EXIT_INTERRUPTED
+
+
+# ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
 
@@ -2572,7 +3687,8 @@ def build_parser() -> argparse.ArgumentParser:
         "reach each other exchange files by SHA-256.",
         epilog="Every option can also be set through the environment variable shown "
         "(RELAY_SERVER_ID keeps the secret out of process listings). "
-        "'file_relay.py send ...' and 'file_relay.py get ...' are the built-in client.",
+        "'file_relay.py send ...' and 'file_relay.py get ...' are the built-in client (see their --help); "
+        "a server ID spelled 'send' or 'get' is given with --server-id or RELAY_SERVER_ID.",
     )
     parser.add_argument(
         "server_id_positional",
@@ -2639,10 +3755,13 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser()
     if argv and argv[0] in CLIENT_COMMANDS:
-        parser.error(f"{argv[0]!r} is a client command, not a server ID")
+        return client_main(argv[0], argv[1:])
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if args.server_id_positional in CLIENT_COMMANDS:
+        word = args.server_id_positional
+        parser.error(f"{word!r} is a client command, not a server ID; to use it as one: --server-id {word}")
     config = config_from_args(args, parser)
     generated = not (args.server_id_positional or args.server_id)
     return serve(config, generated_id=True) if generated else serve(config)

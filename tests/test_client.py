@@ -1,0 +1,488 @@
+"""The built-in client against real relays: round trips, resume after kill -9 of either
+side, retries across a relay restart, following an upload in progress, verification,
+parallel chunks, TLS, and the standard library alone. Real files, real SHA-256."""
+
+import http.client
+import io
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+
+import pytest
+import requests
+from conftest import ROOT, SERVER_ID, blob, wait_until
+
+import file_relay
+
+CHUNK = 256 << 10
+ACCESS_RE = re.compile(r'"(\w+) /\*\*\*/(\w*)[^"]*" (\d+) (\d+) (\d+)')
+
+
+def accesses(relay, oid: str, method=None) -> list:
+    """(method, status, bytes out, bytes in) of each logged request for *oid*."""
+    found = []
+    for line in relay.log().splitlines():
+        match = ACCESS_RE.search(line)
+        if match and match[2] == oid and method in (None, match[1]):
+            found.append((match[1], int(match[3]), int(match[4]), int(match[5])))
+    return found
+
+
+def logged(relay, oid: str, method, until) -> list:
+    """accesses(), once *until* holds for them (the access line follows the response)."""
+
+    def look():
+        found = accesses(relay, oid, method)
+        return found if until(found) else None
+
+    return wait_until(look, message="the access log")
+
+
+def write(path, data: bytes):
+    path.write_bytes(data)
+    return path
+
+
+def client(*argv) -> int:
+    """Run the client in this process, as the command line would."""
+    return file_relay.main([str(arg) for arg in argv])
+
+
+def range_markers(files, oid: str) -> list:
+    try:
+        return [name for name in os.listdir(files / ".relay" / "partial" / oid) if name.startswith("range-")]
+    except FileNotFoundError:
+        return []
+
+
+class ClientProcess:
+    """The client as its own process (so it can be killed), output in files."""
+
+    def __init__(self, tmp_path, name: str, argv, python=(sys.executable,)):
+        self.out_path, self.err_path = tmp_path / f"{name}.out", tmp_path / f"{name}.err"
+        with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
+            self.process = subprocess.Popen(
+                [*python, str(ROOT / "file_relay.py"), *map(str, argv)],
+                stdout=out,
+                stderr=err,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+
+    def wait(self, timeout: float = 30) -> int:
+        return self.process.wait(timeout)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(10)
+
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    @property
+    def out(self) -> str:
+        return self.out_path.read_text()
+
+    @property
+    def err(self) -> str:
+        return self.err_path.read_text()
+
+
+@pytest.fixture
+def spawn(tmp_path):
+    started = []
+
+    def start(*argv, python=(sys.executable,)) -> ClientProcess:
+        process = ClientProcess(tmp_path, f"client{len(started)}", argv, python)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.kill()
+
+
+# -- round trips -------------------------------------------------------------
+
+
+def test_a_small_file_goes_in_one_put_and_the_printed_commands_receive_it(live, tmp_path, capsys):
+    relay = live()
+    data, oid = blob(100_000)
+    source = write(tmp_path / "report final.pdf", data)
+    assert client("send", relay.url(), source) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == f"{relay.url(oid)}  report final.pdf"
+    assert [(m, s) for m, s, _, _ in logged(relay, oid, None, lambda found: len(found) == 2)] == [
+        ("HEAD", 404),
+        ("PUT", 201),
+    ]
+
+    curl_line, get_line = (line.strip() for line in printed[1:3])
+    for receiver, line in (("by-curl", curl_line), ("by-client", get_line)):
+        directory = tmp_path / receiver
+        directory.mkdir()
+        command = line.replace("python3 file_relay.py", f"{shlex.quote(sys.executable)} {ROOT / 'file_relay.py'}")
+        result = subprocess.run(command, shell=True, cwd=directory, capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0, result.stderr
+        assert (directory / "report final.pdf").read_bytes() == data
+        assert os.listdir(directory) == ["report final.pdf"]  # no temporary file left
+
+
+def test_a_multi_chunk_file_round_trips(live, tmp_path, files):
+    relay = live()
+    data, oid = blob(12 * CHUNK + 1000)
+    source = write(tmp_path / "big.bin", data)
+    assert client("send", relay.url(), source, "--chunk-size", "256K") == 0
+    puts = logged(relay, oid, "PUT", lambda found: len(found) == 13)
+    assert [status for _, status, _, _ in puts] == [202] * 12 + [201]
+    assert sum(received for _, _, _, received in puts) == len(data)  # every byte once
+    assert (files / oid).read_bytes() == data
+    assert client("get", relay.url(oid), "-o", tmp_path / "copy") == 0
+    assert (tmp_path / "copy").read_bytes() == data
+
+
+def test_an_empty_file_round_trips(live, tmp_path):
+    relay = live()
+    _, oid = blob(0)
+    assert client("send", relay.url(), write(tmp_path / "empty", b"")) == 0
+    assert client("get", relay.url(oid), "-o", tmp_path / "copy") == 0
+    assert (tmp_path / "copy").read_bytes() == b""
+
+
+def test_a_file_the_relay_has_is_not_sent_again(live, tmp_path, capsys):
+    relay = live()
+    data, oid = blob(3 * CHUNK)
+    source = write(tmp_path / "f", data)
+    assert client("send", relay.url(), source, "--chunk-size", "256K") == 0
+    sent = len(logged(relay, oid, "PUT", lambda found: found and found[-1][1] == 201))
+    capsys.readouterr()
+    assert client("send", relay.url(), source, "--chunk-size", "256K") == 0
+    output = capsys.readouterr()
+    assert "already on the relay" in output.err and relay.url(oid) in output.out
+    assert client("send", "--quiet", relay.url(), source) == 0
+    assert capsys.readouterr() == (relay.url(oid) + "\n", "")  # only the URL, for scripts
+    logged(relay, oid, "HEAD", lambda found: len(found) == 3)
+    assert len(accesses(relay, oid, "PUT")) == sent
+
+
+def test_send_passes_the_limits_asked_for(live, tmp_path, http):
+    relay = live()
+    data, oid = blob(3 * CHUNK)
+    source = write(tmp_path / "f", data)
+    assert client("send", relay.url(), source, "--chunk-size", "256K", "--max-downloads", "1", "--max-days", "0.5") == 0
+    head = http.head(relay.url(oid))
+    assert head.headers["X-Remaining-Downloads"] == "1" and 0.49 < float(head.headers["X-Remaining-Days"]) <= 0.5
+    assert client("get", relay.url(oid), "-o", tmp_path / "once") == 0
+    assert client("get", relay.url(oid), "-o", tmp_path / "twice", "--wait", "0") == file_relay.EXIT_FAILED
+    assert (tmp_path / "once").read_bytes() == data and not (tmp_path / "twice").exists()
+
+
+def test_get_saves_under_the_sha256_by_default_and_never_overwrites_unless_forced(live, tmp_path, http, monkeypatch):
+    relay = live()
+    data, oid = blob(5000)
+    assert http.put(relay.url(oid), data=data).status_code == 201
+    monkeypatch.chdir(tmp_path)  # the default output is the current directory
+    assert client("get", relay.url(oid)) == 0
+    assert (tmp_path / oid).read_bytes() == data
+    existing = write(tmp_path / "existing", b"keep me")
+    assert client("get", relay.url(oid), "-o", existing) == file_relay.EXIT_LOCAL
+    assert existing.read_bytes() == b"keep me"
+    assert client("get", relay.url(oid), "-o", existing, "--force") == 0
+    assert existing.read_bytes() == data
+    (tmp_path / "dir").mkdir()
+    assert client("get", relay.url(oid), "-o", tmp_path / "dir") == 0
+    assert (tmp_path / "dir" / oid).read_bytes() == data
+
+
+def test_progress_shows_bytes_rate_and_eta_when_asked(live, tmp_path):
+    relay = live()
+    data, _ = blob(16 * CHUNK)
+    stream = io.StringIO()
+    console = file_relay._Console(progress=True, stream=stream)
+    options = file_relay.ClientOptions(chunk_size=CHUNK, limit_rate=8 << 20)
+    out = io.StringIO()
+    assert file_relay.send_files(relay.url(), [str(write(tmp_path / "f", data))], options, console, out) == 0
+    shown = stream.getvalue()
+    assert re.search(r"f: [\d.]+ (KiB|MiB) of 4\.0 MiB \(\d+%\)  [\d.]+ (B|KiB|MiB)/s  ETA \d+:\d\d:\d\d", shown)
+    assert "f: stored and verified; sent 4.0 MiB in" in shown
+
+
+# -- resume, retries, following ----------------------------------------------
+
+
+def test_a_send_killed_midway_and_rerun_sends_only_what_is_missing(live, tmp_path, files, spawn):
+    relay = live()
+    data, oid = blob(16 * CHUNK)
+    source = write(tmp_path / "f", data)
+    sender = spawn("send", relay.url(), source, "--chunk-size", "256K", "--limit-rate", "3M")
+    wait_until(lambda: len(range_markers(files, oid)) >= 4, message="four chunks on the relay")
+    sender.kill()
+    assert not (files / oid).exists()
+    head = requests.head(relay.url(oid))
+    acknowledged = sum(b - a + 1 for a, b in file_relay._parse_ranges(head.headers["Upload-Ranges"]))
+    assert 4 * CHUNK <= acknowledged < len(data)
+    before = len(accesses(relay, oid, "PUT"))
+
+    assert client("send", relay.url(), source, "--chunk-size", "256K") == 0
+    puts = logged(relay, oid, "PUT", lambda found: found and found[-1][1] == 201)
+    resent = sum(received for _, _, _, received in puts[before:])
+    assert 0 < resent <= len(data) - acknowledged
+    assert (files / oid).read_bytes() == data
+
+
+def test_a_get_killed_midway_and_rerun_resumes_with_range(live, tmp_path, http, spawn):
+    relay = live()
+    data, oid = blob(16 * CHUNK)
+    assert http.put(relay.url(oid), data=data).status_code == 201
+    target = tmp_path / "copy"
+    part = tmp_path / ".copy.part"
+    getter = spawn("get", relay.url(oid), "-o", target, "--limit-rate", "1M")
+    wait_until(lambda: part.exists() and part.stat().st_size >= 1 << 20, message="a partial download")
+    getter.kill()
+    kept = part.stat().st_size
+    assert not target.exists() and kept < len(data)
+
+    assert client("get", relay.url(oid), "-o", target) == 0
+    method, status, sent, _ = logged(relay, oid, "GET", lambda found: len(found) == 2)[1]
+    assert (status, sent) == (206, len(data) - kept)
+    assert target.read_bytes() == data and not part.exists()
+
+
+def test_a_relay_restarted_during_send_is_survived_by_retries(live, tmp_path, files, spawn):
+    relay = live()
+    port = relay.base.rsplit(":", 1)[1]
+    data, oid = blob(16 * CHUNK)
+    sender = spawn("send", relay.url(), write(tmp_path / "f", data), "--chunk-size", "256K", "--limit-rate", "3M")
+    wait_until(lambda: len(range_markers(files, oid)) >= 3, message="three chunks on the relay")
+    relay.kill()
+    live(bind=f"127.0.0.1:{port}", name="restarted")
+    assert sender.wait(30) == 0, sender.err
+    assert "retrying" in sender.err
+    assert (files / oid).read_bytes() == data
+    assert sender.out.startswith(relay.url(oid))
+
+
+def test_get_waits_for_an_upload_and_follows_it_in_progress(live, tmp_path, files, spawn):
+    relay = live()
+    data, oid = blob(16 * CHUNK)
+    target = tmp_path / "copy"
+    getter = spawn("get", relay.url(oid), "-o", target, "--wait", "20")
+    wait_until(lambda: requests.get(relay.url()).json()["waiting_readers"], message="the get to wait for the upload")
+    sender = spawn("send", relay.url(), write(tmp_path / "f", data), "--chunk-size", "256K", "--limit-rate", "4M")
+    wait_until(lambda: range_markers(files, oid), message="the upload to start")
+    assert getter.running()  # it is following the upload, which is not finished
+    assert sender.wait(30) == 0, sender.err
+    assert getter.wait(30) == 0, getter.err
+    assert target.read_bytes() == data
+
+
+def test_get_follows_a_plain_upload_in_progress(live, tmp_path, files):
+    relay = live()
+    data, oid = blob(8 * CHUNK)
+    host, port = relay.base.rsplit("/", 1)[1].split(":")
+
+    def upload_slowly():  # like curl -T with a slow link: one PUT with a Content-Length
+        connection = http.client.HTTPConnection(host, int(port), timeout=30)
+        connection.putrequest("PUT", f"/{SERVER_ID}/{oid}")
+        connection.putheader("Content-Length", str(len(data)))
+        connection.endheaders()
+        for start in range(0, len(data), CHUNK // 2):
+            connection.send(data[start : start + CHUNK // 2])
+            threading.Event().wait(0.05)
+        statuses.append(connection.getresponse().status)
+        connection.close()
+
+    statuses = []
+    uploader = threading.Thread(target=upload_slowly)
+    uploader.start()
+    try:
+        partial = files / ".relay" / "partial" / oid / "data"
+        wait_until(lambda: partial.exists() and partial.stat().st_size, message="the upload to start")
+        assert client("get", relay.url(oid), "-o", tmp_path / "copy") == 0
+    finally:
+        uploader.join(30)
+    assert statuses == [201]
+    assert (tmp_path / "copy").read_bytes() == data
+    gets = logged(relay, oid, "GET", lambda found: found)
+    assert [status for _, status, _, _ in gets] == [200]  # one GET, which followed the upload
+
+
+def test_a_relay_that_stays_down_makes_the_client_give_up_with_status_3(tmp_path, capsys):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # closed again: nothing listens there
+    url = f"http://127.0.0.1:{port}/{SERVER_ID}"
+    assert client("send", url, write(tmp_path / "f", b"x"), "--retry-for", "1") == file_relay.EXIT_NETWORK
+    assert "connection refused; giving up" in capsys.readouterr().err
+    assert client("get", f"{url}/{'0' * 64}", "-o", tmp_path / "out", "--retry-for", "0") == file_relay.EXIT_NETWORK
+    assert not (tmp_path / "out").exists()
+
+
+# -- verification --------------------------------------------------------------
+
+
+def test_a_tampered_stored_file_makes_get_fail_and_leaves_no_file(live, tmp_path, http, files, capsys):
+    relay = live()
+    data, oid = blob(4 * CHUNK)
+    assert http.put(relay.url(oid), data=data).status_code == 201
+    with open(files / oid, "r+b") as stored:
+        stored.seek(CHUNK)
+        stored.write(b"\0" if data[CHUNK] else b"\1")
+    (tmp_path / "received").mkdir()
+    assert client("get", relay.url(oid), "-o", tmp_path / "received" / "copy") == file_relay.EXIT_FAILED
+    assert "does not match its SHA-256" in capsys.readouterr().err
+    assert os.listdir(tmp_path / "received") == []  # no output, no temporary file
+
+
+def test_a_file_changed_while_it_is_sent_fails_and_the_relay_keeps_nothing(live, tmp_path, files, spawn):
+    relay = live()
+    data, oid = blob(16 * CHUNK)
+    source = write(tmp_path / "f", data)
+    sender = spawn("send", relay.url(), source, "--chunk-size", "256K", "--limit-rate", "3M")
+    wait_until(lambda: len(range_markers(files, oid)) >= 2, message="two chunks on the relay")
+    with open(source, "r+b") as changing:
+        changing.seek(len(data) - 10)  # in the last chunk, not sent yet
+        changing.write(b"x" * 10)
+    assert sender.wait(30) == file_relay.EXIT_FAILED
+    assert "did the file change" in sender.err and sender.out == ""
+    assert not (files / oid).exists() and not (files / ".relay" / "partial" / oid).exists()
+
+
+@pytest.mark.parametrize("leftover", [b"garbage", b"garbage" * 100_000], ids=["shorter", "longer"])
+def test_a_foreign_partial_download_is_replaced_not_trusted(live, tmp_path, http, leftover, capsys):
+    relay = live()
+    data, oid = blob(100_000)
+    assert http.put(relay.url(oid), data=data).status_code == 201
+    write(tmp_path / ".copy.part", leftover)
+    assert client("get", relay.url(oid), "-o", tmp_path / "copy") == 0
+    assert (tmp_path / "copy").read_bytes() == data
+    assert "starting over" in capsys.readouterr().err
+
+
+def test_get_of_a_missing_object_fails_after_the_wait(live, tmp_path):
+    relay = live()
+    assert client("get", relay.url("a" * 64), "-o", tmp_path / "x", "--wait", "0") == file_relay.EXIT_FAILED
+    assert not (tmp_path / "x").exists() and not (tmp_path / ".x.part").exists()
+
+
+def test_a_wrong_server_id_fails_at_once(live, tmp_path, capsys):
+    relay = live()
+    url = relay.url(server_id="not-the-server-id-0123456789")
+    assert client("send", url, write(tmp_path / "f", b"data")) == file_relay.EXIT_FAILED
+    assert "403" in capsys.readouterr().err
+
+
+# -- parallel chunks -------------------------------------------------------------
+
+
+def test_parallel_chunks_are_in_flight_at_once(live, tmp_path, files, monkeypatch):
+    relay = live()
+    data, oid = blob(16 * CHUNK)
+    together = threading.Barrier(4, timeout=10)  # broken unless four chunks are in flight at once
+    calls = []
+    put_chunk = file_relay._Upload._put_chunk
+
+    def observed(self, connection, first, last, final):
+        calls.append(first)
+        if len(calls) <= 4:
+            together.wait()
+        return put_chunk(self, connection, first, last, final)
+
+    monkeypatch.setattr(file_relay._Upload, "_put_chunk", observed)
+    source = write(tmp_path / "f", data)
+    assert client("send", relay.url(), source, "--chunk-size", "256K", "--parallel", "4") == 0
+    assert sorted(calls) == list(range(0, len(data), CHUNK))
+    assert (files / oid).read_bytes() == data
+
+
+# -- command line, TLS, standard library only ---------------------------------------
+
+
+def test_send_and_get_help_explain_exit_codes_and_the_server_form(capsys):
+    for command in ("send", "get"):
+        with pytest.raises(SystemExit) as exit_info:
+            file_relay.main([command, "--help"])
+        assert exit_info.value.code == 0
+        text = capsys.readouterr().out
+        assert f"file_relay.py {command}" in text and "exit status" in text and "--server-id" in text
+    with pytest.raises(SystemExit):
+        file_relay.main(["--help"])
+    assert "--server-id" in capsys.readouterr().out.split("built-in client")[-1]
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["send", f"http://h:1/{SERVER_ID}/{'a' * 64}", "README.md"], "object URL"),
+        (["send", "ftp://h/x", "README.md"], "not an http"),
+        (["send", f"http://h:1/{SERVER_ID}", "/nonexistent"], "file"),
+        (["get", f"http://h:1/{SERVER_ID}"], "not an object URL"),
+        (["send", f"http://h:1/{SERVER_ID}", "README.md", "--chunk-size", "0"], "chunk size"),
+        (["get", f"http://h:1/{SERVER_ID}/{'a' * 64}", "-o", "-"], "not supported"),
+        (["get", f"http://h:1/{SERVER_ID}/{'a' * 64}", "--timeout", "0"], "timeout"),
+        (["--bind", "127.0.0.1:0", "send"], "--server-id send"),
+    ],
+)
+def test_usage_errors_exit_2_with_one_line(argv, expected, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit) as exit_info:
+        file_relay.main(argv)
+    assert exit_info.value.code == file_relay.EXIT_USAGE
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.startswith("file_relay.py") and expected in message
+
+
+def test_a_server_id_spelled_send_is_given_with_the_option(monkeypatch, tmp_path):
+    seen = []
+    monkeypatch.setattr(file_relay, "serve", lambda config: seen.append(config) or 0)
+    assert file_relay.main(["--server-id", "send", "--files-directory", str(tmp_path)]) == 0
+    assert seen[0].server_id == "send"
+
+
+def test_the_client_needs_only_the_standard_library(live, tmp_path, spawn):
+    bare = (sys.executable, "-I", "-S")  # no site-packages: no bottle, no gunicorn
+    probe = subprocess.run([*bare, "-c", "import bottle"], capture_output=True)
+    assert probe.returncode != 0, "this interpreter finds bottle even without site-packages"
+    importing = f"import sys; sys.path.insert(0, {str(ROOT)!r}); import file_relay"
+    imported = subprocess.run([*bare, "-c", importing], capture_output=True, text=True)
+    assert imported.returncode == 0, imported.stderr
+    relay = live()
+    data, oid = blob(3 * CHUNK + 5)
+    sender = spawn("send", relay.url(), write(tmp_path / "f", data), "--chunk-size", "256K", python=bare)
+    assert sender.wait() == 0, sender.err
+    getter = spawn("get", relay.url(oid), "-o", tmp_path / "copy", python=bare)
+    assert getter.wait() == 0, getter.err
+    assert (tmp_path / "copy").read_bytes() == data
+
+
+@pytest.fixture
+def certificate(tmp_path):
+    if not shutil.which("openssl"):
+        pytest.skip("needs the openssl command")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1"]
+        + ["-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+def test_https_needs_the_ca_certificate_or_insecure(live, tmp_path, certificate, capsys):
+    cert, key = certificate
+    relay = live("--certfile", cert, "--keyfile", key)
+    data, oid = blob(3 * CHUNK)
+    source = write(tmp_path / "f", data)
+    assert client("send", relay.url(), source) == file_relay.EXIT_NETWORK
+    assert "--cacert" in capsys.readouterr().err
+    assert client("send", relay.url(), source, "--cacert", cert, "--chunk-size", "256K") == 0
+    assert client("get", relay.url(oid), "-o", tmp_path / "copy", "--insecure") == 0
+    assert (tmp_path / "copy").read_bytes() == data
