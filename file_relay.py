@@ -235,6 +235,7 @@ class UploadFailed(Exception):
 _FLOCK = struct.Struct("hhqqi4x")  # struct flock (64-bit Linux)
 _WRITERS = 1 << 62
 _FINISHER = _WRITERS + 1
+_MAX_OBJECT_SIZE = 1 << 60  # 1 EiB: every data byte lies below the lock bytes
 _MUTEX = 0
 _DOWNLOAD_SLOTS = 256  # most concurrent counted downloads of one limited object
 _SPACE_CHECK_INTERVAL = 64 << 20  # bytes between free-space checks of an upload of unknown size
@@ -575,6 +576,8 @@ class Store:
 
     def check_size(self, size: int) -> None:
         limit = self.config.max_file_size
+        if size > _MAX_OBJECT_SIZE:  # byte offsets beyond it are the lock bytes
+            raise RelayError(413, f"larger than any object the relay can hold ({_MAX_OBJECT_SIZE} bytes)")
         if limit is not None and size > limit:
             raise RelayError(413, f"larger than the relay's limit of {format_size(limit)} ({limit} bytes)")
 

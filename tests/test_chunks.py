@@ -138,6 +138,13 @@ def test_a_total_over_the_size_limit_is_413(make_app):
     app.head(object_url(oid), status=404)
 
 
+def test_absurd_sizes_are_413_not_a_crash(app):
+    data, oid = blob(100)
+    put_chunk(app, oid, 0, 99, 2**70, data, status=413)
+    put_chunk(app, oid, 2**62, 2**62 + 99, 2**62 + 100, data, status=413)
+    app.head(object_url(oid), status=404)
+
+
 def test_a_chunk_of_an_object_already_stored_is_200(app):
     data, oid = blob(1000)
     app.put(object_url(oid), data, status=201)
