@@ -325,6 +325,11 @@ class Server:
     def delete(self, name: str) -> None:
         curl(self.object_url(name), "-X", "DELETE")
 
+    def clear(self, name: str) -> None:
+        """Delete, then flush the page cache: a timed run never pays for earlier writes."""
+        self.delete(name)
+        os.sync()
+
     def stop(self, stop_signal=signal.SIGTERM) -> None:
         if self.process is None:
             return
@@ -353,17 +358,18 @@ class Server:
 class Relay(Server):
     name = "relay"
 
-    def __init__(self, work: Path, workers: int, threads: int):
+    def __init__(self, work: Path, script: Path, workers: int, threads: int):
+        self.script = script
         self.files = work / "relay-files"
         self.log_path = work / "relay.log"
         self.workers = workers
         self.threads = threads
 
     def start(self) -> Relay:
-        command = [sys.executable, str(RELAY_SCRIPT), SERVER_ID, "--bind", "127.0.0.1:0"]
+        command = [sys.executable, str(self.script), SERVER_ID, "--bind", "127.0.0.1:0"]
         command += ["--files-directory", str(self.files), "--workers", str(self.workers)]
         command += ["--threads", str(self.threads)]
-        with open(self.log_path, "ab") as log:
+        with open(self.log_path, "wb") as log:  # a fresh log: an old "Listening at" would mislead
             self.process = subprocess.Popen(
                 command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True
             )
@@ -451,7 +457,8 @@ class Nginx(Server):
         conf = self.work / "nginx.conf"
         conf.write_text(NGINX_CONF.format(user=user, workers=self.workers, work=self.work, port=port))
         log = self.work / "nginx-error.log"
-        with open(self.work / "nginx.out", "ab") as out:
+        log.unlink(missing_ok=True)
+        with open(self.work / "nginx.out", "wb") as out:
             self.process = subprocess.Popen(
                 [self.binary, "-p", str(self.work), "-e", str(log), "-c", str(conf)],
                 stdin=subprocess.DEVNULL,
@@ -755,7 +762,7 @@ def scenario_transfer(bench: Bench) -> None:
         memory = {"relay": [0, 0], "nginx": [0, 0]}  # peak summed RSS, PSS
         for run in range(bench.args.runs):
             for server in bench.servers():
-                server.delete(oid)
+                server.clear(oid)
                 with MemorySampler(server.process.pid) as sampler:
                     put = _put(server, path, oid, size)
                 memory[server.name][0] = max(memory[server.name][0], sampler.peak_rss)
@@ -803,9 +810,9 @@ def scenario_stream(bench: Bench) -> None:
     relay = bench.relay
     alone, end_to_end, lag = [], [], []
     for run in range(bench.args.runs):
-        relay.delete(oid)
+        relay.clear(oid)
         alone.append(_put(relay, path, oid, size).seconds)
-        relay.delete(oid)
+        relay.clear(oid)
 
         reader = subprocess.Popen(
             curl_command(relay.object_url(oid) + "?wait=120", size=size),
@@ -854,9 +861,9 @@ def scenario_chunked(bench: Bench) -> None:
     relay = bench.relay
     single, chunked = [], []
     for run in range(bench.args.runs):
-        relay.delete(oid)
+        relay.clear(oid)
         single.append(size / _put(relay, path, oid, size).seconds / MB)
-        relay.delete(oid)
+        relay.clear(oid)
         started = time.monotonic()
         for index, (piece, first, last) in enumerate(pieces):
             expected = 201 if index == len(pieces) - 1 else 202
@@ -886,6 +893,7 @@ def _round_trips(bench: Bench, server: Server, files: list, durable: bool) -> tu
     try:
         for _path, oid in files:
             server.delete(oid)
+        os.sync()
         failures = []
         started = time.monotonic()
         with concurrent.futures.ThreadPoolExecutor(len(files)) as pool:
@@ -986,6 +994,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--clients", type=int, help=f"concurrent clients (default {defaults.clients})")
     parser.add_argument("--client-size", help=f"each client's file (default {defaults.client_size})")
     parser.add_argument("--reference-size", help=f"bytes hashed and written (default {defaults.reference_size})")
+    parser.add_argument(
+        "--relay", type=Path, default=RELAY_SCRIPT, help="the relay script to run (default: this checkout's)"
+    )
     parser.add_argument("--workers", type=int, default=1, help="relay worker processes (default 1)")
     parser.add_argument("--threads", type=int, default=64, help="relay threads per worker (default 64)")
     parser.add_argument("--nginx-workers", default="auto", help="nginx worker_processes (default auto)")
@@ -1063,16 +1074,20 @@ def main(argv: list[str] | None = None) -> int:
     if skip_nginx:
         results.notes.append(skip_nginx)
         print(f"note: {skip_nginx}", file=sys.stderr)
-    relay = Relay(work, args.workers, args.threads)
+    relay = Relay(work, args.relay.absolute(), args.workers, args.threads)
     nginx = None if skip_nginx else Nginx(work, args.nginx_workers)
     data = DataFiles(work / "data")
     bench = Bench(args, work, data, relay, nginx, results, scratch)
     machine = machine_info(work, nginx)
     started = time.monotonic()
     try:
-        relay.start()
-        if nginx is not None:
-            nginx.start()
+        try:
+            relay.start()
+            if nginx is not None:
+                nginx.start()
+        except BenchError as exc:
+            print(f"bench.py: {exc}", file=sys.stderr)
+            return 1
         idle = MemorySampler(relay.process.pid)
         idle.sample()
         results.notes.append(f"relay idle: summed RSS {idle.peak_rss / MiB:.1f} MiB, PSS {idle.peak_pss / MiB:.1f} MiB")
