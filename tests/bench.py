@@ -71,6 +71,7 @@ SCENARIOS = ("reference", "transfer", "stream", "chunked", "concurrency")
 ALIASES = {"upload": "transfer", "download": "transfer", "rss": "transfer", "memory": "transfer"}
 WRITE_OUT = "%{http_code} %{time_total} %{size_upload} %{size_download}"
 SAMPLE_INTERVAL = 0.05  # seconds between memory samples
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 START_TIMEOUT = 30.0  # seconds a server gets to answer
 WORST_RATE = 5 * MB  # curl's --max-time assumes at least this rate: loops stay bounded
 
@@ -267,34 +268,42 @@ def memory_of(pid: int) -> tuple[int, int]:
     return rss, pss
 
 
-class MemorySampler:
-    """Samples a process tree's summed RSS and PSS every SAMPLE_INTERVAL while in use.
-    Summed RSS counts pages that forked workers share once per process; PSS divides them."""
+def cpu_seconds(pids: list[int]) -> float:
+    """User plus system CPU time the processes have used so far (all their threads)."""
+    ticks = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / CLOCK_TICKS
+
+
+class Watch:
+    """While in use: samples a process tree's summed RSS and PSS every SAMPLE_INTERVAL,
+    and counts the CPU time it spends. Summed RSS counts pages that forked workers share
+    once per process; PSS divides them among the sharers."""
 
     def __init__(self, root: int):
         self.root = root
         self.peak_rss = self.peak_pss = 0
-        self.peak_detail: dict = {}
-        self.samples = 0
+        self.cpu = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def sample(self) -> None:
-        detail = {pid: memory_of(pid) for pid in process_tree(self.root)}
-        rss = sum(r for r, _ in detail.values())
-        pss = sum(p for _, p in detail.values())
-        self.samples += 1
-        if pss > self.peak_pss:
-            self.peak_detail = {str(pid): {"rss": r, "pss": p} for pid, (r, p) in detail.items()}
-        self.peak_rss = max(self.peak_rss, rss)
-        self.peak_pss = max(self.peak_pss, pss)
+        memory = [memory_of(pid) for pid in process_tree(self.root)]
+        self.peak_rss = max(self.peak_rss, sum(rss for rss, _ in memory))
+        self.peak_pss = max(self.peak_pss, sum(pss for _, pss in memory))
 
     def _run(self) -> None:
         while not self._stop.is_set():
             self.sample()
             self._stop.wait(SAMPLE_INTERVAL)
 
-    def __enter__(self) -> MemorySampler:
+    def __enter__(self) -> Watch:
+        self.cpu = -cpu_seconds(process_tree(self.root))
         self._thread.start()
         return self
 
@@ -302,6 +311,7 @@ class MemorySampler:
         self._stop.set()
         self._thread.join()
         self.sample()
+        self.cpu += cpu_seconds(process_tree(self.root))
 
 
 # ---------------------------------------------------------------------------
@@ -552,21 +562,25 @@ class Row:
     note: str = ""
 
 
+def judge(row: Row, target_key: str, value: float | None = None) -> None:
+    """Set the row's target and verdict: *value* (default: the median ratio) against it."""
+    op, bound = TARGETS[target_key]
+    if value is None and row.ratio is not None:
+        value = row.ratio["median"]
+    row.target = f"{op} {bound:g}"
+    if value is not None:
+        row.passed = value >= bound if op == ">=" else value <= bound
+
+
 class Results:
     def __init__(self):
         self.rows: list[Row] = []
         self.errors: list[str] = []
         self.notes: list[str] = []
 
-    def add(self, row: Row, target_key: str | None = None, value: float | None = None) -> Row:
-        """Add a row; with a target, judge *value* (default: the median ratio) against it."""
+    def add(self, row: Row, target_key: str | None = None) -> Row:
         if target_key is not None:
-            op, bound = TARGETS[target_key]
-            if value is None and row.ratio is not None:
-                value = row.ratio["median"]
-            row.target = f"{op} {bound:g}"
-            if value is not None:
-                row.passed = value >= bound if op == ">=" else value <= bound
+            judge(row, target_key)
         self.rows.append(row)
         return row
 
@@ -752,54 +766,61 @@ def _get(server: Server, name: str, size: int, output: str = os.devnull) -> Tran
 
 
 def scenario_transfer(bench: Bench) -> None:
-    """PUT then GET of each size, relay and nginx interleaved; memory sampled during PUTs."""
+    """PUT then GET of each size, relay and nginx interleaved. During each transfer the
+    server's process tree is watched: peak memory, and CPU time (less sensitive than
+    throughput to what else runs on the machine)."""
     results = bench.results
     for size in bench.args.sizes:
         path, oid = bench.data.file(size)
         label = format_size(size)
-        up = {"relay": [], "nginx": [], "nginx+fsync": []}
-        down = {"relay": [], "nginx": []}
-        memory = {"relay": [0, 0], "nginx": [0, 0]}  # peak summed RSS, PSS
+        figures = ("put", "put_cpu", "get", "get_cpu", "rss", "pss", "put_fsync")
+        seen = {server.name: {figure: [] for figure in figures} for server in bench.servers()}
         for run in range(bench.args.runs):
             for server in bench.servers():
+                mine = seen[server.name]
                 server.clear(oid)
-                with MemorySampler(server.process.pid) as sampler:
+                with Watch(server.process.pid) as put_watch:
                     put = _put(server, path, oid, size)
-                memory[server.name][0] = max(memory[server.name][0], sampler.peak_rss)
-                memory[server.name][1] = max(memory[server.name][1], sampler.peak_pss)
-                up[server.name].append(size / put.seconds / MB)
                 if server is bench.nginx:
-                    synced = fsync_path(server.stored_path(oid))
-                    up["nginx+fsync"].append(size / (put.seconds + synced) / MB)
-                get = _get(server, oid, size)
-                down[server.name].append(size / get.seconds / MB)
+                    mine["put_fsync"].append(size / (put.seconds + fsync_path(server.stored_path(oid))) / MB)
+                with Watch(server.process.pid) as get_watch:
+                    get = _get(server, oid, size)
                 server.delete(oid)
+                mine["put"].append(size / put.seconds / MB)
+                mine["get"].append(size / get.seconds / MB)
+                mine["put_cpu"].append(put_watch.cpu / (size / (1 << 30)))
+                mine["get_cpu"].append(get_watch.cpu / (size / (1 << 30)))
+                mine["rss"].append(put_watch.peak_rss / MiB)
+                mine["pss"].append(put_watch.peak_pss / MiB)
                 bench.log(
-                    f"{server.name} {label} run {run + 1}: PUT {up[server.name][-1]:.0f} MB/s, "
-                    f"GET {down[server.name][-1]:.0f} MB/s, peak PSS {sampler.peak_pss / MiB:.1f} MiB"
+                    f"{server.name} {label} run {run + 1}: PUT {mine['put'][-1]:.0f} MB/s "
+                    f"({mine['put_cpu'][-1]:.2f} CPU s/GiB), GET {mine['get'][-1]:.0f} MB/s "
+                    f"({mine['get_cpu'][-1]:.2f} CPU s/GiB), peak PSS {mine['pss'][-1]:.1f} MiB"
                 )
+        relay = seen["relay"]
+        nginx = seen.get("nginx", {figure: [] for figure in figures})
+        with_nginx = "nginx" if bench.nginx else ""
+        results.paired("upload", f"upload {label}", "MB/s", relay["put"], with_nginx, nginx["put"], "upload")
         if bench.nginx:
-            results.paired("upload", f"upload {label}", "MB/s", up["relay"], "nginx", up["nginx"], "upload")
             results.paired(
-                "upload", f"upload {label} (durable ref)", "MB/s", up["relay"], "nginx+fsync", up["nginx+fsync"]
+                "upload", f"upload {label} (durable)", "MB/s", relay["put"], "nginx+fsync", nginx["put_fsync"]
             )
-            results.paired("download", f"download {label}", "MB/s", down["relay"], "nginx", down["nginx"], "download")
-        else:
-            results.add(Row("upload", f"upload {label}", "MB/s", summary(up["relay"])))
-            results.add(Row("download", f"download {label}", "MB/s", summary(down["relay"])))
-        rss, pss = (value / MiB for value in memory["relay"])
-        reference = {"median": memory["nginx"][1] / MiB, "min": memory["nginx"][1] / MiB}
-        reference.update(max=reference["min"], runs=[reference["min"]])
-        row = Row(
-            "memory",
-            f"relay peak PSS during {label} PUT",
-            "MiB",
-            {"median": pss, "min": pss, "max": pss, "runs": [pss]},
-            "nginx PSS" if bench.nginx else "",
-            reference if bench.nginx else None,
-            note=f"summed RSS of the process tree (shared pages counted per process): {rss:.1f} MiB",
+        results.paired("upload", f"upload {label}: server CPU", "s/GiB", relay["put_cpu"], with_nginx, nginx["put_cpu"])
+        results.paired("download", f"download {label}", "MB/s", relay["get"], with_nginx, nginx["get"], "download")
+        results.paired(
+            "download", f"download {label}: server CPU", "s/GiB", relay["get_cpu"], with_nginx, nginx["get_cpu"]
         )
-        results.add(row, "memory" if size == max(bench.args.sizes) else None, pss)
+        row = results.paired(
+            "memory",
+            f"peak PSS during {label} PUT",
+            "MiB",
+            relay["pss"],
+            with_nginx,
+            nginx["pss"],
+            note=f"relay's summed RSS (shared pages counted once per process): max {max(relay['rss']):.1f} MiB",
+        )
+        if size == max(bench.args.sizes):
+            judge(row, "memory", max(relay["pss"]))  # the worst run's peak
 
 
 def scenario_stream(bench: Bench) -> None:
@@ -1088,7 +1109,7 @@ def main(argv: list[str] | None = None) -> int:
         except BenchError as exc:
             print(f"bench.py: {exc}", file=sys.stderr)
             return 1
-        idle = MemorySampler(relay.process.pid)
+        idle = Watch(relay.process.pid)
         idle.sample()
         results.notes.append(f"relay idle: summed RSS {idle.peak_rss / MiB:.1f} MiB, PSS {idle.peak_pss / MiB:.1f} MiB")
         for name in args.only:
