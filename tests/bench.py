@@ -1104,11 +1104,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         try:
             relay.start()
-            if nginx is not None:
-                nginx.start()
         except BenchError as exc:
             print(f"bench.py: {exc}", file=sys.stderr)
             return 1
+        if nginx is not None:
+            try:
+                nginx.start()
+            except BenchError as exc:
+                nginx.stop()
+                nginx = bench.nginx = None
+                results.notes.append(f"nginx did not start, its figures are skipped: {exc}")
         idle = Watch(relay.process.pid)
         idle.sample()
         results.notes.append(f"relay idle: summed RSS {idle.peak_rss / MiB:.1f} MiB, PSS {idle.peak_pss / MiB:.1f} MiB")
