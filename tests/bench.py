@@ -14,8 +14,8 @@ dependencies:
 Scenarios (``--only``, comma-separated):
   reference    hashlib.sha256 speed; disk write speed (buffered, and with fsync)
   transfer     per size: PUT (curl -T, default headers) then GET to /dev/null, relay and
-               nginx runs interleaved; peak memory of each server's process tree
-               sampled from /proc during its uploads (aliases: upload, download, rss)
+               nginx runs interleaved; the CPU time and peak memory (summed RSS and PSS)
+               of each server's process tree, from /proc (aliases: upload, download, rss)
   stream       a GET started before the upload follows it; end-to-end time (upload
                start to download end) against the same upload alone
   chunked      the object sent as Content-Range chunks, one curl per chunk, against a
