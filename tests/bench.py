@@ -1,0 +1,1164 @@
+#!/usr/bin/env python3
+"""Benchmark file-relay against the machine's limits and against nginx (issue 8).
+
+A script, not a test: pytest does not collect it (its name does not start with test_).
+It starts its own relay (``sys.executable file_relay.py``) and, when nginx is installed
+with its WebDAV module, its own nginx, both on free loopback ports and over directories
+on the same filesystem; drives them with curl; and prints a table (and writes JSON) of
+medians with min-max over the runs. Run it with the interpreter that has the relay's
+dependencies:
+
+    .venv/bin/python tests/bench.py --quick                  # seconds: a smoke run
+    .venv/bin/python tests/bench.py --sizes 1G,4G --runs 3 --json bench.json
+
+Scenarios (``--only``, comma-separated):
+  reference    hashlib.sha256 speed; disk write speed (buffered, and with fsync)
+  transfer     per size: PUT (curl -T, default headers) then GET to /dev/null, relay and
+               nginx runs interleaved; the CPU time and peak memory (summed RSS and PSS)
+               of each server's process tree, from /proc (aliases: upload, download, rss)
+  stream       a GET started before the upload follows it; end-to-end time (upload
+               start to download end) against the same upload alone
+  chunked      the object sent as Content-Range chunks, one curl per chunk, against a
+               single PUT of it
+  concurrency  N clients at once, each PUT then GET of its own file; aggregate MB/s,
+               failures, every download verified
+
+Every server figure is paired with its reference within each run (relay then nginx, or
+upload alone then streamed), and the ratio shown is the median of those per-run ratios:
+on a shared machine, noise that lasts seconds hits both sides of a pair alike.
+
+nginx never fsyncs an upload while the relay does before it answers 201. So each nginx
+upload is followed by an fsync of the stored file, and "nginx+fsync" (PUT time plus
+that fsync) is shown beside plain nginx; the targets are judged against plain nginx, as
+the issue states them. Rates are in MB/s (10^6 bytes per second); sizes in binary units.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import datetime
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+# ---------------------------------------------------------------------------
+# Constants and defaults
+# ---------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+RELAY_SCRIPT = ROOT / "file_relay.py"
+SERVER_ID = "bench-relay-server-id-0123456789"
+BLOCK = 1 << 20
+MB = 1e6  # rates are MB/s, as curl and disk tools print them
+MiB = 1 << 20
+SCENARIOS = ("reference", "transfer", "stream", "chunked", "concurrency")
+ALIASES = {"upload": "transfer", "download": "transfer", "rss": "transfer", "memory": "transfer"}
+WRITE_OUT = "%{http_code} %{time_total} %{size_upload} %{size_download}"
+SAMPLE_INTERVAL = 0.05  # seconds between memory samples
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+START_TIMEOUT = 30.0  # seconds a server gets to answer
+WORST_RATE = 5 * MB  # curl's --max-time assumes at least this rate: loops stay bounded
+
+
+@dataclasses.dataclass
+class Defaults:
+    """The issue's figures, and the --quick ones (the same shapes, tiny)."""
+
+    sizes: str = "1G,4G"
+    runs: int = 3
+    stream_size: str = "1G"
+    chunked_size: str = "1G"
+    chunk_size: str = "64M"
+    clients: int = 32
+    client_size: str = "32M"
+    reference_size: str = "1G"
+
+
+QUICK = Defaults(
+    sizes="16M,64M",
+    runs=2,
+    stream_size="64M",
+    chunked_size="64M",
+    chunk_size="8M",
+    clients=32,
+    client_size="1M",
+    reference_size="64M",
+)
+
+# Targets of the issue: (ratio operator, bound).
+TARGETS = {
+    "upload": (">=", 0.9),
+    "download": (">=", 0.95),
+    "stream": ("<=", 1.15),
+    "chunked": (">=", 0.8),
+    "concurrency": (">=", 0.8),
+    "memory": ("<=", 64.0),  # MiB, peak PSS of the relay's process tree
+}
+
+
+class BenchError(Exception):
+    """A scenario that could not be measured: a server failed or a transfer went wrong."""
+
+
+# ---------------------------------------------------------------------------
+# Small helpers: sizes, statistics, curl
+# ---------------------------------------------------------------------------
+
+_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'64M', '1G', '1.5G' (binary units) into bytes."""
+    match = _SIZE_RE.fullmatch(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 64M, 1G)")
+    number, unit = match.groups()
+    return int(float(number) * (1 << (10 * " KMGT".index(unit.upper() or " "))))
+
+
+def parse_sizes(text: str) -> list[int]:
+    return [parse_size(part) for part in text.split(",") if part.strip()]
+
+
+def format_size(size: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if size >= 1 << shift:
+            value = size / (1 << shift)
+            return f"{value:g} {unit}" if value == int(value) else f"{value:.1f} {unit}"
+    return f"{size} B"
+
+
+def summary(values: list[float]) -> dict | None:
+    """Median, min and max of a run's figures (None when nothing was measured)."""
+    if not values:
+        return None
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": list(values)}
+
+
+@dataclasses.dataclass
+class Transfer:
+    """What one curl did, from its exit status and its --write-out line."""
+
+    exit_code: int
+    status: int
+    seconds: float
+    uploaded: int
+    downloaded: int
+    error: str
+
+    def check(self, statuses: tuple[int, ...], size: int | None = None, what: str = "transfer") -> Transfer:
+        moved = self.downloaded if self.uploaded == 0 else self.uploaded
+        if self.exit_code != 0 or self.status not in statuses or (size is not None and moved != size):
+            raise BenchError(
+                f"{what}: curl exit {self.exit_code}, HTTP {self.status}, {moved} bytes"
+                f"{'' if size is None else f' of {size}'} {self.error.strip()[:200]}"
+            )
+        return self
+
+
+def curl_command(url: str, *options: str, upload: Path | None = None, output: str = os.devnull, size: int = 0):
+    max_time = int(60 + size / WORST_RATE)
+    command = ["curl", "-sS", "--max-time", str(max_time), "-o", output, "-w", WRITE_OUT, *options]
+    if upload is not None:
+        command += ["-T", str(upload)]
+    return [*command, url]
+
+
+def parse_transfer(exit_code: int, out: str, err: str) -> Transfer:
+    fields = out.split()
+    try:
+        status, seconds, uploaded, downloaded = int(fields[0]), float(fields[1]), int(fields[2]), int(fields[3])
+    except (IndexError, ValueError):
+        status, seconds, uploaded, downloaded = 0, 0.0, 0, 0
+    return Transfer(exit_code, status, seconds, uploaded, downloaded, err)
+
+
+def curl(url: str, *options: str, upload: Path | None = None, output: str = os.devnull, size: int = 0) -> Transfer:
+    command = curl_command(url, *options, upload=upload, output=output, size=size)
+    done = subprocess.run(
+        command, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=int(90 + size / WORST_RATE)
+    )
+    return parse_transfer(done.returncode, done.stdout, done.stderr)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while block := file.read(BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fsync_path(path: Path) -> float:
+    """fsync a file; returns the seconds it took."""
+    started = time.monotonic()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return time.monotonic() - started
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_until(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise BenchError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.02)
+
+
+# ---------------------------------------------------------------------------
+# Memory of a process tree, sampled from /proc
+# ---------------------------------------------------------------------------
+
+
+def process_tree(root: int) -> list[int]:
+    """*root* and its descendants (gunicorn's master and workers, nginx's too)."""
+    pids, queue = [], [root]
+    while queue:
+        pid = queue.pop()
+        pids.append(pid)
+        try:
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{task}/children") as children:
+                    queue += [int(child) for child in children.read().split()]
+        except OSError:
+            pass  # exited meanwhile
+    return pids
+
+
+def memory_of(pid: int) -> tuple[int, int]:
+    """(RSS, PSS) of one process in bytes, from /proc/PID/smaps_rollup."""
+    rss = pss = 0
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as rollup:
+            for line in rollup:
+                if line.startswith("Rss:"):
+                    rss = int(line.split()[1]) * 1024
+                elif line.startswith("Pss:"):
+                    pss = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return rss, pss
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User plus system CPU time the processes have used so far (all their threads)."""
+    ticks = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / CLOCK_TICKS
+
+
+class Watch:
+    """While in use: samples a process tree's summed RSS and PSS every SAMPLE_INTERVAL,
+    and counts the CPU time it spends. Summed RSS counts pages that forked workers share
+    once per process; PSS divides them among the sharers."""
+
+    def __init__(self, root: int):
+        self.root = root
+        self.peak_rss = self.peak_pss = 0
+        self.cpu = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> None:
+        memory = [memory_of(pid) for pid in process_tree(self.root)]
+        self.peak_rss = max(self.peak_rss, sum(rss for rss, _ in memory))
+        self.peak_pss = max(self.peak_pss, sum(pss for _, pss in memory))
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(SAMPLE_INTERVAL)
+
+    def __enter__(self) -> Watch:
+        self.cpu = -cpu_seconds(process_tree(self.root))
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+        self.cpu += cpu_seconds(process_tree(self.root))
+
+
+# ---------------------------------------------------------------------------
+# Servers: the relay and nginx, each in its own process group
+# ---------------------------------------------------------------------------
+
+
+class Server:
+    """A server process started in its own session, so the whole group can be stopped."""
+
+    name = "server"
+    process: subprocess.Popen | None = None
+    base = ""
+
+    def object_url(self, name: str) -> str:
+        raise NotImplementedError
+
+    def stored_path(self, name: str) -> Path:
+        raise NotImplementedError
+
+    def delete(self, name: str) -> None:
+        curl(self.object_url(name), "-X", "DELETE")
+
+    def clear(self, name: str) -> None:
+        """Delete, then flush the page cache: a timed run never pays for earlier writes."""
+        self.delete(name)
+        os.sync()
+
+    def stop(self, stop_signal=signal.SIGTERM) -> None:
+        if self.process is None:
+            return
+        process, self.process = self.process, None
+        for sig, wait in ((stop_signal, 20), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(process.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                process.wait(wait)
+                # The leader is gone; make sure no worker of its group outlives it.
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                break
+            except subprocess.TimeoutExpired:
+                continue
+            break
+
+    def _check_alive(self, log: Path) -> None:
+        if self.process.poll() is not None:
+            tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+            raise BenchError(f"{self.name} exited with {self.process.returncode}:\n{tail}")
+
+
+class Relay(Server):
+    name = "relay"
+
+    def __init__(self, work: Path, script: Path, workers: int, threads: int):
+        self.script = script
+        self.files = work / "relay-files"
+        self.log_path = work / "relay.log"
+        self.workers = workers
+        self.threads = threads
+
+    def start(self) -> Relay:
+        command = [sys.executable, str(self.script), SERVER_ID, "--bind", "127.0.0.1:0"]
+        command += ["--files-directory", str(self.files), "--workers", str(self.workers)]
+        command += ["--threads", str(self.threads)]
+        with open(self.log_path, "wb") as log:  # a fresh log: an old "Listening at" would mislead
+            self.process = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True
+            )
+        port = wait_until(self._port, START_TIMEOUT, "the relay to listen")
+        self.base = f"http://127.0.0.1:{port}/{SERVER_ID}"
+        wait_until(self._answers, START_TIMEOUT, "the relay to answer")
+        return self
+
+    def _port(self):
+        self._check_alive(self.log_path)
+        found = re.findall(r"Listening at: http://[^ ]*:(\d+) \(", self.log_path.read_text(errors="replace"))
+        return found[-1] if found else None
+
+    def _answers(self) -> bool:
+        self._check_alive(self.log_path)
+        try:
+            return self.status() is not None
+        except OSError:
+            return False
+
+    def status(self) -> dict:
+        with urllib.request.urlopen(self.base, timeout=5) as response:
+            return json.load(response)
+
+    def object_url(self, name: str) -> str:
+        return f"{self.base}/{name}"
+
+    def stored_path(self, name: str) -> Path:
+        return self.files / name
+
+
+NGINX_CONF = """\
+{user}worker_processes {workers};
+daemon off;
+master_process on;
+pid {work}/nginx.pid;
+error_log {work}/nginx-error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log {work}/nginx-access.log;
+    default_type application/octet-stream;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_timeout 5;
+    client_max_body_size 0;
+    client_body_temp_path {work}/nginx-body;
+    proxy_temp_path {work}/nginx-proxy;
+    server {{
+        listen 127.0.0.1:{port};
+        root {work}/nginx-root;
+        location / {{
+            dav_methods PUT DELETE;
+            dav_access user:rw;
+        }}
+    }}
+}}
+"""
+
+
+def nginx_unavailable() -> str | None:
+    """Why nginx cannot be the reference, or None if it can."""
+    binary = shutil.which("nginx") or ("/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None)
+    if binary is None:
+        return "nginx is not installed (apt-get install nginx-light): nginx figures skipped"
+    built = subprocess.run([binary, "-V"], capture_output=True, text=True).stderr
+    if "http_dav_module" not in built:
+        return "this nginx has no WebDAV module (PUT): nginx figures skipped"
+    return None
+
+
+class Nginx(Server):
+    name = "nginx"
+
+    def __init__(self, work: Path, workers: str):
+        self.work = work
+        self.root = work / "nginx-root"
+        self.workers = workers
+        self.binary = shutil.which("nginx") or "/usr/sbin/nginx"
+
+    def start(self) -> Nginx:
+        for path in (self.root, self.work / "nginx-body", self.work / "nginx-proxy"):
+            path.mkdir(exist_ok=True)
+        port = free_port()
+        user = "user root;\n" if os.geteuid() == 0 else ""  # workers may read our private directories
+        conf = self.work / "nginx.conf"
+        conf.write_text(NGINX_CONF.format(user=user, workers=self.workers, work=self.work, port=port))
+        log = self.work / "nginx-error.log"
+        log.unlink(missing_ok=True)
+        with open(self.work / "nginx.out", "wb") as out:
+            self.process = subprocess.Popen(
+                [self.binary, "-p", str(self.work), "-e", str(log), "-c", str(conf)],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.base = f"http://127.0.0.1:{port}"
+
+        def answers() -> bool:
+            self._check_alive(log)
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    return True
+            except OSError:
+                return False
+
+        wait_until(answers, START_TIMEOUT, "nginx to listen")
+        return self
+
+    def object_url(self, name: str) -> str:
+        return f"{self.base}/{name}"
+
+    def stored_path(self, name: str) -> Path:
+        return self.root / name
+
+
+# ---------------------------------------------------------------------------
+# Test data: random files written once (and kept across runs with --dir)
+# ---------------------------------------------------------------------------
+
+
+class DataFiles:
+    """Random files of given sizes and their SHA-256, reused when already there."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def file(self, size: int, tag: str = "data") -> tuple[Path, str]:
+        path = self.directory / f"{tag}-{size}.bin"
+        sidecar = path.with_suffix(".sha256")
+        if path.exists() and sidecar.exists() and path.stat().st_size == size:
+            return path, sidecar.read_text().strip()
+        digest = hashlib.sha256()
+        with open(path, "wb") as out:
+            left = size
+            while left:
+                block = os.urandom(min(BLOCK, left))
+                digest.update(block)
+                out.write(block)
+                left -= len(block)
+        sidecar.write_text(digest.hexdigest() + "\n")
+        return path, digest.hexdigest()
+
+    def chunks(self, source: Path, chunk: int) -> list[tuple[Path, int, int]]:
+        """The source cut into files of *chunk* bytes: (path, first, last) each."""
+        size = source.stat().st_size
+        folder = self.directory / f"{source.stem}-chunks-{chunk}"
+        pieces = [(folder / f"{first:015d}", first, min(first + chunk, size) - 1) for first in range(0, size, chunk)]
+        if folder.exists() and all(p.exists() and p.stat().st_size == b - a + 1 for p, a, b in pieces):
+            return pieces
+        folder.mkdir(exist_ok=True)
+        with open(source, "rb") as src:
+            for path, first, last in pieces:
+                with open(path, "wb") as out:
+                    left = last - first + 1
+                    while left:
+                        block = src.read(min(BLOCK, left))
+                        out.write(block)
+                        left -= len(block)
+        return pieces
+
+
+# ---------------------------------------------------------------------------
+# Results: rows of medians with min-max, ratios against references, targets
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Row:
+    scenario: str
+    what: str
+    unit: str
+    relay: dict | None = None
+    reference_name: str = ""
+    reference: dict | None = None
+    ratio: dict | None = None  # per-run ratios relay/reference: median, min, max
+    target: str = ""
+    passed: bool | None = None
+    note: str = ""
+
+
+def judge(row: Row, target_key: str, value: float | None = None) -> None:
+    """Set the row's target and verdict: *value* (default: the median ratio) against it."""
+    op, bound = TARGETS[target_key]
+    if value is None and row.ratio is not None:
+        value = row.ratio["median"]
+    row.target = f"{op} {bound:g}"
+    if value is not None:
+        row.passed = value >= bound if op == ">=" else value <= bound
+
+
+class Results:
+    def __init__(self):
+        self.rows: list[Row] = []
+        self.errors: list[str] = []
+        self.notes: list[str] = []
+
+    def add(self, row: Row, target_key: str | None = None) -> Row:
+        if target_key is not None:
+            judge(row, target_key)
+        self.rows.append(row)
+        return row
+
+    def paired(self, scenario, what, unit, relay, reference_name, reference, target_key=None, note="") -> Row:
+        """A row of paired runs: relay[i] was measured beside reference[i]."""
+        pairs = [r / f for r, f in zip(relay, reference) if f]
+        row = Row(scenario, what, unit, summary(relay), reference_name, summary(reference), summary(pairs), note=note)
+        return self.add(row, target_key)
+
+
+def _cell(stats: dict | None, digits: int = 1) -> str:
+    if stats is None:
+        return "-"
+    median, low, high = stats["median"], stats["min"], stats["max"]
+    if len(stats["runs"]) == 1:
+        return f"{median:.{digits}f}"
+    return f"{median:.{digits}f} [{low:.{digits}f}-{high:.{digits}f}]"
+
+
+def render_table(results: Results) -> str:
+    header = ("scenario", "unit", "relay", "reference", "ref value", "ratio", "target", "verdict")
+    lines = [header]
+    for row in results.rows:
+        digits = 2 if row.unit in ("s", "x") else 1
+        verdict = "" if row.passed is None else ("PASS" if row.passed else "FAIL")
+        ratio = _cell(row.ratio, 2)
+        lines.append(
+            (
+                row.what,
+                row.unit,
+                _cell(row.relay, digits),
+                row.reference_name,
+                _cell(row.reference, digits),
+                ratio,
+                row.target,
+                verdict,
+            )
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    out = []
+    for index, line in enumerate(lines):
+        out.append("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
+        if index == 0:
+            out.append("  ".join("-" * width for width in widths))
+    for row in results.rows:
+        if row.note:
+            out.append(f"  * {row.what}: {row.note}")
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------
+# The machine
+# ---------------------------------------------------------------------------
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
+
+
+def filesystem_of(path: Path) -> dict:
+    """The mount holding *path*: device, type, mount point, options."""
+    real = os.path.realpath(path)
+    best = {"mount_point": "/", "type": "?", "device": "?", "options": ""}
+    length = -1
+    for line in _read("/proc/self/mounts").splitlines():
+        device, mount_point, fs_type, options = line.split()[:4]
+        mount_point = mount_point.replace("\\040", " ")
+        inside = real == mount_point or real.startswith(mount_point.rstrip("/") + "/")
+        if inside and len(mount_point) > length:
+            best = {"mount_point": mount_point, "type": fs_type, "device": device, "options": options}
+            length = len(mount_point)
+    return best
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def machine_info(work: Path, nginx: Nginx | None) -> dict:
+    cpuinfo = _read("/proc/cpuinfo")
+    model = re.search(r"^model name\s*:\s*(.*)$", cpuinfo, re.MULTILINE)
+    flags = re.search(r"^flags\s*:\s*(.*)$", cpuinfo, re.MULTILINE)
+    mem = re.search(r"^MemTotal:\s*(\d+) kB", _read("/proc/meminfo"), re.MULTILINE)
+    curl_version = subprocess.run(["curl", "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+    nginx_version = None
+    if nginx is not None:
+        nginx_version = subprocess.run([nginx.binary, "-v"], capture_output=True, text=True).stderr.strip()
+    usage = shutil.disk_usage(work)
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "cpu": model.group(1) if model else platform.processor(),
+        "cpu_sha_extensions": bool(flags and " sha_ni" in f" {flags.group(1)}"),
+        "cores": os.cpu_count(),
+        "ram_gib": round(int(mem.group(1)) / (1 << 20), 1) if mem else None,
+        "kernel": platform.release(),
+        "files_filesystem": {**filesystem_of(work), "free_gib": round(usage.free / (1 << 30), 1)},
+        "vm_dirty_ratio": _read("/proc/sys/vm/dirty_ratio").strip(),
+        "vm_dirty_background_ratio": _read("/proc/sys/vm/dirty_background_ratio").strip(),
+        "python": platform.python_version(),
+        "gunicorn": _version("gunicorn"),
+        "bottle": _version("bottle"),
+        "curl": curl_version,
+        "nginx": nginx_version,
+        "load_average_at_start": _read("/proc/loadavg").split()[:3],
+    }
+
+
+# ---------------------------------------------------------------------------
+# Scenarios
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Bench:
+    args: argparse.Namespace
+    work: Path
+    data: DataFiles
+    relay: Relay
+    nginx: Nginx | None
+    results: Results
+    scratch: Path  # downloads to verify: tmpfs when there is one, so disk is not measured
+
+    def servers(self) -> list[Server]:
+        return [self.relay] + ([self.nginx] if self.nginx else [])
+
+    def log(self, text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+
+def scenario_reference(bench: Bench) -> None:
+    """What the machine can do: hash with hashlib, write to the files directory's disk."""
+    size = bench.args.reference_size
+    buffer = os.urandom(min(size, 64 * MiB))
+    view = memoryview(buffer)
+    hash_rates, buffered_rates, durable_rates = [], [], []
+    for run in range(bench.args.runs):
+        digest = hashlib.sha256()
+        started = time.perf_counter()
+        for offset in range(0, size, BLOCK):
+            start = offset % len(buffer)
+            digest.update(view[start : start + min(BLOCK, size - offset)])
+        hash_rates.append(size / (time.perf_counter() - started) / MB)
+
+        target = bench.work / f"disk-probe-{run}"
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            started = time.perf_counter()
+            for offset in range(0, size, BLOCK):
+                start = offset % len(buffer)
+                block = view[start : start + min(BLOCK, size - offset)]
+                while block:
+                    block = block[os.write(fd, block) :]
+            written = time.perf_counter()
+            os.fsync(fd)
+            synced = time.perf_counter()
+        finally:
+            os.close(fd)
+            target.unlink()
+        buffered_rates.append(size / (written - started) / MB)
+        durable_rates.append(size / (synced - started) / MB)
+        bench.log(f"reference run {run + 1}: sha256 {hash_rates[-1]:.0f} MB/s, disk {durable_rates[-1]:.0f} MB/s")
+    label = format_size(size)
+    results = bench.results
+    results.add(Row("reference", "hashlib.sha256 (1 MiB updates)", "MB/s", summary(hash_rates)))
+    results.add(Row("reference", f"disk write {label} + fsync", "MB/s", summary(durable_rates)))
+    results.add(Row("reference", f"disk write {label}, page cache only", "MB/s", summary(buffered_rates)))
+
+
+def _put(server: Server, path: Path, name: str, size: int) -> Transfer:
+    transfer = curl(server.object_url(name), upload=path, size=size)
+    return transfer.check((200, 201, 204), size, f"{server.name} PUT {format_size(size)}")
+
+
+def _get(server: Server, name: str, size: int, output: str = os.devnull) -> Transfer:
+    transfer = curl(server.object_url(name), output=output, size=size)
+    return transfer.check((200,), size, f"{server.name} GET {format_size(size)}")
+
+
+def scenario_transfer(bench: Bench) -> None:
+    """PUT then GET of each size, relay and nginx interleaved. During each transfer the
+    server's process tree is watched: peak memory, and CPU time (less sensitive than
+    throughput to what else runs on the machine)."""
+    results = bench.results
+    for size in bench.args.sizes:
+        path, oid = bench.data.file(size)
+        label = format_size(size)
+        figures = ("put", "put_cpu", "get", "get_cpu", "rss", "pss", "put_fsync")
+        seen = {server.name: {figure: [] for figure in figures} for server in bench.servers()}
+        for run in range(bench.args.runs):
+            for server in bench.servers():
+                mine = seen[server.name]
+                server.clear(oid)
+                with Watch(server.process.pid) as put_watch:
+                    put = _put(server, path, oid, size)
+                if server is bench.nginx:
+                    mine["put_fsync"].append(size / (put.seconds + fsync_path(server.stored_path(oid))) / MB)
+                with Watch(server.process.pid) as get_watch:
+                    get = _get(server, oid, size)
+                server.delete(oid)
+                mine["put"].append(size / put.seconds / MB)
+                mine["get"].append(size / get.seconds / MB)
+                mine["put_cpu"].append(put_watch.cpu / (size / (1 << 30)))
+                mine["get_cpu"].append(get_watch.cpu / (size / (1 << 30)))
+                mine["rss"].append(put_watch.peak_rss / MiB)
+                mine["pss"].append(put_watch.peak_pss / MiB)
+                bench.log(
+                    f"{server.name} {label} run {run + 1}: PUT {mine['put'][-1]:.0f} MB/s "
+                    f"({mine['put_cpu'][-1]:.2f} CPU s/GiB), GET {mine['get'][-1]:.0f} MB/s "
+                    f"({mine['get_cpu'][-1]:.2f} CPU s/GiB), peak PSS {mine['pss'][-1]:.1f} MiB"
+                )
+        relay = seen["relay"]
+        nginx = seen.get("nginx", {figure: [] for figure in figures})
+        with_nginx = "nginx" if bench.nginx else ""
+        results.paired("upload", f"upload {label}", "MB/s", relay["put"], with_nginx, nginx["put"], "upload")
+        if bench.nginx:
+            results.paired(
+                "upload", f"upload {label} (durable)", "MB/s", relay["put"], "nginx+fsync", nginx["put_fsync"]
+            )
+        results.paired("upload", f"upload {label}: server CPU", "s/GiB", relay["put_cpu"], with_nginx, nginx["put_cpu"])
+        results.paired("download", f"download {label}", "MB/s", relay["get"], with_nginx, nginx["get"], "download")
+        results.paired(
+            "download", f"download {label}: server CPU", "s/GiB", relay["get_cpu"], with_nginx, nginx["get_cpu"]
+        )
+        row = results.paired(
+            "memory",
+            f"peak PSS during {label} PUT",
+            "MiB",
+            relay["pss"],
+            with_nginx,
+            nginx["pss"],
+            note=f"relay's summed RSS (shared pages counted once per process): max {max(relay['rss']):.1f} MiB",
+        )
+        if size == max(bench.args.sizes):
+            judge(row, "memory", max(relay["pss"]))  # the worst run's peak
+
+
+def scenario_stream(bench: Bench) -> None:
+    """A reader waiting before the upload starts, against the upload alone."""
+    size = bench.args.stream_size
+    path, oid = bench.data.file(size)
+    label = format_size(size)
+    relay = bench.relay
+    alone, end_to_end, lag = [], [], []
+    for run in range(bench.args.runs):
+        relay.clear(oid)
+        alone.append(_put(relay, path, oid, size).seconds)
+        relay.clear(oid)
+
+        reader = subprocess.Popen(
+            curl_command(relay.object_url(oid) + "?wait=120", size=size),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            wait_until(lambda: relay.status()["waiting_readers"] >= 1, 10, "the reader to wait")
+            started = time.monotonic()
+            upload = _put(relay, path, oid, size)
+            uploaded = time.monotonic()
+            out, err = reader.communicate(timeout=60 + size / WORST_RATE)
+            finished = time.monotonic()
+        finally:
+            if reader.poll() is None:
+                reader.kill()
+                reader.wait()
+        parse_transfer(reader.returncode, out, err).check((200,), size, "streamed GET")
+        end_to_end.append(finished - started)
+        lag.append(finished - uploaded)
+        relay.delete(oid)
+        bench.log(
+            f"stream {label} run {run + 1}: upload alone {alone[-1]:.2f} s, end-to-end {end_to_end[-1]:.2f} s "
+            f"(streamed upload {upload.seconds:.2f} s)"
+        )
+    bench.results.paired(
+        "stream",
+        f"stream {label}: end-to-end",
+        "s",
+        end_to_end,
+        "upload alone",
+        alone,
+        "stream",
+        note=f"the download ended {statistics.median(lag):.2f} s (median) after the upload's response",
+    )
+
+
+def scenario_chunked(bench: Bench) -> None:
+    """The object sent in Content-Range chunks, one curl each, against a single PUT."""
+    size, chunk = bench.args.chunked_size, bench.args.chunk_size
+    path, oid = bench.data.file(size)
+    pieces = bench.data.chunks(path, chunk)
+    label = f"{format_size(size)} in {format_size(chunk)} chunks"
+    relay = bench.relay
+    single, chunked = [], []
+    for run in range(bench.args.runs):
+        relay.clear(oid)
+        single.append(size / _put(relay, path, oid, size).seconds / MB)
+        relay.clear(oid)
+        started = time.monotonic()
+        for index, (piece, first, last) in enumerate(pieces):
+            expected = 201 if index == len(pieces) - 1 else 202
+            transfer = curl(
+                relay.object_url(oid), "-H", f"Content-Range: bytes {first}-{last}/{size}", upload=piece, size=chunk
+            )
+            transfer.check((expected,), last - first + 1, f"chunk {first}-{last}")
+        chunked.append(size / (time.monotonic() - started) / MB)
+        relay.delete(oid)
+        bench.log(f"chunked {label} run {run + 1}: {chunked[-1]:.0f} MB/s, single PUT {single[-1]:.0f} MB/s")
+    bench.results.paired("chunked", f"chunked {label}", "MB/s", chunked, "single PUT", single, "chunked")
+
+
+def _round_trips(bench: Bench, server: Server, files: list, durable: bool) -> tuple[float, int, list[str]]:
+    """Every client's PUT then GET at once: (seconds, failures, reasons). Downloads are
+    kept in scratch and verified after the clock stops."""
+    scratch = Path(tempfile.mkdtemp(prefix="clients-", dir=bench.scratch))
+
+    def round_trip(index: int) -> Transfer:
+        path, oid = files[index]
+        size = path.stat().st_size
+        _put(server, path, oid, size)
+        if durable:
+            fsync_path(server.stored_path(oid))
+        return _get(server, oid, size, output=str(scratch / oid))
+
+    try:
+        for _path, oid in files:
+            server.delete(oid)
+        os.sync()
+        failures = []
+        started = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(len(files)) as pool:
+            futures = [pool.submit(round_trip, index) for index in range(len(files))]
+            for future in futures:
+                try:
+                    future.result()
+                except (BenchError, subprocess.SubprocessError, OSError) as exc:
+                    failures.append(str(exc))
+        seconds = time.monotonic() - started
+        for _path, oid in files:
+            got = scratch / oid
+            if got.exists() and sha256_file(got) != oid:
+                failures.append(f"{server.name}: download of {oid[:12]} does not match")
+            elif not got.exists() and not failures:
+                failures.append(f"{server.name}: no download of {oid[:12]}")
+        for _path, oid in files:
+            server.delete(oid)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return seconds, len(failures), failures
+
+
+def scenario_concurrency(bench: Bench) -> None:
+    """N clients at once, each a PUT then a GET of its own file: aggregate MB/s."""
+    count, size = bench.args.clients, bench.args.client_size
+    files = [bench.data.file(size, tag=f"client{index:03d}") for index in range(count)]
+    moved = 2 * count * size
+    label = f"{count} clients x {format_size(size)}"
+    rates = {"relay": [], "nginx": [], "nginx+fsync": []}
+    failed = {"relay": 0, "nginx": 0, "nginx+fsync": 0}
+    variants = [("relay", bench.relay, False)]
+    if bench.nginx:
+        variants += [("nginx", bench.nginx, False), ("nginx+fsync", bench.nginx, True)]
+    for run in range(bench.args.runs):
+        for name, server, durable in variants:
+            seconds, failures, reasons = _round_trips(bench, server, files, durable)
+            rates[name].append(moved / seconds / MB)
+            failed[name] += failures
+            for reason in reasons[:3]:
+                bench.results.errors.append(f"concurrency {name}: {reason}")
+            bench.log(f"{label} {name} run {run + 1}: {rates[name][-1]:.0f} MB/s, {failures} failed")
+    note = f"failures: relay {failed['relay']}" + (
+        f", nginx {failed['nginx']}, nginx+fsync {failed['nginx+fsync']}" if bench.nginx else ""
+    )
+    if bench.nginx:
+        row = bench.results.paired(
+            "concurrency", f"{label}, PUT+GET", "MB/s", rates["relay"], "nginx", rates["nginx"], "concurrency", note
+        )
+        bench.results.paired(
+            "concurrency", f"{label} (durable ref)", "MB/s", rates["relay"], "nginx+fsync", rates["nginx+fsync"]
+        )
+    else:
+        row = bench.results.add(Row("concurrency", f"{label}, PUT+GET", "MB/s", summary(rates["relay"]), note=note))
+    if failed["relay"]:
+        row.passed = False
+
+
+SCENARIO_FUNCTIONS = {
+    "reference": scenario_reference,
+    "transfer": scenario_transfer,
+    "stream": scenario_stream,
+    "chunked": scenario_chunked,
+    "concurrency": scenario_concurrency,
+}
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+
+def _scenarios(text: str) -> list[str]:
+    chosen = []
+    for name in (part.strip().lower() for part in text.split(",") if part.strip()):
+        name = ALIASES.get(name, name)
+        if name not in SCENARIOS:
+            raise argparse.ArgumentTypeError(f"unknown scenario {name!r} (choose from {', '.join(SCENARIOS)})")
+        if name not in chosen:
+            chosen.append(name)
+    return chosen
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = Defaults()
+    parser = argparse.ArgumentParser(
+        prog="bench.py",
+        description="Benchmark file-relay against nginx and the machine's limits (issue 8).",
+        epilog="--quick sets tiny sizes and fewer runs unless they are given explicitly.",
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, 2 runs: a smoke run in seconds")
+    parser.add_argument("--sizes", help=f"upload/download sizes (default {defaults.sizes})")
+    parser.add_argument("--runs", type=int, help=f"runs per figure (default {defaults.runs})")
+    parser.add_argument("--only", type=_scenarios, default=list(SCENARIOS), help=f"scenarios: {','.join(SCENARIOS)}")
+    parser.add_argument("--stream-size", help=f"object of the streaming relay (default {defaults.stream_size})")
+    parser.add_argument("--chunked-size", help=f"object of the chunked upload (default {defaults.chunked_size})")
+    parser.add_argument("--chunk-size", help=f"chunk of the chunked upload (default {defaults.chunk_size})")
+    parser.add_argument("--clients", type=int, help=f"concurrent clients (default {defaults.clients})")
+    parser.add_argument("--client-size", help=f"each client's file (default {defaults.client_size})")
+    parser.add_argument("--reference-size", help=f"bytes hashed and written (default {defaults.reference_size})")
+    parser.add_argument(
+        "--relay", type=Path, default=RELAY_SCRIPT, help="the relay script to run (default: this checkout's)"
+    )
+    parser.add_argument("--workers", type=int, default=1, help="relay worker processes (default 1)")
+    parser.add_argument("--threads", type=int, default=64, help="relay threads per worker (default 64)")
+    parser.add_argument("--nginx-workers", default="auto", help="nginx worker_processes (default auto)")
+    parser.add_argument("--no-nginx", action="store_true", help="do not run nginx even if it is installed")
+    parser.add_argument(
+        "--dir",
+        type=Path,
+        help="work directory: test data is kept there and reused; server files are removed "
+        "(default: a temporary directory under /var/tmp, removed at the end)",
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, data)")
+    parser.add_argument("--json", type=Path, help="write the results and machine info as JSON to this file")
+    return parser
+
+
+def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Fill what was not given from the defaults (or the quick ones), parse sizes."""
+    defaults = QUICK if args.quick else Defaults()
+    for field in dataclasses.fields(Defaults):
+        if getattr(args, field.name) is None:
+            setattr(args, field.name, getattr(defaults, field.name))
+    try:
+        args.sizes = sorted(set(parse_sizes(args.sizes)))
+        for name in ("stream_size", "chunked_size", "chunk_size", "client_size", "reference_size"):
+            setattr(args, name, parse_size(getattr(args, name)))
+    except argparse.ArgumentTypeError as exc:
+        parser.error(str(exc))
+    if not args.sizes or min(args.sizes) < 1 or args.runs < 1 or args.clients < 1:
+        parser.error("sizes, runs and clients must be positive")
+    if args.chunk_size < 1 or args.chunk_size > args.chunked_size:
+        parser.error("--chunk-size must be between 1 byte and --chunked-size")
+    return args
+
+
+def space_needed(args: argparse.Namespace) -> int:
+    """Bytes of test data plus what the servers hold at once, with a margin."""
+    chosen = set(args.only)
+    data = set()
+    if "transfer" in chosen:
+        data.update(args.sizes)
+    if "stream" in chosen:
+        data.add(args.stream_size)
+    if "chunked" in chosen:
+        data.add(args.chunked_size)
+    need = sum(data) + (args.chunked_size if "chunked" in chosen else 0)
+    need += args.clients * args.client_size * 3 if "concurrency" in chosen else 0
+    return need + 2 * max(data | {args.reference_size}) + (256 << 20)
+
+
+def _raise_exit(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = resolve(parser.parse_args(argv), parser)
+    if shutil.which("curl") is None:
+        parser.error("curl is needed (apt-get install curl)")
+    if _version("gunicorn") is None or _version("bottle") is None:
+        parser.error(f"{sys.executable} lacks the relay's dependencies: run bench.py with the relay's venv")
+    signal.signal(signal.SIGTERM, _raise_exit)  # so servers are stopped on a kill too
+
+    temporary = args.dir is None
+    work = Path(tempfile.mkdtemp(prefix="file-relay-bench-", dir="/var/tmp")) if temporary else args.dir.absolute()
+    work.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(work).free
+    if free < space_needed(args):
+        parser.error(f"{work} has {format_size(free)} free; this run needs about {format_size(space_needed(args))}")
+    scratch = Path("/dev/shm") if os.path.isdir("/dev/shm") else work
+    if shutil.disk_usage(scratch).free < 2 * args.clients * args.client_size:
+        scratch = work
+
+    results = Results()
+    skip_nginx = "--no-nginx given: nginx figures skipped" if args.no_nginx else nginx_unavailable()
+    if skip_nginx:
+        results.notes.append(skip_nginx)
+        print(f"note: {skip_nginx}", file=sys.stderr)
+    relay = Relay(work, args.relay.absolute(), args.workers, args.threads)
+    nginx = None if skip_nginx else Nginx(work, args.nginx_workers)
+    data = DataFiles(work / "data")
+    bench = Bench(args, work, data, relay, nginx, results, scratch)
+    machine = machine_info(work, nginx)
+    started = time.monotonic()
+    try:
+        try:
+            relay.start()
+        except BenchError as exc:
+            print(f"bench.py: {exc}", file=sys.stderr)
+            return 1
+        if nginx is not None:
+            try:
+                nginx.start()
+            except BenchError as exc:
+                nginx.stop()
+                nginx = bench.nginx = None
+                results.notes.append(f"nginx did not start, its figures are skipped: {exc}")
+        idle = Watch(relay.process.pid)
+        idle.sample()
+        results.notes.append(f"relay idle: summed RSS {idle.peak_rss / MiB:.1f} MiB, PSS {idle.peak_pss / MiB:.1f} MiB")
+        for name in args.only:
+            bench.log(f"== {name}")
+            try:
+                SCENARIO_FUNCTIONS[name](bench)
+            except (BenchError, subprocess.SubprocessError, OSError) as exc:
+                results.errors.append(f"{name}: {exc}")
+                bench.log(f"{name} failed: {exc}")
+    finally:
+        relay.stop()
+        if nginx is not None:
+            nginx.stop(signal.SIGQUIT)
+        for leftover in ("relay-files", "nginx-root", "nginx-body", "nginx-proxy"):
+            shutil.rmtree(work / leftover, ignore_errors=True)
+        if temporary and not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    machine["load_average_at_end"] = _read("/proc/loadavg").split()[:3]
+    machine["duration_seconds"] = round(time.monotonic() - started, 1)
+
+    print(render_table(results))
+    for note in results.notes:
+        print(f"note: {note}")
+    for error in results.errors:
+        print(f"error: {error}")
+    filesystem = machine["files_filesystem"]
+    print(
+        f"{machine['date']}  {machine['cpu']}, {machine['cores']} cores, {machine['ram_gib']} GiB, "
+        f"kernel {machine['kernel']}, {filesystem['type']} on {filesystem['device']}, "
+        f"Python {machine['python']}, gunicorn {machine['gunicorn']}, bottle {machine['bottle']}, "
+        f"load {' '.join(machine['load_average_at_start'])} -> {' '.join(machine['load_average_at_end'])}"
+    )
+    if args.json:
+        settings = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
+        report = {
+            "machine": machine,
+            "settings": settings,
+            "rows": [dataclasses.asdict(row) for row in results.rows],
+            "notes": results.notes,
+            "errors": results.errors,
+        }
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 1 if results.errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
