@@ -45,6 +45,7 @@ import logging
 import math
 import mmap
 import os
+import queue
 import random
 import re
 import secrets
@@ -80,7 +81,7 @@ class RelayConfig:
     server_id: str
     files_directory: Path = Path("/var/tmp/file-relay")
     bind: str = "0.0.0.0:8080"
-    workers: int = 1
+    workers: int = 2
     threads: int = 256  # created as needed: a transfer, a waiting reader or a slow client holds one
     max_file_size: int | None = None  # bytes; None: bounded by free disk space only
     log_level: str = "info"
@@ -264,10 +265,15 @@ def _lock_held(fd: int, start: int, length: int = 1) -> bool:
     return _FLOCK.unpack(result)[0] != fcntl.F_UNLCK
 
 
+_WRITE_SLICE = 64 << 10  # write() of 128 KiB or more cost ~5x the CPU per byte (measured, VM)
+
+
 def _write_all(fd: int, data, offset: int | None = None) -> None:
+    """Write all of *data* (at *offset*, or at the file position), in 64 KiB slices."""
     view = memoryview(data)
     while view:
-        written = os.write(fd, view) if offset is None else os.pwrite(fd, view, offset)
+        piece = view[:_WRITE_SLICE]
+        written = os.write(fd, piece) if offset is None else os.pwrite(fd, piece, offset)
         view = view[written:]
         if offset is not None:
             offset += written
@@ -289,6 +295,33 @@ def _write_file(path: Path, data: bytes) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class _BackgroundHasher:
+    """SHA-256 on a thread of its own, so that hashing an upload overlaps receiving and
+    writing it (hashlib and write() both release the GIL). At most two blocks wait, so a
+    block handed over stays untouched until hashed if its buffer is reused no sooner
+    than three blocks later (the socket reader's ring of four buffers)."""
+
+    def __init__(self):
+        self._hash = hashlib.sha256()
+        self._blocks: queue.Queue = queue.Queue(maxsize=2)
+        self._thread = threading.Thread(target=self._run, name="sha256", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (block := self._blocks.get()) is not None:
+            self._hash.update(block)
+
+    def update(self, block) -> None:
+        self._blocks.put(block)
+
+    def finish(self):
+        """Wait for the blocks handed over; the hash object, complete."""
+        if self._thread.is_alive():
+            self._blocks.put(None)
+            self._thread.join()
+        return self._hash
 
 
 @contextlib.contextmanager
@@ -428,6 +461,7 @@ class Store:
         self.partials = self.root / ".relay" / "partial"
         self.meta = self.root / ".relay" / "meta"
         self.lock_path = self.root / ".relay" / "lock"
+        self._prefix_hashes = _PrefixHashes()
 
     def prepare(self) -> None:
         """Create the directories (private to the relay's user) if they are missing."""
@@ -595,8 +629,8 @@ class Store:
             self.check_size(length)
         partial = self._create_partial(oid, "stream", length, limits)
         created = False
+        hasher = _BackgroundHasher()
         try:
-            hasher = hashlib.sha256()
             received = 0
             next_space_check = _SPACE_CHECK_INTERVAL
             with _disk_full_is_507():
@@ -612,10 +646,11 @@ class Store:
                     _write_all(partial.fd, block)
                 if length is not None and received != length:
                     raise RelayError(400, f"body has {received} bytes, Content-Length says {length}")
-                self._verify(oid, hasher)
+                self._verify(oid, hasher.finish())
                 created = self._publish(partial, oid)
             return created
         finally:
+            hasher.finish()
             self._discard(partial, keep_meta=created)
 
     def put_chunk(self, oid: str, first: int, last: int, total: int, body, digest: bytes | None, limits: Limits):
@@ -639,10 +674,13 @@ class Store:
                 raise RelayError(409, f"this upload is {partial.info['length']} bytes long, not {total}")
             if not _lock(partial.fd, fcntl.F_WRLCK, first, last - first + 1):
                 raise RelayError(409, f"bytes {first}-{last} are being written by another request", retry_after=1)
+            prefix = self._prefix_hashes.continuing(partial, first)
             with _disk_full_is_507():
-                self._receive_chunk(partial, first, last, body, digest)
+                self._receive_chunk(partial, first, last, body, digest, prefix)
                 os.fdatasync(partial.fd)
                 partial.record(first, last)
+            if prefix is not None:
+                self._prefix_hashes.extended(partial, first, last + 1, prefix)
             if not partial.is_current():  # another request finished (or cancelled) it meanwhile
                 if self.is_stored(oid):
                     return 200, None
@@ -654,9 +692,10 @@ class Store:
         finally:
             partial.close()
 
-    def _receive_chunk(self, partial: _Partial, first: int, last: int, body, digest: bytes | None) -> None:
+    def _receive_chunk(self, partial: _Partial, first: int, last: int, body, digest: bytes | None, prefix) -> None:
         """Write a chunk's bytes at their offsets. Bytes of ranges already acknowledged
-        are compared instead of written: a retried chunk is fine, a different one is not."""
+        are compared instead of written: a retried chunk is fine, a different one is not.
+        *prefix*, if given, is the running hash of the object up to *first*: it goes on."""
         recorded = partial.ranges()
         hasher = hashlib.sha256() if digest is not None else None
         position = first
@@ -665,6 +704,8 @@ class Store:
                 raise RelayError(400, f"body is longer than its Content-Range ({last - first + 1} bytes)")
             if hasher is not None:
                 hasher.update(block)
+            if prefix is not None:
+                prefix.update(block)
             self._write_or_compare(partial.fd, position, memoryview(block), recorded)
             position += len(block)
         if position != last + 1:
@@ -699,8 +740,7 @@ class Store:
             if self.is_stored(oid):
                 return 200
             raise RelayError(400, "the completed upload did not verify and was discarded")
-        hasher = hashlib.sha256()
-        position = 0
+        hasher, position = self._prefix_hashes.take(partial)
         while block := os.pread(partial.fd, BLOCK_SIZE, position):
             hasher.update(block)
             position += len(block)
@@ -792,43 +832,57 @@ class Store:
     def _create_partial(self, oid: str, mode: str, length: int | None, limits: Limits) -> _Partial:
         """Start a new partial upload of *oid*. A plain upload ("stream") owns it
         exclusively and replaces an idle partial; chunk requests ("chunks") share it, and
-        FileExistsError tells a chunk request that another one created it first."""
-        with self._space_lock():
-            if mode == "chunks" and (self.partials / oid).exists():
-                raise FileExistsError(oid)
-            existing = self._open_partial(oid, exclusive=True)
-            if existing is not None:
-                self._discard(existing)
-            self._check_space(length or 0)
-            staging = self.partials / f".new-{secrets.token_hex(8)}"
-            staging.mkdir(mode=0o700)
-            partial = None
+        FileExistsError tells a chunk request that another one created it first.
+
+        The upload is prepared under a private name, then checked against the free space
+        and quotas and renamed into place under the space lock, so that two uploads that
+        each fit but not together cannot both start."""
+        partial = self._stage_partial(oid, mode, length, limits)
+        try:
+            with self._space_lock():
+                if mode == "chunks" and (self.partials / oid).exists():
+                    raise FileExistsError(oid)
+                existing = self._open_partial(oid, exclusive=True)
+                if existing is not None:
+                    self._discard(existing)
+                self._check_space(length or 0)
+                os.rename(partial.path, self.partials / oid)
+        except BaseException:
+            shutil.rmtree(partial.path, ignore_errors=True)
+            self._meta_path(oid, partial.inode).unlink(missing_ok=True)
+            partial.close()
+            raise
+        partial.path = self.partials / oid
+        if mode == "chunks":
+            _fsync_dir(self.partials)
+        return partial
+
+    def _stage_partial(self, oid: str, mode: str, length: int | None, limits: Limits) -> _Partial:
+        """A new partial upload under a private name: data, info and limits, locked."""
+        staging = self.partials / f".new-{secrets.token_hex(8)}"
+        staging.mkdir(mode=0o700)
+        partial = None
+        try:
+            dir_fd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
-                dir_fd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-                try:
-                    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-                    fd = os.open("data", flags, 0o600, dir_fd=dir_fd)
-                except BaseException:
-                    os.close(dir_fd)
-                    raise
-                info = {"mode": mode, "length": length, "created": time.time()}
-                partial = _Partial(oid, staging, dir_fd, fd, info)
-                _lock(fd, fcntl.F_WRLCK if mode == "stream" else fcntl.F_RDLCK, _WRITERS)
-                _write_file(staging / "info", json.dumps(info).encode())
-                if limits.ttl is not None or limits.max_downloads is not None:
-                    limits_json = json.dumps(dataclasses.asdict(limits)).encode()
-                    _write_file(self._meta_path(oid, partial.inode), limits_json)
-                os.rename(staging, self.partials / oid)
+                flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+                fd = os.open("data", flags, 0o600, dir_fd=dir_fd)
             except BaseException:
-                shutil.rmtree(staging, ignore_errors=True)
-                if partial is not None:
-                    self._meta_path(oid, partial.inode).unlink(missing_ok=True)
-                    partial.close()
+                os.close(dir_fd)
                 raise
-            partial.path = self.partials / oid
-            if mode == "chunks":
-                _fsync_dir(self.partials)
+            info = {"mode": mode, "length": length, "created": time.time()}
+            partial = _Partial(oid, staging, dir_fd, fd, info)
+            _lock(fd, fcntl.F_WRLCK if mode == "stream" else fcntl.F_RDLCK, _WRITERS)
+            _write_file(staging / "info", json.dumps(info).encode())
+            if limits.ttl is not None or limits.max_downloads is not None:
+                _write_file(self._meta_path(oid, partial.inode), json.dumps(dataclasses.asdict(limits)).encode())
             return partial
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            if partial is not None:
+                self._meta_path(oid, partial.inode).unlink(missing_ok=True)
+                partial.close()
+            raise
 
     def _join_partial(self, oid: str, total: int, limits: Limits) -> _Partial | None:
         """Open the chunked upload of *oid* to write a chunk, creating it if needed.
@@ -878,7 +932,7 @@ class Store:
     def _check_space(self, needed: int) -> None:
         """Refuse (507) an upload of *needed* bytes that the disk or quota cannot hold,
         counting the bytes promised to uploads in progress as already used."""
-        usage = self.usage()
+        usage = self.usage(count_stored=self.config.max_disk is not None)
         disk = shutil.disk_usage(self.root)
         outstanding = usage["reserved_bytes"] - usage["partial_allocated_bytes"]
         available = disk.free - max(0, outstanding) - self.config.min_free
@@ -888,11 +942,11 @@ class Store:
         if quota is not None and usage["stored_bytes"] + usage["reserved_bytes"] + needed > quota:
             raise RelayError(507, f"over the relay's disk quota of {format_size(quota)} ({quota} bytes)")
 
-    def usage(self) -> dict:
+    def usage(self, *, count_stored: bool = True) -> dict:
         """Stored objects and partial uploads, counted from the directory."""
         stored_count = stored_bytes = 0
         with os.scandir(self.root) as entries:
-            for entry in entries:
+            for entry in entries if count_stored else ():
                 if len(entry.name) == 64 and parse_object_id(entry.name) == entry.name:
                     with contextlib.suppress(FileNotFoundError):
                         stored_bytes += entry.stat().st_size
@@ -1009,6 +1063,46 @@ class Store:
             if parse_object_id(oid) == oid:
                 (self.root / oid).unlink(missing_ok=True)
         shutil.rmtree(self.root / ".relay", ignore_errors=True)
+
+
+class _PrefixHashes:
+    """Running SHA-256 of chunked uploads whose chunks came in order to this process.
+
+    Each chunk that starts where the hashed prefix ends carries the hash on (once it is
+    durably recorded, so a failed chunk changes nothing), and the request that completes
+    the object hashes only what the chain did not cover, instead of the whole object
+    again. hashlib's state cannot leave the process: chunks arriving at other workers,
+    out of order or after a restart just leave more to hash at the end.
+    """
+
+    _LIMIT = 256  # uploads tracked per process; the oldest are forgotten
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._hashes: dict = {}  # (oid, data inode) -> (hash of bytes 0..end-1, end)
+
+    def continuing(self, partial: _Partial, first: int):
+        """A copy of the running hash if a chunk at *first* continues it, else None."""
+        with self._lock:
+            hashed, end = self._hashes.get((partial.oid, partial.inode), (None, 0))
+        if first != end:
+            return None
+        return hashed.copy() if hashed is not None else hashlib.sha256()
+
+    def extended(self, partial: _Partial, first: int, end: int, hashed) -> None:
+        key = (partial.oid, partial.inode)
+        with self._lock:
+            if self._hashes.get(key, (None, 0))[1] == first:
+                self._hashes.pop(key, None)
+                self._hashes[key] = (hashed, end)
+                while len(self._hashes) > self._LIMIT:
+                    self._hashes.pop(next(iter(self._hashes)))
+
+    def take(self, partial: _Partial):
+        """(hash of the prefix known here, its length): where verification starts."""
+        with self._lock:
+            hashed, end = self._hashes.pop((partial.oid, partial.inode), (None, 0))
+        return (hashed, end) if hashed is not None else (hashlib.sha256(), 0)
 
 
 class DownloadTicket:
@@ -1416,7 +1510,7 @@ def _request_body(environ: dict, length: int | None, exchange: _Exchange):
 
     Raises RelayError(400) if the body ends before its Content-Length, ClientGone if the
     client disconnects, stalls past the idle timeout or breaks the chunked framing. A
-    yielded block may be a view into a reused buffer: use it before asking for the next.
+    yielded block may be a view into a buffer that is reused _RING_SIZE blocks later.
     """
     stream = environ["wsgi.input"]
     peer = environ.get("gunicorn.socket")
@@ -1439,6 +1533,9 @@ def _request_body(environ: dict, length: int | None, exchange: _Exchange):
         raise ClientGone(f"bad chunked body: {exc.__class__.__name__}") from None
     if length is not None and received < length:
         raise RelayError(400, f"body ended after {received} bytes, Content-Length says {length}")
+
+
+_RING_SIZE = 4  # receive buffers per upload: one being filled, the rest being hashed
 
 
 def _stream_blocks(stream, length: int | None):
@@ -1480,8 +1577,11 @@ def _socket_blocks(stream, reader, peer, length: int):
             return
         remaining -= len(block)
         yield block
-    buffer = memoryview(bytearray(min(BLOCK_SIZE, remaining)))
+    ring = [memoryview(bytearray(min(BLOCK_SIZE, remaining))) for _ in range(_RING_SIZE if remaining > 0 else 0)]
+    turn = 0
     while remaining > 0:
+        buffer = ring[turn % _RING_SIZE]
+        turn += 1
         count = peer.recv_into(buffer, min(len(buffer), remaining))
         if not count:
             return
@@ -3531,7 +3631,7 @@ _SERVER_OPTIONS = [
     (
         ("--workers",),
         "RELAY_WORKERS",
-        {"type": _option_type(_positive_int(64), "workers"), "default": "1", "help": "worker processes"},
+        {"type": _option_type(_positive_int(64), "workers"), "default": "2", "help": "worker processes"},
     ),
     (
         ("--threads",),

@@ -586,7 +586,7 @@ class Results:
 
     def paired(self, scenario, what, unit, relay, reference_name, reference, target_key=None, note="") -> Row:
         """A row of paired runs: relay[i] was measured beside reference[i]."""
-        pairs = [r / f for r, f in zip(relay, reference) if f]
+        pairs = [r / f for r, f in zip(relay, reference, strict=False) if f]
         row = Row(scenario, what, unit, summary(relay), reference_name, summary(reference), summary(pairs), note=note)
         return self.add(row, target_key)
 
@@ -622,7 +622,7 @@ def render_table(results: Results) -> str:
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     out = []
     for index, line in enumerate(lines):
-        out.append("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
+        out.append("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=False)).rstrip())
         if index == 0:
             out.append("  ".join("-" * width for width in widths))
     for row in results.rows:

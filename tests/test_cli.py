@@ -40,7 +40,7 @@ def test_defaults(started, tmp_path):
     assert config.bind == "0.0.0.0:8080"
     assert config.max_file_size is None
     assert config.files_directory == tmp_path / "f" and config.files_directory.is_dir()
-    assert (config.workers, config.threads) == (1, 256)
+    assert (config.workers, config.threads) == (2, 256)
 
 
 def test_the_default_files_directory_is_dedicated():
