@@ -265,15 +265,11 @@ def _lock_held(fd: int, start: int, length: int = 1) -> bool:
     return _FLOCK.unpack(result)[0] != fcntl.F_UNLCK
 
 
-_WRITE_SLICE = 64 << 10  # write() of 128 KiB or more cost ~5x the CPU per byte (measured, VM)
-
-
 def _write_all(fd: int, data, offset: int | None = None) -> None:
-    """Write all of *data* (at *offset*, or at the file position), in 64 KiB slices."""
+    """Write all of *data*, at *offset* or at the file position."""
     view = memoryview(data)
     while view:
-        piece = view[:_WRITE_SLICE]
-        written = os.write(fd, piece) if offset is None else os.pwrite(fd, piece, offset)
+        written = os.write(fd, view) if offset is None else os.pwrite(fd, view, offset)
         view = view[written:]
         if offset is not None:
             offset += written
