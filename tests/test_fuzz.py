@@ -12,6 +12,7 @@ import hashlib
 import io
 import math
 import os
+import re
 import tempfile
 import time
 import urllib.parse
@@ -127,7 +128,11 @@ class Relay:
             return
         status, body = response.status_int, response.body
         method = method.upper()  # as Bottle takes it
-        assert status < 500, (status, body)
+        # No 5xx but the one the README documents for this: 507, the disk (or the quota)
+        # cannot hold the upload. (A drain's 503 never shows: the app is rebuilt at once.)
+        assert status < 500 or status == 507, (status, body)
+        if status == 507:
+            assert method == "PUT" and re.search(rb"free space|disk space|quota", body), body
         assert b"Traceback" not in body
         if status >= 300 and body:
             assert body.endswith(b"\n") and body.count(b"\n") == 1, body  # one line of text
@@ -428,7 +433,9 @@ def test_uploads_of_new_content_with_any_headers(tmp_path, config, upload):
             assert oid in verify_objects(relay.files)
     response = relay.request("GET", target, {}, b"", None)
     relay.check(response, "GET", target)
-    if stored:
+    if response is None:  # cut off following a partial upload: nothing stored, or expired already
+        assert not stored or short_lived(steps)
+    elif stored:
         assert response.status_int in (200, 404) and response.body in (data, b"no such object\n")
     relay.request("DELETE", target, {}, b"", None)
 
