@@ -639,6 +639,11 @@ def test_8_clients_sending_every_chunk_of_the_same_object_at_once(live, files):
             assert status == 200, (status, text)
     assert requests.get(relay.url(oid)).content == data
     assert verify_objects(files) == {oid: len(data)}
+    # A chunk recorded into the upload's directory while the request that completed it
+    # removes it leaves that directory behind (.trash-*, empty markers only) for the sweeper.
+    for name in partials(files)["trash"]:
+        assert all(entry.startswith("range-") for entry in os.listdir(files / ".relay" / "partial" / name)), name
+    file_relay.Store(file_relay.RelayConfig(server_id=SERVER_ID, files_directory=files)).sweep()
     assert_nothing_partial(files)
 
 
