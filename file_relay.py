@@ -69,6 +69,7 @@ __version__ = "1.0.0"
 
 BLOCK_SIZE = 1 << 20  # unit of body reads, file writes and streamed reads
 OBJECT_ID_RE = re.compile(r"[0-9a-fA-F]{64}")
+LONGEST_TTL = 100 * 366 * 86400.0  # seconds: no object outlives a century (HTTP dates end at 9999)
 WEAK_SERVER_ID_LENGTH = 16  # shorter given IDs get a warning: they can be guessed
 SERVER_ID_RE = re.compile(r"[A-Za-z0-9._~-]+")  # URL-safe, needs no escaping
 CLIENT_COMMANDS = ("send", "get")  # reserved first words of the command line
@@ -489,6 +490,8 @@ class Store:
         cap = self.config.ttl_cap
         if cap is not None and ttl is not None:
             ttl = min(ttl, cap)
+        if ttl is not None:
+            ttl = min(ttl, LONGEST_TTL)
         if max_downloads is not None:
             with contextlib.suppress(FileNotFoundError):
                 downloads = os.stat(f"{meta}.count").st_size
@@ -677,16 +680,28 @@ class Store:
                 partial.record(first, last)
             if prefix is not None:
                 self._prefix_hashes.extended(partial, first, last + 1, prefix)
+            ranges = partial.ranges()  # first: a removed directory lists nothing
             if not partial.is_current():  # another request finished (or cancelled) it meanwhile
                 if self.is_stored(oid):
                     return 200, None
                 raise RelayError(409, "the upload was cancelled while this chunk was written")
-            ranges = partial.ranges()
             if contiguous_prefix(ranges) >= total:
                 return self._finish_chunks(oid, partial), None
             return 202, Progress("chunks", total, ranges, True)
+        except BaseException:
+            self._drop_if_empty(partial)
+            raise
         finally:
             partial.close()
+
+    def _drop_if_empty(self, partial: _Partial) -> None:
+        """Remove a chunked upload with nothing acknowledged that no other request is
+        writing to (a refused first chunk), rather than let it hold its reservation."""
+        try:
+            if partial.is_current() and not partial.ranges() and _lock(partial.fd, fcntl.F_WRLCK, _WRITERS):
+                self._discard(partial)
+        except OSError:
+            pass  # it stays for the sweeper
 
     def _receive_chunk(self, partial: _Partial, first: int, last: int, body, digest: bytes | None, prefix) -> None:
         """Write a chunk's bytes at their offsets. Bytes of ranges already acknowledged
@@ -856,6 +871,14 @@ class Store:
     def _stage_partial(self, oid: str, mode: str, length: int | None, limits: Limits) -> _Partial:
         """A new partial upload under a private name: data, info and limits, locked."""
         staging = self.partials / f".new-{secrets.token_hex(8)}"
+        try:
+            with _disk_full_is_507():
+                return self._stage(oid, staging, mode, length, limits)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+    def _stage(self, oid: str, staging: Path, mode: str, length: int | None, limits: Limits) -> _Partial:
         staging.mkdir(mode=0o700)
         partial = None
         try:
@@ -1589,8 +1612,9 @@ def _socket_blocks(stream, reader, peer, length: int):
 _MIN_READ = 64 << 10
 
 
-_RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)")
-_CONTENT_RANGE_RE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
+_DIGITS_RE = re.compile(r"[0-9]+")  # str.isdigit() also takes '²' and other digits int() refuses
+_RANGE_RE = re.compile(r"bytes=([0-9]*)-([0-9]*)")
+_CONTENT_RANGE_RE = re.compile(r"bytes ([0-9]+)-([0-9]+)/([0-9]+)")
 
 
 def _parse_range(header: str | None, size: int) -> tuple[int, int] | None:
@@ -1637,13 +1661,12 @@ def _parse_limits(environ: dict, config: RelayConfig) -> Limits:
             ttl = float(days) * 86400
         except ValueError:
             raise RelayError(400, "Max-Days must be a number of days") from None
-        if not math.isfinite(ttl) or ttl <= 0:
-            raise RelayError(400, "Max-Days must be a positive number of days")
-    if config.ttl_cap is not None and ttl is not None:
-        ttl = min(ttl, config.ttl_cap)
+        if not math.isfinite(ttl) or ttl < 1:
+            raise RelayError(400, "Max-Days must be a number of days, at least a second's worth")
+        ttl = min(ttl, LONGEST_TTL, config.ttl_cap or LONGEST_TTL)
     downloads = environ.get("HTTP_MAX_DOWNLOADS")
     if downloads is not None:
-        if not downloads.strip().isdigit() or int(downloads) < 1:
+        if not _DIGITS_RE.fullmatch(downloads.strip()) or int(downloads) < 1:
             raise RelayError(400, "Max-Downloads must be a positive whole number")
         max_downloads = int(downloads)
     return Limits(ttl=ttl, max_downloads=max_downloads)
@@ -1653,7 +1676,7 @@ def _declared_length(environ: dict) -> int | None:
     """The request body's length: Content-Length, or None for a chunked body."""
     text = environ.get("CONTENT_LENGTH")
     if text:
-        if not text.isdigit():
+        if not _DIGITS_RE.fullmatch(text):
             raise RelayError(400, "Content-Length must be a whole number")
         return int(text)
     if "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
@@ -1822,10 +1845,11 @@ def make_app(config: RelayConfig, state: SharedState | None = None):
                 raise RelayError(412, "already stored")
             limits = _parse_limits(request.environ, config)
             digest_field = request.environ.get("HTTP_CONTENT_DIGEST")
-            digest = parse_digest_field(digest_field) if digest_field else None
+            try:
+                digest = parse_digest_field(digest_field) if digest_field else None
+            except ValueError as exc:
+                raise RelayError(400, f"Content-Digest: {exc}") from None
             store.check_size(chunk[2] if chunk else length or 0)
-        except ValueError as exc:
-            return refuse(RelayError(400, f"Content-Digest: {exc}"))
         except RelayError as exc:
             return refuse(exc)
         body = _request_body(request.environ, length, exchange)
@@ -2129,17 +2153,28 @@ def _prometheus_text(report: dict) -> str:
 # ---------------------------------------------------------------------------
 
 
+def _secret_pattern(secret: str) -> re.Pattern:
+    """Matches a word (a run of URL-safe characters) that holds the secret, or ten
+    consecutive characters of it: the ID itself, and near misses of it (a mistyped or
+    truncated ID quoted in a message by gunicorn, say)."""
+    size = min(10, len(secret))
+    pieces = sorted({re.escape(secret[i : i + size]) for i in range(len(secret) - size + 1)})
+    word = r"[A-Za-z0-9._~%-]*"
+    return re.compile(f"{word}(?:{'|'.join(pieces)}){word}")
+
+
 class _LogFormatter(logging.Formatter):
-    """One line per record, text or JSON; access records from their fields. The server
-    ID is replaced wherever it appears in the finished line, tracebacks included."""
+    """One line per record, text or JSON; access records from their fields. Every word
+    that holds the server ID or a near miss of it is replaced in the finished line,
+    tracebacks included."""
 
     def __init__(self, as_json: bool, secret: str):
         super().__init__("%(asctime)s [%(levelname)s] %(message)s")
         self.as_json = as_json
-        self.secret = secret
+        self.secret = _secret_pattern(secret)
 
     def format(self, record: logging.LogRecord) -> str:
-        return self._format(record).replace(self.secret, "***")
+        return self.secret.sub("***", self._format(record))
 
     def _format(self, record: logging.LogRecord) -> str:
         access = record.name == "file_relay.access" and hasattr(record, "status")
@@ -2185,6 +2220,22 @@ def configure_logging(config: RelayConfig, handler: logging.Handler | None = Non
 # ---------------------------------------------------------------------------
 # Server: gunicorn embedded, threaded workers, a draining master
 # ---------------------------------------------------------------------------
+
+
+def _limit_malloc_arenas(arenas: int = 2) -> None:
+    """Let glibc's malloc use only a few arenas in this process.
+
+    By default glibc gives threads up to eight arenas per core, and a worker's many
+    threads each keep freed memory in their own: a 64-client soak grew 30 MiB in two
+    minutes (157 MiB RSS), against 12 MiB (124 MiB) with two arenas. MALLOC_ARENA_MAX
+    would do the same, but only at process start. Elsewhere than glibc, nothing happens.
+    """
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).mallopt(-8, arenas)  # M_ARENA_MAX
+    except (AttributeError, OSError):
+        pass
 
 
 HEADER_TIMEOUT = 10.0  # seconds a client has to send a request's headers, in all
@@ -2346,6 +2397,7 @@ def serve(config: RelayConfig, *, generated_id: bool = False) -> int:
 
     def post_fork(server, worker):
         state.use_slot(worker.relay_slot)
+        _limit_malloc_arenas()
 
     def child_exit(server, worker):
         state.reset_gauges(worker.relay_slot)
@@ -2384,6 +2436,7 @@ def serve(config: RelayConfig, *, generated_id: bool = False) -> int:
         "forwarded_allow_ips": config.forwarded_allow_ips,
         "certfile": config.certfile,
         "keyfile": config.keyfile,
+        "pre_request": lambda worker, req: None,  # its default logs the raw path at debug level
         "pre_fork": pre_fork,
         "post_fork": post_fork,
         "child_exit": child_exit,
@@ -3552,6 +3605,13 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _lifetime(text: str) -> float:
+    value = _seconds(text)
+    if value > LONGEST_TTL:
+        raise ValueError(f"{text!r} is longer than a century")
+    return value
+
+
 def _bind_address(text: str) -> str:
     """'HOST:PORT', ':PORT' (all interfaces), '[IPv6]:PORT' or 'HOST' (port 8080)."""
     host, port_text = text, "8080"
@@ -3660,7 +3720,7 @@ _SERVER_OPTIONS = [
         ("--ttl",),
         "RELAY_TTL",
         {
-            "type": _option_type(_seconds, "ttl"),
+            "type": _option_type(_lifetime, "ttl"),
             "help": "seconds a stored object lives after its upload (default: forever)",
         },
     ),
@@ -3668,7 +3728,7 @@ _SERVER_OPTIONS = [
         ("--max-ttl",),
         "RELAY_MAX_TTL",
         {
-            "type": _option_type(_seconds, "max ttl"),
+            "type": _option_type(_lifetime, "max ttl"),
             "help": "longest expiry a client may ask for with Max-Days (default: --ttl)",
         },
     ),

@@ -85,6 +85,17 @@ def test_a_retried_chunk_is_accepted_and_a_different_one_refused(app, files):
     assert (files / oid).read_bytes() == data
 
 
+def test_a_refused_first_chunk_leaves_no_partial_upload_holding_space(make_app, files):
+    app = make_app(max_disk=1 << 20)
+    data, oid = blob(800_000)
+    wrong = file_relay.sha256_field(hashlib.sha256(b"other").digest())
+    put_chunk(app, oid, 0, 99_999, len(data), data[:100_000], status=400, **{"Content-Digest": wrong})
+    app.head(object_url(oid), status=404)
+    assert os.listdir(files / ".relay" / "partial") == []
+    other, other_oid = blob(800_000, seed=1)  # would not fit beside a reservation of 800 KB
+    app.put(object_url(other_oid), other, status=201)
+
+
 def test_a_chunk_that_does_not_match_its_content_digest_is_not_stored(app):
     data, oid = blob(200_000)
     first, second = chunks_of(data, 100_000)

@@ -538,11 +538,6 @@ def test_a_chunk_that_meets_a_full_disk_is_507_and_the_upload_resumes(live, smal
     assert_nothing_partial(files)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: on a disk with no free block, Store._create_partial writes the partial's info file "
-    "outside _disk_full_is_507, so an empty or unsized upload gets 500 (ENOSPC traceback), not 507",
-)
 def test_a_completely_full_disk_is_507_for_empty_and_unsized_uploads_too(live, small_filesystem):
     mount = small_filesystem("4m")
     files = mount / "files"
@@ -626,10 +621,6 @@ def test_8_clients_sending_every_chunk_of_the_same_object_at_once(live, files):
     assert statuses.count(201) == 1, statuses
     assert set(statuses) <= {200, 201, 202, 409}, [a[3:5] for a in answers if a[3] not in (200, 201, 202, 409)]
     for started, first, last, status, text, headers in answers:
-        if status == 202 and headers["Upload-Ranges"] == "" and "received 0 of" in text:
-            # The known bug test_a_chunk_is_not_acknowledged_with_nothing_received_when_another_
-            # request completes_the_object shows deterministically. Remove once fixed.
-            continue
         if status == 202:
             ranges = file_relay._parse_ranges(headers["Upload-Ranges"])
             assert any(a <= first and last <= b for a, b in ranges), (first, last, ranges)
@@ -647,13 +638,6 @@ def test_8_clients_sending_every_chunk_of_the_same_object_at_once(live, files):
     assert_nothing_partial(files)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: Store.put_chunk checks partial.is_current() and only then lists partial.ranges(); when "
-    "another request completes (or discards) the upload in between, the listing of the removed directory "
-    "is empty and the chunk is answered 202 'received 0 of N bytes' with an empty Upload-Ranges, although "
-    "the object is stored (200 is due). Seen about once in 40 runs of the 8-client chunk race",
-)
 def test_a_chunk_is_not_acknowledged_with_nothing_received_when_another_request_completes_the_object(
     make_app, make_config, files, monkeypatch
 ):

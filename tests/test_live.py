@@ -177,7 +177,7 @@ def test_several_workers_share_one_directory(live, files):
     for data, oid in blobs:  # new connections land on any worker
         assert requests.get(relay.url(oid)).content == data
         assert requests.put(relay.url(oid), data=data).status_code == 200
-    assert len(relay.worker_pids()) == 4
+    wait_until(lambda: len(relay.worker_pids()) == 4, message="four workers")
     assert sorted(os.listdir(files)) == sorted([oid for _, oid in blobs] + [".relay"])
 
 
