@@ -284,12 +284,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_file(path: Path, data: bytes) -> None:
-    """Create *path* holding *data*, durably."""
+def _write_file(path: Path, data: bytes, *, durable: bool = True) -> None:
+    """Create *path* holding *data* (durably, unless told it need not survive a crash)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         _write_all(fd, data)
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -892,7 +893,8 @@ class Store:
             info = {"mode": mode, "length": length, "created": time.time()}
             partial = _Partial(oid, staging, dir_fd, fd, info)
             _lock(fd, fcntl.F_WRLCK if mode == "stream" else fcntl.F_RDLCK, _WRITERS)
-            _write_file(staging / "info", json.dumps(info).encode())
+            # Only a chunked upload is resumed after a crash: only its info must survive one.
+            _write_file(staging / "info", json.dumps(info).encode(), durable=mode == "chunks")
             if limits.ttl is not None or limits.max_downloads is not None:
                 _write_file(self._meta_path(oid, partial.inode), json.dumps(dataclasses.asdict(limits)).encode())
             return partial
