@@ -2224,6 +2224,26 @@ def configure_logging(config: RelayConfig, handler: logging.Handler | None = Non
 # ---------------------------------------------------------------------------
 
 
+def _reachable_host() -> str:
+    """A name or address other machines may reach this one by, for the printed URL of a
+    relay listening on all interfaces: the host's name if it resolves to something other
+    than loopback, else the address of the interface that routes outwards."""
+    name = socket.getfqdn()
+    try:
+        if not ipaddress.ip_address(socket.gethostbyname(name)).is_loopback:
+            return name
+    except (OSError, ValueError):
+        pass
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect(("192.0.2.1", 9))  # picks a route; a UDP connect sends nothing
+        return probe.getsockname()[0]
+    except OSError:
+        return name
+    finally:
+        probe.close()
+
+
 def _limit_malloc_arenas(arenas: int = 2) -> None:
     """Let glibc's malloc use only a few arenas in this process.
 
@@ -2410,7 +2430,7 @@ def serve(config: RelayConfig, *, generated_id: bool = False) -> int:
             return  # the user knows it; stdout may be a log (podman logs, the journal)
         host, port = server.LISTENERS[0].getsockname()[:2]
         if host in ("0.0.0.0", "::"):
-            host = socket.getfqdn()
+            host = _reachable_host()
         scheme = "https" if config.certfile else "http"
         host = f"[{host}]" if ":" in host else host
         print(f"{scheme}://{host}:{port}/{config.server_id}", flush=True)

@@ -256,3 +256,22 @@ def test_slowloris_connections_do_not_stop_a_real_client(live):
     assert time.monotonic() < stop
     for sock in idle + trickling:
         sock.close()
+
+
+def test_the_printed_url_of_a_relay_on_all_interfaces_names_a_reachable_host(live, http):
+    """The URL is for the other machine: when this one has an address other than loopback,
+    the URL must not name loopback."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect(("192.0.2.1", 9))
+        routed = not probe.getsockname()[0].startswith("127.")
+    except OSError:
+        routed = False
+    finally:
+        probe.close()
+    relay = live(server_id=None, bind="0.0.0.0:0")
+    url = wait_until(lambda: relay.output().strip(), message="the URL on stdout")
+    host = url.split("//", 1)[1].rsplit(":", 1)[0]
+    if routed:
+        assert not socket.gethostbyname(host).startswith("127."), url
+    assert http.get(f"{relay.base}/{url.rsplit('/', 1)[1]}").status_code == 200
