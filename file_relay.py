@@ -2264,7 +2264,8 @@ HEADER_TIMEOUT = 10.0  # seconds a client has to send a request's headers, in al
 
 
 class _GuardedConnection(socket.socket):
-    """A client connection whose request headers must arrive within HEADER_TIMEOUT.
+    """A client connection whose request headers must arrive within HEADER_TIMEOUT, and
+    which sends stored files corked.
 
     gunicorn makes a connection blocking just before it reads a request; from then until
     the app takes the request (headers_received), every read waits only until that
@@ -2303,6 +2304,20 @@ class _GuardedConnection(socket.socket):
             self._expired = True
             # gunicorn ignores a reset connection quietly; a timeout would log a traceback.
             raise ConnectionResetError(errno.ECONNRESET, "request headers took too long") from None
+
+    def sendfile(self, file, offset: int = 0, count: int | None = None) -> int:
+        """Send a stored file corked, so that the kernel sends only full segments: on
+        loopback this took a 1 GiB download from 0.62 s to 0.45 s, nginx's time (nginx
+        corks too). Uncorking at the end pushes out the last partial segment."""
+        corked = hasattr(socket, "TCP_CORK")
+        if corked:
+            self.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+        try:
+            return super().sendfile(file, offset, count)
+        finally:
+            if corked and self.fileno() >= 0:
+                with contextlib.suppress(OSError):  # a client gone; the send's error tells
+                    self.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
 
     def shutdown(self, how: int) -> None:
         if self._expired:  # no lingering over a client too slow to send a request
