@@ -368,7 +368,7 @@ class Server:
 class Relay(Server):
     name = "relay"
 
-    def __init__(self, work: Path, script: Path, workers: int, threads: int):
+    def __init__(self, work: Path, script: Path, workers: int | None, threads: int | None):
         self.script = script
         self.files = work / "relay-files"
         self.log_path = work / "relay.log"
@@ -377,8 +377,11 @@ class Relay(Server):
 
     def start(self) -> Relay:
         command = [sys.executable, str(self.script), SERVER_ID, "--bind", "127.0.0.1:0"]
-        command += ["--files-directory", str(self.files), "--workers", str(self.workers)]
-        command += ["--threads", str(self.threads)]
+        command += ["--files-directory", str(self.files)]
+        if self.workers is not None:  # else the relay's own defaults, as users run it
+            command += ["--workers", str(self.workers)]
+        if self.threads is not None:
+            command += ["--threads", str(self.threads)]
         with open(self.log_path, "wb") as log:  # a fresh log: an old "Listening at" would mislead
             self.process = subprocess.Popen(
                 command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True
@@ -1043,8 +1046,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--relay", type=Path, default=RELAY_SCRIPT, help="the relay script to run (default: this checkout's)"
     )
-    parser.add_argument("--workers", type=int, default=1, help="relay worker processes (default 1)")
-    parser.add_argument("--threads", type=int, default=64, help="relay threads per worker (default 64)")
+    parser.add_argument("--workers", type=int, help="relay worker processes (default: the relay's default)")
+    parser.add_argument("--threads", type=int, help="relay threads per worker (default: the relay's default)")
     parser.add_argument("--nginx-workers", default="auto", help="nginx worker_processes (default auto)")
     parser.add_argument("--no-nginx", action="store_true", help="do not run nginx even if it is installed")
     parser.add_argument(
