@@ -1749,7 +1749,7 @@ def make_app(config: RelayConfig, state: SharedState | None = None):
             environ["file_relay.exchange"] = exchange
             environ["wsgi.errors"] = _LogWriter()
             peer = environ.get("gunicorn.socket")
-            if isinstance(peer, _GuardedConnection):
+            if isinstance(peer, _HeaderDeadline):
                 peer.headers_received(config.idle_timeout)
             elif peer is not None:
                 peer.settimeout(config.idle_timeout)
@@ -2263,47 +2263,62 @@ def _limit_malloc_arenas(arenas: int = 2) -> None:
 HEADER_TIMEOUT = 10.0  # seconds a client has to send a request's headers, in all
 
 
-class _GuardedConnection(socket.socket):
-    """A client connection whose request headers must arrive within HEADER_TIMEOUT, and
-    which sends stored files corked.
+class _HeaderDeadline:
+    """A client connection whose request headers must arrive within HEADER_TIMEOUT.
 
     gunicorn makes a connection blocking just before it reads a request; from then until
-    the app takes the request (headers_received), every read waits only until that
-    deadline. A client trickling its headers byte by byte (slowloris) holds a worker
-    thread for seconds, not for as long as it likes.
+    the app takes the request (headers_received), every read, and a TLS handshake, waits
+    only until that deadline. A client trickling its handshake or headers byte by byte
+    (slowloris) holds a worker thread for seconds, not for as long as it likes.
     """
 
     _deadline: float | None = None
+    _armed = False  # whether the current request's deadline has started
     _expired = False
-
-    @classmethod
-    def adopt(cls, connection: socket.socket) -> _GuardedConnection:
-        guarded = cls(connection.family, connection.type, connection.proto, fileno=connection.detach())
-        guarded.setblocking(False)
-        return guarded
 
     def setblocking(self, flag: bool) -> None:
         super().setblocking(flag)
+        self._armed = flag
         self._deadline = time.monotonic() + HEADER_TIMEOUT if flag else None
 
     def headers_received(self, idle_timeout: float) -> None:
-        self._deadline = None
+        self._armed, self._deadline = True, None
         self.settimeout(idle_timeout)
 
-    def recv(self, size: int, flags: int = 0) -> bytes:
+    def _before_deadline(self, operation, *args):
+        if not self._armed:  # a TLS connection, wrapped after gunicorn made it blocking
+            self._armed, self._deadline = True, time.monotonic() + HEADER_TIMEOUT
         if self._deadline is None:
-            return super().recv(size, flags)
+            return operation(*args)
         remaining = self._deadline - time.monotonic()
         current = self.gettimeout()
         self.settimeout(max(0.001, remaining if current is None else min(current, remaining)))
         try:
             if remaining <= 0:
                 raise TimeoutError
-            return super().recv(size, flags)
+            return operation(*args)
         except TimeoutError:
             self._expired = True
             # gunicorn ignores a reset connection quietly; a timeout would log a traceback.
             raise ConnectionResetError(errno.ECONNRESET, "request headers took too long") from None
+
+    def recv(self, size: int = 1024, flags: int = 0) -> bytes:
+        return self._before_deadline(super().recv, size, flags)
+
+    def shutdown(self, how: int) -> None:
+        if self._expired:  # no lingering over a client too slow to send a request
+            raise ConnectionResetError(errno.ECONNRESET, "request headers took too long")
+        super().shutdown(how)
+
+
+class _GuardedConnection(_HeaderDeadline, socket.socket):
+    """A plain client connection: header deadline, and stored files sent corked."""
+
+    @classmethod
+    def adopt(cls, connection: socket.socket) -> _GuardedConnection:
+        guarded = cls(connection.family, connection.type, connection.proto, fileno=connection.detach())
+        guarded.setblocking(False)
+        return guarded
 
     def sendfile(self, file, offset: int = 0, count: int | None = None) -> int:
         """Send a stored file corked, so that the kernel sends only full segments: on
@@ -2319,10 +2334,19 @@ class _GuardedConnection(socket.socket):
                 with contextlib.suppress(OSError):  # a client gone; the send's error tells
                     self.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
 
-    def shutdown(self, how: int) -> None:
-        if self._expired:  # no lingering over a client too slow to send a request
-            raise ConnectionResetError(errno.ECONNRESET, "request headers took too long")
-        super().shutdown(how)
+
+class _GuardedTLSConnection(_HeaderDeadline, ssl.SSLSocket):
+    """A TLS client connection: the handshake too must finish within the header deadline."""
+
+    def do_handshake(self, block: bool = False) -> None:
+        self._before_deadline(super().do_handshake, block)
+
+
+def _guarded_tls_context(gunicorn_config, default_context_factory) -> ssl.SSLContext:
+    """gunicorn's ssl_context hook: its TLS context, wrapping connections in the guard."""
+    context = default_context_factory()
+    context.sslsocket_class = _GuardedTLSConnection
+    return context
 
 
 def serve(config: RelayConfig, *, generated_id: bool = False) -> int:
@@ -2473,6 +2497,7 @@ def serve(config: RelayConfig, *, generated_id: bool = False) -> int:
         "forwarded_allow_ips": config.forwarded_allow_ips,
         "certfile": config.certfile,
         "keyfile": config.keyfile,
+        "ssl_context": _guarded_tls_context,
         "pre_request": lambda worker, req: None,  # its default logs the raw path at debug level
         "pre_fork": pre_fork,
         "post_fork": post_fork,

@@ -3,13 +3,16 @@ trusted proxy names in the access log, and nginx running deploy/nginx-file-relay
 front of a relay for a large upload and a download that streams while its upload goes on."""
 
 import concurrent.futures
+import contextlib
 import getpass
 import json
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import threading
+import time
 
 import pytest
 import requests
@@ -72,6 +75,52 @@ def test_https_is_all_the_relay_speaks_and_its_certificate_is_checked(live, cert
     with pytest.raises(requests.exceptions.ConnectionError):
         requests.get(relay.url().replace("https://", "http://"), timeout=10)
     assert requests.get(relay.url(), verify=cert, timeout=10).status_code == 200
+
+
+def test_tls_clients_too_slow_to_handshake_or_to_send_headers_are_cut_off(live, certificate):
+    """Four stalled TLS handshakes, then four clients trickling their headers through TLS,
+    each time taking every worker thread: both are cut off at the header deadline
+    (HEADER_TIMEOUT, 10 s), and a real client is served, after them."""
+    cert, key = certificate
+    relay = live("--certfile", cert, "--keyfile", key, "--workers", "1", "--threads", "4")
+    host, port = relay.base.split("//")[1].split(":")
+    address = (host, int(port))
+    client_tls = ssl.create_default_context(cafile=cert)
+
+    stalled = [socket.create_connection(address) for _ in range(4)]
+    for sock in stalled:
+        sock.sendall(b"\x16\x03\x01\x02\x00")  # the header of a ClientHello record, and no more
+    started = time.monotonic()
+    with https_session(cert) as https:
+        assert https.get(relay.url(), timeout=30).status_code == 200
+    assert time.monotonic() - started < 20  # not the 30 s timeout: the stalled ones were dropped
+    for sock in stalled:
+        sock.settimeout(5)
+        with contextlib.suppress(ConnectionResetError):
+            assert sock.recv(100) == b""  # closed by the relay: no alert, no answer
+        sock.close()
+
+    trickling = []
+    for _ in range(4):
+        tls = client_tls.wrap_socket(socket.create_connection(address, timeout=30), server_hostname="localhost")
+        tls.sendall(f"GET /{SERVER_ID} HTTP/1.1\r\nHost: localhost\r\n".encode())
+        trickling.append(tls)
+    started, cut_off = time.monotonic(), set()
+    while len(cut_off) < len(trickling) and time.monotonic() - started < 30:
+        for tls in trickling:
+            if tls in cut_off:
+                continue
+            try:
+                tls.sendall(b"X")
+            except OSError:
+                cut_off.add(tls)
+        time.sleep(0.5)
+    assert len(cut_off) == len(trickling)
+    assert time.monotonic() - started < 20
+    with https_session(cert) as https:
+        assert https.get(relay.url(), timeout=10).status_code == 200
+    for tls in trickling:
+        tls.close()
 
 
 # -- the client behind a proxy ---------------------------------------------------------------
