@@ -44,6 +44,23 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02, message
         time.sleep(interval)
 
 
+def trickle_until_cut_off(connections, deadline: float, cut_off: set | None = None) -> set:
+    """Send one byte on each connection every 0.5 s until the relay has cut every one off
+    (a send fails) or the monotonic *deadline* passes; returns the set of those cut off,
+    filling *cut_off* as it goes for a caller watching from another thread."""
+    cut_off = set() if cut_off is None else cut_off
+    while len(cut_off) < len(connections) and time.monotonic() < deadline:
+        for connection in connections:
+            if connection in cut_off:
+                continue
+            try:
+                connection.sendall(b"X")
+            except OSError:
+                cut_off.add(connection)
+        time.sleep(0.5)
+    return cut_off
+
+
 @pytest.fixture
 def files(tmp_path) -> Path:
     return tmp_path / "files"

@@ -16,7 +16,7 @@ import time
 
 import pytest
 import requests
-from conftest import ROOT, SERVER_ID, blob, wait_until
+from conftest import ROOT, SERVER_ID, blob, trickle_until_cut_off, wait_until
 
 NGINX_SNIPPET = ROOT / "deploy" / "nginx-file-relay.conf"
 
@@ -105,17 +105,8 @@ def test_tls_clients_too_slow_to_handshake_or_to_send_headers_are_cut_off(live, 
         tls = client_tls.wrap_socket(socket.create_connection(address, timeout=30), server_hostname="localhost")
         tls.sendall(f"GET /{SERVER_ID} HTTP/1.1\r\nHost: localhost\r\n".encode())
         trickling.append(tls)
-    started, cut_off = time.monotonic(), set()
-    while len(cut_off) < len(trickling) and time.monotonic() - started < 30:
-        for tls in trickling:
-            if tls in cut_off:
-                continue
-            try:
-                tls.sendall(b"X")
-            except OSError:
-                cut_off.add(tls)
-        time.sleep(0.5)
-    assert len(cut_off) == len(trickling)
+    started = time.monotonic()
+    assert len(trickle_until_cut_off(trickling, started + 30)) == len(trickling)
     assert time.monotonic() - started < 20
     with https_session(cert) as https:
         assert https.get(relay.url(), timeout=10).status_code == 200

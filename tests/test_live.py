@@ -9,7 +9,7 @@ import socket
 import time
 
 import requests
-from conftest import SERVER_ID, blob, raw_request, sha256, wait_until
+from conftest import SERVER_ID, blob, raw_request, sha256, trickle_until_cut_off, wait_until
 
 
 def test_upload_download_and_shutdown_exits_zero(live, http, files):
@@ -224,21 +224,10 @@ def test_slowloris_connections_do_not_stop_a_real_client(live):
     for sock in trickling:
         sock.sendall(f"PUT /{SERVER_ID}/{'a' * 64} HTTP/1.1\r\n".encode())
     stop = time.monotonic() + 30
-    cut_off = []
-
-    def trickle():
-        while time.monotonic() < stop and len(cut_off) < len(trickling):
-            for sock in trickling:
-                if sock in cut_off:
-                    continue
-                try:
-                    sock.sendall(b"X")
-                except OSError:
-                    cut_off.append(sock)
-            time.sleep(0.5)
+    cut_off = set()
 
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        trickler = pool.submit(trickle)
+        trickler = pool.submit(trickle_until_cut_off, trickling, stop, cut_off)
         time.sleep(2)
         data, oid = blob(4 << 20)
         started = time.monotonic()
