@@ -1535,6 +1535,8 @@ def _request_body(environ: dict, length: int | None, exchange: _Exchange):
     """
     stream = environ["wsgi.input"]
     peer = environ.get("gunicorn.socket")
+    if isinstance(peer, _HeaderDeadline):
+        peer.send_continue()
     reader = getattr(stream, "reader", None)
     if length is not None and peer is not None and _is_length_reader(stream, reader):
         blocks = _socket_blocks(stream, reader, peer, length)
@@ -1758,8 +1760,8 @@ def make_app(config: RelayConfig, state: SharedState | None = None):
                 exchange.status = int(status[:3])
                 if environ.get("file_relay.length_unknown"):  # not the 0 Bottle gives empty bodies
                     headers = [(name, value) for name, value in headers if name.lower() != "content-length"]
-                if environ.get("file_relay.close"):
-                    _close_connection_after(start_response)
+                if environ.get("file_relay.close") or (isinstance(peer, _HeaderDeadline) and peer.continue_pending):
+                    _close_connection_after(start_response)  # a body not read: not sent, or unwanted
                 return start_response(status, headers, exc_info)
 
             body = super().wsgi(environ, observed_start_response)
@@ -2275,6 +2277,13 @@ class _HeaderDeadline:
     _deadline: float | None = None
     _armed = False  # whether the current request's deadline has started
     _expired = False
+    continue_pending = False  # the client awaits "100 Continue" before sending its body
+
+    def send_continue(self) -> None:
+        """Tell a client waiting for "100 Continue" to send its body, once it is wanted."""
+        if self.continue_pending:
+            self.continue_pending = False
+            self.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def setblocking(self, flag: bool) -> None:
         super().setblocking(flag)
@@ -2382,6 +2391,16 @@ def serve(config: RelayConfig, *, generated_id: bool = False) -> int:
         def init_signals(self):
             super().init_signals()
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+        def handle_request(self, req, conn):
+            """Leave "100 Continue" to the app, which sends it when it starts reading the
+            body. gunicorn sends it before the app has seen the request, so a client
+            refused at once (403, 412, 413, 507) had already begun sending its body, and
+            curl could lose the refusal when the relay closed the connection on it."""
+            if isinstance(conn.sock, _HeaderDeadline):
+                conn.sock.continue_pending = bool(getattr(req, "_expected_100_continue", False))
+                req._expected_100_continue = False
+            return super().handle_request(req, conn)
 
         def enqueue_req(self, conn):
             if not self.cfg.is_ssl and not isinstance(conn.sock, _GuardedConnection):

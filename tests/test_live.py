@@ -264,3 +264,32 @@ def test_the_printed_url_of_a_relay_on_all_interfaces_names_a_reachable_host(liv
     if routed:
         assert not socket.gethostbyname(host).startswith("127."), url
     assert http.get(f"{relay.base}/{url.rsplit('/', 1)[1]}").status_code == 200
+
+
+def test_100_continue_is_sent_only_once_the_body_is_wanted(live, files):
+    """curl sends `Expect: 100-continue` and waits (up to 1 s) before sending a body. A
+    refusal must come instead of "100 Continue", or curl has begun sending and can lose
+    it when the relay closes the connection; an accepted upload gets it at once."""
+    relay = live("--max-file-size", "1M")
+    host, port = relay.base.split("//")[1].split(":")
+    data, oid = blob(512 << 10)
+    too_large, too_large_oid = blob(2 << 20, seed=1)
+
+    def put_head(object_id: str, length: int) -> socket.socket:
+        sock = socket.create_connection((host, int(port)), timeout=10)
+        head = f"PUT /{SERVER_ID}/{object_id} HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n"
+        sock.sendall(f"{head}Expect: 100-continue\r\n\r\n".encode())
+        return sock
+
+    with put_head(too_large_oid, len(too_large)) as sock:
+        answer = b""
+        while chunk := sock.recv(65536):  # the relay closes: no body is coming
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 413 ") and b"100 Continue" not in answer
+
+    with put_head(oid, len(data)) as sock:
+        assert sock.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(data)
+        assert sock.recv(100).startswith(b"HTTP/1.1 201 ")
+    assert (files / oid).read_bytes() == data
+    assert not (files / too_large_oid).exists()
