@@ -632,21 +632,26 @@ class Store:
         hasher = _BackgroundHasher()
         try:
             received = 0
-            next_space_check = _SPACE_CHECK_INTERVAL
+            next_space_check = BLOCK_SIZE
             with _disk_full_is_507():
                 for block in body:
                     received += len(block)
                     if length is None:
                         self.check_size(received)
                         if received >= next_space_check:
+                            # The upload's own bytes count as reserved: look again sooner
+                            # the less room is left, and once more before publishing.
                             with self._space_lock():
-                                self._check_space(0)
-                            next_space_check += _SPACE_CHECK_INTERVAL
+                                room = self._check_space(0)
+                            next_space_check = received + min(_SPACE_CHECK_INTERVAL, max(BLOCK_SIZE, room // 2))
                     hasher.update(block)
                     _write_all(partial.fd, block)
                 if length is not None and received != length:
                     raise RelayError(400, f"body has {received} bytes, Content-Length says {length}")
                 self._verify(oid, hasher.finish())
+                if length is None:
+                    with self._space_lock():
+                        self._check_space(0)
                 created = self._publish(partial, oid)
             return created
         finally:
@@ -950,9 +955,10 @@ class Store:
         finally:
             os.close(fd)
 
-    def _check_space(self, needed: int) -> None:
+    def _check_space(self, needed: int) -> int:
         """Refuse (507) an upload of *needed* bytes that the disk or quota cannot hold,
-        counting the bytes promised to uploads in progress as already used."""
+        counting the bytes promised to uploads in progress as already used. Returns the
+        bytes that would be left."""
         usage = self.usage(count_stored=self.config.max_disk is not None)
         disk = shutil.disk_usage(self.root)
         outstanding = usage["reserved_bytes"] - usage["partial_allocated_bytes"]
@@ -960,8 +966,12 @@ class Store:
         if needed > available:
             raise RelayError(507, f"not enough free space: {needed} bytes needed, {max(0, available)} bytes available")
         quota = self.config.max_disk
-        if quota is not None and usage["stored_bytes"] + usage["reserved_bytes"] + needed > quota:
+        if quota is None:
+            return available - needed
+        below_quota = quota - usage["stored_bytes"] - usage["reserved_bytes"] - needed
+        if below_quota < 0:
             raise RelayError(507, f"over the relay's disk quota of {format_size(quota)} ({quota} bytes)")
+        return min(available - needed, below_quota)
 
     def usage(self, *, count_stored: bool = True) -> dict:
         """Stored objects and partial uploads, counted from the directory."""

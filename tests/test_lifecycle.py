@@ -188,6 +188,46 @@ def test_max_disk_counts_stored_and_in_progress_uploads(live, files):
     assert requests.put(relay.url(small_oid), data=small).status_code == 201
 
 
+def test_max_disk_holds_for_uploads_of_unknown_length(live, files):
+    """A body sent without a Content-Length cannot be judged up front: the quota is
+    checked as it arrives and before it is stored, so it never ends up over the quota."""
+    relay = live("--max-disk", "10M")
+    stored, stored_oid = blob(4 << 20, seed=1)
+    assert requests.put(relay.url(stored_oid), data=stored).status_code == 201
+
+    def unsized(data: bytes):
+        return (data[i : i + 65536] for i in range(0, len(data), 65536))  # sent chunked
+
+    for size in (7 << 20, (6 << 20) + 1):  # over the 6 MiB left: by a lot, and by a byte
+        data, oid = blob(size, seed=size)
+        response = requests.put(relay.url(oid), data=unsized(data))
+        assert response.status_code == 507 and "quota" in response.text, size
+        assert not (files / oid).exists()
+    wait_until(lambda: not os.listdir(files / ".relay" / "partial"), message="the refused partials to go")
+    assert requests.get(relay.url()).json()["stored_bytes"] == 4 << 20
+    fits, fits_oid = blob(6 << 20, seed=2)  # exactly what is left
+    assert requests.put(relay.url(fits_oid), data=unsized(fits)).status_code == 201
+
+
+def test_max_disk_admits_one_of_eight_racing_uploads_that_fit_only_alone(live, files):
+    relay = live("--max-disk", "10M", "--workers", "4")
+    data = [blob(6 << 20, seed=10 + i) for i in range(8)]
+    for _ in range(3):
+        barrier = threading.Barrier(len(data))
+
+        def put(item, barrier=barrier):
+            barrier.wait()
+            content, oid = item
+            return requests.put(relay.url(oid), data=content).status_code
+
+        with concurrent.futures.ThreadPoolExecutor(len(data)) as pool:
+            statuses = sorted(pool.map(put, data))
+        assert statuses == [201] + [507] * 7
+        stored = [oid for _, oid in data if (files / oid).exists()]
+        assert len(stored) == 1
+        assert requests.delete(relay.url(stored[0])).status_code == 200
+
+
 def test_min_free_is_judged_before_the_body_is_read(live, small_filesystem):
     files = small_filesystem("100m") / "files"
     relay = live("--min-free", "40M", files_dir=files)  # about 60 MiB may be used
