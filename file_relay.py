@@ -3696,6 +3696,13 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _positive_seconds(text: str) -> float:
+    value = _seconds(text)
+    if value == 0:
+        raise ValueError(f"{text!r} is not a number of seconds > 0")
+    return value
+
+
 def _lifetime(text: str) -> float:
     value = _seconds(text)
     if value > LONGEST_TTL:
@@ -3854,7 +3861,7 @@ _SERVER_OPTIONS = [
         ("--idle-timeout",),
         "RELAY_IDLE_TIMEOUT",
         {
-            "type": _option_type(_seconds, "idle timeout"),
+            "type": _option_type(_positive_seconds, "idle timeout"),
             "default": "60",
             "help": "seconds a silent client is kept; also cuts followers of a stalled upload",
         },
@@ -3923,6 +3930,18 @@ _SERVER_OPTIONS = [
 ]
 
 
+_ENV_TRUE, _ENV_FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+
+
+def _env_flag(parser: argparse.ArgumentParser, env: str, value: str | None) -> bool:
+    """A yes/no environment variable; anything else is refused, not taken for yes."""
+    if value is None or value.strip().lower() in _ENV_FALSE:
+        return False
+    if value.strip().lower() in _ENV_TRUE:
+        return True
+    parser.error(f"{env}: {value!r} is not one of {', '.join(_ENV_TRUE)} or {', '.join(_ENV_FALSE[1:])}")
+
+
 class _Parser(argparse.ArgumentParser):
     """Bad options get one line (the reason), not a screenful of usage."""
 
@@ -3951,7 +3970,7 @@ def build_parser() -> argparse.ArgumentParser:
         keywords = dict(keywords)
         env_value = os.environ.get(env)
         if keywords.get("action") == "store_true":
-            keywords["default"] = env_value not in (None, "", "0", "false", "no")
+            keywords["default"] = _env_flag(parser, env, env_value)
         elif env_value is not None:
             keywords["default"] = env_value
         default = keywords.get("default")

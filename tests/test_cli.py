@@ -85,6 +85,20 @@ def test_environment_fallbacks(started, tmp_path, monkeypatch):
     assert started("--bind", "127.0.0.1:9001").bind == "127.0.0.1:9001"  # the command line wins
 
 
+@pytest.mark.parametrize(
+    ("value", "purge"), [("1", True), ("Yes", True), ("on", True), ("False", False), ("OFF", False), ("", False)]
+)
+def test_a_yes_no_environment_variable_takes_the_usual_spellings(started, tmp_path, monkeypatch, value, purge):
+    monkeypatch.setenv("RELAY_PURGE_ON_EXIT", value)
+    assert started("--files-directory", str(tmp_path)).purge_on_exit is purge
+
+
+def test_a_yes_no_environment_variable_that_is_neither_is_refused(started, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("RELAY_PURGE_ON_EXIT", "maybe")
+    message = fails(capsys, "--files-directory", str(tmp_path))
+    assert "RELAY_PURGE_ON_EXIT" in message and "maybe" in message
+
+
 def test_no_server_id_generates_an_unguessable_one(started, tmp_path):
     first = started("--files-directory", str(tmp_path)).server_id
     second = started("--files-directory", str(tmp_path)).server_id
@@ -130,6 +144,7 @@ def test_sizes(text, size):
         (["--server-id", "bad/id"], "server ID"),
         (["--certfile", "/nonexistent.pem"], "certfile"),
         (["--forwarded-allow-ips", "localhost"], "forwarded allow ips"),
+        (["--idle-timeout", "0"], "idle timeout"),
     ],
 )
 def test_bad_options_fail_fast_with_one_line(capsys, tmp_path, argv, complaint):
