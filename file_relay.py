@@ -1973,15 +1973,16 @@ def make_app(config: RelayConfig, state: SharedState | None = None):
                 raise
             if ticket is not None:  # what will remain once this download is through
                 headers["X-Remaining-Downloads"] = str(obj.remaining_downloads - 1)
-        body = _FileBody(exchange, fd, first, length, on_close=download_finished(ticket))
+        body = _FileBody(exchange, fd, first, length, on_close=download_finished(ticket, whole=status == 200))
         return bottle.HTTPResponse(body, status, headers)
 
-    def download_finished(ticket: DownloadTicket | None):
+    def download_finished(ticket: DownloadTicket | None, *, whole: bool):
+        """The download's end: counted as completed if it sent the whole object."""
         state.add("downloads_active")
 
         def finished(complete: bool) -> None:
             state.add("downloads_active", -1)
-            if complete:
+            if complete and whole:
                 state.add("downloads_completed")
             if ticket is not None:
                 ticket.complete() if complete else ticket.release()
@@ -2016,7 +2017,7 @@ def make_app(config: RelayConfig, state: SharedState | None = None):
         except BaseException:
             follower.close()
             raise
-        body = _FollowBody(exchange, follower, length, on_close=download_finished(ticket))
+        body = _FollowBody(exchange, follower, length, on_close=download_finished(ticket, whole=status == 200))
         return bottle.HTTPResponse(body, status, headers)
 
     def head_object(oid: str):

@@ -231,6 +231,9 @@ def test_status_reports_disk_and_objects(app):
     assert (report["stored_objects"], report["stored_bytes"]) == (1, 1234)
     assert report["uploads_in_progress"] == 0
     assert report["totals"]["uploads_completed"] == 1
+    assert app.get(object_url(oid), headers={"Range": "bytes=0-9"}, status=206).body == data[:10]
+    assert app.get(object_url(oid), status=200).body == data
+    assert app.get(f"/{SERVER_ID}").json["totals"]["downloads_completed"] == 1  # whole ones only
 
 
 def test_delete_of_the_relay_starts_a_drain(app):
