@@ -2274,6 +2274,7 @@ def _limit_malloc_arenas(arenas: int = 2) -> None:
 
 
 HEADER_TIMEOUT = 10.0  # seconds a client has to send a request's headers, in all
+_WORKER_SIGNALS = {signal.SIGTERM, signal.SIGQUIT, signal.SIGINT, signal.SIGUSR1, signal.SIGABRT}
 
 
 class _HeaderDeadline:
@@ -2402,6 +2403,7 @@ def serve(config: RelayConfig, *, generated_id: bool = False) -> int:
         def init_signals(self):
             super().init_signals()
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _WORKER_SIGNALS)  # see spawn_worker
 
         def handle_request(self, req, conn):
             """Leave "100 Continue" to the app, which sends it when it starts reading the
@@ -2450,6 +2452,17 @@ def serve(config: RelayConfig, *, generated_id: bool = False) -> int:
                 return
             log.info("second signal: exiting now")
             self.exit_now()
+
+        def spawn_worker(self):
+            """Fork a worker with its signals blocked until it has its own handlers: a
+            signal arriving before then would reach the master's handlers, inherited by
+            the child, and be lost (a SIGTERM then left that worker running for the
+            whole graceful timeout)."""
+            unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, _WORKER_SIGNALS)
+            try:
+                return super().spawn_worker()
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
 
         def exit_now(self):
             """Stop the workers within a moment, even those whose threads are blocked in a
