@@ -974,14 +974,10 @@ class Store:
         return min(available - needed, below_quota)
 
     def usage(self, *, count_stored: bool = True) -> dict:
-        """Stored objects and partial uploads, counted from the directory."""
-        stored_count = stored_bytes = 0
-        with os.scandir(self.root) as entries:
-            for entry in entries if count_stored else ():
-                if len(entry.name) == 64 and parse_object_id(entry.name) == entry.name:
-                    with contextlib.suppress(FileNotFoundError):
-                        stored_bytes += entry.stat().st_size
-                        stored_count += 1
+        """Stored objects and partial uploads, counted from the directory.
+
+        Partials are counted first: an upload is published (linked to its name) before
+        its partial goes, so one that finishes meanwhile is counted at least once."""
         partial_count = reserved = allocated = 0
         for name in self._partial_names():
             with contextlib.suppress(FileNotFoundError, ValueError):
@@ -991,6 +987,13 @@ class Store:
                 partial_count += 1
                 allocated += on_disk
                 reserved += max(info["length"] or 0, on_disk)
+        stored_count = stored_bytes = 0
+        with os.scandir(self.root) as entries:
+            for entry in entries if count_stored else ():
+                if len(entry.name) == 64 and parse_object_id(entry.name) == entry.name:
+                    with contextlib.suppress(FileNotFoundError):
+                        stored_bytes += entry.stat().st_size
+                        stored_count += 1
         return {
             "stored_count": stored_count,
             "stored_bytes": stored_bytes,
