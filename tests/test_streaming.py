@@ -230,7 +230,7 @@ def test_dozens_of_waiting_readers_leave_the_relay_responsive(live):
 
 
 def test_readers_beyond_the_waiting_limit_are_told_to_retry(live):
-    relay = live("--threads", "8", "--get-wait-timeout", "30")  # at most 4 may wait
+    relay = live("--workers", "1", "--threads", "8", "--get-wait-timeout", "30")  # at most 4 may wait (per worker)
     _, oid = blob(10)
     stop = threading.Event()
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
