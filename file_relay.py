@@ -54,6 +54,7 @@ import shutil
 import signal
 import socket
 import ssl
+import stat
 import struct
 import sys
 import threading
@@ -201,22 +202,32 @@ def contiguous_prefix(ranges) -> int:
 # Storage
 #
 # <files-directory>/<sha256>                      stored, verified objects (never overwritten)
-# <files-directory>/.relay/partial/<sha256>/      an upload in progress or a resumable partial:
+# <files-directory>/.relay/partial/<sha256>/      one attempt at uploading an object:
 #     data            the bytes, each at its offset (sparse while chunks are missing)
-#     info            {"mode": "stream" | "chunks", "length": N | null, "created": t}
-#     range-A-B       one empty marker per acknowledged chunk (bytes A..B, durably written)
+#     info            {"mode": "stream" | "chunks", "length": N | null, "created": t,
+#                      "attempt": a random token never used again, "limits": {...}}
+#     range-A-B       markers of acknowledged bytes A..B (durably written), merged as they pile up
 # <files-directory>/.relay/partial/.new-*, .trash-*   being created / being removed
-# <files-directory>/.relay/meta/<sha256>.<inode>      limits asked for at upload (JSON)
-# <files-directory>/.relay/meta/<sha256>.<inode>.count  completed downloads, one byte each
-# <files-directory>/.relay/lock                   serialises space reservations
+# <files-directory>/.relay/meta/<sha256>          the stored object's limits (JSON)
+# <files-directory>/.relay/meta/<sha256>.count    its completed downloads, one byte each
+# <files-directory>/.relay/meta/<sha256>.new-*    its limits being written
+# <files-directory>/.relay/usage                  a ledger of stored objects: count, bytes
+# <files-directory>/.relay/lock                   lock bytes, below
 #
 # Coordination uses open-file-description (OFD) locks, which the kernel drops when a
 # process dies, so a crash never leaves a lock behind. On a partial's data file:
-#   byte _WRITERS   shared by each chunk request writing to it; exclusive for a plain PUT
-#                   (which writes the whole object), for DELETE and for the sweeper
+#   byte _WRITERS   shared by each chunk request for as long as it may write; exclusive
+#                   for a plain PUT (which writes the whole object), for DELETE, for the
+#                   sweeper and for the request that verifies and publishes the object:
+#                   nobody writes to a data file while it becomes the object, and a partial
+#                   directory changes only under this lock
 #   byte _FINISHER  exclusive while one request verifies and publishes the object
 #   bytes A..B      exclusive while one request writes chunk A..B
-# On a meta file: byte 0 serialises download accounting, bytes 1..N are download slots.
+# On .relay/lock: byte 0 serialises space reservations and the ledger; for each object
+# name, a mutex byte and its download slots (at offsets drawn from the hash) serialise
+# what its name, limits and download count mean: publishing, removing, counting.
+# Identities are the descriptors a request holds (an inode cannot be reused while open)
+# and each attempt's token; never an inode number that outlives its descriptor.
 # ---------------------------------------------------------------------------
 
 
@@ -238,10 +249,15 @@ _FLOCK = struct.Struct("hhqqi4x")  # struct flock (64-bit Linux)
 _WRITERS = 1 << 62
 _FINISHER = _WRITERS + 1
 _MAX_OBJECT_SIZE = 1 << 60  # 1 EiB: every data byte lies below the lock bytes
-_MUTEX = 0
+_SPACE = 0  # byte of .relay/lock
 _DOWNLOAD_SLOTS = 256  # most concurrent counted downloads of one limited object
+_OBJECT_LOCK_STRIDE = 512  # lock bytes per object name: its mutex, then its download slots
 _SPACE_CHECK_INTERVAL = 64 << 20  # bytes between free-space checks of an upload of unknown size
 _POLL_MIN, _POLL_MAX = 0.005, 0.1  # seconds between looks at an upload being followed
+_MAX_FRAGMENTS = 512  # disjoint received ranges one chunked upload may have
+_MARKER_SLACK = 64  # range markers beyond the merged ranges before they are merged
+_LEGACY_META_RE = re.compile(r"([0-9a-f]{64})\.([0-9]+)(\.count)?")
+_LEDGER = struct.Struct("qqq")  # stored objects, their bytes, changes made
 
 
 def _lock(fd: int, kind: int, start: int, length: int = 1, *, wait: bool = False) -> bool:
@@ -253,6 +269,18 @@ def _lock(fd: int, kind: int, start: int, length: int = 1, *, wait: bool = False
         if exc.errno in (errno.EAGAIN, errno.EACCES):
             return False
         raise
+    return True
+
+
+def _lock_within(fd: int, kind: int, start: int, seconds: float) -> bool:
+    """Take an OFD lock, waiting at most *seconds* for others to release it."""
+    deadline = time.monotonic() + seconds
+    delay = _POLL_MIN
+    while not _lock(fd, kind, start):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(delay)
+        delay = min(delay * 2, _POLL_MAX)
     return True
 
 
@@ -293,6 +321,23 @@ def _write_file(path: Path, data: bytes, *, durable: bool = True) -> None:
             os.fsync(fd)
     finally:
         os.close(fd)
+
+
+_NO_SURPRISES = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # never through a link, never a FIFO's wait
+
+
+def _names_nothing_of_ours(exc: OSError) -> bool:
+    """Whether opening a name failed because nothing the relay made is there: it is
+    missing, or it is a link, a socket or not a directory (planted, never followed)."""
+    return exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENXIO)
+
+
+def _unlink_if_present(path: Path) -> bool:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 class _BackgroundHasher:
@@ -339,12 +384,15 @@ class Limits:
     ttl: float | None = None
     max_downloads: int | None = None
 
+    @property
+    def any(self) -> bool:
+        return self.ttl is not None or self.max_downloads is not None
+
 
 @dataclasses.dataclass(frozen=True)
 class StoredObject:
     oid: str
     size: int
-    inode: int
     stored_at: float
     expires_at: float | None
     max_downloads: int | None
@@ -374,11 +422,11 @@ class Progress:
 
 
 class _Partial:
-    """A partial upload, held through open descriptors of its directory and data file.
+    """One upload attempt, held through open descriptors of its directory and data file.
 
     Every look inside (info, data, range markers) goes through them, so a request keeps
-    working on the upload it opened even if that upload is finished, cancelled or
-    replaced meanwhile: it can then tell, instead of touching another upload's files.
+    working on the attempt it opened even if that attempt is finished, cancelled or
+    replaced meanwhile: it can then tell, instead of touching another attempt's files.
     Closing it releases its locks.
     """
 
@@ -388,28 +436,35 @@ class _Partial:
         self.dir_fd = dir_fd
         self.fd = fd
         self.info = info
-        self.inode = os.fstat(fd).st_ino  # the data file's: the object will be this inode
-        self.dir_inode = os.fstat(dir_fd).st_ino
+        self.attempt = info.get("attempt")  # None for a partial left by an older relay
+        self.limits = Limits(**info.get("limits", {}))
 
     @classmethod
     def open(cls, oid: str, path: Path, *, writable: bool) -> _Partial | None:
         """Open the partial upload at *path*, or None if there is none (or it is being
-        removed right now)."""
+        removed right now, or is not one the relay made)."""
         try:
-            dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return None
+            dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            if _names_nothing_of_ours(exc):
+                return None
+            raise
         fd = -1
         try:
-            fd = os.open("data", (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC, dir_fd=dir_fd)
-            info_fd = os.open("info", os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+            mode = os.O_RDWR if writable else os.O_RDONLY
+            fd = os.open("data", mode | _NO_SURPRISES, dir_fd=dir_fd)
+            info_fd = os.open("info", os.O_RDONLY | _NO_SURPRISES, dir_fd=dir_fd)
             with open(info_fd, "rb") as info_file:
+                if not (stat.S_ISREG(os.fstat(fd).st_mode) and stat.S_ISREG(os.fstat(info_fd).st_mode)):
+                    raise ValueError("not a regular file")
                 info = json.load(info_file)
             return cls(oid, path, dir_fd, fd, info)
-        except (FileNotFoundError, ValueError):
+        except (OSError, ValueError, TypeError) as exc:
             if fd >= 0:
                 os.close(fd)
             os.close(dir_fd)
+            if isinstance(exc, OSError) and not _names_nothing_of_ours(exc):
+                raise
             return None
         except BaseException:
             if fd >= 0:
@@ -418,29 +473,53 @@ class _Partial:
             raise
 
     def is_current(self) -> bool:
-        """Whether this is still the upload at its public partial path."""
+        """Whether this is still the attempt at its public partial path (the directory we
+        hold open keeps its inode number from being given to another)."""
         try:
-            return os.stat(self.path).st_ino == self.dir_inode
+            return os.stat(self.path).st_ino == os.fstat(self.dir_fd).st_ino
         except FileNotFoundError:
             return False
 
-    def ranges(self) -> list[tuple[int, int]]:
-        """The ranges acknowledged so far (merged)."""
-        ranges = []
+    def _markers(self) -> list[tuple[int, int]]:
+        markers = []
         for name in os.listdir(self.dir_fd):
             if name.startswith("range-"):
                 first, _, last = name[6:].partition("-")
-                ranges.append((int(first), int(last)))
-        return merge_ranges(ranges)
+                markers.append((int(first), int(last)))
+        return markers
+
+    def ranges(self) -> list[tuple[int, int]]:
+        """The ranges acknowledged so far (merged)."""
+        return merge_ranges(self._markers())
 
     def record(self, first: int, last: int) -> None:
-        """Acknowledge bytes first..last, durably (their data must be synced first).
+        """Acknowledge bytes first..last, durably (their data must be synced first), and
+        merge the markers once they outnumber the ranges they describe by much.
         Nothing happens if the upload was removed meanwhile: see is_current()."""
         try:
             flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC
             os.close(os.open(f"range-{first}-{last}", flags, 0o600, dir_fd=self.dir_fd))
         except FileNotFoundError:
             return  # the directory is gone
+        os.fsync(self.dir_fd)
+        markers = self._markers()
+        merged = merge_ranges(markers)
+        if len(markers) > len(merged) + _MARKER_SLACK:
+            self._merge_markers(markers, merged)
+
+    def _merge_markers(self, markers: list, merged: list) -> None:
+        """Replace markers by their merged ranges: the merged ones are made durable before
+        any marker they cover goes, so every acknowledged byte stays recorded."""
+        for first, last in merged:
+            os.close(
+                os.open(f"range-{first}-{last}", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600, dir_fd=self.dir_fd)
+            )
+        os.fsync(self.dir_fd)
+        keep = set(merged)
+        for marker in markers:
+            if marker not in keep:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(f"range-{marker[0]}-{marker[1]}", dir_fd=self.dir_fd)
         os.fsync(self.dir_fd)
 
     def close(self) -> None:
@@ -459,6 +538,7 @@ class Store:
         self.partials = self.root / ".relay" / "partial"
         self.meta = self.root / ".relay" / "meta"
         self.lock_path = self.root / ".relay" / "lock"
+        self.ledger_path = self.root / ".relay" / "usage"
         self._prefix_hashes = _PrefixHashes()
 
     def prepare(self) -> None:
@@ -467,43 +547,133 @@ class Store:
         for path in (self.root / ".relay", self.partials, self.meta):
             path.mkdir(mode=0o700, exist_ok=True)
         self.lock_path.touch(mode=0o600, exist_ok=True)
+        if not self.ledger_path.exists():
+            with self._space_lock():
+                if not self.ledger_path.exists():
+                    count, size = self._count_stored()
+                    staging = self.ledger_path.with_name(f".usage-{secrets.token_hex(8)}")
+                    _write_file(staging, _LEDGER.pack(count, size, 0))
+                    os.rename(staging, self.ledger_path)
+
+    # -- locks ---------------------------------------------------------------
+
+    def _open_lock_file(self) -> int:
+        return os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    @staticmethod
+    def _object_lock_base(oid: str) -> int:
+        return (int(oid[:13], 16) + 1) * _OBJECT_LOCK_STRIDE
+
+    @contextlib.contextmanager
+    def _object_lock(self, oid: str, fd: int | None = None):
+        """Hold the mutex of an object name (on *fd*, an open lock file, if given)."""
+        own = fd is None
+        fd = self._open_lock_file() if own else fd
+        base = self._object_lock_base(oid)
+        try:
+            _lock(fd, fcntl.F_WRLCK, base, wait=True)
+            try:
+                yield fd
+            finally:
+                _unlock(fd, base)
+        finally:
+            if own:
+                os.close(fd)
+
+    @contextlib.contextmanager
+    def _space_lock(self):
+        """Serialise space reservations and the ledger across workers and relays."""
+        fd = self._open_lock_file()
+        try:
+            _lock(fd, fcntl.F_WRLCK, _SPACE, wait=True)
+            yield
+        finally:
+            os.close(fd)
+
+    # -- the ledger of stored objects ----------------------------------------
+
+    def _ledger(self) -> tuple[int, int, int]:
+        try:
+            with open(self.ledger_path, "rb") as ledger:
+                return _LEDGER.unpack(ledger.read(_LEDGER.size))
+        except (FileNotFoundError, struct.error):
+            return 0, 0, 0
+
+    def _write_ledger(self, count: int, size: int, changes: int) -> None:
+        fd = os.open(self.ledger_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            _write_all(fd, _LEDGER.pack(max(0, count), max(0, size), changes), 0)
+        finally:
+            os.close(fd)
+
+    def _account(self, count: int, size: int) -> None:
+        """Add to the ledger (under the space lock). It is changed before an object is
+        linked and after one is removed, so that a crash can only make it count too much;
+        the sweeper recounts."""
+        with self._space_lock():
+            stored, stored_bytes, changes = self._ledger()
+            self._write_ledger(stored + count, stored_bytes + size, changes + 1)
+
+    def _count_stored(self) -> tuple[int, int]:
+        count = size = 0
+        with os.scandir(self.root) as entries:
+            for entry in entries:
+                if parse_object_id(entry.name) == entry.name:
+                    with contextlib.suppress(FileNotFoundError):
+                        st = entry.stat(follow_symlinks=False)
+                        if stat.S_ISREG(st.st_mode):
+                            count += 1
+                            size += st.st_size
+        return count, size
+
+    def _recount(self) -> None:
+        """Correct the ledger from the directory, unless it changed while we counted."""
+        changes_before = self._ledger()[2]
+        count, size = self._count_stored()
+        with self._space_lock():
+            if self._ledger()[2] == changes_before:
+                self._write_ledger(count, size, changes_before + 1)
 
     # -- stored objects ----------------------------------------------------
 
     def _object_path(self, oid: str) -> Path:
         return self.root / oid
 
-    def _meta_path(self, oid: str, inode: int) -> Path:
-        return self.meta / f"{oid}.{inode}"
+    def _meta_path(self, oid: str) -> Path:
+        return self.meta / oid
+
+    def _count_path(self, oid: str) -> Path:
+        return self.meta / f"{oid}.count"
+
+    def _read_limits(self, oid: str) -> Limits:
+        try:
+            return Limits(**json.loads(self._meta_path(oid).read_bytes()))
+        except (FileNotFoundError, ValueError, TypeError):
+            return Limits()
+
+    def _downloads_done(self, oid: str) -> int:
+        try:
+            return os.stat(self._count_path(oid)).st_size
+        except FileNotFoundError:
+            return 0
 
     def _describe(self, oid: str, st: os.stat_result) -> StoredObject:
         """An object's state: its lifetime is what its uploader asked for (Max-Days), or
         --ttl, and never more than the relay allows now (--max-ttl, else --ttl)."""
-        ttl = self.config.ttl
-        max_downloads = None
-        downloads = 0
-        meta = self._meta_path(oid, st.st_ino)
-        with contextlib.suppress(FileNotFoundError):
-            limits = json.loads(meta.read_bytes())
-            if limits.get("ttl") is not None:
-                ttl = limits["ttl"]
-            max_downloads = limits.get("max_downloads")
+        limits = self._read_limits(oid)
+        ttl = limits.ttl if limits.ttl is not None else self.config.ttl
         cap = self.config.ttl_cap
         if cap is not None and ttl is not None:
             ttl = min(ttl, cap)
         if ttl is not None:
             ttl = min(ttl, LONGEST_TTL)
-        if max_downloads is not None:
-            with contextlib.suppress(FileNotFoundError):
-                downloads = os.stat(f"{meta}.count").st_size
         return StoredObject(
             oid=oid,
             size=st.st_size,
-            inode=st.st_ino,
             stored_at=st.st_mtime,
             expires_at=None if ttl is None else st.st_mtime + ttl,
-            max_downloads=max_downloads,
-            downloads=downloads,
+            max_downloads=limits.max_downloads,
+            downloads=self._downloads_done(oid) if limits.max_downloads is not None else 0,
         )
 
     @staticmethod
@@ -511,52 +681,87 @@ class Store:
         expired = obj.expires_at is not None and now >= obj.expires_at
         return expired or obj.remaining_downloads == 0
 
+    def _stat_object(self, oid: str) -> os.stat_result | None:
+        """The object's metadata, or None if there is none. Anything but a regular file
+        under an object's name was not made by the relay: it is never served."""
+        try:
+            st = os.lstat(self._object_path(oid))
+        except FileNotFoundError:
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            log.warning("ignoring %s in the files directory: not a regular file", oid)
+            return None
+        return st
+
     def lookup(self, oid: str) -> StoredObject | None:
         """The stored object, or None; an expired or used-up object is removed on sight."""
-        try:
-            st = os.stat(self._object_path(oid))
-        except FileNotFoundError:
+        st = self._stat_object(oid)
+        if st is None:
             return None
         obj = self._describe(oid, st)
         if self._is_spent(obj, time.time()):
-            self._remove_object(oid, obj.inode)
+            self._remove_object(oid, only_if_spent=True)
             return None
         return obj
 
     def open_object(self, oid: str) -> tuple[int, StoredObject] | None:
         """Open a stored object for reading: (fd, object), or None if it is not there."""
         try:
-            fd = os.open(self._object_path(oid), os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
+            fd = os.open(self._object_path(oid), os.O_RDONLY | _NO_SURPRISES)
+        except OSError as exc:
+            if not _names_nothing_of_ours(exc):
+                raise
+            if exc.errno != errno.ENOENT:
+                log.warning("ignoring %s in the files directory: not a regular file", oid)
             return None
-        obj = self._describe(oid, os.fstat(fd))
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                log.warning("ignoring %s in the files directory: not a regular file", oid)
+                os.close(fd)
+                return None
+            obj = self._describe(oid, st)
+        except BaseException:
+            os.close(fd)
+            raise
         if self._is_spent(obj, time.time()):
             os.close(fd)
-            self._remove_object(oid, obj.inode)
+            self._remove_object(oid, only_if_spent=True)
             return None
         return fd, obj
 
-    def _remove_object(self, oid: str, inode: int) -> bool:
-        """Remove the object if its name still refers to *inode*; then its limits."""
-        removed = False
-        path = self._object_path(oid)
-        with contextlib.suppress(FileNotFoundError):
-            if os.stat(path).st_ino == inode:
-                os.unlink(path)
-                removed = True
-        meta = self._meta_path(oid, inode)
-        for leftover in (Path(f"{meta}.count"), meta):
-            leftover.unlink(missing_ok=True)
-        return removed
+    def _is_our_object(self, oid: str, fd: int) -> bool:
+        """Whether the object's name refers to the file open as *fd* (held open, its inode
+        number cannot have been given to another file)."""
+        try:
+            named, held = os.lstat(self._object_path(oid)), os.fstat(fd)
+        except FileNotFoundError:
+            return False
+        return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
+
+    def _remove_object(self, oid: str, *, only_if_spent: bool = False, lock_fd: int | None = None) -> bool:
+        """Remove the object and its limits (if it is spent, when told so: judged again
+        under the object's mutex, on what the name means now)."""
+        with self._object_lock(oid, lock_fd):
+            return self._remove_object_locked(oid, only_if_spent=only_if_spent)
+
+    def _remove_object_locked(self, oid: str, *, only_if_spent: bool = False) -> bool:
+        st = self._stat_object(oid)
+        if st is None or (only_if_spent and not self._is_spent(self._describe(oid, st), time.time())):
+            return False
+        if not _unlink_if_present(self._object_path(oid)):
+            return False
+        self._account(-1, -st.st_size)
+        _unlink_if_present(self._count_path(oid))
+        _unlink_if_present(self._meta_path(oid))
+        return True
 
     def delete(self, oid: str) -> bool:
         """Remove a stored object and cancel its partial upload; False if neither existed.
 
         Raises 409 when a request is writing to the partial upload right now.
         """
-        removed = False
-        with contextlib.suppress(FileNotFoundError):
-            removed = self._remove_object(oid, os.stat(self._object_path(oid)).st_ino)
+        removed = self._remove_object(oid)
         try:
             partial = self._open_partial(oid, exclusive=True)
         except RelayError:
@@ -568,43 +773,40 @@ class Store:
             removed = True
         return removed
 
-    def reserve_download(self, obj: StoredObject) -> DownloadTicket | None:
-        """A slot for one counted download of an object with a download budget.
+    def reserve_download(self, oid: str, fd: int, max_downloads: int | None) -> DownloadTicket | None:
+        """A slot for one counted download of the object open as *fd* (stored, or being
+        uploaded), if it has a download budget.
 
         Downloads in flight hold their slot, so concurrent downloads of the last allowed
-        copy cannot all go through; a download that fails gives its slot back.
+        copy cannot all go through; a download that fails gives its slot back. Everything
+        is judged under the object's mutex, on the descriptor being served.
         """
-        if obj.max_downloads is None:
+        if max_downloads is None:
             return None
+        lock_fd = self._open_lock_file()
         try:
-            fd = os.open(self._meta_path(obj.oid, obj.inode), os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise RelayError(404, "no such object") from None
-        try:
-            _lock(fd, fcntl.F_WRLCK, _MUTEX, wait=True)
-            try:
-                done = self._downloads_done(obj)
-                slots = range(1, min(obj.max_downloads, _DOWNLOAD_SLOTS) + 1)
-                in_flight = sum(_lock_held(fd, slot) for slot in slots)
-                if done >= obj.max_downloads:
-                    self._remove_object(obj.oid, obj.inode)
+            with self._object_lock(oid, lock_fd):
+                if self._is_our_object(oid, fd):
+                    done = self._downloads_done(oid)
+                    max_downloads = self._read_limits(oid).max_downloads or max_downloads
+                elif os.fstat(fd).st_nlink > 0:
+                    done = 0  # an upload in progress: not stored yet, so never downloaded
+                else:
                     raise RelayError(404, "no such object")
-                if done + in_flight < obj.max_downloads:
+                base = self._object_lock_base(oid)
+                slots = range(base + 1, base + 1 + min(max_downloads, _DOWNLOAD_SLOTS))
+                in_flight = sum(_lock_held(lock_fd, slot) for slot in slots)
+                if done >= max_downloads:
+                    self._remove_object_locked(oid)
+                    raise RelayError(404, "no such object")
+                if done + in_flight < max_downloads:
                     for slot in slots:
-                        if _lock(fd, fcntl.F_WRLCK, slot):
-                            return DownloadTicket(self, obj, fd, slot)
+                        if _lock(lock_fd, fcntl.F_WRLCK, slot):
+                            return DownloadTicket(self, oid, fd, lock_fd, max_downloads - done - 1)
                 raise RelayError(409, "the remaining downloads of this object are in progress", retry_after=5)
-            finally:
-                _unlock(fd, _MUTEX)
         except BaseException:
-            os.close(fd)
+            os.close(lock_fd)
             raise
-
-    def _downloads_done(self, obj: StoredObject) -> int:
-        try:
-            return os.stat(f"{self._meta_path(obj.oid, obj.inode)}.count").st_size
-        except FileNotFoundError:
-            return 0
 
     # -- uploads -------------------------------------------------------------
 
@@ -628,7 +830,6 @@ class Store:
         if length is not None:
             self.check_size(length)
         partial = self._create_partial(oid, "stream", length, limits)
-        created = False
         hasher = _BackgroundHasher()
         try:
             received = 0
@@ -652,11 +853,10 @@ class Store:
                 if length is None:
                     with self._space_lock():
                         self._check_space(0)
-                created = self._publish(partial, oid)
-            return created
+                return self._publish(partial, oid)
         finally:
             hasher.finish()
-            self._discard(partial, keep_meta=created)
+            self._discard(partial)
 
     def put_chunk(self, oid: str, first: int, last: int, total: int, body, digest: bytes | None, limits: Limits):
         """Store bytes first..last of an object of *total* bytes.
@@ -679,18 +879,19 @@ class Store:
                 raise RelayError(409, f"this upload is {partial.info['length']} bytes long, not {total}")
             if not _lock(partial.fd, fcntl.F_WRLCK, first, last - first + 1):
                 raise RelayError(409, f"bytes {first}-{last} are being written by another request", retry_after=1)
+            recorded = partial.ranges()
+            if len(merge_ranges([*recorded, (first, last)])) > _MAX_FRAGMENTS:
+                raise RelayError(
+                    409, f"this upload would be in more than {_MAX_FRAGMENTS} pieces: send the missing ranges first"
+                )
             prefix = self._prefix_hashes.continuing(partial, first)
             with _disk_full_is_507():
-                self._receive_chunk(partial, first, last, body, digest, prefix)
+                self._receive_chunk(partial, first, last, body, digest, prefix, recorded)
                 os.fdatasync(partial.fd)
                 partial.record(first, last)
             if prefix is not None:
                 self._prefix_hashes.extended(partial, first, last + 1, prefix)
-            ranges = partial.ranges()  # first: a removed directory lists nothing
-            if not partial.is_current():  # another request finished (or cancelled) it meanwhile
-                if self.is_stored(oid):
-                    return 200, None
-                raise RelayError(409, "the upload was cancelled while this chunk was written")
+            ranges = partial.ranges()
             if contiguous_prefix(ranges) >= total:
                 return self._finish_chunks(oid, partial), None
             return 202, Progress("chunks", total, ranges, True)
@@ -709,11 +910,10 @@ class Store:
         except OSError:
             pass  # it stays for the sweeper
 
-    def _receive_chunk(self, partial: _Partial, first: int, last: int, body, digest: bytes | None, prefix) -> None:
+    def _receive_chunk(self, partial: _Partial, first, last, body, digest: bytes | None, prefix, recorded) -> None:
         """Write a chunk's bytes at their offsets. Bytes of ranges already acknowledged
         are compared instead of written: a retried chunk is fine, a different one is not.
         *prefix*, if given, is the running hash of the object up to *first*: it goes on."""
-        recorded = partial.ranges()
         hasher = hashlib.sha256() if digest is not None else None
         position = first
         for block in body:
@@ -750,25 +950,40 @@ class Store:
             _write_all(fd, block[cursor - position :], cursor)
 
     def _finish_chunks(self, oid: str, partial: _Partial) -> int:
-        """Verify a fully received chunked upload and publish it (201), or discard it (400)."""
-        if not _lock(partial.fd, fcntl.F_WRLCK, _FINISHER) or not partial.is_current():
-            # Another request is verifying it: its verdict is ours.
+        """Verify a fully received chunked upload and publish it (201), or discard it (400).
+
+        The finisher waits until no other request is writing to the upload and holds
+        every writer off until the data is published and the partial removed."""
+        if not _lock(partial.fd, fcntl.F_WRLCK, _FINISHER):
+            # Another request is verifying it: let it exclude writers, and take its verdict.
+            _unlock(partial.fd, _WRITERS)
             _lock(partial.fd, fcntl.F_WRLCK, _FINISHER, wait=True)
-            if self.is_stored(oid):
-                return 200
-            raise RelayError(400, "the completed upload did not verify and was discarded")
+            return self._verdict(oid)
+        if not _lock_within(partial.fd, fcntl.F_WRLCK, _WRITERS, self.config.idle_timeout):
+            raise RelayError(409, "other chunks of this upload are still being written", retry_after=1)
+        if not partial.is_current():
+            return self._verdict(oid)
         hasher, position = self._prefix_hashes.take(partial)
         while block := os.pread(partial.fd, BLOCK_SIZE, position):
             hasher.update(block)
             position += len(block)
-        created = False
         try:
             self._verify(oid, hasher, discarded=True)
             with _disk_full_is_507():
                 created = self._publish(partial, oid)
-        finally:
-            self._discard(partial, keep_meta=created)
+        except RelayError as exc:
+            if exc.status != 400:
+                raise  # nothing was decided: the upload stays, to be completed again
+            self._discard(partial)
+            raise
+        self._discard(partial)
         return 201 if created else 200
+
+    def _verdict(self, oid: str) -> int:
+        """The outcome of an upload completed by another request: 200 if it is stored."""
+        if self.is_stored(oid):
+            return 200
+        raise RelayError(409, "another request completed this upload but it was not stored: send it again")
 
     @staticmethod
     def _verify(oid: str, hasher, discarded: bool = False) -> None:
@@ -778,15 +993,50 @@ class Store:
             raise RelayError(400, f"content does not match its name: expected sha256 {oid}, got {actual}{note}")
 
     def _publish(self, partial: _Partial, oid: str) -> bool:
-        """Make verified data public under its hash name, durably, never overwriting."""
+        """Make verified data public under its hash name, durably, never overwriting: its
+        limits first, then the name, under the object's mutex. False if already stored."""
         os.utime(partial.fd)  # the object's mtime is its completion time (expiry counts from it)
         os.fsync(partial.fd)
-        try:
-            os.link("data", self._object_path(oid), src_dir_fd=partial.dir_fd)
-        except FileExistsError:
-            return False
-        _fsync_dir(self.root)
+        size = os.fstat(partial.fd).st_size
+        with self._object_lock(oid):
+            if self._stat_object(oid) is not None:
+                return False
+            self._clear_name(oid)
+            self._write_limits(oid, partial.limits)
+            self._account(1, size)
+            try:
+                os.link("data", self._object_path(oid), src_dir_fd=partial.dir_fd)
+            except FileExistsError:
+                self._account(-1, -size)
+                return False
+            _fsync_dir(self.root)
         return True
+
+    def _clear_name(self, oid: str) -> None:
+        """Move aside whatever occupies an object's name but is not a regular file."""
+        path = self._object_path(oid)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return
+        log.warning("removing %s from the files directory: not a regular file", oid)
+        if stat.S_ISDIR(st.st_mode):
+            os.rename(path, self.partials / f".trash-{secrets.token_hex(8)}")
+        else:
+            os.unlink(path)
+
+    def _write_limits(self, oid: str, limits: Limits) -> None:
+        """Make *limits* the stored object's, durably (none: remove any left behind)."""
+        changed = _unlink_if_present(self._count_path(oid))
+        if limits.any:
+            staging = self.meta / f"{oid}.new-{secrets.token_hex(8)}"
+            _write_file(staging, json.dumps(dataclasses.asdict(limits)).encode())
+            os.rename(staging, self._meta_path(oid))
+            changed = True
+        else:
+            changed = _unlink_if_present(self._meta_path(oid)) or changed
+        if changed:
+            _fsync_dir(self.meta)
 
     def progress(self, oid: str) -> Progress | None:
         """The state of an upload in progress or a resumable partial, or None."""
@@ -815,17 +1065,6 @@ class Store:
             partial.close()
             return None
         return UploadFollower(self, partial, start)
-
-    def limits_of_upload(self, oid: str, inode: int) -> StoredObject | None:
-        """The download budget of an upload in progress, as its object will carry it."""
-        meta = self._meta_path(oid, inode)
-        try:
-            limits = json.loads(meta.read_bytes())
-        except FileNotFoundError:
-            return None
-        if limits.get("max_downloads") is None:
-            return None
-        return StoredObject(oid, 0, inode, time.time(), None, limits["max_downloads"], 0)
 
     # -- partial uploads -----------------------------------------------------
 
@@ -866,7 +1105,6 @@ class Store:
                 os.rename(partial.path, self.partials / oid)
         except BaseException:
             shutil.rmtree(partial.path, ignore_errors=True)
-            self._meta_path(oid, partial.inode).unlink(missing_ok=True)
             partial.close()
             raise
         partial.path = self.partials / oid
@@ -875,7 +1113,7 @@ class Store:
         return partial
 
     def _stage_partial(self, oid: str, mode: str, length: int | None, limits: Limits) -> _Partial:
-        """A new partial upload under a private name: data, info and limits, locked."""
+        """A new partial upload under a private name: data and info, locked."""
         staging = self.partials / f".new-{secrets.token_hex(8)}"
         try:
             with _disk_full_is_507():
@@ -886,28 +1124,27 @@ class Store:
 
     def _stage(self, oid: str, staging: Path, mode: str, length: int | None, limits: Limits) -> _Partial:
         staging.mkdir(mode=0o700)
-        partial = None
+        dir_fd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            dir_fd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-                fd = os.open("data", flags, 0o600, dir_fd=dir_fd)
-            except BaseException:
-                os.close(dir_fd)
-                raise
-            info = {"mode": mode, "length": length, "created": time.time()}
-            partial = _Partial(oid, staging, dir_fd, fd, info)
+            fd = os.open("data", os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+        except BaseException:
+            os.close(dir_fd)
+            raise
+        info = {
+            "mode": mode,
+            "length": length,
+            "created": time.time(),
+            "attempt": secrets.token_hex(16),
+            "limits": dataclasses.asdict(limits),
+        }
+        partial = _Partial(oid, staging, dir_fd, fd, info)
+        try:
             _lock(fd, fcntl.F_WRLCK if mode == "stream" else fcntl.F_RDLCK, _WRITERS)
             # Only a chunked upload is resumed after a crash: only its info must survive one.
             _write_file(staging / "info", json.dumps(info).encode(), durable=mode == "chunks")
-            if limits.ttl is not None or limits.max_downloads is not None:
-                _write_file(self._meta_path(oid, partial.inode), json.dumps(dataclasses.asdict(limits)).encode())
             return partial
         except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            if partial is not None:
-                self._meta_path(oid, partial.inode).unlink(missing_ok=True)
-                partial.close()
+            partial.close()
             raise
 
     def _join_partial(self, oid: str, total: int, limits: Limits) -> _Partial | None:
@@ -930,7 +1167,7 @@ class Store:
             self._discard(partial)
         raise RelayError(409, "another upload of this object is in progress", retry_after=5)
 
-    def _discard(self, partial: _Partial, *, keep_meta: bool = False) -> None:
+    def _discard(self, partial: _Partial) -> None:
         """Remove a partial upload we own (its readers see it vanish), then close it."""
         try:
             if partial.is_current():
@@ -938,28 +1175,16 @@ class Store:
                 with contextlib.suppress(FileNotFoundError):
                     os.rename(partial.path, trash)
                     shutil.rmtree(trash, ignore_errors=True)
-            if not keep_meta:
-                self._meta_path(partial.oid, partial.inode).unlink(missing_ok=True)
         finally:
             partial.close()
 
     # -- space ---------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _space_lock(self):
-        """Serialise space reservations across workers and relays sharing the directory."""
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            _lock(fd, fcntl.F_WRLCK, 0, wait=True)
-            yield
-        finally:
-            os.close(fd)
-
     def _check_space(self, needed: int) -> int:
         """Refuse (507) an upload of *needed* bytes that the disk or quota cannot hold,
         counting the bytes promised to uploads in progress as already used. Returns the
         bytes that would be left."""
-        usage = self.usage(count_stored=self.config.max_disk is not None)
+        usage = self.usage()
         disk = shutil.disk_usage(self.root)
         outstanding = usage["reserved_bytes"] - usage["partial_allocated_bytes"]
         available = disk.free - max(0, outstanding) - self.config.min_free
@@ -973,27 +1198,21 @@ class Store:
             raise RelayError(507, f"over the relay's disk quota of {format_size(quota)} ({quota} bytes)")
         return min(available - needed, below_quota)
 
-    def usage(self, *, count_stored: bool = True) -> dict:
-        """Stored objects and partial uploads, counted from the directory.
+    def usage(self) -> dict:
+        """Stored objects (from the ledger) and partial uploads (counted from the directory).
 
-        Partials are counted first: an upload is published (linked to its name) before
-        its partial goes, so one that finishes meanwhile is counted at least once."""
+        Partials are counted first, and an object enters the ledger before it is linked:
+        an upload that finishes meanwhile is counted at least once."""
         partial_count = reserved = allocated = 0
         for name in self._partial_names():
-            with contextlib.suppress(FileNotFoundError, ValueError):
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError, ValueError, TypeError, KeyError):
                 info = json.loads((self.partials / name / "info").read_bytes())
                 st = os.stat(self.partials / name / "data")
                 on_disk = st.st_blocks * 512
                 partial_count += 1
                 allocated += on_disk
                 reserved += max(info["length"] or 0, on_disk)
-        stored_count = stored_bytes = 0
-        with os.scandir(self.root) as entries:
-            for entry in entries if count_stored else ():
-                if len(entry.name) == 64 and parse_object_id(entry.name) == entry.name:
-                    with contextlib.suppress(FileNotFoundError):
-                        stored_bytes += entry.stat().st_size
-                        stored_count += 1
+        stored_count, stored_bytes, _ = self._ledger()
         return {
             "stored_count": stored_count,
             "stored_bytes": stored_bytes,
@@ -1011,7 +1230,8 @@ class Store:
     # -- housekeeping --------------------------------------------------------
 
     def sweep(self, now: float | None = None) -> dict:
-        """Remove what is expired, used up, abandoned or left over by a crash.
+        """Remove what is expired, used up, abandoned or left over by a crash, and recount
+        the ledger.
 
         Safe to run from several processes and relays at once: everything is removed
         only under the lock its users hold, after looking again.
@@ -1019,12 +1239,16 @@ class Store:
         now = time.time() if now is None else now
         removed = {"objects": 0, "partials": 0, "leftovers": 0}
         with os.scandir(self.root) as entries:
-            names = [entry.name for entry in entries if len(entry.name) == 64]
+            names = [entry.name for entry in entries if parse_object_id(entry.name) == entry.name]
         for oid in names:
-            with contextlib.suppress(FileNotFoundError):
-                obj = self._describe(oid, os.stat(self._object_path(oid)))
-                if self._is_spent(obj, now) and self._remove_object(oid, obj.inode):
-                    removed["objects"] += 1
+            st = self._stat_object(oid)
+            if st is None:
+                with self._object_lock(oid):
+                    if os.path.lexists(self._object_path(oid)) and self._stat_object(oid) is None:
+                        self._clear_name(oid)
+                        removed["leftovers"] += 1
+            elif self._is_spent(self._describe(oid, st), now) and self._remove_object(oid, only_if_spent=True):
+                removed["objects"] += 1
         for name in os.listdir(self.partials):
             path = self.partials / name
             if name.startswith((".trash-", ".new-")):
@@ -1032,7 +1256,8 @@ class Store:
                     removed["leftovers"] += 1
             elif not name.startswith(".") and self._sweep_partial(name, now):
                 removed["partials"] += 1
-        removed["leftovers"] += self._sweep_meta()
+        removed["leftovers"] += self._sweep_meta(now)
+        self._recount()
         return removed
 
     def _sweep_partial(self, oid: str, now: float) -> bool:
@@ -1041,6 +1266,10 @@ class Store:
         except RelayError:
             return False  # in use
         if partial is None:
+            if os.path.lexists(self.partials / oid):  # not a partial the relay made
+                with contextlib.suppress(OSError):
+                    os.rename(self.partials / oid, self.partials / f".trash-{secrets.token_hex(8)}")
+                    return True
             return False
         idle_since = max(os.fstat(partial.dir_fd).st_mtime, os.fstat(partial.fd).st_mtime)
         abandoned = partial.info["mode"] == "stream" or self.lookup(oid) is not None
@@ -1053,15 +1282,19 @@ class Store:
     @staticmethod
     def _remove_if_unlocked(path: Path, older_than: float | None) -> bool:
         try:
-            fd = os.open(path / "data", os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError:
-            fd = None  # an empty leftover directory
+            fd = os.open(path / "data", os.O_RDWR | _NO_SURPRISES)
+        except OSError:
+            fd = None  # an empty leftover directory, or not a directory at all
         try:
             if fd is not None and not _lock(fd, fcntl.F_WRLCK, _WRITERS):
                 return False
-            if older_than is not None and os.stat(path).st_mtime > older_than:
+            st = os.lstat(path)
+            if older_than is not None and st.st_mtime > older_than:
                 return False
-            shutil.rmtree(path, ignore_errors=True)
+            if stat.S_ISDIR(st.st_mode):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.unlink(path)
             return True
         except FileNotFoundError:
             return False
@@ -1069,27 +1302,41 @@ class Store:
             if fd is not None:
                 os.close(fd)
 
-    def _sweep_meta(self) -> int:
-        """Remove limits whose object and upload are both gone."""
-        live = set()
-        for oid in os.listdir(self.root):
-            if len(oid) != 64:
-                continue
-            with contextlib.suppress(FileNotFoundError):
-                live.add(f"{oid}.{os.stat(self._object_path(oid)).st_ino}")
-        for name in self._partial_names():
-            with contextlib.suppress(FileNotFoundError):
-                live.add(f"{name}.{os.stat(self.partials / name / 'data').st_ino}")
+    def _sweep_meta(self, now: float) -> int:
+        """Remove limits whose object is gone and limits left half-written by a crash
+        (judged under the object's mutex)."""
         removed = 0
         for name in os.listdir(self.meta):
-            key = name.removesuffix(".count")
-            if key not in live:
-                # Limits are written just before their upload appears: spare young files.
+            oid, _, suffix = name.partition(".")
+            half_written = suffix.startswith("new-")
+            if parse_object_id(oid) == oid and (half_written or suffix in ("", "count")):
+                with self._object_lock(oid):  # limits are written and removed under it
+                    orphaned = half_written or self._stat_object(oid) is None
+                    if orphaned and _unlink_if_present(self.meta / name):
+                        removed += 1
+            elif self._adopt_legacy_limits(name):
+                continue
+            else:  # a staging file, or limits no object has any more
                 with contextlib.suppress(FileNotFoundError):
-                    if time.time() - os.stat(self.meta / name).st_mtime > 60:
-                        (self.meta / name).unlink()
+                    if now - os.lstat(self.meta / name).st_mtime > 60:
+                        os.unlink(self.meta / name)
                         removed += 1
         return removed
+
+    def _adopt_legacy_limits(self, name: str) -> bool:
+        """Give an object its limits kept by an older relay as meta/<sha256>.<inode>[.count]
+        (if that inode is still the object's): done once, at the first sweep."""
+        legacy = _LEGACY_META_RE.fullmatch(name)
+        if legacy is None:
+            return False
+        oid, inode, count = legacy.groups()
+        target = self._count_path(oid) if count else self._meta_path(oid)
+        with self._object_lock(oid):
+            st = self._stat_object(oid)
+            if st is None or st.st_ino != int(inode) or os.path.lexists(target):
+                return False
+            os.rename(self.meta / name, target)
+        return True
 
     def purge(self) -> None:
         """Remove every stored object and partial upload (an ephemeral relay's exit)."""
@@ -1105,72 +1352,82 @@ class _PrefixHashes:
     Each chunk that starts where the hashed prefix ends carries the hash on (once it is
     durably recorded, so a failed chunk changes nothing), and the request that completes
     the object hashes only what the chain did not cover, instead of the whole object
-    again. hashlib's state cannot leave the process: chunks arriving at other workers,
-    out of order or after a restart just leave more to hash at the end.
+    again. Entries are keyed by the attempt's token, never reused, so a cancelled
+    attempt's hash cannot pass for a later one's. hashlib's state cannot leave the
+    process: chunks arriving at other workers, out of order or after a restart just
+    leave more to hash at the end.
     """
 
     _LIMIT = 256  # uploads tracked per process; the oldest are forgotten
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._hashes: dict = {}  # (oid, data inode) -> (hash of bytes 0..end-1, end)
+        self._hashes: dict = {}  # attempt token -> (hash of bytes 0..end-1, end)
 
     def continuing(self, partial: _Partial, first: int):
         """A copy of the running hash if a chunk at *first* continues it, else None."""
+        if partial.attempt is None:
+            return None
         with self._lock:
-            hashed, end = self._hashes.get((partial.oid, partial.inode), (None, 0))
+            hashed, end = self._hashes.get(partial.attempt, (None, 0))
         if first != end:
             return None
         return hashed.copy() if hashed is not None else hashlib.sha256()
 
     def extended(self, partial: _Partial, first: int, end: int, hashed) -> None:
-        key = (partial.oid, partial.inode)
         with self._lock:
-            if self._hashes.get(key, (None, 0))[1] == first:
-                self._hashes.pop(key, None)
-                self._hashes[key] = (hashed, end)
+            if self._hashes.get(partial.attempt, (None, 0))[1] == first:
+                self._hashes.pop(partial.attempt, None)
+                self._hashes[partial.attempt] = (hashed, end)
                 while len(self._hashes) > self._LIMIT:
                     self._hashes.pop(next(iter(self._hashes)))
 
     def take(self, partial: _Partial):
         """(hash of the prefix known here, its length): where verification starts."""
         with self._lock:
-            hashed, end = self._hashes.pop((partial.oid, partial.inode), (None, 0))
+            hashed, end = self._hashes.pop(partial.attempt, (None, 0))
         return (hashed, end) if hashed is not None else (hashlib.sha256(), 0)
 
 
 class DownloadTicket:
     """A held download slot: complete() counts the download, release() gives it back."""
 
-    def __init__(self, store: Store, obj: StoredObject, fd: int, slot: int):
+    def __init__(self, store: Store, oid: str, fd: int, lock_fd: int, remaining: int):
         self.store = store
-        self.obj = obj
-        self.fd = fd
-        self.slot = slot
+        self.oid = oid
+        self.fd = fd  # the descriptor being served, owned by the download
+        self.lock_fd = lock_fd  # holds the slot
+        self.remaining = remaining  # downloads left once this one is through
 
     def complete(self) -> None:
-        """Count one whole download; the last allowed one removes the object."""
-        if self.fd < 0:
+        """Count one whole download of the object served; the last allowed one removes
+        it. Nothing is counted if the name now means another upload of the content."""
+        if self.lock_fd < 0:
             return
-        meta = self.store._meta_path(self.obj.oid, self.obj.inode)
-        _lock(self.fd, fcntl.F_WRLCK, _MUTEX, wait=True)
+        store = self.store
         try:
-            counter = os.open(f"{meta}.count", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            try:
-                os.write(counter, b".")
-                os.fsync(counter)
-                done = os.fstat(counter).st_size
-            finally:
-                os.close(counter)
-            if done >= self.obj.max_downloads:
-                self.store._remove_object(self.obj.oid, self.obj.inode)
+            with store._object_lock(self.oid, self.lock_fd):
+                if not store._is_our_object(self.oid, self.fd):
+                    return
+                counter = os.open(
+                    store._count_path(self.oid), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600
+                )
+                try:
+                    os.write(counter, b".")
+                    os.fsync(counter)
+                    done = os.fstat(counter).st_size
+                finally:
+                    os.close(counter)
+                limit = store._read_limits(self.oid).max_downloads
+                if limit is not None and done >= limit:
+                    store._remove_object_locked(self.oid)
         finally:
             self.release()
 
     def release(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        if self.lock_fd >= 0:
+            os.close(self.lock_fd)
+            self.lock_fd = -1
 
 
 class UploadFollower:
@@ -1186,7 +1443,7 @@ class UploadFollower:
         self.partial = partial
         self.mode = partial.info["mode"]
         self.length = partial.info["length"]
-        self.inode = partial.inode
+        self.max_downloads = partial.limits.max_downloads
         self.position = start
         # While a request writes to the upload (a plain PUT, a chunk, or the verification
         # of a completed chunked upload) its lock says the upload is alive, and the writer
@@ -1194,11 +1451,12 @@ class UploadFollower:
         # silence for that long means it stalled.
         self.stall_timeout = store.config.idle_timeout
 
+    @property
+    def fd(self) -> int:
+        return self.partial.fd
+
     def _published(self) -> bool:
-        try:
-            return os.stat(self.store._object_path(self.partial.oid)).st_ino == self.inode
-        except FileNotFoundError:
-            return False
+        return self.store._is_our_object(self.partial.oid, self.partial.fd)
 
     def _available(self) -> tuple[int, bool]:
         """(bytes that may be sent, whether the upload has verified)."""
@@ -1970,12 +2228,12 @@ def make_app(config: RelayConfig, state: SharedState | None = None):
         ticket = None
         if status == 200:
             try:
-                ticket = store.reserve_download(obj)
+                ticket = store.reserve_download(obj.oid, fd, obj.max_downloads)
             except BaseException:
                 os.close(fd)
                 raise
             if ticket is not None:  # what will remain once this download is through
-                headers["X-Remaining-Downloads"] = str(obj.remaining_downloads - 1)
+                headers["X-Remaining-Downloads"] = str(ticket.remaining)
         body = _FileBody(exchange, fd, first, length, on_close=download_finished(ticket, whole=status == 200))
         return bottle.HTTPResponse(body, status, headers)
 
@@ -2015,8 +2273,7 @@ def make_app(config: RelayConfig, state: SharedState | None = None):
             else:
                 if length is not None:
                     headers["Content-Length"] = str(length)
-                limits = store.limits_of_upload(oid, follower.inode)
-                ticket = store.reserve_download(limits) if limits else None
+                ticket = store.reserve_download(oid, follower.fd, follower.max_downloads)
         except BaseException:
             follower.close()
             raise

@@ -54,19 +54,29 @@ def partials(files: Path) -> dict:
 
 
 def orphaned_limits(files: Path) -> list:
-    """Limit files (.relay/meta) whose object and partial upload are both gone."""
-    live = set()
-    for name in os.listdir(files):
-        if OBJECT_NAME.fullmatch(name):
-            live.add(f"{name}.{os.stat(files / name).st_ino}")
-    partial_dir = files / ".relay" / "partial"
-    for name in os.listdir(partial_dir):
-        if OBJECT_NAME.fullmatch(name):
-            try:
-                live.add(f"{name}.{os.stat(partial_dir / name / 'data').st_ino}")
-            except FileNotFoundError:
-                pass
-    return [name for name in os.listdir(files / ".relay" / "meta") if name.removesuffix(".count") not in live]
+    """Limit and download-count files (.relay/meta) whose object is gone, and limits left
+    half-written there."""
+    left = []
+    for name in os.listdir(files / ".relay" / "meta"):
+        oid = name.removesuffix(".count")
+        if not (OBJECT_NAME.fullmatch(oid) and os.path.isfile(files / oid)):
+            left.append(name)
+    return left
+
+
+def finisher_waiting(files: Path, oid: str) -> bool:
+    """Whether a request holds the finisher lock of the partial upload of *oid* (it is
+    verifying the completed upload, or waiting for other writers to finish first)."""
+    import file_relay
+
+    try:
+        fd = os.open(files / ".relay" / "partial" / oid / "data", os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        return file_relay._lock_held(fd, file_relay._FINISHER)
+    finally:
+        os.close(fd)
 
 
 def open_fds(pid: int) -> int:

@@ -308,23 +308,3 @@ def test_content_digest_helper_round_trips():
     assert field == "sha-256=:" + base64.b64encode(digest).decode() + ":"
     assert file_relay.parse_digest_field(f"md5=:xyz:, {field}") == digest
     assert file_relay.parse_digest_field("md5=:xyz:") is None
-
-
-def test_a_chunk_written_while_another_request_completes_the_object_gets_200(app, make_config, files):
-    data, oid = blob(300_000)
-    first, second, third = chunks_of(data, 100_000)
-    put_chunk(app, oid, *first[:2], len(data), first[2], status=202)
-    put_chunk(app, oid, *second[:2], len(data), second[2], status=202)
-    store = file_relay.Store(make_config())
-    ready, release, result = threading.Event(), threading.Event(), []
-    # A retry of the first chunk, paused half-way...
-    retry = threading.Thread(target=hold_chunk_open, args=(store, oid, data, 0, 99_999, ready, release, result))
-    retry.start()
-    assert ready.wait(10)
-    # ...while the last chunk completes the object, which is published and its partial removed.
-    put_chunk(app, oid, *third[:2], len(data), third[2], status=201)
-    release.set()
-    retry.join(10)
-    assert result == [(200, None)]
-    assert (files / oid).read_bytes() == data
-    assert os.listdir(files / ".relay" / "partial") == []

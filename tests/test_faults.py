@@ -23,7 +23,7 @@ import pytest
 import requests
 import urllib3
 from conftest import SERVER_ID, blob, raw_request, sha256, wait_until
-from invariants import open_fds, orphaned_limits, partials, threads, verify_objects
+from invariants import finisher_waiting, open_fds, orphaned_limits, partials, threads, verify_objects
 
 import file_relay
 
@@ -657,19 +657,23 @@ def test_a_chunk_is_not_acknowledged_with_nothing_received_when_another_request_
     retry = threading.current_thread()
     calls, completed = [], []
 
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+
     def ranges(partial):
-        # put_chunk lists the ranges twice: before writing (to compare) and after checking
-        # that its upload is still current. Between that check and the second listing:
+        # put_chunk lists the ranges twice: before writing (to compare) and after recording
+        # its chunk. Before the second listing, the last chunk arrives and completes the
+        # object; publishing it has to wait for this request, which may still write.
         if threading.current_thread() is retry:
             calls.append(partial)
             if len(calls) == 2:
-                with concurrent.futures.ThreadPoolExecutor(1) as pool:
-                    completed.append(pool.submit(put, *thirds[2]).result().status_int)
+                completed.append(pool.submit(put, *thirds[2]))
+                wait_until(lambda: completed[0].done() or finisher_waiting(files, oid), message="the last chunk")
         return original(partial)
 
     monkeypatch.setattr(file_relay._Partial, "ranges", ranges)
     status, progress = store.put_chunk(oid, 0, 99_999, len(data), [data[:100_000]], None, file_relay.Limits())
-    assert completed == [201]
+    assert completed[0].result(20).status_int == 201
+    pool.shutdown()
     assert verify_objects(files) == {oid: len(data)}
     assert (status, progress) == (200, None), (status, progress)
 
