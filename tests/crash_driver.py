@@ -1,0 +1,109 @@
+"""Run one storage operation in a process of its own, for tests/test_crashpoints.py.
+
+    python tests/crash_driver.py FILES_DIRECTORY OPERATION
+
+It builds the store over FILES_DIRECTORY (which the test has set up), prints "ready",
+waits for a line on stdin (the test attaches strace in between, so that only the
+operation's own system calls are counted), runs the operation and prints its result.
+Everything it does is deterministic, so the N-th call of a kind is the same call in
+every run. Not a test module.
+"""
+
+import hashlib
+import json
+import random
+import sys
+from pathlib import Path
+
+import file_relay
+
+SIZE = 1 << 20
+HALF = SIZE // 2
+BLOCK = 256 << 10
+
+
+def content(seed: int = 0) -> tuple[bytes, str]:
+    data = random.Random(seed).randbytes(SIZE)
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def config(files: Path) -> file_relay.RelayConfig:
+    """The relay's settings, the same in the driver and in the test that checks on it."""
+    return file_relay.RelayConfig(server_id="crash-point-driver-id", files_directory=files, ttl=7200.0)
+
+
+def _blocks(data: bytes):
+    for start in range(0, len(data), BLOCK):
+        yield data[start : start + BLOCK]
+
+
+def _digest(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def put(store):
+    data, oid = content()
+    return store.put_stream(oid, _blocks(data), len(data), file_relay.Limits(max_downloads=2))
+
+
+def put_unsized(store):
+    data, oid = content()
+    return store.put_stream(oid, _blocks(data), None, file_relay.Limits(ttl=3600.0))
+
+
+def first_chunk(store):
+    data, oid = content()
+    limits = file_relay.Limits(max_downloads=2)
+    return store.put_chunk(oid, 0, HALF - 1, SIZE, _blocks(data[:HALF]), _digest(data[:HALF]), limits)[0]
+
+
+def last_chunk(store):
+    data, oid = content()
+    limits = file_relay.Limits(max_downloads=2)
+    return store.put_chunk(oid, HALF, SIZE - 1, SIZE, _blocks(data[HALF:]), _digest(data[HALF:]), limits)[0]
+
+
+def delete(store):
+    return store.delete(content()[1])
+
+
+def download(store):
+    """One counted download, read whole, as a GET does it."""
+    oid = content()[1]
+    fd, obj = store.open_object(oid)
+    ticket = store.reserve_download(oid, fd, obj.max_downloads)
+    received = 0
+    while block := file_relay.os.pread(fd, BLOCK, received):
+        received += len(block)
+    ticket.complete()
+    file_relay.os.close(fd)
+    return received
+
+
+def sweep(store):
+    return store.sweep()
+
+
+OPERATIONS = {
+    "put": put,
+    "put-unsized": put_unsized,
+    "first-chunk": first_chunk,
+    "last-chunk": last_chunk,
+    "delete": delete,
+    "download": download,
+    "sweep": sweep,
+}
+
+
+def main() -> None:
+    files, operation = Path(sys.argv[1]), sys.argv[2]
+    store = file_relay.Store(config(files))
+    store.prepare()
+    print("ready", flush=True)
+    sys.stdin.readline()
+    result = OPERATIONS[operation](store)
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
