@@ -721,6 +721,10 @@ class Store:
                 os.close(fd)
                 return None
             obj = self._describe(oid, st)
+            # Limits go after the name: if the name still means this file, they were its.
+            if not self._is_our_object(oid, fd):
+                os.close(fd)
+                return None
         except BaseException:
             os.close(fd)
             raise

@@ -158,6 +158,46 @@ def test_a_download_that_opened_a_used_up_object_is_refused(make_config, files):
     assert os.listdir(files / ".relay" / "meta") == []
 
 
+def test_a_download_that_opened_an_object_as_its_last_download_removed_it_is_refused(make_config, files, monkeypatch):
+    """A GET has opened an object with Max-Downloads: 1 and is about to read its limits
+    when the last allowed download completes and removes the object and its limits. It
+    must not take the missing limits for none, and serve an unlimited download."""
+    store = file_relay.Store(make_config())
+    store.prepare()
+    data, oid = blob(5000)
+    assert store.put_stream(oid, [data], len(data), file_relay.Limits(max_downloads=1))
+    first_fd, first = store.open_object(oid)
+    ticket = store.reserve_download(oid, first_fd, first.max_downloads)
+    opened, release = threading.Event(), threading.Event()
+    original = file_relay.Store._read_limits
+    late = []
+
+    def paused_read_limits(self, name):
+        if threading.current_thread() in late:
+            opened.set()
+            release.wait(20)
+        return original(self, name)
+
+    monkeypatch.setattr(file_relay.Store, "_read_limits", paused_read_limits)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+
+        def open_late():
+            late.append(threading.current_thread())
+            return store.open_object(oid)
+
+        second = pool.submit(open_late)
+        assert opened.wait(10)
+        ticket.complete()  # the last allowed download: the object and its limits go
+        os.close(first_fd)
+        release.set()
+        opened_late = second.result(20)
+    if opened_late is not None:
+        fd, obj = opened_late
+        os.close(fd)
+        assert obj.max_downloads == 1, f"served with no limit: {obj}"
+    assert not (files / oid).exists()
+
+
 def test_a_download_of_a_deleted_then_reuploaded_object_does_not_spend_the_new_ones_budget(make_config, files):
     store = file_relay.Store(make_config())
     store.prepare()
