@@ -1163,7 +1163,16 @@ class Store:
                     return self._create_partial(oid, "chunks", total, limits)
                 continue
             if partial.info["mode"] == "chunks":
-                return partial
+                if not _lock_held(partial.fd, _FINISHER):
+                    return partial
+                # It is complete and being verified: wait for the verdict rather than write,
+                # so that a stream of retries cannot keep the finisher from excluding writers.
+                _unlock(partial.fd, _WRITERS)
+                _lock(partial.fd, fcntl.F_WRLCK, _FINISHER, wait=True)
+                partial.close()
+                if self.is_stored(oid):
+                    return None
+                continue
             # A plain upload's leftover (its writer crashed): no one can resume it.
             if not _lock(partial.fd, fcntl.F_WRLCK, _WRITERS):
                 partial.close()
