@@ -1543,7 +1543,7 @@ class SharedState:
     )
     GAUGES = ("uploads_active", "downloads_active", "waiting_readers")
     FIELDS = COUNTERS + GAUGES
-    _DRAINING, _MASTER_PID = 0, 1  # positions in row 0
+    _DRAINING = 0  # position in row 0
 
     def __init__(self, slots: int = 1):
         self.slots = slots
@@ -1588,22 +1588,9 @@ class SharedState:
         return bool(self._values[self._DRAINING])
 
     def start_draining(self) -> None:
+        """Refuse new uploads from now on. Setting the flag again changes nothing; the
+        gunicorn master, if there is one, polls it and exits once transfers finish."""
         self._values[self._DRAINING] = 1
-
-    @property
-    def master_pid(self) -> int:
-        return self._values[self._MASTER_PID]
-
-    @master_pid.setter
-    def master_pid(self, pid: int) -> None:
-        self._values[self._MASTER_PID] = pid
-
-    def request_shutdown(self) -> None:
-        """Start a drain: through the gunicorn master when there is one."""
-        if self.master_pid:
-            os.kill(self.master_pid, signal.SIGTERM)
-        else:
-            self.start_draining()
 
 
 # ---------------------------------------------------------------------------
@@ -2114,7 +2101,7 @@ def make_app(config: RelayConfig, state: SharedState | None = None):
 
     @app.delete("/<server_id>")
     def shutdown():
-        state.request_shutdown()
+        state.start_draining()
         return reply(200, f"draining: the relay exits when transfers finish (at most {config.graceful_timeout:g} s)")
 
     @app.put("/<server_id>/<oid_text>")
@@ -2658,7 +2645,6 @@ def serve(config: RelayConfig, *, generated_id: bool = False) -> int:
     if any(swept.values()):
         log.info("startup: removed %s", ", ".join(f"{n} {what}" for what, n in swept.items() if n))
     state = SharedState(slots=config.workers + 8)  # spare rows for workers restarting
-    state.master_pid = os.getpid()
     free_slots = list(range(1, state.slots + 1))
 
     class RelayLogger(Logger):
@@ -2705,8 +2691,10 @@ def serve(config: RelayConfig, *, generated_id: bool = False) -> int:
                 conn.close(True)
 
     class RelayArbiter(Arbiter):
-        """The master: SIGTERM, SIGINT and DELETE /<server_id> start a drain; a second
-        signal exits at once. It also runs the sweeper, once for the whole relay."""
+        """The master: SIGTERM and SIGINT start a drain, and a second signal exits at once.
+        DELETE /<server_id> only sets the shared drain flag, which this loop checks at
+        least every second: a request asked for twice is asked for once, and never cuts
+        a transfer. The master also runs the sweeper, once for the whole relay."""
 
         drain_deadline: float | None = None
         next_sweep = time.monotonic() + config.sweep_interval
@@ -2719,12 +2707,15 @@ def serve(config: RelayConfig, *, generated_id: bool = False) -> int:
 
         def drain_or_quit(self):
             if self.drain_deadline is None:
-                state.start_draining()
-                self.drain_deadline = time.monotonic() + config.graceful_timeout
-                log.info("draining: new uploads are refused; exiting when transfers finish")
+                self.start_drain()
                 return
             log.info("second signal: exiting now")
             self.exit_now()
+
+        def start_drain(self):
+            state.start_draining()
+            self.drain_deadline = time.monotonic() + config.graceful_timeout
+            log.info("draining: new uploads are refused; exiting when transfers finish")
 
         def spawn_worker(self):
             """Fork a worker with its signals blocked until it has its own handlers: a
@@ -2750,6 +2741,8 @@ def serve(config: RelayConfig, *, generated_id: bool = False) -> int:
 
         def manage_workers(self):
             super().manage_workers()
+            if self.drain_deadline is None and state.draining:
+                self.start_drain()  # asked for by DELETE /<server_id>
             now = time.monotonic()
             if self.drain_deadline is not None:
                 transfers = state.get("uploads_active") + state.get("downloads_active")

@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 
+import pytest
 import requests
 from conftest import SERVER_ID, blob, object_url, wait_until
 
@@ -311,13 +312,41 @@ def test_the_graceful_timeout_bounds_the_drain(live):
     upload.close()
 
 
-def test_a_second_signal_exits_at_once(live):
+def test_a_retried_shutdown_request_cuts_no_transfer(live, files):
+    """DELETE /<sid> asked for twice at once (on two workers), and again once the drain
+    has begun, is asked for once: the upload in flight finishes and the relay exits 0."""
+    relay = live("--workers", "2")
+    data, oid = blob(2 << 20)
+    barrier = threading.Barrier(2)
+
+    def shut_down():
+        with requests.Session() as session:
+            barrier.wait()
+            return session.delete(relay.url(), timeout=10).status_code
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        upload = pool.submit(slow_put, relay.url(oid), data, 4)
+        wait_until(lambda: requests.get(relay.url()).json()["uploads_in_progress"] == 1, message="the upload")
+        assert list(pool.map(lambda _: shut_down(), range(2))) == [200, 200]
+        wait_until(lambda: "draining:" in relay.log(), timeout=5, message="the master to start draining")
+        assert requests.delete(relay.url(), timeout=10).status_code == 200
+        assert upload.result().status_code == 201
+    assert relay.wait_exit(20) == 0
+    assert (files / oid).read_bytes() == data
+    assert "exiting now" not in relay.log()
+
+
+@pytest.mark.parametrize("first", ["SIGTERM", "DELETE"])
+def test_a_second_signal_exits_at_once(live, first):
     relay = live("--graceful-timeout", "60")
     data, oid = blob(1 << 20)
     upload = start_raw_upload(relay, oid, len(data), data[:1000])
     wait_until(lambda: requests.get(relay.url()).json()["uploads_in_progress"] == 1, message="the upload")
-    relay.signal(signal.SIGTERM)
-    wait_until(lambda: requests.get(relay.url()).json()["draining"], message="the drain")
+    if first == "SIGTERM":
+        relay.signal(signal.SIGTERM)
+    else:
+        assert requests.delete(relay.url()).status_code == 200
+    wait_until(lambda: "draining:" in relay.log(), timeout=5, message="the master to start draining")
     started = time.monotonic()
     relay.signal(signal.SIGINT)
     assert relay.wait_exit(20) == 0
