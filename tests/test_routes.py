@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import threading
+import time
 
 import pytest
 from conftest import SERVER_ID, blob, object_url, sha256
@@ -301,3 +302,15 @@ def test_the_server_id_is_redacted_from_every_log_line_tracebacks_included():
         record = logging.LogRecord("gunicorn.error", logging.ERROR, __file__, 1, "bad %s", (SERVER_ID,), exc_info)
         line = handler.format(record)
         assert SERVER_ID not in line and "ValueError" in line and "bad ***" in line
+
+
+def test_redacting_a_long_log_line_takes_time_in_proportion_to_its_length():
+    """A client decides much of what is logged (a path of 4 KB, a header gunicorn quotes):
+    masking the ID must not take seconds per line, all the while holding the log's lock."""
+    handler = file_relay.configure_logging(file_relay.RelayConfig(server_id=SERVER_ID))
+    long_words = ("a" * 20_000, "b" * 20_000 + SERVER_ID[:12])
+    record = logging.LogRecord("gunicorn.error", logging.INFO, __file__, 1, "path /x/%s %s", long_words, None)
+    started = time.monotonic()
+    line = handler.format(record)
+    assert time.monotonic() - started < 1
+    assert line.endswith(f"path /x/{long_words[0]} ***")
