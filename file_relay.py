@@ -2429,18 +2429,28 @@ def _prometheus_text(report: dict) -> str:
 
 
 _LOG_WORD_RE = re.compile(r"[A-Za-z0-9._~%-]+")  # a run of URL-safe characters and escapes
+_PERCENT_ESCAPE_RE = re.compile(r"%(?:25)*([0-9A-Fa-f]{2})")  # %5A, and escaped again: %255A, %25255A
+
+
+def _percent_decoded(text: str) -> str:
+    """*text* with each percent-escape decoded to the character of its byte, however often
+    its percent sign was itself escaped. Enough to find the server ID, which is ASCII."""
+    return _PERCENT_ESCAPE_RE.sub(lambda escape: chr(int(escape.group(1), 16)), text)
 
 
 def _secret_masker(secret: str):
     """A function that replaces, in a text, every word that holds the secret or ten
-    consecutive characters of it: the ID itself, and near misses of it (a mistyped or
+    consecutive characters of it, as they are or percent-encoded (any mix of escapes and
+    plain characters, either case): the ID itself, and near misses of it (a mistyped or
     truncated ID quoted in a message by gunicorn, say). Each word is searched once, so
     the time it takes grows with the text's length, not its square."""
     size = min(10, len(secret))
     pieces = re.compile("|".join(sorted({re.escape(secret[i : i + size]) for i in range(len(secret) - size + 1)})))
 
     def mask(word: re.Match) -> str:
-        return "***" if pieces.search(word.group()) else word.group()
+        text = word.group()
+        holds = pieces.search(text) or ("%" in text and pieces.search(_percent_decoded(text)))
+        return "***" if holds else text
 
     return lambda text: _LOG_WORD_RE.sub(mask, text)
 

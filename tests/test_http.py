@@ -11,6 +11,7 @@ import secrets
 import socket
 import statistics
 import time
+import urllib.parse
 
 import pytest
 import requests
@@ -79,12 +80,25 @@ def still_serving(relay) -> None:
 
 
 def leaks(log: str, secret: str = SECRET) -> list[str]:
-    """Pieces of the secret in the log: itself, any ten characters of it, or it
-    percent-encoded."""
+    """Pieces of the secret in the log: itself or any ten characters of it, as they are or
+    percent-encoded (once or twice, in any mix with plain characters, in either case)."""
     pieces = {secret[i : i + 10] for i in range(len(secret) - 9)}
-    pieces.add("".join(f"%{ord(c):02x}" for c in secret))
-    pieces.add("".join(f"%{ord(c):02X}" for c in secret))
-    return sorted(piece for piece in pieces if piece in log)
+    decoded_once = urllib.parse.unquote(log)
+    views = (log, decoded_once, urllib.parse.unquote(decoded_once))
+    return sorted(piece for piece in pieces if any(piece in view for view in views))
+
+
+def encoded_forms(secret: str) -> dict[str, str]:
+    """The secret percent-encoded as a client may send it."""
+    return {
+        "every character": "".join(f"%{ord(c):02X}" for c in secret),
+        "every character, lower-case hex": "".join(f"%{ord(c):02x}" for c in secret),
+        "every other character, mixed case": "".join(
+            c if i % 2 else (f"%{ord(c):02x}" if i % 4 else f"%{ord(c):02X}") for i, c in enumerate(secret)
+        ),
+        "ten characters in other text": "q" + "".join(f"%{ord(c):02X}" for c in secret[3:13]) + "q",
+        "every character, escaped twice": "".join(f"%25{ord(c):02X}" for c in secret),
+    }
 
 
 sid, oid = SECRET, STORED_OID
@@ -349,6 +363,28 @@ def test_the_server_id_reaches_no_log_line_after_a_battery_of_errors(tmp_path, l
     assert leaks(log) == [], [line for line in log.splitlines() if leaks(line)]
     assert "***" in log  # redaction was at work
     print(f"{len(log.splitlines())} log lines, none with the ID")
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_a_percent_encoded_server_id_reaches_no_log_line(tmp_path, log_format):
+    """Encoded, the ID is still the ID (gunicorn decodes the path, so the relay accepts it):
+    not in a request line gunicorn refuses and quotes, nor in the access log's path, query
+    or forwarded client address, at the default log level."""
+    relay = LiveRelay(tmp_path, "encoded", ["--log-format", log_format], None, tmp_path / "f").start(server_id=SECRET)
+    forms = encoded_forms(SECRET)
+    try:
+        assert requests.get(f"{relay.base}/{forms['every character']}", timeout=10).status_code == 200
+        for form in forms.values():
+            assert status_of(exchange(relay, f"GET /{form}/x\r\n\r\n".encode())) in (None, 400)
+            url = relay.url(MISSING_OID, server_id=SECRET)
+            requests.get(f"{url}?wait=0&id={form}", timeout=10)
+            requests.get(f"{url}?wait=0", headers={"X-Forwarded-For": form}, timeout=10)
+            requests.get(f"{url}/{form}", timeout=10)  # in the path after the ID, decoded once
+    finally:
+        relay.kill()
+    log = relay.log()
+    assert log.count("Invalid HTTP request line") == len(forms)  # gunicorn's refusals were logged...
+    assert leaks(log) == [], [line for line in log.splitlines() if leaks(line)]  # ...without the ID
 
 
 def near_misses() -> list[str]:

@@ -304,6 +304,17 @@ def test_the_server_id_is_redacted_from_every_log_line_tracebacks_included():
         assert SERVER_ID not in line and "ValueError" in line and "bad ***" in line
 
 
+def test_the_server_id_percent_encoded_is_redacted_and_other_escapes_are_kept():
+    encoded = "".join(f"%{ord(c):02x}" if i % 3 else c for i, c in enumerate(SERVER_ID))
+    kept = f"/x/{'a' * 64}?name=%41%42%43&bad=%zz%4"
+    for log_format in ("text", "json"):
+        handler = file_relay.configure_logging(file_relay.RelayConfig(server_id=SERVER_ID, log_format=log_format))
+        args = (encoded, kept)
+        record = logging.LogRecord("gunicorn.error", logging.WARNING, __file__, 1, "line 'GET /%s' %s", args, None)
+        line = handler.format(record)
+        assert "line 'GET /***' " in line and kept in line
+
+
 def test_redacting_a_long_log_line_takes_time_in_proportion_to_its_length():
     """A client decides much of what is logged (a path of 4 KB, a header gunicorn quotes):
     masking the ID must not take seconds per line, all the while holding the log's lock."""
