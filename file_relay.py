@@ -2857,7 +2857,8 @@ def serve(config: RelayConfig, *, generated_id: bool = False) -> int:
 #       again and send only what the relay's Upload-Ranges lack.
 # get:  download to .<name>.part beside the target, hashing while writing; resume with
 #       Range (also into an upload still in progress); move into place only once the
-#       SHA-256 in the URL matches.
+#       SHA-256 in the URL matches. Never write through a .part that is not a regular
+#       file of our own, nor past the length the relay announced.
 # Retries: exponential backoff with jitter, capped, never sooner than Retry-After; a
 # transfer gives up after failing for --retry-for seconds in a row without progress.
 # ---------------------------------------------------------------------------
@@ -2907,7 +2908,8 @@ class ClientError(Exception):
 
 
 class _Mismatch(ClientError):
-    """The downloaded bytes do not hash to the object's name."""
+    """The downloaded bytes cannot be the object: they do not hash to its name, or there
+    are more of them than the relay announced."""
 
 
 class _Retry(Exception):
@@ -3651,11 +3653,13 @@ class _Download:
         length = response.getheader("Content-Length")
         expected = int(length) if length and length.isdigit() else None
         if status == 206:
-            match = re.fullmatch(r"bytes (\d+)-\d+/\d+", response.getheader("Content-Range") or "")
-            if not match or int(match.group(1)) != self.offset:
+            match = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", response.getheader("Content-Range") or "")
+            first, last, total = map(int, match.groups()) if match else (-1, -1, 0)
+            if first != self.offset or not first <= last < total:
                 self.connection.close()
                 self._start_over()
                 return False
+            expected = last - first + 1
         elif self.offset:
             self._start_over()  # the relay sent everything, not the rest
         self.meter.set(self.offset, None if expected is None else self.offset + expected)
@@ -3668,6 +3672,9 @@ class _Download:
                 raise _Retry(f"the download broke off: {_describe(exc)}") from None
             if not block:
                 break
+            if expected is not None and received + len(block) > expected:
+                self.connection.close()
+                raise _Mismatch(f"the relay sent more than the {expected} bytes it announced; nothing was saved")
             if not received:
                 self.pieces += 1
             try:
@@ -3717,6 +3724,40 @@ def _move_into_place(part: Path, target: Path, force: bool) -> None:
     _fsync_dir(target.parent.absolute())
 
 
+def _open_part_file(part: Path) -> int:
+    """Open a download's temporary file: a new one, or an earlier run's to resume from.
+    An existing one that is not a regular file of ours with no other name is refused:
+    through a symbolic link, a hard link, a device or a FIFO the bytes would land
+    somewhere else, and a file someone else owns could be changed by them once it has
+    verified."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # a FIFO must not block
+    refusal = f"refusing to write through {part}: it is %s (remove it, and get starts afresh)"
+    try:
+        return os.open(part, flags | os.O_EXCL, 0o666)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise ClientError(f"cannot write {part}: {exc.strerror}", EXIT_LOCAL) from None
+    try:
+        fd = os.open(part, flags, 0o666)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ClientError(refusal % "a symbolic link", EXIT_LOCAL) from None
+        raise ClientError(f"cannot write {part}: {exc.strerror}", EXIT_LOCAL) from None
+    found = os.fstat(fd)
+    problem = None
+    if not stat.S_ISREG(found.st_mode):
+        problem = "not a regular file"
+    elif found.st_nlink != 1:
+        problem = "a file with other hard links"
+    elif found.st_uid != os.geteuid():
+        problem = "another user's file"
+    if problem:
+        os.close(fd)
+        raise ClientError(refusal % problem, EXIT_LOCAL)
+    return fd
+
+
 def get_file(object_url: str, output: str | None, options: ClientOptions, console: _Console | None = None) -> Path:
     """Download an object to *output* and verify it; returns where it is.
 
@@ -3728,10 +3769,7 @@ def get_file(object_url: str, output: str | None, options: ClientOptions, consol
     if os.path.lexists(target) and not options.force:
         raise ClientError(f"{target} already exists (--force replaces it)", EXIT_LOCAL)
     part = target.with_name(f".{target.name}.part")
-    try:
-        fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-    except OSError as exc:
-        raise ClientError(f"cannot write {part}: {exc.strerror}", EXIT_LOCAL) from None
+    fd = _open_part_file(part)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -3,6 +3,7 @@ side, retries across a relay restart, following an upload in progress, verificat
 parallel chunks, TLS, and the standard library alone. Real files, real SHA-256."""
 
 import http.client
+import http.server
 import io
 import os
 import re
@@ -16,7 +17,7 @@ import threading
 
 import pytest
 import requests
-from conftest import ROOT, SERVER_ID, blob, wait_until
+from conftest import ROOT, SERVER_ID, blob, sha256, wait_until
 
 import file_relay
 
@@ -367,6 +368,109 @@ def test_a_foreign_partial_download_is_replaced_not_trusted(live, tmp_path, http
     assert client("get", relay.url(oid), "-o", tmp_path / "copy") == 0
     assert (tmp_path / "copy").read_bytes() == data
     assert "starting over" in capsys.readouterr().err
+
+
+def give_to_another_user(part, victim) -> None:
+    write(part, b"x" * 10)
+    os.chown(part, 65534, 65534)
+
+
+# What may be planted at .NAME.part before get starts: (how, what get says, needs root).
+PLANTED = {
+    "symbolic link": (lambda part, victim: part.symlink_to(victim), "a symbolic link", False),
+    "hard link": (lambda part, victim: os.link(victim, part), "a file with other hard links", False),
+    "FIFO": (lambda part, victim: os.mkfifo(part), "not a regular file", False),
+    "another user's file": (give_to_another_user, "another user's file", True),
+}
+
+
+@pytest.mark.parametrize("planted", list(PLANTED))
+def test_get_never_writes_through_a_planted_partial_download(live, tmp_path, http, planted, capsys):
+    plant, reason, needs_root = PLANTED[planted]
+    if needs_root and os.geteuid() != 0:
+        pytest.skip("needs root to give a file to another user")
+    relay = live()
+    data, oid = blob(100_000)
+    assert http.put(relay.url(oid), data=data).status_code == 201
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    victim = write(tmp_path / "victim", b"precious")
+    part = shared / ".report.txt.part"
+    plant(part, victim)
+    before = os.lstat(part)
+    assert client("get", relay.url(oid), "-o", shared / "report.txt") == file_relay.EXIT_LOCAL
+    assert f"refusing to write through {part}: it is {reason}" in capsys.readouterr().err
+    assert victim.read_bytes() == b"precious"
+    assert os.listdir(shared) == [part.name] and os.lstat(part) == before  # left as it was
+
+
+class EndlessRelay(http.server.ThreadingHTTPServer):
+    """A fake relay on 127.0.0.1 that announces an object of 1000 bytes (by Content-Length,
+    or by Content-Range when asked for a range), then sends up to 64 MiB of it, chunked."""
+
+    daemon_threads = True
+    LENGTH, LIMIT, BLOCK = 1000, 64 << 20, 64 << 10
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), self.Handler)
+        self.range_end = self.LENGTH - 1  # the last byte its Content-Range claims to send
+        self.sent = 0
+        self.finished = threading.Event()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):
+            relay = self.server
+            if match := re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", "")):
+                self.send_response(206)
+                self.send_header("Content-Range", f"bytes {match[1]}-{relay.range_end}/{relay.LENGTH}")
+            else:
+                self.send_response(200)
+                self.send_header("Content-Length", str(relay.LENGTH))
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            chunk = b"%x\r\n%s\r\n" % (relay.BLOCK, b"x" * relay.BLOCK)
+            try:
+                while relay.sent < relay.LIMIT:
+                    self.wfile.write(chunk)
+                    relay.sent += relay.BLOCK
+            except OSError:
+                pass  # the client hung up
+            self.close_connection = True
+            relay.finished.set()
+
+        def log_message(self, *args):
+            pass
+
+
+@pytest.fixture
+def endless_relay():
+    relay = EndlessRelay()
+    serving = threading.Thread(target=relay.serve_forever, daemon=True)
+    serving.start()
+    yield relay
+    relay.shutdown()
+    relay.server_close()
+    serving.join(10)
+
+
+@pytest.mark.parametrize("announced_by", ["Content-Length", "Content-Range", "Content-Range past the end"])
+def test_get_stops_at_the_length_the_relay_announced_and_keeps_nothing(endless_relay, tmp_path, announced_by, capsys):
+    """More bytes than announced cannot all be the object: get stops at once, fails, and
+    keeps none of them. A range that ends past the object's length is not believed."""
+    oid = sha256(b"x" * EndlessRelay.LENGTH)
+    target, part = tmp_path / "copy", tmp_path / ".copy.part"
+    if announced_by != "Content-Length":
+        write(part, b"x" * 100)  # an earlier run's bytes: get asks for the rest
+    if announced_by == "Content-Range past the end":
+        endless_relay.range_end = EndlessRelay.LIMIT * 2
+    url = f"http://127.0.0.1:{endless_relay.server_address[1]}/{SERVER_ID}/{oid}"
+    assert client("get", url, "-o", target, "--retry-for", "0") == file_relay.EXIT_FAILED
+    assert "bytes it announced; nothing was saved" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+    assert endless_relay.finished.wait(10)
+    assert endless_relay.sent < 16 << 20  # the client hung up soon after the announced length
 
 
 def test_get_of_a_missing_object_fails_after_the_wait(live, tmp_path):
