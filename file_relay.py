@@ -49,6 +49,7 @@ import queue
 import random
 import re
 import secrets
+import select
 import shlex
 import shutil
 import signal
@@ -1605,6 +1606,18 @@ class ClientGone(Exception):
     """The client stopped sending its body: it disconnected, stalled or broke framing."""
 
 
+def _hangs_up_within(peer: socket.socket | None, seconds: float) -> bool:
+    """Wait up to *seconds* for the client on *peer* (its connection, or None) to hang up;
+    whether it did. Polling for its FIN reads nothing: the bytes it sent stay unread, and a
+    TLS connection is watched the same way as a plain one."""
+    if peer is None or peer.fileno() < 0:
+        time.sleep(seconds)
+        return False
+    watch = select.poll()
+    watch.register(peer.fileno(), select.POLLRDHUP)  # a reset or an error is reported too
+    return bool(watch.poll(math.ceil(seconds * 1000)))
+
+
 class _CutOff(ConnectionResetError):
     """Abort a response mid-body: the server closes the connection without finishing it,
     so the client sees an error rather than a short file (gunicorn stays quiet for
@@ -2171,9 +2184,13 @@ def make_app(config: RelayConfig, state: SharedState | None = None):
             return send_stored(*found, exchange)
         except RelayError as exc:
             return refuse(exc, close=False)
+        except ClientGone as exc:
+            exchange.note = str(exc)
+            return reply(400, str(exc), close=True)
 
     def find_or_wait(oid: str, wait: float):
-        """The stored object (fd, object) or a follower of its upload; None after *wait*."""
+        """The stored object (fd, object) or a follower of its upload; None after *wait*.
+        Raises ClientGone as soon as the client hangs up while it waits."""
         opened = store.open_object(oid)
         if opened is not None:
             return opened
@@ -2182,6 +2199,7 @@ def make_app(config: RelayConfig, state: SharedState | None = None):
             return follower
         if not waiting_slots.acquire(blocking=False):
             raise RelayError(503, "too many readers are waiting for uploads", retry_after=5)
+        peer = request.environ.get("gunicorn.socket")
         try:
             with state.active("waiting_readers"):
                 deadline = time.monotonic() + wait
@@ -2189,7 +2207,8 @@ def make_app(config: RelayConfig, state: SharedState | None = None):
                 while time.monotonic() < deadline:
                     if state.draining:
                         raise RelayError(503, "the relay is shutting down", retry_after=5)
-                    time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+                    if _hangs_up_within(peer, min(delay, max(0.0, deadline - time.monotonic()))):
+                        raise ClientGone("the client hung up while waiting for the upload")
                     delay = min(delay * 1.5, 0.5)
                     opened = store.open_object(oid)
                     if opened is not None:

@@ -4,10 +4,12 @@ for an upload to start. Live relays, real curl where the client's view matters."
 import concurrent.futures
 import hashlib
 import socket
+import ssl
 import subprocess
 import threading
 import time
 
+import pytest
 import requests
 from conftest import SERVER_ID, blob, sha256, wait_until
 
@@ -242,6 +244,39 @@ def test_readers_beyond_the_waiting_limit_are_told_to_retry(live):
         assert requests.get(relay.url(), timeout=10).status_code == 200
         stop.set()
         requests.put(relay.url(oid), data=blob(10)[0])
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["http", "https"])
+def test_readers_that_hang_up_while_waiting_give_their_places_back_at_once(live, request, tls):
+    """Four readers take every waiting place of the worker with ?wait=600, then close their
+    connections: their places (and threads) are free again within seconds, not after the
+    ten minutes they asked to wait, and the next reader waits instead of getting 503."""
+    options, verify = ["--workers", "1", "--threads", "8"], True  # at most 4 may wait
+    if tls:
+        cert, key = request.getfixturevalue("certificate")
+        options, verify = [*options, "--certfile", cert, "--keyfile", key], cert
+    relay = live(*options)
+    host, port = relay.base.split("//")[1].split(":")
+
+    def waiting_readers() -> int:
+        return requests.get(relay.url(), verify=verify, timeout=10).json()["waiting_readers"]
+
+    readers = []
+    for seed in range(4):
+        sock = socket.create_connection((host, int(port)), timeout=10)
+        if tls:
+            sock = ssl.create_default_context(cafile=cert).wrap_socket(sock, server_hostname="localhost")
+        sock.sendall(f"GET /{SERVER_ID}/{blob(10, seed)[1]}?wait=600 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        readers.append(sock)
+    wait_until(lambda: waiting_readers() == 4, message="4 waiting readers")
+    for sock in readers:
+        sock.close()
+    hung_up = time.monotonic()
+    wait_until(lambda: waiting_readers() == 0, timeout=30, message="the waiting places to be given back")
+    assert time.monotonic() - hung_up < 5
+    started = time.monotonic()
+    response = requests.get(relay.url(blob(10, 99)[1]) + "?wait=2", verify=verify, timeout=30)
+    assert response.status_code == 404 and time.monotonic() - started >= 2  # it waited: no 503
 
 
 def test_a_range_request_can_resume_following_an_upload(live):
