@@ -35,6 +35,7 @@ import dataclasses
 import email.utils
 import errno
 import fcntl
+import functools
 import hashlib
 import hmac
 import http.client
@@ -50,6 +51,7 @@ import random
 import re
 import secrets
 import select
+import selectors
 import shlex
 import shutil
 import signal
@@ -2569,23 +2571,68 @@ def _limit_malloc_arenas(arenas: int = 2) -> None:
         pass
 
 
-HEADER_TIMEOUT = 10.0  # seconds a client has to send a request's headers, in all
+HEADER_TIMEOUT = 10.0  # seconds a client has to send a request's head (and over TLS its handshake), in all
+_HEAD_LIMIT = 64 << 10  # bytes of a request head received before it is refused (431)
+_HEAD_END_RE = re.compile(rb"\n\r?\n")  # the blank line that ends a head (bare LFs too: gunicorn refuses them)
 _WORKER_SIGNALS = {signal.SIGTERM, signal.SIGQUIT, signal.SIGINT, signal.SIGUSR1, signal.SIGABRT}
 
 
 class _HeaderDeadline:
-    """A client connection whose request headers must arrive within HEADER_TIMEOUT.
+    """A client connection whose request heads are received before any thread takes it.
 
-    gunicorn makes a connection blocking just before it reads a request; from then until
-    the app takes the request (headers_received), every read, and a TLS handshake, waits
-    only until that deadline. A client trickling its handshake or headers byte by byte
-    (slowloris) holds a worker thread for seconds, not for as long as it likes.
+    The worker's main loop receives each head without blocking (receive_head), from the
+    accept or from the first byte of a kept-alive connection's next request, and cuts the
+    connection off once HEADER_TIMEOUT has passed; a thread gets the connection only when the
+    head has arrived, and recv serves the bytes received early first. A client that stalls
+    or trickles its head (slowloris) thus holds neither a thread nor a place in the threads'
+    queue. Until the app takes the request (headers_received), a read that would wait is
+    bounded by the same deadline.
     """
 
     _deadline: float | None = None
-    _armed = False  # whether the current request's deadline has started
+    _early: bytearray | None = None  # received by the main loop, not yet read by gunicorn
+    _scanned = 0  # how much of it was searched for the end of the head
+    _oversized = False
     _expired = False
     continue_pending = False  # the client awaits "100 Continue" before sending its body
+
+    def await_head(self, read_ahead: bytes = b"") -> float:
+        """Start receiving a request head, without blocking, after *read_ahead* (bytes
+        gunicorn read past the previous request); returns the deadline."""
+        self.setblocking(False)
+        if self._early is None:
+            self._early = bytearray()
+        self._early[:0] = read_ahead
+        self._scanned = 0
+        self._oversized = False
+        self._deadline = time.monotonic() + HEADER_TIMEOUT
+        return self._deadline
+
+    def receive_head(self) -> int:
+        """Take what has arrived, without blocking. Returns the selector event to wait for
+        before calling again, or 0 once a thread should take the connection: the head has
+        ended, the client has ended its side, or the head outgrew _HEAD_LIMIT (gunicorn then
+        answers 431). Raises OSError when the connection is broken."""
+        early = self._early
+        while not _HEAD_END_RE.search(early, max(0, self._scanned - 2)):
+            self._scanned = len(early)
+            if len(early) >= _HEAD_LIMIT:
+                self._oversized = True
+                return 0
+            try:
+                block = super().recv(_HEAD_LIMIT)
+            except (BlockingIOError, ssl.SSLWantReadError):
+                return selectors.EVENT_READ
+            except ssl.SSLWantWriteError:
+                return selectors.EVENT_WRITE
+            if not block:
+                return 0
+            early.extend(block)
+        return 0
+
+    @property
+    def received_early(self) -> int:
+        return len(self._early or b"")
 
     def send_continue(self) -> None:
         """Tell a client waiting for "100 Continue" to send its body, once it is wanted."""
@@ -2593,22 +2640,15 @@ class _HeaderDeadline:
             self.continue_pending = False
             self.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
 
-    def setblocking(self, flag: bool) -> None:
-        super().setblocking(flag)
-        self._armed = flag
-        self._deadline = time.monotonic() + HEADER_TIMEOUT if flag else None
-
     def headers_received(self, idle_timeout: float) -> None:
-        self._armed, self._deadline = True, None
+        self._deadline = None
         self.settimeout(idle_timeout)
 
     def _before_deadline(self, operation, *args):
-        if not self._armed:  # a TLS connection, wrapped after gunicorn made it blocking
-            self._armed, self._deadline = True, time.monotonic() + HEADER_TIMEOUT
-        if self._deadline is None:
+        current = self.gettimeout()
+        if self._deadline is None or current == 0.0:  # no head awaited, or a read that never waits
             return operation(*args)
         remaining = self._deadline - time.monotonic()
-        current = self.gettimeout()
         self.settimeout(max(0.001, remaining if current is None else min(current, remaining)))
         try:
             if remaining <= 0:
@@ -2619,8 +2659,28 @@ class _HeaderDeadline:
             # gunicorn ignores a reset connection quietly; a timeout would log a traceback.
             raise ConnectionResetError(errno.ECONNRESET, "request headers took too long") from None
 
+    def _take_early(self, size: int) -> bytes:
+        block = bytes(self._early[:size])
+        del self._early[:size]
+        return block
+
     def recv(self, size: int = 1024, flags: int = 0) -> bytes:
+        if self._early:
+            return self._take_early(size)
+        if self._oversized:
+            from gunicorn.http.errors import LimitRequestHeaders
+
+            self._oversized = False
+            raise LimitRequestHeaders(f"request head longer than {_HEAD_LIMIT} bytes")
         return self._before_deadline(super().recv, size, flags)
+
+    def recv_into(self, buffer, *args) -> int:
+        if self._early:
+            view = memoryview(buffer).cast("B")
+            block = self._take_early(args[0] if args and args[0] else len(view))
+            view[: len(block)] = block
+            return len(block)
+        return self._before_deadline(super().recv_into, buffer, *args)
 
     def shutdown(self, how: int) -> None:
         if self._expired:  # no lingering over a client too slow to send a request
@@ -2629,7 +2689,7 @@ class _HeaderDeadline:
 
 
 class _GuardedConnection(_HeaderDeadline, socket.socket):
-    """A plain client connection: header deadline, and stored files sent corked."""
+    """A plain client connection: heads received by the main loop, stored files sent corked."""
 
     @classmethod
     def adopt(cls, connection: socket.socket) -> _GuardedConnection:
@@ -2653,10 +2713,21 @@ class _GuardedConnection(_HeaderDeadline, socket.socket):
 
 
 class _GuardedTLSConnection(_HeaderDeadline, ssl.SSLSocket):
-    """A TLS client connection: the handshake too must finish within the header deadline."""
+    """A TLS client connection: its handshake too is driven by the main loop, without
+    blocking, before its first head."""
 
-    def do_handshake(self, block: bool = False) -> None:
-        self._before_deadline(super().do_handshake, block)
+    _handshaken = False
+
+    def receive_head(self) -> int:
+        if not self._handshaken:
+            try:
+                self.do_handshake()
+            except ssl.SSLWantReadError:
+                return selectors.EVENT_READ
+            except ssl.SSLWantWriteError:
+                return selectors.EVENT_WRITE
+            self._handshaken = True
+        return super().receive_head()
 
 
 def _guarded_tls_context(gunicorn_config, default_context_factory) -> ssl.SSLContext:
@@ -2669,6 +2740,8 @@ def _guarded_tls_context(gunicorn_config, default_context_factory) -> ssl.SSLCon
 def serve(config: RelayConfig, *, generated_id: bool = False) -> int:
     """Run the relay until it is shut down; returns the exit status. A server ID the
     relay generated is printed once, with the URL, on stdout: nowhere else has it."""
+    from gunicorn import http as gunicorn_http
+    from gunicorn import sock as gunicorn_sock
     from gunicorn.app.base import BaseApplication
     from gunicorn.arbiter import Arbiter
     from gunicorn.glogging import Logger
@@ -2692,8 +2765,19 @@ def serve(config: RelayConfig, *, generated_id: bool = False) -> int:
                 handler_.setFormatter(handler.formatter)
 
     class RelayWorker(ThreadWorker):
-        """A gthread worker that bounds how long a client may take to send its headers,
-        and leaves Ctrl-C to the master, which drains first."""
+        """A gthread worker whose threads only serve requests that have arrived: its main
+        loop receives each request head (and does each TLS handshake) without blocking, so
+        that slow clients hold no thread. It leaves Ctrl-C to the master, which drains first."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.heads_awaited: dict = {}  # connection -> its head's deadline, oldest first
+            self.tls_context: ssl.SSLContext | None = None
+
+        def init_process(self):
+            if self.cfg.is_ssl:  # once per worker: a renewed certificate needs a restart
+                self.tls_context = gunicorn_sock.ssl_context(self.cfg)
+            super().init_process()
 
         def init_signals(self):
             super().init_signals()
@@ -2711,20 +2795,89 @@ def serve(config: RelayConfig, *, generated_id: bool = False) -> int:
             return super().handle_request(req, conn)
 
         def enqueue_req(self, conn):
-            if not self.cfg.is_ssl and not isinstance(conn.sock, _GuardedConnection):
-                conn.sock = _GuardedConnection.adopt(conn.sock)
+            """Receive the request head of a new or kept-alive connection in the main loop;
+            a thread takes the connection once it has arrived."""
+            if isinstance(conn.sock, _HeaderDeadline):
+                read_ahead = conn.parser.unreader.take_buffered() if conn.parser is not None else b""
+            else:
+                try:
+                    conn.sock = self.guard(conn.sock)
+                except OSError:  # gone already
+                    self.nr_conns -= 1
+                    conn.close()
+                    return
+                read_ahead = b""
+            self.heads_awaited[conn] = conn.sock.await_head(read_ahead)
+            self.receive_head(conn)
+
+        def guard(self, sock: socket.socket) -> _HeaderDeadline:
+            if self.tls_context is None:
+                return _GuardedConnection.adopt(sock)
+            return self.tls_context.wrap_socket(
+                sock,
+                server_side=True,
+                do_handshake_on_connect=False,
+                suppress_ragged_eofs=self.cfg.suppress_ragged_eofs,
+            )
+
+        def receive_head(self, conn, _fileobj=None):
+            if conn not in self.heads_awaited:
+                return  # dropped by an earlier event of the same poll
+            try:
+                wanted = conn.sock.receive_head()
+            except OSError as exc:  # a reset, or a failed TLS handshake
+                self.log.debug("Closing a connection broken before its request: %s", exc)
+                return self.drop(conn)
+            if wanted:
+                return self.watch(conn, wanted, self.receive_head)
+            self.unwatch(conn)
+            del self.heads_awaited[conn]
+            if not conn.sock.received_early:
+                return self.drop(conn)  # closed without a request
+            if conn.parser is None:  # HTTP/1 over the guard: the relay offers no HTTP/2
+                conn.parser = gunicorn_http.get_parser(self.cfg, conn.sock, conn.client)
+            conn.data_ready = True  # gthread would otherwise wait for more bytes in the thread
             super().enqueue_req(conn)
 
         def finish_request(self, conn, fs):
             """Close a connection off the main loop: a graceful close lingers up to 2 s for
             the client to read the answer, and the main loop accepts new connections."""
-            if fs.cancelled() or fs.exception() is not None or fs.result() is not False:
+            if fs.cancelled() or fs.exception() is not None:
+                return super().finish_request(conn, fs)
+            keep_alive = fs.result()
+            if keep_alive is True and conn.sock.received_early:
+                return self.enqueue_req(conn)  # pipelined bytes, which no poll would report
+            if keep_alive is not False:
                 return super().finish_request(conn, fs)
             self.nr_conns -= 1
             try:
                 self.tpool.submit(conn.close, True)
             except RuntimeError:  # the pool is shutting down
                 conn.close(True)
+
+        def murder_pending(self):
+            """gthread's expiry of idle connections, and the relay's: heads past their deadline."""
+            super().murder_pending()
+            now = time.monotonic()
+            while self.heads_awaited and next(iter(self.heads_awaited.values())) <= now:
+                self.drop(next(iter(self.heads_awaited)))
+
+        def watch(self, conn, events: int, callback):
+            try:
+                self.poller.modify(conn.sock, events, functools.partial(callback, conn))
+            except KeyError:
+                self.poller.register(conn.sock, events, functools.partial(callback, conn))
+
+        def unwatch(self, conn):
+            with contextlib.suppress(KeyError, ValueError):
+                self.poller.unregister(conn.sock)
+
+        def drop(self, conn):
+            """Close a connection the main loop holds, at once."""
+            self.unwatch(conn)
+            self.heads_awaited.pop(conn, None)
+            self.nr_conns -= 1
+            conn.close()
 
     class RelayArbiter(Arbiter):
         """The master: SIGTERM and SIGINT start a drain, and a second signal exits at once.

@@ -6,6 +6,7 @@ Every malformed request gets a 4xx status line or a closed connection, never a h
 holds the server ID, or any ten characters of it, whatever was sent.
 """
 
+import contextlib
 import hashlib
 import secrets
 import socket
@@ -301,6 +302,58 @@ def test_a_wrong_id_costs_the_same_time_whatever_the_guess(make_config):
             samples[name].append(call(path))
     medians = {name: statistics.median(times) for name, times in samples.items()}
     assert max(medians.values()) < 1.5 * min(medians.values()), medians
+
+
+# -- slow clients ----------------------------------------------------------------------------
+
+
+def stalled_connections(relay, count: int, first_bytes: bytes) -> list[socket.socket]:
+    connections = []
+    for _ in range(count):
+        sock = socket.create_connection(address(relay), timeout=30)
+        sock.sendall(first_bytes)
+        connections.append(sock)
+    return connections
+
+
+def time_a_status_request(relay) -> float:
+    started = time.monotonic()
+    assert requests.get(relay.url(), timeout=60).status_code == 200
+    return time.monotonic() - started
+
+
+def test_connections_stalled_in_their_request_line_hold_no_thread(live):
+    """Three times as many connections as the worker has threads, each stopped half-way
+    through its request line (slowloris, without the server ID): a real client is served
+    at once (these would have held every thread until the header deadline, 10 s, three
+    times over), and they are still cut off at that deadline."""
+    relay = live("--workers", "1", "--threads", "4")
+    stalled = stalled_connections(relay, 12, b"GET /abc")
+    started = time.monotonic()
+    assert time_a_status_request(relay) < 3
+    for sock in stalled:
+        with contextlib.suppress(ConnectionResetError):
+            assert sock.recv(100) == b""
+        sock.close()
+    assert 9 < time.monotonic() - started < 20
+
+
+def test_kept_alive_connections_stalled_in_their_next_request_hold_no_thread(live):
+    """Twelve connections each make a request and stop half-way through the next one, sent
+    after the answer or pipelined behind the first request (on 4 threads): a real client is
+    served at once."""
+    relay = live("--workers", "1", "--threads", "4")
+    status_request = f"GET /{SERVER_ID} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    after_the_answer = stalled_connections(relay, 6, status_request)
+    pipelined = stalled_connections(relay, 6, status_request + status_request[:10])
+    for sock in after_the_answer + pipelined:
+        answer = sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 200") and b"Connection: close" not in answer
+    for sock in after_the_answer:
+        sock.sendall(status_request[:10])
+    assert time_a_status_request(relay) < 3
+    for sock in after_the_answer + pipelined:
+        sock.close()
 
 
 # -- the log ----------------------------------------------------------------------------------
