@@ -2574,6 +2574,7 @@ def _limit_malloc_arenas(arenas: int = 2) -> None:
 HEADER_TIMEOUT = 10.0  # seconds a client has to send a request's head (and over TLS its handshake), in all
 _HEAD_LIMIT = 64 << 10  # bytes of a request head received before it is refused (431)
 _HEAD_END_RE = re.compile(rb"\n\r?\n")  # the blank line that ends a head (bare LFs too: gunicorn refuses them)
+_LINGER_TIME, _LINGER_LIMIT = 2.0, 64 << 10  # how long and how much a closing connection is read, as gunicorn does
 _WORKER_SIGNALS = {signal.SIGTERM, signal.SIGQUIT, signal.SIGINT, signal.SIGUSR1, signal.SIGABRT}
 
 
@@ -2633,6 +2634,11 @@ class _HeaderDeadline:
     @property
     def received_early(self) -> int:
         return len(self._early or b"")
+
+    def discard_received(self) -> int:
+        """Read and drop what has arrived, without blocking: how many bytes, 0 once the
+        client has ended its side. Raises BlockingIOError when nothing has arrived."""
+        return len(super().recv(_LINGER_LIMIT))
 
     def send_continue(self) -> None:
         """Tell a client waiting for "100 Continue" to send its body, once it is wanted."""
@@ -2766,12 +2772,14 @@ def serve(config: RelayConfig, *, generated_id: bool = False) -> int:
 
     class RelayWorker(ThreadWorker):
         """A gthread worker whose threads only serve requests that have arrived: its main
-        loop receives each request head (and does each TLS handshake) without blocking, so
-        that slow clients hold no thread. It leaves Ctrl-C to the master, which drains first."""
+        loop receives each request head (and does each TLS handshake) and each closing
+        connection's last bytes without blocking, so that slow clients hold no thread. It
+        leaves Ctrl-C to the master, which drains first."""
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self.heads_awaited: dict = {}  # connection -> its head's deadline, oldest first
+            self.closing: dict = {}  # connection -> [end of its lingering, bytes discarded], oldest first
             self.tls_context: ssl.SSLContext | None = None
 
         def init_process(self):
@@ -2840,27 +2848,49 @@ def serve(config: RelayConfig, *, generated_id: bool = False) -> int:
             super().enqueue_req(conn)
 
         def finish_request(self, conn, fs):
-            """Close a connection off the main loop: a graceful close lingers up to 2 s for
-            the client to read the answer, and the main loop accepts new connections."""
             if fs.cancelled() or fs.exception() is not None:
                 return super().finish_request(conn, fs)
             keep_alive = fs.result()
+            if keep_alive is False:
+                return self.close_lingering(conn)
             if keep_alive is True and conn.sock.received_early:
                 return self.enqueue_req(conn)  # pipelined bytes, which no poll would report
-            if keep_alive is not False:
-                return super().finish_request(conn, fs)
-            self.nr_conns -= 1
+            return super().finish_request(conn, fs)
+
+        def close_lingering(self, conn):
+            """Close a connection as gunicorn does, but in the main loop: half-close it, then
+            read and discard for a while, so the client reads the answer rather than a reset."""
             try:
-                self.tpool.submit(conn.close, True)
-            except RuntimeError:  # the pool is shutting down
-                conn.close(True)
+                conn.sock.shutdown(socket.SHUT_WR)
+                conn.sock.setblocking(False)
+            except OSError:
+                return self.drop(conn)
+            self.closing[conn] = [time.monotonic() + _LINGER_TIME, 0]
+            self.watch(conn, selectors.EVENT_READ, self.discard_received)
+
+        def discard_received(self, conn, _fileobj=None):
+            if conn not in self.closing:
+                return  # dropped by an earlier event of the same poll
+            try:
+                count = conn.sock.discard_received()
+            except BlockingIOError:
+                return
+            except OSError:
+                count = 0
+            lingering = self.closing[conn]
+            lingering[1] += count
+            if not count or lingering[1] >= _LINGER_LIMIT:
+                self.drop(conn)
 
         def murder_pending(self):
-            """gthread's expiry of idle connections, and the relay's: heads past their deadline."""
+            """gthread's expiry of idle connections, and the relay's: heads past their
+            deadline, lingering closes past theirs."""
             super().murder_pending()
             now = time.monotonic()
             while self.heads_awaited and next(iter(self.heads_awaited.values())) <= now:
                 self.drop(next(iter(self.heads_awaited)))
+            while self.closing and next(iter(self.closing.values()))[0] <= now:
+                self.drop(next(iter(self.closing)))
 
         def watch(self, conn, events: int, callback):
             try:
@@ -2876,6 +2906,7 @@ def serve(config: RelayConfig, *, generated_id: bool = False) -> int:
             """Close a connection the main loop holds, at once."""
             self.unwatch(conn)
             self.heads_awaited.pop(conn, None)
+            self.closing.pop(conn, None)
             self.nr_conns -= 1
             conn.close()
 
