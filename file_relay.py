@@ -2808,6 +2808,10 @@ def serve(config: RelayConfig, *, generated_id: bool = False) -> int:
             if isinstance(conn.sock, _HeaderDeadline):
                 read_ahead = conn.parser.unreader.take_buffered() if conn.parser is not None else b""
             else:
+                if self.nr_conns >= self.worker_connections and self.heads_awaited:
+                    # At the limit, gthread would stop accepting: the connection that has
+                    # taken longest over its head gives its place to the new one instead.
+                    self.drop(next(iter(self.heads_awaited)))
                 try:
                     conn.sock = self.guard(conn.sock)
                 except OSError:  # gone already

@@ -8,6 +8,7 @@ holds the server ID, or any ten characters of it, whatever was sent.
 
 import contextlib
 import hashlib
+import resource
 import secrets
 import socket
 import statistics
@@ -367,6 +368,32 @@ def test_clients_that_never_close_after_a_refusal_hold_no_thread(live):
     assert time_a_status_request(relay) < 3
     for sock in refused:
         sock.close()
+
+
+@contextlib.contextmanager
+def open_files_limit(wanted: int):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        pytest.skip(f"needs {wanted} open files, the hard limit is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, wanted), hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_more_stalled_connections_than_a_worker_holds_do_not_lock_clients_out(live):
+    """1100 stalled connections, more than the 1000 a worker holds at once (gunicorn's
+    worker_connections): the one that has stalled longest makes way for each new one, so a
+    real client is served at once rather than left unaccepted until the header deadline."""
+    with open_files_limit(4096):
+        relay = live("--workers", "1", "--threads", "4")
+        stalled = stalled_connections(relay, 1100, b"GET /abc")
+        try:
+            assert time_a_status_request(relay) < 3
+        finally:
+            for sock in stalled:
+                sock.close()
 
 
 # -- the log ----------------------------------------------------------------------------------
