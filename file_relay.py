@@ -1466,6 +1466,9 @@ class UploadFollower:
         # enforces the idle timeout itself. Between the requests of a chunked upload,
         # silence for that long means it stalled.
         self.stall_timeout = store.config.idle_timeout
+        # Called with the seconds to wait between looks; the reader's side may replace it
+        # with a wait that raises UploadFailed when the reader goes away.
+        self.pause = time.sleep
 
     @property
     def fd(self) -> int:
@@ -1510,7 +1513,7 @@ class UploadFollower:
                     last_progress = time.monotonic()
                 elif time.monotonic() - last_progress > self.stall_timeout:
                     raise UploadFailed("the upload stalled")
-                time.sleep(delay)
+                self.pause(delay)
                 delay = min(delay * 2, _POLL_MAX)
                 end, verified = self._available()
         finally:
@@ -2298,6 +2301,13 @@ def make_app(config: RelayConfig, state: SharedState | None = None):
         except BaseException:
             follower.close()
             raise
+        peer = request.environ.get("gunicorn.socket")
+
+        def pause_unless_gone(seconds: float) -> None:
+            if _hangs_up_within(peer, seconds):
+                raise UploadFailed("the reader hung up")
+
+        follower.pause = pause_unless_gone
         body = _FollowBody(exchange, follower, length, on_close=download_finished(ticket, whole=status == 200))
         return bottle.HTTPResponse(body, status, headers)
 

@@ -316,3 +316,27 @@ def test_a_range_beyond_an_upload_in_progress_is_416_with_its_length(live, http)
     http.put(relay.url(oid), data=data[:1000], headers={"Content-Range": "bytes 0-999/3000"})
     response = http.get(relay.url(oid), headers={"Range": "bytes=5000-"})
     assert response.status_code == 416 and response.headers["Content-Range"] == "bytes */3000"
+
+
+def test_a_reader_of_a_stalled_chunked_upload_that_hangs_up_is_let_go_at_once(live):
+    """Between the chunks of an upload nothing is written to the reader, so its hang-up
+    shows only when the relay looks for it: it must give the thread back then, not after
+    the idle timeout (here 60 s) when the upload is taken for stalled."""
+    relay = live("--workers", "1", "--idle-timeout", "60")
+    data, oid = blob(2 << 20)
+    half = len(data) // 2
+    headers = {"Content-Range": f"bytes 0-{half - 1}/{len(data)}"}
+    assert requests.put(relay.url(oid), data=data[:half], headers=headers).status_code == 202
+    host, port = relay.base.split("//")[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as reader:
+        reader.sendall(f"GET /{SERVER_ID}/{oid} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        received = b""
+        while len(received) < half:  # the bytes there are, then it waits for the next chunk
+            received += reader.recv(1 << 20)
+        wait_until(lambda: requests.get(relay.url()).json()["downloads_in_progress"] == 1, message="the follower")
+    wait_until(
+        lambda: requests.get(relay.url()).json()["downloads_in_progress"] == 0,
+        timeout=10,
+        message="the follower to notice its reader hung up",
+    )
+    assert "the reader hung up" in relay.log()
