@@ -29,7 +29,9 @@ def content(seed: int = 0) -> tuple[bytes, str]:
 
 def config(files: Path) -> file_relay.RelayConfig:
     """The relay's settings, the same in the driver and in the test that checks on it."""
-    return file_relay.RelayConfig(server_id="crash-point-driver-id", files_directory=files, ttl=7200.0)
+    return file_relay.RelayConfig(
+        server_id="crash-point-driver-id", files_directory=files, ttl=7200.0, max_disk=1 << 30
+    )
 
 
 def _blocks(data: bytes):

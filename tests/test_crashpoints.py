@@ -16,6 +16,7 @@ syncs, creates or removes a directory or sets a time, and a spread of the opens 
 writes); RELAY_CRASH_POINTS=all runs every one.
 """
 
+import hashlib
 import os
 import select
 import shutil
@@ -193,7 +194,9 @@ def traced(pid: int, tracer: int) -> bool:
     return True
 
 
-def run_driver(files: Path, operation: str, log: Path, kill_at: tuple[str, int] | None = None) -> int:
+def run_driver(
+    files: Path, operation: str, log: Path, kill_at: tuple[str, int] | None = None, calls=FILE_SYSTEM_CALLS
+) -> int:
     """Run *operation* under strace (killed at the given call, if any); its exit status."""
     driver = subprocess.Popen(
         [sys.executable, str(ROOT / "tests" / "crash_driver.py"), str(files), operation],
@@ -207,7 +210,7 @@ def run_driver(files: Path, operation: str, log: Path, kill_at: tuple[str, int] 
     try:
         ready, _, _ = select.select([driver.stdout], [], [], 30)
         assert ready and driver.stdout.readline() == b"ready\n", "the driver did not start"
-        command = [STRACE, "-f", "-qq", "-o", str(log), "-e", "trace=" + ",".join(f"?{c}" for c in FILE_SYSTEM_CALLS)]
+        command = [STRACE, "-f", "-qq", "-o", str(log), "-e", "trace=" + ",".join(f"?{c}" for c in calls)]
         if kill_at is not None:
             command += ["-e", f"inject={kill_at[0]}:signal=SIGKILL:when={kill_at[1]}"]
         tracer = subprocess.Popen([*command, "-p", str(driver.pid)], stderr=subprocess.DEVNULL)
@@ -268,3 +271,22 @@ def test_every_crash_point_leaves_the_invariant_and_everything_acknowledged(tmp_
         check_recovered(files, operation, where)
         shutil.rmtree(files)
     print(f"{operation}: {len(tried)} of {len(calls)} crash points tried")
+
+
+@pytest.mark.parametrize("operation", ["put", "last-chunk", "download"])
+def test_a_request_does_the_same_work_with_thousands_of_objects_stored(tmp_path, operation):
+    """Work per request must not grow with the store: the same system calls, in number
+    and kind, whether 2 or 2,000 objects are stored (with --max-disk in force)."""
+    looks = [*FILE_SYSTEM_CALLS, "getdents64", "newfstatat", "statx", "stat", "lstat", "fstat", "read", "pread64"]
+    counted = {}
+    for stored in (0, 2000):
+        files = tmp_path / f"stored{stored}"
+        set_up(files, operation)
+        for _ in range(stored):
+            small = os.urandom(16)
+            (files / hashlib.sha256(small).hexdigest()).write_bytes(small)
+        store_of(files).sweep()  # counted in the ledger
+        assert run_driver(files, operation, tmp_path / f"{stored}.log", calls=looks) == 0
+        calls = calls_of(tmp_path / f"{stored}.log")
+        counted[stored] = sorted({name: sum(1 for call, _ in calls if call == name) for name, _ in calls}.items())
+    assert counted[0] == counted[2000]
