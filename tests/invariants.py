@@ -115,3 +115,13 @@ def process_tree(pid: int) -> list:
         except FileNotFoundError:
             pass
     return tree
+
+
+def traced_by(pid: int, tracer: int) -> bool:
+    """Whether every thread of *pid* is traced by *tracer* (strace has attached to them)."""
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/status") as status:
+            line = next(line for line in status if line.startswith("TracerPid:"))
+        if int(line.split()[1]) != tracer:
+            return False
+    return True

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, wait_until
-from invariants import orphaned_limits, partials, verify_objects
+from invariants import orphaned_limits, partials, traced_by, verify_objects
 
 import file_relay
 
@@ -183,17 +183,6 @@ def check_recovered(files: Path, operation: str, where: str) -> None:
 # -- running the driver under strace -------------------------------------------------------
 
 
-def traced(pid: int, tracer: int) -> bool:
-    """Whether every thread of *pid* is traced by *tracer*."""
-    tasks = os.listdir(f"/proc/{pid}/task")
-    for task in tasks:
-        with open(f"/proc/{pid}/task/{task}/status") as status:
-            line = next(line for line in status if line.startswith("TracerPid:"))
-        if int(line.split()[1]) != tracer:
-            return False
-    return True
-
-
 def run_driver(
     files: Path, operation: str, log: Path, kill_at: tuple[str, int] | None = None, calls=FILE_SYSTEM_CALLS
 ) -> int:
@@ -214,7 +203,7 @@ def run_driver(
         if kill_at is not None:
             command += ["-e", f"inject={kill_at[0]}:signal=SIGKILL:when={kill_at[1]}"]
         tracer = subprocess.Popen([*command, "-p", str(driver.pid)], stderr=subprocess.DEVNULL)
-        wait_until(lambda: traced(driver.pid, tracer.pid), timeout=20, message="strace to attach")
+        wait_until(lambda: traced_by(driver.pid, tracer.pid), timeout=20, message="strace to attach")
         driver.stdin.write(b"go\n")
         driver.stdin.flush()
         return driver.wait(60)

@@ -8,7 +8,6 @@ bytes, a download budget is exact, correct bytes never hear that they did not ve
 import concurrent.futures
 import contextlib
 import hashlib
-import os
 import shutil
 import subprocess
 import threading
@@ -16,21 +15,13 @@ import threading
 import pytest
 import requests
 from conftest import blob, wait_until
-from invariants import verify_objects
+from invariants import traced_by, verify_objects
 
 STRACE = shutil.which("strace")
 pytestmark = pytest.mark.skipif(STRACE is None, reason="strace is not installed (Debian's strace package)")
 
 LOCKS_AND_NAMES = ["fcntl", "link", "linkat", "rename", "renameat", "renameat2", "unlink", "unlinkat"]
 DELAYS = [("exit", 20_000), ("enter", 20_000)]  # where in the call, microseconds
-
-
-def traced_by(pid: int, tracer: int) -> bool:
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/status") as status:
-            if int(next(line for line in status if line.startswith("TracerPid:")).split()[1]) != tracer:
-                return False
-    return True
 
 
 @contextlib.contextmanager
