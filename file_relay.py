@@ -525,6 +525,21 @@ class _Partial:
                     os.unlink(f"range-{marker[0]}-{marker[1]}", dir_fd=self.dir_fd)
         os.fsync(self.dir_fd)
 
+    def mark_published(self, published: bool = True) -> None:
+        """Note (or take back) that this attempt's data is being linked as the object."""
+        if published:
+            os.close(os.open("published", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600, dir_fd=self.dir_fd))
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink("published", dir_fd=self.dir_fd)
+
+    def was_published(self) -> bool:
+        try:
+            os.stat("published", dir_fd=self.dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        return True
+
     def close(self) -> None:
         for name in ("fd", "dir_fd"):
             if getattr(self, name) >= 0:
@@ -780,9 +795,11 @@ class Store:
             removed = True
         return removed
 
-    def reserve_download(self, oid: str, fd: int, max_downloads: int | None) -> DownloadTicket | None:
-        """A slot for one counted download of the object open as *fd* (stored, or being
-        uploaded), if it has a download budget.
+    def reserve_download(
+        self, oid: str, fd: int, max_downloads: int | None, following: UploadFollower | None = None
+    ) -> DownloadTicket | None:
+        """A slot for one counted download of the object open as *fd*, if it has a
+        download budget: a stored object, or the upload *following* reads.
 
         Downloads in flight hold their slot, so concurrent downloads of the last allowed
         copy cannot all go through; a download that fails gives its slot back. Everything
@@ -796,9 +813,9 @@ class Store:
                 if self._is_our_object(oid, fd):
                     done = self._downloads_done(oid)
                     max_downloads = self._read_limits(oid).max_downloads or max_downloads
-                elif os.fstat(fd).st_nlink > 0:
+                elif following is not None and following.unpublished():
                     done = 0  # an upload in progress: not stored yet, so never downloaded
-                else:
+                else:  # removed, perhaps used up, since it was opened
                     raise RelayError(404, "no such object")
                 base = self._object_lock_base(oid)
                 slots = range(base + 1, base + 1 + min(max_downloads, _DOWNLOAD_SLOTS))
@@ -1011,9 +1028,11 @@ class Store:
             self._clear_name(oid)
             self._write_limits(oid, partial.limits)
             self._account(1, size)
+            partial.mark_published()
             try:
                 os.link("data", self._object_path(oid), src_dir_fd=partial.dir_fd)
             except FileExistsError:
+                partial.mark_published(False)
                 self._account(-1, -size)
                 return False
             _fsync_dir(self.root)
@@ -1477,6 +1496,11 @@ class UploadFollower:
     def _published(self) -> bool:
         return self.store._is_our_object(self.partial.oid, self.partial.fd)
 
+    def unpublished(self) -> bool:
+        """Whether the upload is still in progress: never linked as the object (which may
+        since have been used up and removed), nor discarded."""
+        return not self.partial.was_published() and os.fstat(self.partial.fd).st_nlink > 0
+
     def _available(self) -> tuple[int, bool]:
         """(bytes that may be sent, whether the upload has verified)."""
         partial = self.partial
@@ -1493,31 +1517,30 @@ class UploadFollower:
         return end, False
 
     def __iter__(self):
-        try:
+        """The upload's bytes from self.position on. The follower stays open after the
+        last one (a counted download is judged on its descriptor): close() it."""
+        end, verified = self._available()
+        last_progress = time.monotonic()
+        delay = _POLL_MIN
+        while True:
+            if self.position < end:
+                block = os.pread(self.partial.fd, min(BLOCK_SIZE, end - self.position), self.position)
+                if not block:
+                    raise UploadFailed("the upload's data shrank")
+                self.position += len(block)
+                last_progress = time.monotonic()
+                delay = _POLL_MIN
+                yield block
+                continue
+            if verified:
+                return
+            if _lock_held(self.partial.fd, _WRITERS):
+                last_progress = time.monotonic()
+            elif time.monotonic() - last_progress > self.stall_timeout:
+                raise UploadFailed("the upload stalled")
+            self.pause(delay)
+            delay = min(delay * 2, _POLL_MAX)
             end, verified = self._available()
-            last_progress = time.monotonic()
-            delay = _POLL_MIN
-            while True:
-                if self.position < end:
-                    block = os.pread(self.partial.fd, min(BLOCK_SIZE, end - self.position), self.position)
-                    if not block:
-                        raise UploadFailed("the upload's data shrank")
-                    self.position += len(block)
-                    last_progress = time.monotonic()
-                    delay = _POLL_MIN
-                    yield block
-                    continue
-                if verified:
-                    return
-                if _lock_held(self.partial.fd, _WRITERS):
-                    last_progress = time.monotonic()
-                elif time.monotonic() - last_progress > self.stall_timeout:
-                    raise UploadFailed("the upload stalled")
-                self.pause(delay)
-                delay = min(delay * 2, _POLL_MAX)
-                end, verified = self._available()
-        finally:
-            self.close()
 
     def close(self) -> None:
         self.partial.close()
@@ -2297,7 +2320,7 @@ def make_app(config: RelayConfig, state: SharedState | None = None):
             else:
                 if length is not None:
                     headers["Content-Length"] = str(length)
-                ticket = store.reserve_download(oid, follower.fd, follower.max_downloads)
+                ticket = store.reserve_download(oid, follower.fd, follower.max_downloads, following=follower)
         except BaseException:
             follower.close()
             raise

@@ -198,6 +198,28 @@ def test_a_download_that_opened_an_object_as_its_last_download_removed_it_is_ref
     assert not (files / oid).exists()
 
 
+def test_a_download_of_an_object_used_up_while_its_upload_was_being_tidied_is_refused(make_config, files):
+    """Between linking an object and removing its partial upload, the object's file has
+    two names. A download that opened the object, when the last allowed download removed
+    its name meanwhile, must not take the file still linked in the partial for an upload
+    in progress, never downloaded."""
+    store = file_relay.Store(make_config())
+    store.prepare()
+    data, oid = blob(5000)
+    assert store.put_stream(oid, [data], len(data), file_relay.Limits(max_downloads=1))
+    leave_published_partial(files, oid, "stream")
+    first_fd, first = store.open_object(oid)
+    second_fd, second = store.open_object(oid)
+    try:
+        store.reserve_download(oid, first_fd, first.max_downloads).complete()
+        with pytest.raises(file_relay.RelayError) as gone:
+            store.reserve_download(oid, second_fd, second.max_downloads)
+        assert gone.value.status == 404
+    finally:
+        os.close(first_fd)
+        os.close(second_fd)
+
+
 def test_a_download_of_a_deleted_then_reuploaded_object_does_not_spend_the_new_ones_budget(make_config, files):
     store = file_relay.Store(make_config())
     store.prepare()

@@ -153,11 +153,18 @@ def test_concurrent_downloads_of_the_last_copies_never_exceed_the_limit(live, fi
 def test_a_follower_of_a_limited_upload_counts(live):
     relay = live()
     data, oid = blob(2 << 20)
+
+    def body():  # the second half only once the reader follows the upload
+        yield data[: 1 << 20]
+        wait_until(lambda: requests.get(relay.url()).json()["downloads_in_progress"] == 1, message="the follower")
+        yield data[1 << 20 :]
+
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         reader = pool.submit(requests.get, relay.url(oid) + "?wait=30", timeout=60)
         wait_until(lambda: requests.get(relay.url()).json()["waiting_readers"] == 1, message="the reader")
-        assert requests.put(relay.url(oid), data=data, headers={"Max-Downloads": "1"}).status_code == 201
-        assert reader.result().content == data
+        assert requests.put(relay.url(oid), data=body(), headers={"Max-Downloads": "1"}).status_code == 201
+        response = reader.result()
+        assert response.content == data and "ETag" not in response.headers  # it followed the upload
     assert requests.head(relay.url(oid)).status_code == 404
 
 

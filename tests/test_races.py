@@ -171,3 +171,36 @@ def test_racing_uploads_of_one_object_store_it_once(live, files, where, microsec
             statuses = [future.result(60).status_code for future in uploads]
             assert statuses.count(201) == 1 and set(statuses) <= {200, 201, 409}, statuses
     assert all(size == 128 << 10 for size in verify_objects(files).values())
+
+
+def test_downloads_racing_the_upload_of_an_object_with_max_downloads_1_get_it_once(live, files):
+    """Readers loop on GET ?wait=0 while the object with Max-Downloads: 1 is uploaded:
+    they follow the upload, or download it once stored, and only one whole download may
+    get through, whichever way it goes. (No injected delay: this race needs none.)"""
+    relay = live("--workers", "1", "--threads", "32")
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        for round_ in range(8):
+            data, oid = blob(256 << 10, seed=round_)
+            url = relay.url(oid)
+            stop = threading.Event()
+
+            def download_until_stopped(url=url, oid=oid, stop=stop) -> int:
+                whole = 0
+                with requests.Session() as session:
+                    for _ in range(2000):
+                        if stop.is_set():
+                            break
+                        try:
+                            response = session.get(url, params={"wait": "0"}, timeout=60)
+                            content = response.content
+                        except requests.RequestException:
+                            continue  # a follower cut off: not a whole download
+                        if response.status_code == 200 and hashlib.sha256(content).hexdigest() == oid:
+                            whole += 1
+                return whole
+
+            readers = [pool.submit(download_until_stopped) for _ in range(8)]
+            assert requests.put(url, data=data, headers={"Max-Downloads": "1"}).status_code == 201
+            wait_until(lambda oid=oid: not (files / oid).exists(), timeout=30, message="the one download")
+            stop.set()
+            assert sum(future.result(60) for future in readers) == 1
