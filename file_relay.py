@@ -848,8 +848,7 @@ class Store:
         """Store a whole object sent in one request: True if created, False if it was
         already stored. *body* yields the request body's blocks."""
         if self.is_stored(oid):
-            for _ in body:
-                pass
+            self._drain_for_stored(oid, body)
             return False
         if length is not None:
             self.check_size(length)
@@ -889,14 +888,12 @@ class Store:
         201 when this chunk completed an object that verified, 200 if already stored.
         """
         if self.is_stored(oid):
-            for _ in body:
-                pass
+            self._drain_for_stored(oid, body)
             return 200, None
         self.check_size(total)
         partial = self._join_partial(oid, total, limits)
         if partial is None:
-            for _ in body:
-                pass
+            self._drain_for_stored(oid, body)
             return 200, None
         try:
             if partial.info["length"] != total:
@@ -924,6 +921,15 @@ class Store:
             raise
         finally:
             partial.close()
+
+    def _drain_for_stored(self, oid: str, body) -> None:
+        """Read and discard the body of an upload of an object already stored; refuse if
+        the stored copy went meanwhile (it expired or was used up), rather than answer for
+        an object that is not there."""
+        for _ in body:
+            pass
+        if not self.is_stored(oid):
+            raise RelayError(409, "the stored copy expired or was removed while this upload arrived: send it again")
 
     def _drop_if_empty(self, partial: _Partial) -> None:
         """Remove a chunked upload with nothing acknowledged that no other request is

@@ -279,6 +279,27 @@ def test_a_published_leftover_is_never_written_to(make_app, make_config, files):
         os.close(reading)
 
 
+def test_an_upload_of_an_object_that_expires_meanwhile_is_stored(make_app, make_config, files):
+    """The stored copy expires while the same content is uploaded again: the upload must
+    be stored (not answered "already stored" and lost when the old copy goes)."""
+    app = make_app(ttl=60)
+    data, oid = blob(4000)
+    app.put(object_url(oid), data, status=201)
+    store = file_relay.Store(make_config(ttl=60))
+
+    def body():
+        yield data[:2000]
+        then = time.time() - 120
+        os.utime(files / oid, (then, then))  # the stored copy expires
+        yield data[2000:]
+
+    with pytest.raises(file_relay.RelayError) as refused:  # never "already stored"
+        store.put_stream(oid, body(), len(data), file_relay.Limits())
+    assert refused.value.status == 409
+    assert store.put_stream(oid, [data], len(data), file_relay.Limits()) is True  # sent again
+    assert app.get(object_url(oid)).body == data
+
+
 # -- 8: costs bounded by the request, not by the store ----------------------------------
 
 
