@@ -331,8 +331,24 @@ _NO_SURPRISES = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # never through a 
 
 def _names_nothing_of_ours(exc: OSError) -> bool:
     """Whether opening a name failed because nothing the relay made is there: it is
-    missing, or it is a link, a socket or not a directory (planted, never followed)."""
-    return exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENXIO)
+    missing, or it is a link, a socket, a directory or not one (planted, never followed)."""
+    return exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ELOOP, errno.ENXIO)
+
+
+def _read_small_file(path: Path, limit: int = 64 << 10) -> bytes | None:
+    """The start of a small regular file the relay keeps (limits, info, the ledger), or
+    None if there is none: missing, or anything planted there (a link, a FIFO, a
+    directory) is never followed, waited on or read past *limit*."""
+    try:
+        fd = os.open(path, os.O_RDONLY | _NO_SURPRISES)
+    except OSError as exc:
+        if _names_nothing_of_ours(exc):
+            return None
+        raise
+    try:
+        return os.read(fd, limit) if stat.S_ISREG(os.fstat(fd).st_mode) else None
+    finally:
+        os.close(fd)
 
 
 def _unlink_if_present(path: Path) -> bool:
@@ -457,10 +473,12 @@ class _Partial:
             mode = os.O_RDWR if writable else os.O_RDONLY
             fd = os.open("data", mode | _NO_SURPRISES, dir_fd=dir_fd)
             info_fd = os.open("info", os.O_RDONLY | _NO_SURPRISES, dir_fd=dir_fd)
-            with open(info_fd, "rb") as info_file:
+            try:
                 if not (stat.S_ISREG(os.fstat(fd).st_mode) and stat.S_ISREG(os.fstat(info_fd).st_mode)):
                     raise ValueError("not a regular file")
-                info = json.load(info_file)
+                info = json.loads(os.read(info_fd, 64 << 10))
+            finally:
+                os.close(info_fd)
             return cls(oid, path, dir_fd, fd, info)
         except (OSError, ValueError, TypeError) as exc:
             if fd >= 0:
@@ -612,9 +630,8 @@ class Store:
 
     def _ledger(self) -> tuple[int, int, int]:
         try:
-            with open(self.ledger_path, "rb") as ledger:
-                return _LEDGER.unpack(ledger.read(_LEDGER.size))
-        except (FileNotFoundError, struct.error):
+            return _LEDGER.unpack(_read_small_file(self.ledger_path, _LEDGER.size) or b"")
+        except struct.error:
             return 0, 0, 0
 
     def _write_ledger(self, count: int, size: int, changes: int) -> None:
@@ -665,13 +682,13 @@ class Store:
 
     def _read_limits(self, oid: str) -> Limits:
         try:
-            return Limits(**json.loads(self._meta_path(oid).read_bytes()))
-        except (FileNotFoundError, ValueError, TypeError):
+            return Limits(**json.loads(_read_small_file(self._meta_path(oid)) or b"{}"))
+        except (ValueError, TypeError):
             return Limits()
 
     def _downloads_done(self, oid: str) -> int:
         try:
-            return os.stat(self._count_path(oid)).st_size
+            return os.lstat(self._count_path(oid)).st_size
         except FileNotFoundError:
             return 0
 
@@ -1247,8 +1264,8 @@ class Store:
         partial_count = reserved = allocated = 0
         for name in self._partial_names():
             with contextlib.suppress(FileNotFoundError, NotADirectoryError, ValueError, TypeError, KeyError):
-                info = json.loads((self.partials / name / "info").read_bytes())
-                st = os.stat(self.partials / name / "data")
+                info = json.loads(_read_small_file(self.partials / name / "info") or b"")
+                st = os.lstat(self.partials / name / "data")
                 on_disk = st.st_blocks * 512
                 partial_count += 1
                 allocated += on_disk
@@ -1348,6 +1365,12 @@ class Store:
         (judged under the object's mutex)."""
         removed = 0
         for name in os.listdir(self.meta):
+            with contextlib.suppress(FileNotFoundError):
+                if not stat.S_ISREG(os.lstat(self.meta / name).st_mode):  # not the relay's
+                    log.warning("removing .relay/meta/%s: not a regular file", name)
+                    os.rename(self.meta / name, self.partials / f".trash-{secrets.token_hex(8)}")
+                    removed += 1
+                    continue
             oid, _, suffix = name.partition(".")
             half_written = suffix.startswith("new-")
             if parse_object_id(oid) == oid and (half_written or suffix in ("", "count")):

@@ -17,6 +17,7 @@ import threading
 import time
 
 import pytest
+import requests
 from conftest import SERVER_ID, blob, object_url, wait_until
 from invariants import finisher_waiting, verify_objects
 
@@ -448,3 +449,31 @@ def test_a_chunk_waiting_on_a_finisher_that_stored_nothing_is_not_told_its_bytes
     assert status != 400
     assert (deleted, status) == (200, 202), (deleted, status)  # chunk 0 cancelled: it began anew
     assert verify_objects(files) == {}
+
+
+def test_entries_planted_inside_the_relays_own_directory_never_hang_or_fail_a_request(live, files, make_config):
+    """A directory or a FIFO where the relay keeps an object's limits or an upload's info:
+    requests neither hang on it nor fail with 500, and the sweep removes it."""
+    relay = live("--workers", "1")
+    stored = {}
+    for seed in range(2):
+        data, oid = blob(1000, seed=seed)
+        assert requests.put(relay.url(oid), data=data, timeout=10).status_code == 201
+        stored[oid] = data
+    first, second = stored
+    (files / ".relay" / "meta" / first).mkdir()
+    os.mkfifo(files / ".relay" / "meta" / second)
+    for name, make in (("planted-dir", os.mkdir), ("planted-fifo", os.mkfifo)):
+        (files / ".relay" / "partial" / name).mkdir()
+        make(files / ".relay" / "partial" / name / "info")
+        (files / ".relay" / "partial" / name / "data").write_bytes(b"x")
+    for oid, data in stored.items():
+        assert requests.get(relay.url(oid), params={"wait": "0"}, timeout=10).content == data
+        assert requests.head(relay.url(oid), timeout=10).status_code == 200
+    assert requests.get(relay.url(), timeout=10).status_code == 200
+    data, oid = blob(1000, seed=9)
+    assert requests.put(relay.url(oid), data=data, timeout=10).status_code == 201
+    file_relay.Store(make_config()).sweep()
+    assert os.listdir(files / ".relay" / "meta") == []
+    assert [name for name in os.listdir(files / ".relay" / "partial") if not name.startswith(".")] == []
+    assert verify_objects(files) == {**{oid: 1000}, **{name: 1000 for name in stored}}
