@@ -258,6 +258,7 @@ _OBJECT_LOCK_STRIDE = 512  # lock bytes per object name: its mutex, then its dow
 _SPACE_CHECK_INTERVAL = 64 << 20  # bytes between free-space checks of an upload of unknown size
 _POLL_MIN, _POLL_MAX = 0.005, 0.1  # seconds between looks at an upload being followed
 _MAX_FRAGMENTS = 512  # disjoint received ranges one chunked upload may have
+_MAX_PARTIALS = 1024  # uploads in progress or resumable at once: each upload weighs them all
 _MARKER_SLACK = 64  # range markers beyond the merged ranges before they are merged
 _LEGACY_META_RE = re.compile(r"([0-9a-f]{64})\.([0-9]+)(\.count)?")
 _LEDGER = struct.Struct("qqq")  # stored objects, their bytes, changes made
@@ -1150,6 +1151,8 @@ class Store:
                 existing = self._open_partial(oid, exclusive=True)
                 if existing is not None:
                     self._discard(existing)
+                if len(self._partial_names()) >= _MAX_PARTIALS:
+                    raise RelayError(503, f"too many uploads in progress ({_MAX_PARTIALS})", retry_after=60)
                 self._check_space(length or 0)
                 os.rename(partial.path, self.partials / oid)
         except BaseException:

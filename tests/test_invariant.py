@@ -477,3 +477,24 @@ def test_entries_planted_inside_the_relays_own_directory_never_hang_or_fail_a_re
     assert os.listdir(files / ".relay" / "meta") == []
     assert [name for name in os.listdir(files / ".relay" / "partial") if not name.startswith(".")] == []
     assert verify_objects(files) == {**{oid: 1000}, **{name: 1000 for name in stored}}
+
+
+def test_partial_uploads_are_bounded_so_their_cost_to_each_upload_is(make_app, files):
+    """Each new upload weighs the uploads in progress against the space; there may be at
+    most _MAX_PARTIALS of them, so that cost is bounded (503 with Retry-After beyond)."""
+    app = make_app()
+    data, oid = blob(1000)
+    put_chunk(app, oid, 0, 99, 1000, data[:100], status=202)
+    partial = files / ".relay" / "partial" / oid
+    for index in range(file_relay._MAX_PARTIALS - 1):
+        clone = files / ".relay" / "partial" / f"{index:064x}"
+        clone.mkdir()
+        for entry in partial.iterdir():
+            os.link(entry, clone / entry.name)
+    other, other_oid = blob(500, seed=1)
+    refused = app.put(object_url(other_oid), other, status=503)
+    assert refused.headers["Retry-After"] and "uploads in progress" in refused.text
+    put_chunk(app, other_oid, 0, 99, 500, other[:100], status=503)
+    put_chunk(app, oid, 100, 999, 1000, data[100:], status=201)  # an upload in progress goes on
+    app.put(object_url(other_oid), other, status=201)  # and its place is free again
+    assert app.get(f"/{SERVER_ID}").json["partial_uploads"] == file_relay._MAX_PARTIALS - 1
