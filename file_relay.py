@@ -1512,6 +1512,7 @@ class UploadFollower:
         self.length = partial.info["length"]
         self.max_downloads = partial.limits.max_downloads
         self.position = start
+        self.end: int | None = None  # where to stop, short of the upload's end (a range)
         # While a request writes to the upload (a plain PUT, a chunk, or the verification
         # of a completed chunked upload) its lock says the upload is alive, and the writer
         # enforces the idle timeout itself. Between the requests of a chunked upload,
@@ -1532,6 +1533,16 @@ class UploadFollower:
         """Whether the upload is still in progress: never linked as the object (which may
         since have been used up and removed), nor discarded."""
         return not self.partial.was_published() and os.fstat(self.partial.fd).st_nlink > 0
+
+    def progress(self) -> Progress:
+        """What the upload holds now, as Store.progress reports it."""
+        partial = self.partial
+        if self.mode == "stream":
+            size = os.fstat(partial.fd).st_size
+            ranges = [(0, size - 1)] if size else []
+        else:
+            ranges = partial.ranges()
+        return Progress(self.mode, self.length, ranges, _lock_held(partial.fd, _WRITERS))
 
     def _available(self) -> tuple[int, bool]:
         """(bytes that may be sent, whether the upload has verified)."""
@@ -1555,6 +1566,8 @@ class UploadFollower:
         last_progress = time.monotonic()
         delay = _POLL_MIN
         while True:
+            if self.end is not None:
+                end = min(end, self.end)
             if self.position < end:
                 block = os.pread(self.partial.fd, min(BLOCK_SIZE, end - self.position), self.position)
                 if not block:
@@ -1564,7 +1577,7 @@ class UploadFollower:
                 delay = _POLL_MIN
                 yield block
                 continue
-            if verified:
+            if verified or self.position == self.end:
                 return
             if _lock_held(self.partial.fd, _WRITERS):
                 last_progress = time.monotonic()
@@ -2055,6 +2068,14 @@ def _object_headers(obj: StoredObject) -> dict:
     return headers
 
 
+def _upload_headers(progress: Progress) -> dict:
+    """The headers of GET and HEAD of an upload in progress, but its Content-Length."""
+    headers = {"Content-Type": "application/octet-stream", **_progress_headers(progress)}
+    if progress.length is not None:
+        headers["Accept-Ranges"] = "bytes"
+    return headers
+
+
 def _progress_headers(progress: Progress) -> dict:
     headers = {"Upload-Offset": str(progress.offset), "Upload-Incomplete": "?1"}
     if progress.length is not None:
@@ -2330,10 +2351,10 @@ def make_app(config: RelayConfig, state: SharedState | None = None):
         return finished
 
     def follow_upload(oid: str, follower: UploadFollower, exchange: _Exchange):
-        headers = {"Content-Type": "application/octet-stream", "Accept-Ranges": "bytes"}
         length = follower.length
         status = 200
         try:
+            headers = _upload_headers(follower.progress())
             try:
                 wanted = _parse_range(request.environ.get("HTTP_RANGE"), length) if length is not None else None
             except RelayError as exc:
@@ -2344,11 +2365,9 @@ def make_app(config: RelayConfig, state: SharedState | None = None):
             ticket = None
             if wanted is not None:
                 status = 206
-                follower.position = wanted[0]
-                headers["Content-Range"] = f"bytes {wanted[0]}-{length - 1}/{length}"
-                headers["Content-Length"] = str(length - wanted[0])
-                # A range that ends early is served whole from its start: the end of an
-                # upload in progress is only sent once it has verified.
+                follower.position, follower.end = wanted[0], wanted[1] + 1
+                headers["Content-Range"] = f"bytes {wanted[0]}-{wanted[1]}/{length}"
+                headers["Content-Length"] = str(wanted[1] + 1 - wanted[0])
             else:
                 if length is not None:
                     headers["Content-Length"] = str(length)
@@ -2376,7 +2395,7 @@ def make_app(config: RelayConfig, state: SharedState | None = None):
         progress = store.progress(oid)
         if progress is None:
             return reply(404, "no such object")
-        headers = {"Content-Type": "application/octet-stream", **_progress_headers(progress)}
+        headers = _upload_headers(progress)
         if progress.length is not None:
             headers["Content-Length"] = str(progress.length)
         else:

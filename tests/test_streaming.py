@@ -340,3 +340,44 @@ def test_a_reader_of_a_stalled_chunked_upload_that_hangs_up_is_let_go_at_once(li
         message="the follower to notice its reader hung up",
     )
     assert "the reader hung up" in relay.log()
+
+
+def test_a_closed_range_of_an_upload_in_progress_is_served_exactly(live, tmp_path):
+    """A range that ends before the upload does is sent as soon as its bytes are there, with
+    its own Content-Range; one that reaches the last byte waits for the verification."""
+    relay = live()
+    data, oid = blob(4 << 20)
+    size = len(data)
+    body = Pacer(data, seconds=4)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        upload = start_upload(pool, relay.url(oid), body)
+        wait_until(lambda: body.sent > 0, message="the upload to start")
+        first = requests.get(relay.url(oid), headers={"Range": "bytes=0-99"}, timeout=30)
+        assert not upload.done()  # answered while the upload goes on
+        assert first.status_code == 206
+        assert first.headers["Content-Range"] == f"bytes 0-99/{size}" and first.content == data[:100]
+        middle = requests.get(relay.url(oid), headers={"Range": "bytes=1000000-2999999"}, timeout=30)
+        assert middle.headers["Content-Range"] == f"bytes 1000000-2999999/{size}"
+        assert middle.content == data[1000000:3000000]
+        curl = curl_download(relay.url(oid), tmp_path / "first100", "-r", "0-99")
+        out, err = curl.communicate(timeout=30)
+        assert curl.returncode == 0 and out == "206 100", err
+        tail = requests.get(relay.url(oid), headers={"Range": f"bytes={size - 10}-{size + 10}"}, timeout=30)
+        assert upload.result().status_code == 201
+    assert tail.headers["Content-Range"] == f"bytes {size - 10}-{size - 1}/{size}" and tail.content == data[-10:]
+
+
+def test_get_and_head_of_an_upload_in_progress_send_the_same_headers(live, http):
+    relay = live()
+    data, oid = blob(4 << 20)
+    body = Pacer(data, seconds=3)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        upload = start_upload(pool, relay.url(oid), body)
+        wait_until(lambda: body.sent > 0, message="the upload to start")
+        head = http.head(relay.url(oid))
+        with http.get(relay.url(oid), stream=True) as get:
+            get_headers = dict(get.headers)
+        assert upload.result().status_code == 201
+    assert head.headers["Accept-Ranges"] == "bytes"
+    assert head.headers["Upload-Incomplete"] == get_headers["Upload-Incomplete"] == "?1"
+    assert set(head.headers) - {"Date"} == set(get_headers) - {"Date"}
