@@ -2092,6 +2092,9 @@ def _etag_matches(header: str | None, oid: str) -> bool:
     return "*" in tags or f'"{oid}"' in tags or f'W/"{oid}"' in tags
 
 
+_UNSIZED_UPLOAD = object()  # an upload of unknown length, which this reader may not follow
+
+
 def make_app(config: RelayConfig, state: SharedState | None = None):
     """Build the relay's WSGI application (a Bottle app) over *config*'s files directory.
 
@@ -2257,7 +2260,15 @@ def make_app(config: RelayConfig, state: SharedState | None = None):
                     wait = min(max(0.0, float(request.query["wait"])), config.max_get_wait)
                 except ValueError:
                     raise RelayError(400, "wait must be a number of seconds") from None
-            found = find_or_wait(oid, wait)
+            # A body of unknown length reaches an HTTP/1.0 client delimited by the close
+            # alone, so a cut-off would look like a clean end: such a reader gets the
+            # object only once stored, with its Content-Length.
+            unsized_ok = request.environ.get("SERVER_PROTOCOL") != "HTTP/1.0"
+            found = find_or_wait(oid, wait, unsized_ok=unsized_ok)
+            if found is _UNSIZED_UPLOAD:
+                raise RelayError(
+                    503, "the upload has no length yet; retry when it has finished, or use HTTP/1.1", retry_after=5
+                )
             if found is None:
                 raise RelayError(404, "no such object")
             if isinstance(found, UploadFollower):
@@ -2269,15 +2280,24 @@ def make_app(config: RelayConfig, state: SharedState | None = None):
             exchange.note = str(exc)
             return reply(400, str(exc), close=True)
 
-    def find_or_wait(oid: str, wait: float):
-        """The stored object (fd, object) or a follower of its upload; None after *wait*.
-        Raises ClientGone as soon as the client hangs up while it waits."""
+    def find(oid: str, *, unsized_ok: bool):
+        """The stored object (fd, object), a follower of its upload, _UNSIZED_UPLOAD for an
+        upload of unknown length that may not be followed, or None."""
         opened = store.open_object(oid)
         if opened is not None:
             return opened
         follower = store.follow(oid)
-        if follower is not None or wait <= 0:
-            return follower
+        if follower is not None and follower.length is None and not unsized_ok:
+            follower.close()
+            return _UNSIZED_UPLOAD
+        return follower
+
+    def find_or_wait(oid: str, wait: float, *, unsized_ok: bool = True):
+        """What find() finds, waiting up to *wait* for a stored object or an upload that
+        may be followed. Raises ClientGone as soon as the client hangs up while it waits."""
+        found = find(oid, unsized_ok=unsized_ok)
+        if (found is not None and found is not _UNSIZED_UPLOAD) or wait <= 0:
+            return found
         if not waiting_slots.acquire(blocking=False):
             raise RelayError(503, "too many readers are waiting for uploads", retry_after=5)
         peer = request.environ.get("gunicorn.socket")
@@ -2291,15 +2311,12 @@ def make_app(config: RelayConfig, state: SharedState | None = None):
                     if _hangs_up_within(peer, min(delay, max(0.0, deadline - time.monotonic()))):
                         raise ClientGone("the client hung up while waiting for the upload")
                     delay = min(delay * 1.5, 0.5)
-                    opened = store.open_object(oid)
-                    if opened is not None:
-                        return opened
-                    follower = store.follow(oid)
-                    if follower is not None:
-                        return follower
+                    found = find(oid, unsized_ok=unsized_ok)
+                    if found is not None and found is not _UNSIZED_UPLOAD:
+                        return found
         finally:
             waiting_slots.release()
-        return None
+        return found
 
     def send_stored(fd: int, obj: StoredObject, exchange: _Exchange):
         try:

@@ -381,3 +381,64 @@ def test_get_and_head_of_an_upload_in_progress_send_the_same_headers(live, http)
     assert head.headers["Accept-Ranges"] == "bytes"
     assert head.headers["Upload-Incomplete"] == get_headers["Upload-Incomplete"] == "?1"
     assert set(head.headers) - {"Date"} == set(get_headers) - {"Date"}
+
+
+def start_unsized_upload(relay, oid: str, first_piece: bytes) -> socket.socket:
+    """A raw chunked PUT that has sent *first_piece* and stays open."""
+    host, port = relay.base.split("//")[1].split(":")
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    head = f"PUT /{SERVER_ID}/{oid} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    sock.sendall(head.encode() + b"%x\r\n%s\r\n" % (len(first_piece), first_piece))
+    partial = relay.files / ".relay" / "partial" / oid / "data"
+    wait_until(lambda: partial.exists() and partial.stat().st_size == len(first_piece), message="the first piece")
+    return sock
+
+
+def http10_get(relay, path: str) -> tuple[int, dict, bytes]:
+    """GET over HTTP/1.0 on a raw socket, read to the close: (status, headers, body)."""
+    host, port = relay.base.split("//")[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+        received = b""
+        while chunk := sock.recv(1 << 20):
+            received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), {name.lower(): value for name, value in headers.items()}, body
+
+
+def test_an_http10_reader_of_an_upload_of_unknown_length_gets_it_only_once_stored(live):
+    """To HTTP/1.0 a body of unknown length ends with the connection: a cut-off upload
+    would look complete. Such a reader is told to retry, or waits for the stored object."""
+    relay = live()
+    data, oid = blob(300_000)
+    upload = start_unsized_upload(relay, oid, data[: 128 << 10])
+    status, headers, body = http10_get(relay, f"/{SERVER_ID}/{oid}?wait=0")
+    assert status == 503 and headers["retry-after"] and b"HTTP/1.1" in body
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        reader = pool.submit(http10_get, relay, f"/{SERVER_ID}/{oid}?wait=30")
+        wait_until(lambda: requests.get(relay.url()).json()["waiting_readers"] == 1, message="the reader to wait")
+        rest = data[128 << 10 :]
+        upload.sendall(b"%x\r\n%s\r\n0\r\n\r\n" % (len(rest), rest))
+        assert upload.recv(100).startswith(b"HTTP/1.1 201")
+        status, headers, body = reader.result(timeout=60)
+    upload.close()
+    assert status == 200 and headers["content-length"] == str(len(data)) and body == data
+
+
+def test_an_http10_reader_of_an_aborted_upload_of_unknown_length_never_gets_a_200(live):
+    relay = live()
+    data, oid = blob(300_000)
+    upload = start_unsized_upload(relay, oid, data[: 128 << 10])
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        reader = pool.submit(http10_get, relay, f"/{SERVER_ID}/{oid}?wait=3")
+
+        def reader_in() -> bool:
+            report = requests.get(relay.url()).json()
+            return report["waiting_readers"] + report["downloads_in_progress"] == 1
+
+        wait_until(reader_in, message="the reader to wait or follow")
+        upload.close()
+        status, _, body = reader.result(timeout=60)
+    assert status == 404 and data[:1000] not in body
