@@ -91,7 +91,7 @@ class RelayConfig:
     max_file_size: int | None = None  # bytes; None: bounded by free disk space only
     log_level: str = "info"
     log_format: str = "text"  # or "json"
-    get_wait_timeout: float = 30.0  # how long a GET waits for an upload to start
+    get_wait_timeout: float = 5.0  # how long a GET waits for an upload to start, unless it asks
     max_get_wait: float = 600.0  # upper bound of a request's ?wait=SECONDS
     idle_timeout: float = 60.0  # a peer silent this long is dropped; an upload stalled this long is cut
     partial_ttl: float = 24 * 3600.0  # partial uploads untouched this long are removed
@@ -2045,6 +2045,17 @@ def _declared_length(environ: dict) -> int | None:
     return 0
 
 
+def _preferred_wait(header: str | None) -> int | None:
+    """The seconds of a Prefer header's wait preference (RFC 7240), or None. A malformed
+    one is ignored, as a preference may be."""
+    for preference in (header or "").split(","):
+        name, _, value = preference.split(";", 1)[0].partition("=")
+        value = value.strip().strip('"')
+        if name.strip().lower() == "wait" and _DIGITS_RE.fullmatch(value):
+            return int(value)
+    return None
+
+
 def _wants_prometheus(environ: dict, query) -> bool:
     if query.get("format"):
         return query.get("format") == "prometheus"
@@ -2128,6 +2139,8 @@ def make_app(config: RelayConfig, state: SharedState | None = None):
                 exchange.status = int(status[:3])
                 if environ.get("file_relay.length_unknown"):  # not the 0 Bottle gives empty bodies
                     headers = [(name, value) for name, value in headers if name.lower() != "content-length"]
+                if "file_relay.preference_applied" in environ:
+                    headers = [*headers, ("Preference-Applied", environ["file_relay.preference_applied"])]
                 if environ.get("file_relay.close") or (isinstance(peer, _HeaderDeadline) and peer.continue_pending):
                     _close_connection_after(start_response)  # a body not read: not sent, or unwanted
                 return start_response(status, headers, exc_info)
@@ -2255,11 +2268,15 @@ def make_app(config: RelayConfig, state: SharedState | None = None):
             return head_object(oid)
         try:
             wait = config.get_wait_timeout
+            preferred = _preferred_wait(request.environ.get("HTTP_PREFER"))
             if "wait" in request.query:
                 try:
                     wait = min(max(0.0, float(request.query["wait"])), config.max_get_wait)
                 except ValueError:
                     raise RelayError(400, "wait must be a number of seconds") from None
+            elif preferred is not None:
+                wait = min(preferred, config.max_get_wait)
+                request.environ["file_relay.preference_applied"] = f"wait={wait:g}"
             # A body of unknown length reaches an HTTP/1.0 client delimited by the close
             # alone, so a cut-off would look like a clean end: such a reader gets the
             # object only once stored, with its Content-Length.
@@ -3181,7 +3198,6 @@ EXIT_INTERRUPTED = 130
 _SEND_BLOCK = 256 << 10  # unit of a request body's sends: each must finish within the timeout
 _BACKOFF_FIRST, _BACKOFF_CAP = 0.5, 30.0  # seconds before the first retry; the longest wait
 _VERIFY_RATE = 50 << 20  # bytes/s: how fast a relay is assumed to re-read an object to verify it
-_RELAY_GET_WAIT = 30.0  # the relay's default wait for an upload to start (--get-wait-timeout)
 _METER_INTERVAL = 0.2  # seconds between redraws of a progress line
 
 
@@ -3201,7 +3217,7 @@ class ClientOptions:
     limit_rate: int | None = None  # bytes per second for the whole command
     cacert: str | None = None  # CA certificates (PEM) to verify an HTTPS relay with
     insecure: bool = False  # do not verify an HTTPS relay's certificate
-    wait: float | None = None  # get: seconds the relay may wait for an upload to start
+    wait: float = 30.0  # get: seconds the relay may wait for an upload to start (asked for in each GET)
     force: bool = False  # get: replace an existing output file
     quiet: bool = False  # no progress and no notes; errors only
     progress: bool | None = None  # progress lines; None: when stderr is a terminal
@@ -3881,8 +3897,7 @@ class _Download:
         self.fd = fd
         self.label = label
         self.path = f"{session.address.path}/{oid}"
-        if self.options.wait is not None:
-            self.path += f"?wait={self.options.wait:g}"
+        self.path += f"?wait={self.options.wait:g}"
         self.connection = _Connection(session)
         self.policy = _RetryPolicy(self.options.retry_for, self.console, label)
         self.hasher = hashlib.sha256()
@@ -3946,8 +3961,7 @@ class _Download:
         """One GET from the current offset to the end: True if the body came whole, False
         to ask again at once (the relay could not resume from our offset)."""
         headers = {"Range": f"bytes={self.offset}-"} if self.offset else {}
-        wait = self.options.wait if self.options.wait is not None else _RELAY_GET_WAIT
-        response = self.connection.request("GET", self.path, headers, wait=wait)
+        response = self.connection.request("GET", self.path, headers, wait=self.options.wait)
         status = response.status
         if status not in (200, 206):
             text = self.connection.read_text(response)
@@ -4200,7 +4214,8 @@ def build_client_parser(command: str) -> argparse.ArgumentParser:
             "--wait",
             type=_option_type(_seconds, "wait"),
             metavar="SECONDS",
-            help="how long the relay may wait for the upload to start (default: the relay's, usually 30)",
+            default=ClientOptions.wait,
+            help=f"how long the relay may wait for the upload to start (default: {ClientOptions.wait:g})",
         )
     parser.add_argument(
         "--timeout",
@@ -4286,7 +4301,7 @@ def client_main(command: str, argv: list[str]) -> int:
         limit_rate=args.limit_rate,
         cacert=args.cacert,
         insecure=args.insecure,
-        wait=getattr(args, "wait", None),
+        wait=getattr(args, "wait", ClientOptions.wait),
         force=getattr(args, "force", False),
         quiet=args.quiet,
     )
@@ -4487,7 +4502,7 @@ _SERVER_OPTIONS = [
         "RELAY_GET_WAIT_TIMEOUT",
         {
             "type": _option_type(_seconds, "get wait timeout"),
-            "default": "30",
+            "default": "5",
             "help": "seconds a GET waits for an upload to start; 0: answer 404 at once",
         },
     ),

@@ -287,6 +287,17 @@ def test_get_waits_for_an_upload_and_follows_it_in_progress(live, tmp_path, file
     assert target.read_bytes() == data
 
 
+def test_get_asks_for_its_own_wait_whatever_the_relays_default(live, tmp_path, spawn):
+    relay = live("--get-wait-timeout", "0")
+    data, oid = blob(1000)
+    target = tmp_path / "copy"
+    getter = spawn("get", relay.url(oid), "-o", target)
+    wait_until(lambda: requests.get(relay.url()).json()["waiting_readers"], message="the get to wait for the upload")
+    assert requests.put(relay.url(oid), data=data).status_code == 201
+    assert getter.wait(30) == 0, getter.err
+    assert target.read_bytes() == data
+
+
 def test_get_follows_a_plain_upload_in_progress(live, tmp_path, files):
     relay = live()
     data, oid = blob(8 * CHUNK)

@@ -208,6 +208,34 @@ def test_wait_parameter_and_timeout(live, http):
     assert http.head(relay.url("0" * 64)).status_code == 404  # HEAD never waits
 
 
+def test_a_missing_object_is_404_after_a_short_wait_by_default(live, http):
+    relay = live()
+    started = time.monotonic()
+    assert http.get(relay.url("2" * 64)).status_code == 404
+    assert 4 <= time.monotonic() - started < 8
+
+
+def test_prefer_wait_is_honoured_and_said_so(live, http):
+    relay = live("--get-wait-timeout", "0", "--max-get-wait", "2")
+    data, oid = blob(1000)
+    started = time.monotonic()
+    response = http.get(relay.url(oid), headers={"Prefer": "respond-async, wait=1"})
+    assert response.status_code == 404 and response.headers["Preference-Applied"] == "wait=1"
+    assert 1 <= time.monotonic() - started < 5
+    capped = http.get(relay.url(oid), headers={"Prefer": "wait=3600"})
+    assert capped.status_code == 404 and capped.headers["Preference-Applied"] == "wait=2"
+    started = time.monotonic()
+    overridden = http.get(relay.url(oid) + "?wait=0", headers={"Prefer": "wait=10"})
+    assert overridden.status_code == 404 and "Preference-Applied" not in overridden.headers
+    assert time.monotonic() - started < 1
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(http.get, relay.url(oid), headers={"Prefer": "wait=2"})
+        wait_until(lambda: requests.get(relay.url()).json()["waiting_readers"] == 1, message="the reader to wait")
+        assert requests.put(relay.url(oid), data=data).status_code == 201
+        response = waiting.result(30)
+    assert response.content == data and response.headers["Preference-Applied"] == "wait=2"
+
+
 def test_the_wait_is_bounded_by_the_server_maximum(live, http):
     relay = live("--max-get-wait", "1", "--get-wait-timeout", "0")
     started = time.monotonic()
