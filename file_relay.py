@@ -62,6 +62,7 @@ import struct
 import sys
 import threading
 import time
+import unicodedata
 import urllib.parse
 from pathlib import Path
 
@@ -199,6 +200,35 @@ def format_ranges(ranges) -> str:
 def contiguous_prefix(ranges) -> int:
     """How many bytes from offset 0 the (merged) ranges cover without a gap."""
     return ranges[0][1] + 1 if ranges and ranges[0][0] == 0 else 0
+
+
+DOWNLOAD_NAME_LIMIT = 255  # bytes of UTF-8: the longest name most file systems take
+_UNSAFE_CATEGORIES = ("Cc", "Cf", "Zl", "Zp")  # controls, invisible formatting, line breaks
+_DISPOSITION_SAFE = "!#$&+^`|"  # RFC 8187 attr-chars that urllib.parse.quote would escape
+
+
+def download_name_problem(name: str) -> str | None:
+    """Why *name* cannot be a downloaded file's name (a path, a control character, ...),
+    or None if it can."""
+    if name in ("", ".", ".."):
+        return "name must be a file name, not empty, '.' or '..'"
+    if "/" in name or "\\" in name:
+        return "name must not hold a path: no / or \\"
+    if any(unicodedata.category(char) in _UNSAFE_CATEGORIES for char in name):
+        return "name must not hold control characters"
+    if len(name.encode()) > DOWNLOAD_NAME_LIMIT:
+        return f"name must be at most {DOWNLOAD_NAME_LIMIT} bytes of UTF-8"
+    return None
+
+
+def content_disposition(name: str) -> str:
+    """'attachment' with *name* (RFC 6266): as filename= where it is printable ASCII with
+    no quote or percent sign, else with an ASCII stand-in there and filename*= in UTF-8."""
+    fallback = "".join(char if " " <= char <= "~" and char not in '"%\\' else "_" for char in name)
+    value = f'attachment; filename="{fallback}"'
+    if fallback != name:
+        value += "; filename*=UTF-8''" + urllib.parse.quote(name, safe=_DISPOSITION_SAFE)
+    return value
 
 
 # ---------------------------------------------------------------------------
@@ -2045,6 +2075,21 @@ def _declared_length(environ: dict) -> int | None:
     return 0
 
 
+def _download_name(environ: dict) -> str | None:
+    """A download's ?name=, checked; None without one. Raises RelayError(400)."""
+    try:
+        query = urllib.parse.parse_qsl(environ.get("QUERY_STRING", ""), keep_blank_values=True, errors="strict")
+    except UnicodeDecodeError:
+        raise RelayError(400, "name must be UTF-8") from None
+    names = [value for key, value in query if key == "name"]
+    if not names:
+        return None
+    problem = "name must be given once" if len(names) > 1 else download_name_problem(names[0])
+    if problem:
+        raise RelayError(400, problem)
+    return names[0]
+
+
 def _preferred_wait(header: str | None) -> int | None:
     """The seconds of a Prefer header's wait preference (RFC 7240), or None. A malformed
     one is ignored, as a preference may be."""
@@ -2139,6 +2184,8 @@ def make_app(config: RelayConfig, state: SharedState | None = None):
                 exchange.status = int(status[:3])
                 if environ.get("file_relay.length_unknown"):  # not the 0 Bottle gives empty bodies
                     headers = [(name, value) for name, value in headers if name.lower() != "content-length"]
+                if "file_relay.disposition" in environ and exchange.status in (200, 206):
+                    headers = [*headers, ("Content-Disposition", environ["file_relay.disposition"])]
                 if "file_relay.preference_applied" in environ:
                     headers = [*headers, ("Preference-Applied", environ["file_relay.preference_applied"])]
                 if environ.get("file_relay.close") or (isinstance(peer, _HeaderDeadline) and peer.continue_pending):
@@ -2264,6 +2311,12 @@ def make_app(config: RelayConfig, state: SharedState | None = None):
     def get_object(oid_text):
         oid = object_id(oid_text)
         exchange = request.environ["file_relay.exchange"]
+        try:
+            named = _download_name(request.environ)
+        except RelayError as exc:
+            return refuse(exc, close=False)
+        if named is not None:
+            request.environ["file_relay.disposition"] = content_disposition(named)
         if request.method == "HEAD":
             return head_object(oid)
         try:
@@ -3258,12 +3311,15 @@ class RelayAddress:
         return f"{self.origin}{self.path}/{oid}"
 
 
-def _split_url(text: str) -> tuple[RelayAddress, list[str]]:
+def _split_url(text: str, *, name_ok: bool = False) -> tuple[RelayAddress, list[str]]:
     parts = urllib.parse.urlsplit(text.strip())
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"{text!r} is not an http:// or https:// URL")
-    if parts.query or parts.fragment or parts.username is not None:
-        raise ValueError("the URL must not have a query, a fragment or credentials")
+    query = urllib.parse.parse_qs(parts.query, keep_blank_values=True)
+    if name_ok and set(query) == {"name"}:
+        query = {}  # the file name send puts in object URLs: for browsers and curl -OJ
+    if query or parts.fragment or parts.username is not None:
+        raise ValueError("the URL must not have a query (but ?name=), a fragment or credentials")
     port = parts.port or (443 if parts.scheme == "https" else 80)  # .port raises ValueError if bad
     segments = parts.path.rstrip("/").split("/")[1:]
     if not segments or not all(segments):
@@ -3283,7 +3339,7 @@ def parse_relay_url(text: str) -> RelayAddress:
 
 def parse_object_url(text: str) -> tuple[RelayAddress, str]:
     """The relay and object ID of 'http(s)://host:port/<server_id>/<sha256>'."""
-    address, segments = _split_url(text)
+    address, segments = _split_url(text, name_ok=True)
     oid = parse_object_id(segments[-1])
     if len(segments) < 2 or oid is None:
         raise ValueError("not an object URL: it must end in /SERVER_ID/SHA256 (64 hex digits)")
@@ -3826,9 +3882,14 @@ class _Upload:
         raise _refusal(response, text)
 
 
+def _named_url(url: str, name: str) -> str:
+    """The object *url* with the sender's file *name*, where the relay accepts it."""
+    return url if download_name_problem(name) else f"{url}?name={urllib.parse.quote(name, safe='')}"
+
+
 def _receive_commands(url: str, name: str) -> list[str]:
     """Commands that fetch *url* into *name* and check it, ready to paste."""
-    oid = url.rsplit("/", 1)[1]
+    oid = urllib.parse.urlsplit(url).path.rsplit("/", 1)[1]
     quoted_url, quoted_name = shlex.quote(url), shlex.quote(name)
     return [
         f"curl -fo {quoted_name} {quoted_url} && echo {shlex.quote(f'{oid}  {name}')} | sha256sum -c",
@@ -3880,6 +3941,7 @@ def send_files(
                 break
             continue
         name = Path(file).name
+        url = _named_url(url, name)
         lines = [url] if options.quiet else [f"{url}  {name}", *(f"  {line}" for line in _receive_commands(url, name))]
         print("\n".join(lines), file=out, flush=True)
     return status

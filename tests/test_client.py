@@ -119,7 +119,8 @@ def test_a_small_file_goes_in_one_put_and_the_printed_commands_receive_it(live, 
     source = write(tmp_path / "report final.pdf", data)
     assert client("send", relay.url(), source) == 0
     printed = capsys.readouterr().out.splitlines()
-    assert printed[0] == f"{relay.url(oid)}  report final.pdf"
+    named_url = f"{relay.url(oid)}?name=report%20final.pdf"
+    assert printed[0] == f"{named_url}  report final.pdf"
     assert [(m, s) for m, s, _, _ in logged(relay, oid, None, lambda found: len(found) == 2)] == [
         ("HEAD", 404),
         ("PUT", 201),
@@ -134,6 +135,10 @@ def test_a_small_file_goes_in_one_put_and_the_printed_commands_receive_it(live, 
         assert result.returncode == 0, result.stderr
         assert (directory / "report final.pdf").read_bytes() == data
         assert os.listdir(directory) == ["report final.pdf"]  # no temporary file left
+    by_name = tmp_path / "by-its-name"
+    by_name.mkdir()
+    subprocess.run(["curl", "-fsSOJ", named_url], cwd=by_name, check=True, timeout=30)  # the relay names it
+    assert os.listdir(by_name) == ["report final.pdf"] and (by_name / "report final.pdf").read_bytes() == data
 
 
 def test_a_multi_chunk_file_round_trips(live, tmp_path, files):
@@ -168,7 +173,7 @@ def test_a_file_the_relay_has_is_not_sent_again(live, tmp_path, capsys):
     output = capsys.readouterr()
     assert "already on the relay" in output.err and relay.url(oid) in output.out
     assert client("send", "--quiet", relay.url(), source) == 0
-    assert capsys.readouterr() == (relay.url(oid) + "\n", "")  # only the URL, for scripts
+    assert capsys.readouterr() == (relay.url(oid) + "?name=f\n", "")  # only the URL, for scripts
     logged(relay, oid, "HEAD", lambda found: len(found) == 3)
     assert len(accesses(relay, oid, "PUT")) == sent
 

@@ -8,6 +8,7 @@ import os
 import sys
 import threading
 import time
+import urllib.parse
 
 import pytest
 from conftest import SERVER_ID, blob, object_url, sha256
@@ -325,3 +326,48 @@ def test_redacting_a_long_log_line_takes_time_in_proportion_to_its_length():
     line = handler.format(record)
     assert time.monotonic() - started < 1
     assert line.endswith(f"path /x/{long_words[0]} ***")
+
+
+@pytest.mark.parametrize(
+    "name, disposition",
+    [
+        ("report.tar", 'attachment; filename="report.tar"'),
+        (
+            'say "hi" 100%.txt',
+            "attachment; filename=\"say _hi_ 100_.txt\"; filename*=UTF-8''say%20%22hi%22%20100%25.txt",
+        ),
+        ("résumé.pdf", "attachment; filename=\"r_sum_.pdf\"; filename*=UTF-8''r%C3%A9sum%C3%A9.pdf"),
+    ],
+)
+def test_a_name_in_the_url_names_the_download(app, name, disposition):
+    data, oid = blob(1000)
+    app.put(object_url(oid), data, status=201)
+    query = "?" + urllib.parse.urlencode({"name": name})
+    assert app.get(object_url(oid) + query).headers["Content-Disposition"] == disposition
+    assert app.head(object_url(oid) + query).headers["Content-Disposition"] == disposition
+    ranged = app.get(object_url(oid) + query, headers={"Range": "bytes=0-9"}, status=206)
+    assert ranged.headers["Content-Disposition"] == disposition
+    assert "Content-Disposition" not in app.get(object_url(oid)).headers
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "name=../etc/passwd",
+        "name=a%5Cb",
+        "name=a%0D%0ASet-Cookie:%20x",
+        "name=a%00b",
+        "name=",
+        "name=..",
+        "name=%E2%80%AEfdp.exe",
+        "name=%FF",
+        "name=" + "a" * 256,
+        "name=a&name=b",
+    ],
+)
+def test_a_bad_name_is_400_with_its_reason(app, query):
+    data, oid = blob(1000)
+    app.put(object_url(oid), data, status=201)
+    response = app.get(object_url(oid) + "?" + query, status=400)
+    assert response.text.startswith("name ") and response.text.count("\n") == 1
+    assert "Content-Disposition" not in response.headers
