@@ -1708,6 +1708,10 @@ access_log = logging.getLogger("file_relay.access")
 class ClientGone(Exception):
     """The client stopped sending its body: it disconnected, stalled or broke framing."""
 
+    def __init__(self, reason: str, status: int = 400):
+        super().__init__(reason)
+        self.status = status  # 408 for a client silent past the idle timeout
+
 
 def _hangs_up_within(peer: socket.socket | None, seconds: float) -> bool:
     """Wait up to *seconds* for the client on *peer* (its connection, or None) to hang up;
@@ -1935,6 +1939,8 @@ def _request_body(environ: dict, length: int | None, exchange: _Exchange):
             received += len(block)
             exchange.bytes_in += len(block)
             yield block
+    except TimeoutError:
+        raise ClientGone("the client sent nothing for the idle timeout", 408) from None
     except (OSError, ValueError) as exc:
         raise ClientGone(f"the client stopped sending: {exc.__class__.__name__}") from None
     except RelayError:
@@ -2295,7 +2301,7 @@ def make_app(config: RelayConfig, state: SharedState | None = None):
             return refuse(exc)
         except ClientGone as exc:
             exchange.note = str(exc)
-            return reply(400, str(exc), close=True)
+            return reply(exc.status, str(exc), close=True)
         if status == 202:
             received = f"received {progress.received} of {progress.length} bytes ({format_ranges(progress.ranges)})"
             return reply(202, received, _progress_headers(progress))

@@ -122,6 +122,20 @@ def test_a_body_shorter_than_its_content_length_is_400(live, files):
     assert not (files / oid).exists()
 
 
+def test_a_client_that_stops_sending_its_body_gets_408_after_the_idle_timeout(live, files):
+    relay = live("--idle-timeout", "1")
+    data, oid = blob(1000)
+    for framing in ("Content-Length: 1000", "Transfer-Encoding: chunked"):
+        head = f"PUT /{SERVER_ID}/{oid} HTTP/1.1\r\nHost: x\r\n{framing}\r\n\r\n".encode()
+        piece = data[:500] if framing.startswith("Content") else b"1f4\r\n" + data[:500] + b"\r\n"
+        answer, sock = raw_request(relay.base, head, piece)  # then silence, the connection left open
+        with sock:
+            answer += sock.makefile("rb").read()
+        assert answer.startswith(b"HTTP/1.1 408"), (framing, answer)
+        assert b"idle timeout" in answer
+    assert not (files / oid).exists()
+
+
 def test_an_early_reject_answers_at_once_and_closes_without_draining(live):
     relay = live()
     _, oid = blob(10)
