@@ -2147,6 +2147,18 @@ def _progress_headers(progress: Progress) -> dict:
     return headers
 
 
+def _not_modified(environ: dict, obj: StoredObject) -> bool:
+    """Whether a GET or HEAD of *obj* is answered 304: If-None-Match matches, or, without
+    one (RFC 9110 section 13.2.2), If-Modified-Since is no earlier than its Last-Modified."""
+    if "HTTP_IF_NONE_MATCH" in environ:
+        return _etag_matches(environ["HTTP_IF_NONE_MATCH"], obj.oid)
+    try:
+        since = email.utils.parsedate_to_datetime(environ.get("HTTP_IF_MODIFIED_SINCE", ""))
+    except (TypeError, ValueError):
+        return False  # absent or not a date: ignored
+    return since.tzinfo is not None and int(obj.stored_at) <= since.timestamp()
+
+
 def _etag_matches(header: str | None, oid: str) -> bool:
     if not header:
         return False
@@ -2397,7 +2409,7 @@ def make_app(config: RelayConfig, state: SharedState | None = None):
     def send_stored(fd: int, obj: StoredObject, exchange: _Exchange):
         try:
             headers = _object_headers(obj)
-            if _etag_matches(request.environ.get("HTTP_IF_NONE_MATCH"), obj.oid):
+            if _not_modified(request.environ, obj):
                 os.close(fd)
                 return bottle.HTTPResponse(None, 304, {**headers, "Content-Length": str(obj.size)})
             wanted = None
@@ -2483,7 +2495,7 @@ def make_app(config: RelayConfig, state: SharedState | None = None):
         if obj is not None:
             headers = _object_headers(obj)
             headers["Content-Length"] = str(obj.size)
-            status = 304 if _etag_matches(request.environ.get("HTTP_IF_NONE_MATCH"), oid) else 200
+            status = 304 if _not_modified(request.environ, obj) else 200
             return bottle.HTTPResponse(None, status, headers)
         progress = store.progress(oid)
         if progress is None:

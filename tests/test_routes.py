@@ -1,5 +1,6 @@
 """The five routes and their status codes, through WebTest over a real files directory."""
 
+import email.utils
 import errno
 import hashlib
 import json
@@ -198,6 +199,19 @@ def test_if_none_match_gives_304(app):
     response = app.get(object_url(oid), headers={"If-None-Match": f'"{oid}"'}, status=304)
     assert response.body == b""
     app.get(object_url(oid), headers={"If-None-Match": '"other"'}, status=200)
+
+
+def test_if_modified_since_gives_304_unless_if_none_match_says_otherwise(app):
+    data, oid = blob(5000)
+    app.put(object_url(oid), data)
+    last_modified = app.head(object_url(oid)).headers["Last-Modified"]
+    for method in (app.get, app.head):
+        assert method(object_url(oid), headers={"If-Modified-Since": last_modified}, status=304).body == b""
+    earlier = email.utils.formatdate(email.utils.parsedate_to_datetime(last_modified).timestamp() - 1, usegmt=True)
+    assert app.get(object_url(oid), headers={"If-Modified-Since": earlier}, status=200).body == data
+    assert app.get(object_url(oid), headers={"If-Modified-Since": "not a date"}, status=200).body == data
+    both = {"If-Modified-Since": last_modified, "If-None-Match": '"other"'}
+    assert app.get(object_url(oid), headers=both, status=200).body == data  # If-None-Match decides
 
 
 def test_get_and_head_of_a_missing_object_are_404(app):
