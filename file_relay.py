@@ -2284,7 +2284,7 @@ def make_app(config: RelayConfig, state: SharedState | None = None):
         oid = object_id(oid_text)
         exchange = request.environ["file_relay.exchange"]
         try:
-            if state.draining:
+            if state.draining and not store.is_stored(oid):  # a stored object needs nothing stored
                 raise RelayError(503, "the relay is shutting down", retry_after=5)
             length = _declared_length(request.environ)
             content_range = request.environ.get("HTTP_CONTENT_RANGE")

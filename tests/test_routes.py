@@ -260,6 +260,18 @@ def test_delete_of_the_relay_starts_a_drain(app):
     assert app.get(f"/{SERVER_ID}").json["draining"] is True
 
 
+def test_a_re_upload_during_a_drain_gets_200_since_nothing_needs_storing(app):
+    data, oid = blob(100)
+    app.put(object_url(oid), data, status=201)
+    app.delete(f"/{SERVER_ID}", status=200)
+    assert app.put(object_url(oid), data, status=200).text.startswith("already stored")
+    chunk = {"Content-Range": f"bytes 0-49/{len(data)}"}
+    assert app.put(object_url(oid), data[:50], headers=chunk, status=200).text.startswith("already stored")
+    app.put(object_url(oid), data, headers={"If-None-Match": "*"}, status=412)
+    other, other_oid = blob(100, seed=1)
+    assert app.put(object_url(other_oid), other, status=503).headers["Retry-After"]
+
+
 @pytest.mark.parametrize(
     ("method", "path"),
     [
