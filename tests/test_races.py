@@ -27,8 +27,8 @@ DELAYS = [("exit", 20_000), ("enter", 20_000)]  # where in the call, microsecond
 @contextlib.contextmanager
 def slowed(relay, where: str, microseconds: int, calls=LOCKS_AND_NAMES):
     """Delay every worker of *relay* at *calls*, on entering or exiting them."""
-    pids = relay.worker_pids()
-    assert pids
+    workers = int(relay.args[relay.args.index("--workers") + 1])
+    pids = wait_until(lambda: len(found := relay.worker_pids()) == workers and found, message="the workers")
     spec = ",".join(f"?{call}" for call in calls)
     command = [STRACE, "-f", "-qq", "-o", "/dev/null", "-e", f"trace={spec}"]
     command += ["-e", f"inject={spec}:delay_{where}={microseconds}"]
