@@ -358,6 +358,7 @@ def _write_file(path: Path, data: bytes, *, durable: bool = True) -> None:
 
 
 _NO_SURPRISES = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # never through a link, never a FIFO's wait
+_CREATE = os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC  # a link planted at the name is refused, not written through
 
 
 def _names_nothing_of_ours(exc: OSError) -> bool:
@@ -549,7 +550,7 @@ class _Partial:
         merge the markers once they outnumber the ranges they describe by much.
         Nothing happens if the upload was removed meanwhile: see is_current()."""
         try:
-            flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC
+            flags = os.O_WRONLY | _CREATE
             os.close(os.open(f"range-{first}-{last}", flags, 0o600, dir_fd=self.dir_fd))
         except FileNotFoundError:
             return  # the directory is gone
@@ -563,9 +564,7 @@ class _Partial:
         """Replace markers by their merged ranges: the merged ones are made durable before
         any marker they cover goes, so every acknowledged byte stays recorded."""
         for first, last in merged:
-            os.close(
-                os.open(f"range-{first}-{last}", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600, dir_fd=self.dir_fd)
-            )
+            os.close(os.open(f"range-{first}-{last}", os.O_WRONLY | _CREATE, 0o600, dir_fd=self.dir_fd))
         os.fsync(self.dir_fd)
         keep = set(merged)
         for marker in markers:
@@ -577,7 +576,7 @@ class _Partial:
     def mark_published(self, published: bool = True) -> None:
         """Note (or take back) that this attempt's data is being linked as the object."""
         if published:
-            os.close(os.open("published", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600, dir_fd=self.dir_fd))
+            os.close(os.open("published", os.O_WRONLY | _CREATE, 0o600, dir_fd=self.dir_fd))
         else:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink("published", dir_fd=self.dir_fd)
@@ -625,7 +624,7 @@ class Store:
     # -- locks ---------------------------------------------------------------
 
     def _open_lock_file(self) -> int:
-        return os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        return os.open(self.lock_path, os.O_RDWR | _CREATE, 0o600)
 
     @staticmethod
     def _object_lock_base(oid: str) -> int:
@@ -666,11 +665,10 @@ class Store:
             return 0, 0, 0
 
     def _write_ledger(self, count: int, size: int, changes: int) -> None:
-        fd = os.open(self.ledger_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            _write_all(fd, _LEDGER.pack(max(0, count), max(0, size), changes), 0)
-        finally:
-            os.close(fd)
+        """Replace the ledger (a rename replaces whatever is there, never writes through it)."""
+        staging = self.ledger_path.with_name(f".usage-{secrets.token_hex(8)}")
+        _write_file(staging, _LEDGER.pack(max(0, count), max(0, size), changes), durable=False)
+        os.rename(staging, self.ledger_path)
 
     def _account(self, count: int, size: int) -> None:
         """Add to the ledger (under the space lock). It is changed before an object is
@@ -719,9 +717,30 @@ class Store:
 
     def _downloads_done(self, oid: str) -> int:
         try:
-            return os.lstat(self._count_path(oid)).st_size
+            st = os.lstat(self._count_path(oid))
         except FileNotFoundError:
             return 0
+        return st.st_size if stat.S_ISREG(st.st_mode) else 0  # a planted entry counts nothing
+
+    def _count_download(self, oid: str, change: int) -> int:
+        """Count a download of *oid* (+1), or give one back (-1), durably; under the
+        object's mutex. Returns the downloads counted. Anything but a regular file at
+        the count's name was planted: it goes, and counting starts again."""
+        path = self._count_path(oid)
+        with contextlib.suppress(FileNotFoundError):
+            if not stat.S_ISREG(os.lstat(path).st_mode):
+                log.warning("removing .relay/meta/%s.count: not a regular file", oid)
+                os.rename(path, self.partials / f".trash-{secrets.token_hex(8)}")
+        counter = os.open(path, os.O_RDWR | os.O_APPEND | _CREATE, 0o600)
+        try:
+            if change > 0:
+                os.write(counter, b".")
+            else:
+                os.ftruncate(counter, max(0, os.fstat(counter).st_size - 1))
+            os.fsync(counter)
+            return os.fstat(counter).st_size
+        finally:
+            os.close(counter)
 
     def _describe(self, oid: str, st: os.stat_result) -> StoredObject:
         """An object's state: its lifetime is what its uploader asked for (Max-Days), or
@@ -865,16 +884,24 @@ class Store:
                     done = 0  # an upload in progress: not stored yet, so never downloaded
                 else:  # removed, perhaps used up, since it was opened
                     raise RelayError(404, "no such object")
+                # Stored downloads are counted when they start (and given back if they
+                # fail), so that a crash can only count one too many; a follower's, once
+                # its object exists. Each kind holds slots of its own while in flight.
                 base = self._object_lock_base(oid)
-                slots = range(base + 1, base + 1 + min(max_downloads, _DOWNLOAD_SLOTS))
-                in_flight = sum(_lock_held(lock_fd, slot) for slot in slots)
-                if done >= max_downloads:
+                followers = range(base + 1, base + 1 + min(max_downloads, _DOWNLOAD_SLOTS))
+                counted = range(base + 1 + _DOWNLOAD_SLOTS, base + 2 * _DOWNLOAD_SLOTS)
+                followers_in_flight = sum(_lock_held(lock_fd, slot) for slot in followers)
+                counted_in_flight = sum(_lock_held(lock_fd, slot) for slot in counted)
+                if done >= max_downloads and not (followers_in_flight or counted_in_flight):
                     self._remove_object_locked(oid)
                     raise RelayError(404, "no such object")
-                if done + in_flight < max_downloads:
-                    for slot in slots:
+                if done + followers_in_flight < max_downloads:
+                    for slot in followers if following is not None else counted:
                         if _lock(lock_fd, fcntl.F_WRLCK, slot):
-                            return DownloadTicket(self, oid, fd, lock_fd, max_downloads - done - 1)
+                            if following is None:
+                                self._count_download(oid, +1)
+                            remaining = max_downloads - done - followers_in_flight - 1
+                            return DownloadTicket(self, oid, fd, lock_fd, remaining, counted=following is None)
                 raise RelayError(409, "the remaining downloads of this object are in progress", retry_after=5)
         except BaseException:
             os.close(lock_fd)
@@ -1487,18 +1514,27 @@ class _PrefixHashes:
 
 
 class DownloadTicket:
-    """A held download slot: complete() counts the download, release() gives it back."""
+    """A held download slot: complete() when the download went through whole, release()
+    when it did not (a download counted at its start is then given back)."""
 
-    def __init__(self, store: Store, oid: str, fd: int, lock_fd: int, remaining: int):
+    def __init__(self, store: Store, oid: str, fd: int, lock_fd: int, remaining: int, *, counted: bool):
         self.store = store
         self.oid = oid
         self.fd = fd  # the descriptor being served, owned by the download
         self.lock_fd = lock_fd  # holds the slot
         self.remaining = remaining  # downloads left once this one is through
+        self.counted = counted
 
     def complete(self) -> None:
-        """Count one whole download of the object served; the last allowed one removes
-        it. Nothing is counted if the name now means another upload of the content."""
+        """The download went through whole: count it if it was not yet, and remove the
+        object once its downloads are used up and none is in flight. Nothing is counted
+        if the name now means another upload of the content."""
+        self._end(whole=True)
+
+    def release(self) -> None:
+        self._end(whole=False)
+
+    def _end(self, *, whole: bool) -> None:
         if self.lock_fd < 0:
             return
         store = self.store
@@ -1506,23 +1542,14 @@ class DownloadTicket:
             with store._object_lock(self.oid, self.lock_fd):
                 if not store._is_our_object(self.oid, self.fd):
                     return
-                counter = os.open(
-                    store._count_path(self.oid), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600
-                )
-                try:
-                    os.write(counter, b".")
-                    os.fsync(counter)
-                    done = os.fstat(counter).st_size
-                finally:
-                    os.close(counter)
+                if whole != self.counted:
+                    store._count_download(self.oid, +1 if whole else -1)
                 limit = store._read_limits(self.oid).max_downloads
-                if limit is not None and done >= limit:
+                base = store._object_lock_base(self.oid)
+                others = any(_lock_held(self.lock_fd, slot) for slot in range(base + 1, base + 2 * _DOWNLOAD_SLOTS))
+                if limit is not None and store._downloads_done(self.oid) >= limit and not others:
                     store._remove_object_locked(self.oid)
         finally:
-            self.release()
-
-    def release(self) -> None:
-        if self.lock_fd >= 0:
             os.close(self.lock_fd)
             self.lock_fd = -1
 

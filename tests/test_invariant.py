@@ -498,3 +498,46 @@ def test_partial_uploads_are_bounded_so_their_cost_to_each_upload_is(make_app, f
     put_chunk(app, oid, 100, 999, 1000, data[100:], status=201)  # an upload in progress goes on
     app.put(object_url(other_oid), other, status=201)  # and its place is free again
     assert app.get(f"/{SERVER_ID}").json["partial_uploads"] == file_relay._MAX_PARTIALS - 1
+
+
+def test_links_planted_inside_the_relays_own_directory_are_never_written_through(live, files):
+    """A symbolic link planted where the relay keeps its ledger or a download count, pointing
+    at a stored object: the relay's own writes must not change the object's bytes."""
+    relay = live("--workers", "1")
+    victims = {}
+    for seed in range(2):
+        data, oid = blob(1000, seed=seed)
+        assert requests.put(relay.url(oid), data=data, timeout=10).status_code == 201
+        victims[oid] = data
+    limited, limited_oid = blob(1000, seed=5)
+    assert requests.put(relay.url(limited_oid), data=limited, headers={"Max-Downloads": "5"}).status_code == 201
+    first, second = victims
+    (files / ".relay" / "usage").unlink()
+    os.symlink(f"../{first}", files / ".relay" / "usage")
+    os.symlink(f"../../{second}", files / ".relay" / "meta" / f"{limited_oid}.count")
+    data, oid = blob(1000, seed=9)
+    assert requests.put(relay.url(oid), data=data, timeout=10).status_code == 201  # the ledger changes
+    response = requests.get(relay.url(limited_oid), timeout=10)  # a counted download
+    assert response.content == limited and response.headers["X-Remaining-Downloads"] == "4"
+    for victim, content in victims.items():
+        assert (files / victim).read_bytes() == content
+    assert requests.head(relay.url(limited_oid), timeout=10).headers["X-Remaining-Downloads"] == "4"
+
+
+def test_a_download_is_counted_when_it_starts_and_given_back_if_it_fails(make_config, files):
+    """So that a crash after the last byte went out, before the download was counted,
+    cannot let one more download through: it was counted already."""
+    store = file_relay.Store(make_config())
+    store.prepare()
+    data, oid = blob(5000)
+    assert store.put_stream(oid, [data], len(data), file_relay.Limits(max_downloads=2))
+    fd, obj = store.open_object(oid)
+    try:
+        ticket = store.reserve_download(oid, fd, obj.max_downloads)
+        assert store.lookup(oid).remaining_downloads == 1  # counted before a byte is sent
+        ticket.release()  # the download failed: given back
+        assert store.lookup(oid).remaining_downloads == 2
+        store.reserve_download(oid, fd, obj.max_downloads).complete()
+        assert store.lookup(oid).remaining_downloads == 1
+    finally:
+        os.close(fd)
