@@ -134,13 +134,19 @@ def test_a_chunk_written_while_another_request_completes_the_object_gets_200(app
 # -- 3: a download budget is judged on what is being served -----------------------------
 
 
-def test_a_download_that_opened_a_used_up_object_is_refused(make_config, files):
-    """Two downloads open an object with Max-Downloads: 1; the first completes, which
-    removes the object. The second, holding the object open, must not get a slot."""
+def limited_object(make_config, max_downloads: int) -> tuple:
+    """A store holding a 5000-byte object with a download budget: (store, data, oid)."""
     store = file_relay.Store(make_config())
     store.prepare()
     data, oid = blob(5000)
-    assert store.put_stream(oid, [data], len(data), file_relay.Limits(max_downloads=1))
+    assert store.put_stream(oid, [data], len(data), file_relay.Limits(max_downloads=max_downloads))
+    return store, data, oid
+
+
+def test_a_download_that_opened_a_used_up_object_is_refused(make_config, files):
+    """Two downloads open an object with Max-Downloads: 1; the first completes, which
+    removes the object. The second, holding the object open, must not get a slot."""
+    store, data, oid = limited_object(make_config, max_downloads=1)
     first_fd, first = store.open_object(oid)
     second_fd, second = store.open_object(oid)
     try:
@@ -163,10 +169,7 @@ def test_a_download_that_opened_an_object_as_its_last_download_removed_it_is_ref
     """A GET has opened an object with Max-Downloads: 1 and is about to read its limits
     when the last allowed download completes and removes the object and its limits. It
     must not take the missing limits for none, and serve an unlimited download."""
-    store = file_relay.Store(make_config())
-    store.prepare()
-    data, oid = blob(5000)
-    assert store.put_stream(oid, [data], len(data), file_relay.Limits(max_downloads=1))
+    store, data, oid = limited_object(make_config, max_downloads=1)
     first_fd, first = store.open_object(oid)
     ticket = store.reserve_download(oid, first_fd, first.max_downloads)
     opened, release = threading.Event(), threading.Event()
@@ -204,10 +207,7 @@ def test_a_download_of_an_object_used_up_while_its_upload_was_being_tidied_is_re
     two names. A download that opened the object, when the last allowed download removed
     its name meanwhile, must not take the file still linked in the partial for an upload
     in progress, never downloaded."""
-    store = file_relay.Store(make_config())
-    store.prepare()
-    data, oid = blob(5000)
-    assert store.put_stream(oid, [data], len(data), file_relay.Limits(max_downloads=1))
+    store, data, oid = limited_object(make_config, max_downloads=1)
     leave_published_partial(files, oid, "stream")
     first_fd, first = store.open_object(oid)
     second_fd, second = store.open_object(oid)
@@ -222,10 +222,7 @@ def test_a_download_of_an_object_used_up_while_its_upload_was_being_tidied_is_re
 
 
 def test_a_download_of_a_deleted_then_reuploaded_object_does_not_spend_the_new_ones_budget(make_config, files):
-    store = file_relay.Store(make_config())
-    store.prepare()
-    data, oid = blob(5000)
-    assert store.put_stream(oid, [data], len(data), file_relay.Limits(max_downloads=2))
+    store, data, oid = limited_object(make_config, max_downloads=2)
     old_fd, old = store.open_object(oid)
     try:
         ticket = store.reserve_download(oid, old_fd, old.max_downloads)
@@ -527,10 +524,7 @@ def test_links_planted_inside_the_relays_own_directory_are_never_written_through
 def test_a_download_is_counted_when_it_starts_and_given_back_if_it_fails(make_config, files):
     """So that a crash after the last byte went out, before the download was counted,
     cannot let one more download through: it was counted already."""
-    store = file_relay.Store(make_config())
-    store.prepare()
-    data, oid = blob(5000)
-    assert store.put_stream(oid, [data], len(data), file_relay.Limits(max_downloads=2))
+    store, data, oid = limited_object(make_config, max_downloads=2)
     fd, obj = store.open_object(oid)
     try:
         ticket = store.reserve_download(oid, fd, obj.max_downloads)
