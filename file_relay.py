@@ -762,9 +762,20 @@ class Store:
         )
 
     @staticmethod
-    def _is_spent(obj: StoredObject, now: float) -> bool:
-        expired = obj.expires_at is not None and now >= obj.expires_at
-        return expired or obj.remaining_downloads == 0
+    def _is_expired(obj: StoredObject, now: float) -> bool:
+        return obj.expires_at is not None and now >= obj.expires_at
+
+    @classmethod
+    def _is_spent(cls, obj: StoredObject, now: float) -> bool:
+        return cls._is_expired(obj, now) or obj.remaining_downloads == 0
+
+    def _in_flight(self, oid: str) -> bool:
+        """Whether any download of *oid* holds a slot now."""
+        fd = self._open_lock_file()
+        try:
+            return _lock_held(fd, self._object_lock_base(oid) + 1, _OBJECT_LOCK_STRIDE - 1)
+        finally:
+            os.close(fd)
 
     def _stat_object(self, oid: str) -> os.stat_result | None:
         """The object's metadata, or None if there is none. Anything but a regular file
@@ -784,8 +795,7 @@ class Store:
         if st is None:
             return None
         obj = self._describe(oid, st)
-        if self._is_spent(obj, time.time()):
-            self._remove_object(oid, only_if_spent=True)
+        if self._is_spent(obj, time.time()) and self._remove_object(oid, only_if_spent=True):
             return None
         return obj
 
@@ -813,9 +823,8 @@ class Store:
         except BaseException:
             os.close(fd)
             raise
-        if self._is_spent(obj, time.time()):
+        if self._is_spent(obj, time.time()) and self._remove_object(oid, only_if_spent=True):
             os.close(fd)
-            self._remove_object(oid, only_if_spent=True)
             return None
         return fd, obj
 
@@ -838,6 +847,8 @@ class Store:
         st = self._stat_object(oid)
         if st is None or (only_if_spent and not self._is_spent(self._describe(oid, st), time.time())):
             return False
+        if only_if_spent and not self._is_expired(self._describe(oid, st), time.time()) and self._in_flight(oid):
+            return False  # its last downloads are counted but still going: the last one removes it
         if not _unlink_if_present(self._object_path(oid)):
             return False
         self._account(-1, -st.st_size)
@@ -888,11 +899,12 @@ class Store:
                 # fail), so that a crash can only count one too many; a follower's, once
                 # its object exists. Each kind holds slots of its own while in flight.
                 base = self._object_lock_base(oid)
-                followers = range(base + 1, base + 1 + min(max_downloads, _DOWNLOAD_SLOTS))
-                counted = range(base + 1 + _DOWNLOAD_SLOTS, base + 2 * _DOWNLOAD_SLOTS)
+                slots = min(max_downloads, _DOWNLOAD_SLOTS - 1)
+                followers = range(base + 1, base + 1 + slots)
+                counted = range(base + _DOWNLOAD_SLOTS, base + _DOWNLOAD_SLOTS + slots)
                 followers_in_flight = sum(_lock_held(lock_fd, slot) for slot in followers)
-                counted_in_flight = sum(_lock_held(lock_fd, slot) for slot in counted)
-                if done >= max_downloads and not (followers_in_flight or counted_in_flight):
+                any_in_flight = followers_in_flight or _lock_held(lock_fd, counted.start, slots)
+                if done >= max_downloads and not any_in_flight:
                     self._remove_object_locked(oid)
                     raise RelayError(404, "no such object")
                 if done + followers_in_flight < max_downloads:
@@ -1546,7 +1558,7 @@ class DownloadTicket:
                     store._count_download(self.oid, +1 if whole else -1)
                 limit = store._read_limits(self.oid).max_downloads
                 base = store._object_lock_base(self.oid)
-                others = any(_lock_held(self.lock_fd, slot) for slot in range(base + 1, base + 2 * _DOWNLOAD_SLOTS))
+                others = _lock_held(self.lock_fd, base + 1, 2 * _DOWNLOAD_SLOTS - 1)  # not our own slot
                 if limit is not None and store._downloads_done(self.oid) >= limit and not others:
                     store._remove_object_locked(self.oid)
         finally:
