@@ -165,7 +165,8 @@ def test_a_follower_of_a_limited_upload_counts(live):
         assert requests.put(relay.url(oid), data=body(), headers={"Max-Downloads": "1"}).status_code == 201
         response = reader.result()
         assert response.content == data and "ETag" not in response.headers  # it followed the upload
-    assert requests.head(relay.url(oid)).status_code == 404
+    # Counted once its last byte has gone out, which the client may see first.
+    wait_until(lambda: requests.head(relay.url(oid)).status_code == 404, message="the download to count")
 
 
 # -- quotas ------------------------------------------------------------------------

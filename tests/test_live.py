@@ -295,9 +295,13 @@ def test_sigterm_while_the_workers_boot_still_exits_at_once(live, http):
     relay = live("--workers", "2")
     pids = wait_until(lambda: len(p := re.findall(r"Booting worker with pid: (\d+)", relay.log())) == 2 and p)
     assert http.get(relay.url()).status_code == 200
-    for pid in pids:
+
+    def unblocked(pid: int) -> bool:  # once booted (it may still be booting when logged)
         blocked = int(re.search(r"^SigBlk:\s*([0-9a-f]+)", open(f"/proc/{pid}/status").read(), re.M).group(1), 16)
-        assert not blocked & (1 << (signal.SIGTERM - 1) | 1 << (signal.SIGQUIT - 1))
+        return not blocked & (1 << (signal.SIGTERM - 1) | 1 << (signal.SIGQUIT - 1))
+
+    for pid in pids:
+        wait_until(lambda pid=pid: unblocked(pid), message=f"worker {pid} to unblock its signals")
 
 
 def test_100_continue_is_sent_only_once_the_body_is_wanted(live, files):
