@@ -107,6 +107,9 @@ class RelayConfig:
     forwarded_allow_ips: str = "127.0.0.1,::1"
     sweep_interval: float = 60.0
     worker_timeout: int = 30  # a silent worker is restarted after this; transfers may last longer
+    linger_time: float = 30.0  # how long the body of a refused request is read and discarded
+    linger_size: int = 1 << 30  # how much of it, at most
+    cors_origins: tuple[str, ...] = ()  # origins whose pages may use the relay; "*" for any
 
     @property
     def ttl_cap(self) -> float | None:
@@ -2802,7 +2805,8 @@ def _limit_malloc_arenas(arenas: int = 2) -> None:
 HEADER_TIMEOUT = 10.0  # seconds a client has to send a request's head (and over TLS its handshake), in all
 _HEAD_LIMIT = 64 << 10  # bytes of a request head received before it is refused (431)
 _HEAD_END_RE = re.compile(rb"\n\r?\n")  # the blank line that ends a head (bare LFs too: gunicorn refuses them)
-_LINGER_TIME, _LINGER_LIMIT = 2.0, 64 << 10  # how long and how much a closing connection is read, as gunicorn does
+_LINGER_BLOCK = 256 << 10  # bytes a closing connection is read in, at a time
+_LINGER_QUIET = 5.0  # seconds of silence that end a lingering close, as nginx's lingering_timeout
 _WORKER_SIGNALS = {signal.SIGTERM, signal.SIGQUIT, signal.SIGINT, signal.SIGUSR1, signal.SIGABRT}
 
 
@@ -2865,8 +2869,15 @@ class _HeaderDeadline:
 
     def discard_received(self) -> int:
         """Read and drop what has arrived, without blocking: how many bytes, 0 once the
-        client has ended its side. Raises BlockingIOError when nothing has arrived."""
-        return len(super().recv(_LINGER_LIMIT))
+        client has ended its side. Raises BlockingIOError when nothing has arrived (over
+        TLS, also when only part of a record has)."""
+        try:
+            count = len(super().recv(_LINGER_BLOCK))
+            while count and isinstance(self, ssl.SSLSocket) and self.pending():
+                count += len(super().recv(_LINGER_BLOCK))
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise BlockingIOError from None
+        return count
 
     def send_continue(self) -> None:
         """Tell a client waiting for "100 Continue" to send its body, once it is wanted."""
@@ -3007,7 +3018,7 @@ def serve(config: RelayConfig, *, generated_id: bool = False) -> int:
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self.heads_awaited: dict = {}  # connection -> its head's deadline, oldest first
-            self.closing: dict = {}  # connection -> [end of its lingering, bytes discarded], oldest first
+            self.closing: dict = {}  # connection -> [end of its lingering, bytes discarded, end of quiet], oldest first
             self.tls_context: ssl.SSLContext | None = None
 
         def init_process(self):
@@ -3097,7 +3108,8 @@ def serve(config: RelayConfig, *, generated_id: bool = False) -> int:
                 conn.sock.setblocking(False)
             except OSError:
                 return self.drop(conn)
-            self.closing[conn] = [time.monotonic() + _LINGER_TIME, 0]
+            now = time.monotonic()
+            self.closing[conn] = [now + config.linger_time, 0, now + _LINGER_QUIET]
             self.watch(conn, selectors.EVENT_READ, self.discard_received)
 
         def discard_received(self, conn, _fileobj=None):
@@ -3111,7 +3123,8 @@ def serve(config: RelayConfig, *, generated_id: bool = False) -> int:
                 count = 0
             lingering = self.closing[conn]
             lingering[1] += count
-            if not count or lingering[1] >= _LINGER_LIMIT:
+            lingering[2] = time.monotonic() + _LINGER_QUIET
+            if not count or lingering[1] >= config.linger_size:
                 self.drop(conn)
 
         def murder_pending(self):
@@ -3123,6 +3136,8 @@ def serve(config: RelayConfig, *, generated_id: bool = False) -> int:
                 self.drop(next(iter(self.heads_awaited)))
             while self.closing and next(iter(self.closing.values()))[0] <= now:
                 self.drop(next(iter(self.closing)))
+            for conn in [conn for conn, lingering in self.closing.items() if lingering[2] <= now]:
+                self.drop(conn)
 
         def watch(self, conn, events: int, callback):
             try:
@@ -4525,6 +4540,19 @@ def _trusted_proxies(text: str) -> str:
     return text
 
 
+def _cors_origins(text: str) -> tuple[str, ...]:
+    """A comma-separated list of origins (scheme://host[:port]), or '*'."""
+    origins = tuple(part.strip() for part in text.split(",") if part.strip())
+    for origin in origins:
+        if origin != "*" and not re.fullmatch(
+            r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?", origin
+        ):
+            raise ValueError(f"{origin!r} is not an origin such as https://example.org:8443")
+    if "*" in origins and len(origins) > 1:
+        raise ValueError("'*' stands alone")
+    return origins
+
+
 def _readable_file(text: str) -> str:
     with open(text, "rb"):
         pass
@@ -4676,6 +4704,33 @@ _SERVER_OPTIONS = [
         {"action": "store_true", "help": "remove every stored and partial object when the relay exits"},
     ),
     (
+        ("--linger-time",),
+        "RELAY_LINGER_TIME",
+        {
+            "type": _option_type(_seconds, "linger time"),
+            "default": "30",
+            "help": "seconds the body of a refused upload is read and discarded, so the client reads the refusal",
+        },
+    ),
+    (
+        ("--linger-size",),
+        "RELAY_LINGER_SIZE",
+        {
+            "type": _option_type(parse_size, "linger size"),
+            "default": "1G",
+            "help": "bytes of a refused upload's body read and discarded, at most",
+        },
+    ),
+    (
+        ("--cors-origin",),
+        "RELAY_CORS_ORIGIN",
+        {
+            "type": _option_type(_cors_origins, "cors origin"),
+            "default": "",
+            "help": "origins (comma-separated, e.g. https://example.org) whose web pages may use the relay; '*': any",
+        },
+    ),
+    (
         ("--certfile",),
         "RELAY_CERTFILE",
         {"type": _option_type(_readable_file, "certfile"), "help": "TLS certificate (PEM): serve HTTPS"},
@@ -4796,6 +4851,9 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         forwarded_allow_ips=args.forwarded_allow_ips,
         worker_timeout=args.worker_timeout,
         sweep_interval=args.sweep_interval,
+        linger_time=args.linger_time,
+        linger_size=args.linger_size,
+        cors_origins=args.cors_origin,
     )
 
 
