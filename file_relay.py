@@ -2962,9 +2962,29 @@ class _GuardedTLSConnection(_HeaderDeadline, ssl.SSLSocket):
     blocking, before its first head."""
 
     _handshaken = False
+    _PLAIN_HTTP_REASON = b"plain HTTP request sent to HTTPS port\n"
+    _PLAIN_HTTP_ANSWER = (
+        b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_PLAIN_HTTP_REASON), _PLAIN_HTTP_REASON)
+    )
+
+    def _answer_plain_http(self) -> None:
+        """Answer 400 to a client speaking plain HTTP to the TLS port, as nginx does,
+        instead of an empty reply; raises to close the connection."""
+        try:
+            first = socket.socket.recv(self, 1, socket.MSG_PEEK)
+        except BlockingIOError:
+            return
+        if first.isalpha():  # a TLS connection starts with a handshake record, 0x16
+            with contextlib.suppress(OSError):
+                socket.socket.recv(self, _HEAD_LIMIT)
+                socket.socket.send(self, self._PLAIN_HTTP_ANSWER)
+                socket.socket.shutdown(self, socket.SHUT_WR)
+            raise ConnectionAbortedError(errno.ECONNABORTED, "plain HTTP sent to the TLS port")
 
     def receive_head(self) -> int:
         if not self._handshaken:
+            self._answer_plain_http()
             try:
                 self.do_handshake()
             except ssl.SSLWantReadError:

@@ -72,9 +72,24 @@ def test_https_is_all_the_relay_speaks_and_its_certificate_is_checked(live, cert
     relay = live("--certfile", cert, "--keyfile", key)
     with pytest.raises(requests.exceptions.SSLError):
         requests.get(relay.url(), timeout=10)  # the default trust store does not know this certificate
-    with pytest.raises(requests.exceptions.ConnectionError):
-        requests.get(relay.url().replace("https://", "http://"), timeout=10)
+    plain = requests.get(relay.url().replace("https://", "http://"), timeout=10)
+    assert plain.status_code == 400 and plain.text == "plain HTTP request sent to HTTPS port\n"
     assert requests.get(relay.url(), verify=cert, timeout=10).status_code == 200
+
+
+def test_the_pbench_push_over_https_sees_the_refusal(live, certificate, tmp_path):
+    """The pbench agent's push: requests.put of a file object, then r.ok and r.status_code.
+    A refusal before the body comes over TLS too, although the client is still sending."""
+    cert, key = certificate
+    relay = live("--certfile", cert, "--keyfile", key, "--max-file-size", "10M")
+    data, oid = blob(20 << 20, seed=3)
+    tarball = tmp_path / "tarball"
+    tarball.write_bytes(data)
+    for attempt in range(3):
+        for url, status in ((relay.url(oid), 413), (relay.url(oid, server_id="wrong-id"), 403)):
+            with open(tarball, "rb") as body:
+                response = requests.put(url, data=body, verify=cert, timeout=60)
+            assert not response.ok and response.status_code == status, attempt
 
 
 def test_tls_clients_too_slow_to_handshake_or_to_send_headers_are_cut_off(live, certificate):

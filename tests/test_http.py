@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import resource
 import secrets
+import shutil
 import socket
 import statistics
 import time
@@ -359,8 +360,8 @@ def test_kept_alive_connections_stalled_in_their_next_request_hold_no_thread(liv
 
 def test_clients_that_never_close_after_a_refusal_hold_no_thread(live):
     """24 clients with a wrong server ID read their 403 and never close their side: the
-    relay's lingering close (up to 2 s, for the client to read the answer) would have held
-    a thread for each, 12 s in all on 4 threads; a real client is served at once."""
+    relay's lingering close (for the client to read the answer) would have held
+    a thread for each; a real client is served at once."""
     relay = live("--workers", "1", "--threads", "4")
     refused = stalled_connections(relay, 24, b"GET /wrong HTTP/1.1\r\nHost: x\r\n\r\n")
     for sock in refused:
@@ -513,3 +514,75 @@ def test_a_near_miss_of_the_id_in_a_malformed_request_reaches_no_log_line(tmp_pa
     finally:
         relay.kill()
     assert leaks(relay.log()) == [], [line for line in relay.log().splitlines() if leaks(line)]
+
+
+# -- Refusals before the body: the client must read them ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def refused_body(tmp_path_factory) -> tuple[str, str]:
+    """A 20 MB file to upload where the relay refuses before reading a byte: (path, sha256)."""
+    data, oid = blob(20 << 20, seed=7)
+    path = tmp_path_factory.mktemp("refused") / "body"
+    path.write_bytes(data)
+    return str(path), oid
+
+
+def test_clients_that_send_their_whole_body_first_read_the_refusal(live, refused_body):
+    """urllib, http.client and wget send a body before they read any answer: the relay reads
+    and discards a refused body (a lingering close), so they see 413 and 403, not a reset."""
+    import http.client
+    import subprocess
+    import urllib.error
+    import urllib.request
+
+    relay = live("--max-file-size", "10M")
+    path, oid = refused_body
+    for attempt in range(3):
+        request = urllib.request.Request(relay.url(oid), data=open(path, "rb").read(), method="PUT")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=30)
+        assert refused.value.code == 413, attempt
+        connection = http.client.HTTPConnection(*address(relay), timeout=30)
+        with open(path, "rb") as body:
+            connection.request("PUT", urllib.parse.urlsplit(relay.url(oid, server_id="wrong-id")).path, body=body)
+        assert connection.getresponse().status == 403, attempt
+        connection.close()
+    if shutil.which("wget") is None:
+        pytest.skip("wget is not installed")
+    for url, status in ((relay.url(oid), "413"), (relay.url(oid, server_id="wrong-id"), "403")):
+        wget = subprocess.run(
+            ["wget", "--method=PUT", f"--body-file={path}", "--tries=1", "-S", "-O", "/dev/null", url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert wget.returncode == 8 and f"HTTP/1.1 {status}" in wget.stderr, wget.stderr[-500:]
+
+
+def test_the_bytes_and_time_spent_on_a_refused_body_are_bounded(live):
+    """With --linger-size 4M the relay stops reading a refused 1 GB body after a few MB (the
+    rest fills socket buffers, then the connection is closed); with --linger-time 1 a client
+    trickling its body is cut off after about a second."""
+    relay = live("--linger-size", "4M", "--linger-time", "1")
+    head = f"PUT /wrong-id/{MISSING_OID} HTTP/1.1\r\nHost: x\r\nContent-Length: {1 << 30}\r\n\r\n".encode()
+    sent = 0
+    block = bytes(1 << 16)
+    with socket.create_connection(address(relay), timeout=30) as sock:
+        sock.sendall(head)
+        with contextlib.suppress(OSError):
+            while sent < 1 << 30:
+                sent += sock.send(block)
+    assert sent < 64 << 20, f"{sent} bytes of a refused body were taken"
+
+    with socket.create_connection(address(relay), timeout=30) as sock:
+        sock.sendall(head)
+        started = time.monotonic()
+        cut_off = None
+        while cut_off is None and time.monotonic() - started < 20:
+            try:
+                sock.sendall(b"x" * 100)
+            except OSError:
+                cut_off = time.monotonic() - started
+            time.sleep(0.05)  # the trickle's pace, not a wait for the relay
+    assert cut_off is not None and cut_off < 10, cut_off
