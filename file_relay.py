@@ -2211,6 +2211,35 @@ def _etag_matches(header: str | None, oid: str) -> bool:
 _UNSIZED_UPLOAD = object()  # an upload of unknown length, which this reader may not follow
 
 
+_CORS_ALLOWED_METHODS = "GET, HEAD, PUT, DELETE"
+_CORS_ALLOWED_HEADERS = (
+    "Content-Type, Content-Range, Content-Digest, Range, If-None-Match, If-Modified-Since, If-Range, "
+    "Max-Downloads, Max-Days, Prefer"
+)
+_CORS_EXPOSED_HEADERS = (
+    "ETag, Content-Range, Content-Length, Content-Disposition, Accept-Ranges, Last-Modified, Location, "
+    "Retry-After, Repr-Digest, Upload-Offset, Upload-Ranges, Upload-Length, Upload-Incomplete, Preference-Applied"
+)
+
+
+def _cors_headers(environ: dict, origins: tuple[str, ...]) -> list[tuple[str, str]]:
+    """The headers that let a page from the request's Origin read this answer: none unless
+    that origin is one of *origins* (or they are '*')."""
+    if not origins:
+        return []
+    vary = [] if "*" in origins else [("Vary", "Origin")]  # the answer depends on who asks
+    origin = environ.get("HTTP_ORIGIN")
+    if origin is None or ("*" not in origins and origin not in origins):
+        return vary
+    allowed = "*" if "*" in origins else origin
+    return [("Access-Control-Allow-Origin", allowed), *vary, ("Access-Control-Expose-Headers", _CORS_EXPOSED_HEADERS)]
+
+
+def _is_cors_preflight(environ: dict, origins: tuple[str, ...]) -> bool:
+    allowed = any(name == "Access-Control-Allow-Origin" for name, _ in _cors_headers(environ, origins))
+    return allowed and "HTTP_ACCESS_CONTROL_REQUEST_METHOD" in environ
+
+
 def make_app(config: RelayConfig, state: SharedState | None = None):
     """Build the relay's WSGI application (a Bottle app) over *config*'s files directory.
 
@@ -2248,6 +2277,7 @@ def make_app(config: RelayConfig, state: SharedState | None = None):
                     headers = [*headers, ("Content-Disposition", environ["file_relay.disposition"])]
                 if "file_relay.preference_applied" in environ:
                     headers = [*headers, ("Preference-Applied", environ["file_relay.preference_applied"])]
+                headers = [*headers, *_cors_headers(environ, config.cors_origins)]
                 if environ.get("file_relay.close") or (isinstance(peer, _HeaderDeadline) and peer.continue_pending):
                     _close_connection_after(start_response)  # a body not read: not sent, or unwanted
                 return start_response(status, headers, exc_info)
@@ -2559,13 +2589,24 @@ def make_app(config: RelayConfig, state: SharedState | None = None):
             return refuse(exc, close=False)
         return reply(200, f"deleted {oid}")
 
+    def other_method(allowed: str):
+        """A CORS preflight from an allowed origin, or 405."""
+        if request.method == "OPTIONS" and _is_cors_preflight(request.environ, config.cors_origins):
+            headers = {
+                "Access-Control-Allow-Methods": allowed,
+                "Access-Control-Allow-Headers": _CORS_ALLOWED_HEADERS,
+                "Access-Control-Max-Age": "600",
+            }
+            return bottle.HTTPResponse(None, 204, headers)
+        return reply(405, "method not allowed", {"Allow": allowed}, close=True)
+
     @app.route("/<server_id>/<oid_text>", method="ANY")
     def object_other(oid_text):
-        return reply(405, "method not allowed", {"Allow": "GET, HEAD, PUT, DELETE"}, close=True)
+        return other_method(_CORS_ALLOWED_METHODS)
 
     @app.route("/<server_id>", method="ANY")
     def relay_other():
-        return reply(405, "method not allowed", {"Allow": "GET, HEAD, DELETE"}, close=True)
+        return other_method("GET, HEAD, DELETE")
 
     @app.route("/", method="ANY")
     @app.route("/<path:path>", method="ANY")

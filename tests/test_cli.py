@@ -196,3 +196,25 @@ def test_trusted_proxies_may_be_networks():
     anyone = file_relay.parse_trusted_proxies("*")
     assert file_relay._client_address({"REMOTE_ADDR": "192.0.2.9", **forwarded}, anyone) == "203.0.113.7"
     assert file_relay._client_address({"REMOTE_ADDR": "192.0.2.9"}, anyone) == "192.0.2.9"
+
+
+def test_cors_origins_and_lingering(started, tmp_path, capsys):
+    files = str(tmp_path / "f")
+    config = started("server-id-long-enough", "--files-directory", files)
+    assert (config.cors_origins, config.linger_time, config.linger_size) == ((), 30.0, 1 << 30)
+    config = started(
+        "server-id-long-enough",
+        "--files-directory",
+        files,
+        "--cors-origin",
+        "https://a.example, http://127.0.0.1:8000",
+        "--linger-time",
+        "2",
+        "--linger-size",
+        "8M",
+    )
+    assert config.cors_origins == ("https://a.example", "http://127.0.0.1:8000")
+    assert (config.linger_time, config.linger_size) == (2.0, 8 << 20)
+    assert started("server-id-long-enough", "--files-directory", files, "--cors-origin", "*").cors_origins == ("*",)
+    for bad in ("ftp://a.example", "https://a.example/path", "*,https://a.example"):
+        assert "cors origin" in fails(capsys, "server-id-long-enough", "--files-directory", files, "--cors-origin", bad)

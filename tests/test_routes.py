@@ -397,3 +397,63 @@ def test_a_bad_name_is_400_with_its_reason(app, query):
     response = app.get(object_url(oid) + "?" + query, status=400)
     assert response.text.startswith("name ") and response.text.count("\n") == 1
     assert "Content-Disposition" not in response.headers
+
+
+# -- CORS: pages on other origins, only where configured ----------------------------------
+
+PAGE_ORIGIN = "http://page.example:8000"
+
+
+def test_without_cors_origins_no_page_elsewhere_may_read_or_preflight(app):
+    data, oid = blob(1000)
+    app.put(object_url(oid), data)
+    answer = app.get(object_url(oid), headers={"Origin": PAGE_ORIGIN})
+    assert not [name for name in answer.headers if name.lower().startswith("access-control-")]
+    preflight = {"Origin": PAGE_ORIGIN, "Access-Control-Request-Method": "PUT"}
+    assert app.options(object_url(oid), headers=preflight, status=405).headers["Allow"] == "GET, HEAD, PUT, DELETE"
+
+
+def test_a_configured_origin_passes_preflight_and_reads_every_answer(make_app):
+    app = make_app(cors_origins=(PAGE_ORIGIN,))
+    data, oid = blob(1000)
+    preflight = {
+        "Origin": PAGE_ORIGIN,
+        "Access-Control-Request-Method": "PUT",
+        "Access-Control-Request-Headers": "content-type, content-range",
+    }
+    answer = app.options(object_url(oid), headers=preflight, status=204)
+    assert answer.headers["Access-Control-Allow-Origin"] == PAGE_ORIGIN
+    assert "PUT" in answer.headers["Access-Control-Allow-Methods"]
+    allowed = {name.strip().lower() for name in answer.headers["Access-Control-Allow-Headers"].split(",")}
+    assert {"content-type", "content-range", "content-digest", "range", "max-downloads"} <= allowed
+    assert int(answer.headers["Access-Control-Max-Age"]) > 0
+
+    origin = {"Origin": PAGE_ORIGIN}
+    stored = app.put(object_url(oid), data, headers=origin, status=201)
+    ranged = app.get(object_url(oid), headers={**origin, "Range": "bytes=10-19"}, status=206)
+    refused = app.get(object_url(oid, server_id="wrong-id"), headers=origin, status=403)
+    for answer in (stored, ranged, refused):
+        assert answer.headers["Access-Control-Allow-Origin"] == PAGE_ORIGIN
+        assert answer.headers["Vary"] == "Origin"
+        exposed = {name.strip() for name in answer.headers["Access-Control-Expose-Headers"].split(",")}
+        assert {"ETag", "Content-Range", "Upload-Offset", "Upload-Ranges", "Retry-After"} <= exposed
+    assert ranged.body == data[10:20]
+
+
+def test_an_origin_not_configured_gets_no_cors_headers(make_app):
+    app = make_app(cors_origins=(PAGE_ORIGIN,))
+    data, oid = blob(1000)
+    app.put(object_url(oid), data)
+    other = {"Origin": "http://elsewhere.example"}
+    answer = app.get(object_url(oid), headers=other)
+    assert "Access-Control-Allow-Origin" not in answer.headers and answer.headers["Vary"] == "Origin"
+    app.options(object_url(oid), headers={**other, "Access-Control-Request-Method": "GET"}, status=405)
+
+
+def test_any_origin(make_app):
+    app = make_app(cors_origins=("*",))
+    data, oid = blob(1000)
+    answer = app.put(object_url(oid), data, headers={"Origin": PAGE_ORIGIN}, status=201)
+    assert answer.headers["Access-Control-Allow-Origin"] == "*" and "Vary" not in answer.headers
+    preflight = {"Origin": PAGE_ORIGIN, "Access-Control-Request-Method": "DELETE"}
+    assert app.options(object_url(oid), headers=preflight, status=204).headers["Access-Control-Allow-Methods"]
