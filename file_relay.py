@@ -247,6 +247,8 @@ def content_disposition(name: str) -> str:
 # <files-directory>/.relay/meta/<sha256>          the stored object's limits (JSON)
 # <files-directory>/.relay/meta/<sha256>.count    its completed downloads, one byte each
 # <files-directory>/.relay/meta/<sha256>.new-*    its limits being written
+# <files-directory>/.relay/retired/<sha256>.<token>  removed objects that another host may
+#                                                 still be reading, unlinked once none is
 # <files-directory>/.relay/usage                  a ledger of stored objects: count, bytes
 # <files-directory>/.relay/lock                   lock bytes, below
 #
@@ -259,6 +261,10 @@ def content_disposition(name: str) -> str:
 #                   directory changes only under this lock
 #   byte _FINISHER  exclusive while one request verifies and publishes the object
 #   bytes A..B      exclusive while one request writes chunk A..B
+#   byte _READERS   shared by every download and follower for as long as it reads: a
+#                   removed object waits in retired/ until nobody holds it. (On a shared
+#                   filesystem, a descriptor open on one host fails once another host
+#                   unlinks its file's last name; renaming the file does not.)
 # On .relay/lock: byte 0 serialises space reservations and the ledger; for each object
 # name, a mutex byte and its download slots (at offsets drawn from the hash) serialise
 # what its name, limits and download count mean: publishing, removing, counting.
@@ -284,12 +290,14 @@ class UploadFailed(Exception):
 _FLOCK = struct.Struct("hhqqi4x")  # struct flock (64-bit Linux)
 _WRITERS = 1 << 62
 _FINISHER = _WRITERS + 1
+_READERS = _WRITERS + 2
 _MAX_OBJECT_SIZE = 1 << 60  # 1 EiB: every data byte lies below the lock bytes
 _SPACE = 0  # byte of .relay/lock
 _DOWNLOAD_SLOTS = 256  # most concurrent counted downloads of one limited object
 _OBJECT_LOCK_STRIDE = 512  # lock bytes per object name: its mutex, then its download slots
 _SPACE_CHECK_INTERVAL = 64 << 20  # bytes between free-space checks of an upload of unknown size
 _POLL_MIN, _POLL_MAX = 0.005, 0.1  # seconds between looks at an upload being followed
+_FLUSH_INTERVAL = 0.25  # seconds between flushes of a plain upload's data as it arrives
 _MAX_FRAGMENTS = 512  # disjoint received ranges one chunked upload may have
 _MAX_PARTIALS = 1024  # uploads in progress or resumable at once: each upload weighs them all
 _MARKER_SLACK = 64  # range markers beyond the merged ranges before they are merged
@@ -421,6 +429,39 @@ class _BackgroundHasher:
         return self._hash
 
 
+class _Flusher:
+    """Flushes a file being written every _FLUSH_INTERVAL seconds, on a thread of its own:
+    the final fsync then has little left, and on a shared filesystem other hosts see the
+    bytes as they arrive rather than when the upload ends. stop() before closing the file."""
+
+    def __init__(self, fd: int):
+        self._fd = fd
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="flush", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stopped.wait(_FLUSH_INTERVAL):
+            with contextlib.suppress(OSError):  # the writer meets any error itself
+                os.fdatasync(self._fd)
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join()
+
+
+@contextlib.contextmanager
+def _removed_is_failure():
+    """A followed upload's descriptor fails (ENOENT, ESTALE) on a shared filesystem once
+    another host has removed its file: the upload failed or was cancelled."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ESTALE):
+            raise UploadFailed("the upload was removed") from None
+        raise
+
+
 @contextlib.contextmanager
 def _disk_full_is_507():
     try:
@@ -429,6 +470,89 @@ def _disk_full_is_507():
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise RelayError(507, "the relay ran out of disk space while storing the upload") from None
         raise
+
+
+_PROBE = 1  # byte of .relay/lock taken by the filesystem probe (object names use 512 and up)
+_JUICEFS_CACHES = {
+    "AttrTimeout": "--attr-cache",
+    "EntryTimeout": "--entry-cache",
+    "DirEntryTimeout": "--dir-entry-cache",
+}
+_NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "ceph", "glusterfs", "lustre", "gpfs", "9p", "beegfs")
+
+
+def _mount_of(path: Path) -> tuple[str, str]:
+    """(mount point, filesystem type) of *path*, from /proc/self/mountinfo."""
+    found = ("/", "")
+    real = os.path.realpath(path)
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+            fields = line.split(" ")
+            point = re.sub(r"\\([0-7]{3})", lambda octal: chr(int(octal.group(1), 8)), fields[4])
+            fstype = fields[fields.index("-") + 1]
+            inside = real == point or real.startswith(point.rstrip("/") + "/")
+            if inside and len(point) >= len(found[0]):
+                found = (point, fstype)
+    return found
+
+
+def probe_files_directory(path: Path) -> list[str]:
+    """Check that the filesystem under *path* does what the relay relies on: a lock taken
+    through one open file blocks another, and link() refuses an existing name. Raises
+    OSError with a one-line reason if not; returns warnings for an operator (a shared
+    filesystem mounted with caches that several hosts cannot share)."""
+    relay = path / ".relay"
+    relay.mkdir(mode=0o700, exist_ok=True)
+    probe = relay / f".probe-{secrets.token_hex(8)}"
+    first = os.open(probe, os.O_RDWR | os.O_EXCL | _CREATE, 0o600)
+    try:
+        second = os.open(probe, os.O_RDWR | _NO_SURPRISES)
+        try:
+            _lock(first, fcntl.F_WRLCK, _PROBE)
+            if _lock(second, fcntl.F_WRLCK, _PROBE):
+                raise OSError(errno.ENOLCK, f"{path}: a lock held through one open file does not block another")
+        finally:
+            os.close(second)
+        os.link(probe, f"{probe}.link")
+        try:
+            os.link(probe, f"{probe}.link")
+        except FileExistsError:
+            pass
+        else:
+            raise OSError(errno.EEXIST, f"{path}: link() replaces an existing name")
+        finally:
+            _unlink_if_present(Path(f"{probe}.link"))
+    finally:
+        os.close(first)
+        _unlink_if_present(probe)
+    point, fstype = _mount_of(path)
+    if fstype == "fuse.juicefs":
+        return _juicefs_warnings(Path(point))
+    if fstype in _NETWORK_FILESYSTEMS or fstype.startswith("fuse."):
+        return [
+            f"the files directory is on {fstype}: relays on several hosts may share it only if it gives every"
+            " host fresh names, sizes and locks (see 'Several hosts' in the README; only JuiceFS is tested)"
+        ]
+    return []
+
+
+def _juicefs_warnings(mount_point: Path) -> list[str]:
+    try:
+        settings = json.loads(_read_small_file(mount_point / ".config") or b"{}")
+    except (OSError, ValueError):
+        settings = {}
+    caches = [f"{flag} {settings.get(key, 0) / 1e9:g}" for key, flag in _JUICEFS_CACHES.items() if settings.get(key, 0)]
+    if settings.get("Meta", {}).get("OpenCache"):
+        caches.append(f"--open-cache {settings['Meta']['OpenCache'] / 1e9:g}")
+    if not settings:
+        caches.append("could not read its .config")
+    if not caches:
+        return []
+    return [
+        f"the files directory is on JuiceFS mounted with caches ({', '.join(caches)}): relays on several hosts"
+        " sharing it need every mount made with --attr-cache 0 --entry-cache 0 --dir-entry-cache 0 (one host alone"
+        " is fine)"
+    ]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -607,13 +731,14 @@ class Store:
         self.partials = self.root / ".relay" / "partial"
         self.meta = self.root / ".relay" / "meta"
         self.lock_path = self.root / ".relay" / "lock"
+        self.retired = self.root / ".relay" / "retired"
         self.ledger_path = self.root / ".relay" / "usage"
         self._prefix_hashes = _PrefixHashes()
 
     def prepare(self) -> None:
         """Create the directories (private to the relay's user) if they are missing."""
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        for path in (self.root / ".relay", self.partials, self.meta):
+        for path in (self.root / ".relay", self.partials, self.meta, self.retired):
             path.mkdir(mode=0o700, exist_ok=True)
         self.lock_path.touch(mode=0o600, exist_ok=True)
         if not self.ledger_path.exists():
@@ -819,6 +944,7 @@ class Store:
                 os.close(fd)
                 return None
             obj = self._describe(oid, st)
+            _lock(fd, fcntl.F_RDLCK, _READERS)  # before the name is judged: see _retire
             # Limits go after the name: if the name still means this file, they were its.
             if not self._is_our_object(oid, fd):
                 os.close(fd)
@@ -852,12 +978,39 @@ class Store:
             return False
         if only_if_spent and not self._is_expired(self._describe(oid, st), time.time()) and self._in_flight(oid):
             return False  # its last downloads are counted but still going: the last one removes it
-        if not _unlink_if_present(self._object_path(oid)):
+        if not self._retire(oid):
             return False
         self._account(-1, -st.st_size)
         _unlink_if_present(self._count_path(oid))
         _unlink_if_present(self._meta_path(oid))
         return True
+
+    def _retire(self, oid: str) -> bool:
+        """Take an object's name away: False if it had none. Its file is unlinked now if
+        nobody reads it, else by a later sweep. A reader takes its lock before it judges
+        the name, so either it holds the lock by the time the file is looked at, or it
+        finds the name gone and reads nothing."""
+        retired = self.retired / f"{oid}.{secrets.token_hex(8)}"
+        try:
+            os.rename(self._object_path(oid), retired)
+        except FileNotFoundError:
+            return False
+        self._unlink_if_unread(retired)
+        return True
+
+    @staticmethod
+    def _unlink_if_unread(path: Path) -> bool:
+        try:
+            fd = os.open(path, os.O_RDONLY | _NO_SURPRISES)
+        except FileNotFoundError:
+            return False
+        try:
+            if _lock_held(fd, _READERS):
+                return False
+            os.unlink(path)
+            return True
+        finally:
+            os.close(fd)
 
     def delete(self, oid: str) -> bool:
         """Remove a stored object and cancel its partial upload; False if neither existed.
@@ -944,6 +1097,7 @@ class Store:
             self.check_size(length)
         partial = self._create_partial(oid, "stream", length, limits)
         hasher = _BackgroundHasher()
+        flusher = _Flusher(partial.fd)
         try:
             received = 0
             next_space_check = BLOCK_SIZE
@@ -966,9 +1120,11 @@ class Store:
                 if length is None:
                     with self._space_lock():
                         self._check_space(0)
+                flusher.stop()
                 return self._publish(partial, oid)
         finally:
             hasher.finish()
+            flusher.stop()
             self._discard(partial)
 
     def put_chunk(self, oid: str, first: int, last: int, total: int, body, digest: bytes | None, limits: Limits):
@@ -1186,6 +1342,7 @@ class Store:
         if partial.info["mode"] == "stream" and not _lock_held(partial.fd, _WRITERS):
             partial.close()
             return None
+        _lock(partial.fd, fcntl.F_RDLCK, _READERS)  # it may become an object that is removed
         return UploadFollower(self, partial, start)
 
     # -- partial uploads -----------------------------------------------------
@@ -1390,6 +1547,8 @@ class Store:
             elif not name.startswith(".") and self._sweep_partial(name, now):
                 removed["partials"] += 1
         removed["leftovers"] += self._sweep_meta(now)
+        for name in os.listdir(self.retired):
+            self._unlink_if_unread(self.retired / name)
         self._recount()
         return removed
 
@@ -1604,20 +1763,26 @@ class UploadFollower:
     def unpublished(self) -> bool:
         """Whether the upload is still in progress: never linked as the object (which may
         since have been used up and removed), nor discarded."""
-        return not self.partial.was_published() and os.fstat(self.partial.fd).st_nlink > 0
+        with _removed_is_failure():
+            return not self.partial.was_published() and os.fstat(self.partial.fd).st_nlink > 0
 
     def progress(self) -> Progress:
         """What the upload holds now, as Store.progress reports it."""
         partial = self.partial
-        if self.mode == "stream":
-            size = os.fstat(partial.fd).st_size
-            ranges = [(0, size - 1)] if size else []
-        else:
-            ranges = partial.ranges()
-        return Progress(self.mode, self.length, ranges, _lock_held(partial.fd, _WRITERS))
+        with _removed_is_failure():
+            if self.mode == "stream":
+                size = os.fstat(partial.fd).st_size
+                ranges = [(0, size - 1)] if size else []
+            else:
+                ranges = partial.ranges()
+            return Progress(self.mode, self.length, ranges, _lock_held(partial.fd, _WRITERS))
 
     def _available(self) -> tuple[int, bool]:
         """(bytes that may be sent, whether the upload has verified)."""
+        with _removed_is_failure():
+            return self._available_now()
+
+    def _available_now(self) -> tuple[int, bool]:
         partial = self.partial
         if self._published():
             return os.fstat(partial.fd).st_size, True
@@ -1641,17 +1806,23 @@ class UploadFollower:
             if self.end is not None:
                 end = min(end, self.end)
             if self.position < end:
-                block = os.pread(self.partial.fd, min(BLOCK_SIZE, end - self.position), self.position)
-                if not block:
-                    raise UploadFailed("the upload's data shrank")
-                self.position += len(block)
-                last_progress = time.monotonic()
-                delay = _POLL_MIN
-                yield block
-                continue
-            if verified or self.position == self.end:
+                with _removed_is_failure():
+                    block = os.pread(self.partial.fd, min(BLOCK_SIZE, end - self.position), self.position)
+                    if not block and os.fstat(self.partial.fd).st_size <= self.position:
+                        raise UploadFailed("the upload's data shrank")
+                if block:
+                    self.position += len(block)
+                    last_progress = time.monotonic()
+                    delay = _POLL_MIN
+                    yield block
+                    continue
+                # A shared filesystem may report a file's size a moment before its bytes
+                # can be read through the same mount: look again shortly.
+                if time.monotonic() - last_progress > self.stall_timeout:
+                    raise UploadFailed("the upload's data could not be read")
+            elif verified or self.position == self.end:
                 return
-            if _lock_held(self.partial.fd, _WRITERS):
+            elif _lock_held(self.partial.fd, _WRITERS):
                 last_progress = time.monotonic()
             elif time.monotonic() - last_progress > self.stall_timeout:
                 raise UploadFailed("the upload stalled")
@@ -2436,6 +2607,8 @@ def make_app(config: RelayConfig, state: SharedState | None = None):
             return send_stored(*found, exchange)
         except RelayError as exc:
             return refuse(exc, close=False)
+        except UploadFailed as exc:  # removed, on a shared filesystem, before the answer began
+            return reply(404, f"no such object: {exc}")
         except ClientGone as exc:
             exchange.note = str(exc)
             return reply(400, str(exc), close=True)
@@ -3056,6 +3229,8 @@ def serve(config: RelayConfig, *, generated_id: bool = False) -> int:
     store = Store(config)
     store.prepare()
     handler = configure_logging(config)
+    for warning in probe_files_directory(config.files_directory):
+        log.warning("%s", warning)
     swept = store.sweep()  # leftovers of a crash: partial plain uploads, trash
     if any(swept.values()):
         log.info("startup: removed %s", ", ".join(f"{n} {what}" for what, n in swept.items() if n))
@@ -4587,6 +4762,7 @@ def _files_directory(text: str) -> Path:
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     if not os.access(path, os.W_OK | os.X_OK):
         raise ValueError(f"{path} is not writable")
+    probe_files_directory(path)
     return path
 
 
