@@ -180,7 +180,7 @@ def _nginx() -> str | None:
 class Nginx:
     """nginx running deploy/nginx-file-relay.conf with its places changed to the test's own."""
 
-    def __init__(self, tmp_path, relay_port: str, certificate: tuple[str, str]):
+    def __init__(self, tmp_path, relay_port: str | list[str], certificate: tuple[str, str]):
         self.directory = tmp_path / "nginx"
         self.directory.mkdir()
         self.access_log = self.directory / "file-relay.access.log"
@@ -190,8 +190,10 @@ class Nginx:
         self.port = self.listener.getsockname()[1]
         cert, key = certificate
         snippet = NGINX_SNIPPET.read_text()
+        ports = [relay_port] if isinstance(relay_port, str) else relay_port  # several: relays on a shared store
+        upstreams = "\n    ".join(f"server 127.0.0.1:{port};" for port in ports)
         for documented, here in [
-            ("server 127.0.0.1:8080;", f"server 127.0.0.1:{relay_port};"),
+            ("server 127.0.0.1:8080;", upstreams),
             ("listen 443 ssl;", f"listen 127.0.0.1:{self.port} ssl;"),
             ("/etc/ssl/relay/fullchain.pem", cert),
             ("/etc/ssl/relay/privkey.pem", key),

@@ -313,3 +313,38 @@ def test_the_relay_says_at_start_what_a_shared_mount_needs(volume, tmp_path):
         assert "cache" not in shared.log()
     finally:
         shared.kill()
+
+
+def test_nginx_in_front_of_two_hosts(hosts, tmp_path, certificate):
+    """deploy/nginx-file-relay.conf with both relays as upstreams: nginx spreads requests
+    over them (round robin), and every route works whichever host a request reaches."""
+    from test_deployment import Nginx, _nginx, https_session
+
+    nginx = _nginx()
+    if nginx is None:
+        pytest.skip("nginx is not installed")
+    a, b = hosts()
+    proxy = Nginx(tmp_path, [relay.base.rsplit(":", 1)[1] for relay in (a, b)], certificate).start(nginx)
+    try:
+        base = f"https://127.0.0.1:{proxy.port}/{a.url().rsplit('/', 1)[1]}"
+        data, oid = blob(6 << 20, seed=8)
+        size, piece = len(data), 1 << 20
+        with https_session(certificate[0]) as https:
+            for index in (3, 0, 5, 1, 4, 2):
+                first, last = index * piece, min(size, (index + 1) * piece) - 1
+                headers = {"Content-Range": f"bytes {first}-{last}/{size}"}
+                assert https.put(f"{base}/{oid}", data=data[first : last + 1], headers=headers).status_code in (
+                    201,
+                    202,
+                )
+            for _ in range(4):
+                assert https.get(f"{base}/{oid}").content == data
+            streamed, streamed_oid = blob(8 << 20, seed=9)
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                upload = pool.submit(https.put, f"{base}/{streamed_oid}", data=paced(streamed))
+                assert hashlib.sha256(https.get(f"{base}/{streamed_oid}?wait=10").content).hexdigest() == streamed_oid
+                assert upload.result().status_code == 201
+    finally:
+        proxy.stop()
+    routed = [relay for relay in (a, b) if f"PUT /***/{oid}" in relay.log()]
+    assert len(routed) == 2, "nginx sent every chunk to the same relay"
