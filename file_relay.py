@@ -234,6 +234,159 @@ def content_disposition(name: str) -> str:
     return value
 
 
+def _write_all(fd: int, data, offset: int | None = None) -> None:
+    """Write all of *data*, at *offset* or at the file position."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view) if offset is None else os.pwrite(fd, view, offset)
+        view = view[written:]
+        if offset is not None:
+            offset += written
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def parse_trusted_proxies(text: str) -> tuple:
+    """'*', or addresses and networks ('127.0.0.1,::1,10.88.0.0/16') as ip_networks."""
+    entries = [entry.strip() for entry in text.split(",") if entry.strip()]
+    if "*" in entries:
+        return ("*",)
+    return tuple(ipaddress.ip_network(entry, strict=False) for entry in entries)
+
+
+# ---------------------------------------------------------------------------
+# Command-line values: argparse types with a one-line reason, for the relay and the client
+# ---------------------------------------------------------------------------
+
+
+def _option_type(convert, what: str):
+    """An argparse type: a one-line error instead of a traceback."""
+
+    def parse(text: str):
+        try:
+            return convert(text)
+        except (ValueError, OSError) as exc:
+            raise argparse.ArgumentTypeError(f"{what}: {exc}") from None
+
+    parse.__name__ = what
+    return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad options get one line (the reason), not a screenful of usage."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _positive_int(limit: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if not 1 <= value <= limit:
+            raise ValueError(f"{value} is not between 1 and {limit}")
+        return value
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{text!r} is not a number of seconds >= 0")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    value = _seconds(text)
+    if value == 0:
+        raise ValueError(f"{text!r} is not a number of seconds > 0")
+    return value
+
+
+def _positive_days(text: str) -> float:
+    days = float(text)
+    if not math.isfinite(days) or days <= 0:
+        raise ValueError(f"{text!r} is not a positive number of days")
+    return days
+
+
+def _lifetime(text: str) -> float:
+    value = _seconds(text)
+    if value > LONGEST_TTL:
+        raise ValueError(f"{text!r} is longer than a century")
+    return value
+
+
+def _positive_size(text: str) -> int:
+    size = parse_size(text)
+    if size < 1:
+        raise ValueError(f"{text!r} is not a positive size")
+    return size
+
+
+def _bind_address(text: str) -> str:
+    """'HOST:PORT', ':PORT' (all interfaces), '[IPv6]:PORT' or 'HOST' (port 8080)."""
+    host, port_text = text, "8080"
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f"{text!r} is not HOST:PORT")
+            port_text = rest[1:]
+    elif ":" in text:
+        host, _, port_text = text.rpartition(":")
+    if not port_text.isdigit() or int(port_text) > 65535:
+        raise ValueError(f"{port_text!r} is not a port number (0-65535)")
+    host = host or "0.0.0.0"
+    return f"[{host}]:{int(port_text)}" if ":" in host else f"{host}:{int(port_text)}"
+
+
+def _files_directory(text: str) -> Path:
+    path = Path(text).expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path} is not a directory")
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"{path} is not writable")
+    return path
+
+
+def _server_id(text: str) -> str:
+    if not SERVER_ID_RE.fullmatch(text):
+        raise ValueError("use only letters, digits and - . _ ~ (it goes into URLs unescaped)")
+    return text
+
+
+def _trusted_proxies(text: str) -> str:
+    parse_trusted_proxies(text)  # raises ValueError for what is not an address or network
+    return text
+
+
+def _cors_origins(text: str) -> tuple[str, ...]:
+    """A comma-separated list of origins (scheme://host[:port]), or '*'."""
+    origins = tuple(part.strip() for part in text.split(",") if part.strip())
+    for origin in origins:
+        if origin != "*" and not re.fullmatch(
+            r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?", origin
+        ):
+            raise ValueError(f"{origin!r} is not an origin such as https://example.org:8443")
+    if "*" in origins and len(origins) > 1:
+        raise ValueError("'*' stands alone")
+    return origins
+
+
+def _readable_file(text: str) -> str:
+    with open(text, "rb"):
+        pass
+    return text
+
+
 # ---------------------------------------------------------------------------
 # Storage
 #
@@ -337,24 +490,6 @@ def _lock_held(fd: int, start: int, length: int = 1) -> bool:
     """Whether another open file description holds any lock on these bytes."""
     result = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, start, length, 0))
     return _FLOCK.unpack(result)[0] != fcntl.F_UNLCK
-
-
-def _write_all(fd: int, data, offset: int | None = None) -> None:
-    """Write all of *data*, at *offset* or at the file position."""
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view) if offset is None else os.pwrite(fd, view, offset)
-        view = view[written:]
-        if offset is not None:
-            offset += written
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_file(path: Path, data: bytes, *, durable: bool = True) -> None:
@@ -1993,14 +2128,6 @@ def _redacted_path(environ: dict) -> str:
         segments[1] = "***"
     query = environ.get("QUERY_STRING")
     return "/".join(segments) + (f"?{query}" if query else "")
-
-
-def parse_trusted_proxies(text: str) -> tuple:
-    """'*', or addresses and networks ('127.0.0.1,::1,10.88.0.0/16') as ip_networks."""
-    entries = [entry.strip() for entry in text.split(",") if entry.strip()]
-    if "*" in entries:
-        return ("*",)
-    return tuple(ipaddress.ip_network(entry, strict=False) for entry in entries)
 
 
 def _client_address(environ: dict, trusted_proxies: tuple) -> str:
@@ -4634,27 +4761,6 @@ def _object_url(text: str) -> str:
     return text.strip()
 
 
-def _positive_days(text: str) -> float:
-    days = float(text)
-    if not math.isfinite(days) or days <= 0:
-        raise ValueError(f"{text!r} is not a positive number of days")
-    return days
-
-
-def _positive_seconds(text: str) -> float:
-    seconds = _seconds(text)
-    if not seconds:
-        raise ValueError("must be more than 0")
-    return seconds
-
-
-def _positive_size(text: str) -> int:
-    size = parse_size(text)
-    if size < 1:
-        raise ValueError(f"{text!r} is not a positive size")
-    return size
-
-
 def client_main(command: str, argv: list[str]) -> int:
     """Run 'send' or 'get' with their arguments; returns the exit status."""
     parser = build_client_parser(command)
@@ -4692,108 +4798,6 @@ def client_main(command: str, argv: list[str]) -> int:
 # ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
-
-
-def _option_type(convert, what: str):
-    """An argparse type: a one-line error instead of a traceback."""
-
-    def parse(text: str):
-        try:
-            return convert(text)
-        except (ValueError, OSError) as exc:
-            raise argparse.ArgumentTypeError(f"{what}: {exc}") from None
-
-    parse.__name__ = what
-    return parse
-
-
-def _positive_int(limit: int):
-    def parse(text: str) -> int:
-        value = int(text)
-        if not 1 <= value <= limit:
-            raise ValueError(f"{value} is not between 1 and {limit}")
-        return value
-
-    return parse
-
-
-def _seconds(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{text!r} is not a number of seconds >= 0")
-    return value
-
-
-def _positive_seconds(text: str) -> float:
-    value = _seconds(text)
-    if value == 0:
-        raise ValueError(f"{text!r} is not a number of seconds > 0")
-    return value
-
-
-def _lifetime(text: str) -> float:
-    value = _seconds(text)
-    if value > LONGEST_TTL:
-        raise ValueError(f"{text!r} is longer than a century")
-    return value
-
-
-def _bind_address(text: str) -> str:
-    """'HOST:PORT', ':PORT' (all interfaces), '[IPv6]:PORT' or 'HOST' (port 8080)."""
-    host, port_text = text, "8080"
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        if rest:
-            if not rest.startswith(":"):
-                raise ValueError(f"{text!r} is not HOST:PORT")
-            port_text = rest[1:]
-    elif ":" in text:
-        host, _, port_text = text.rpartition(":")
-    if not port_text.isdigit() or int(port_text) > 65535:
-        raise ValueError(f"{port_text!r} is not a port number (0-65535)")
-    host = host or "0.0.0.0"
-    return f"[{host}]:{int(port_text)}" if ":" in host else f"{host}:{int(port_text)}"
-
-
-def _files_directory(text: str) -> Path:
-    path = Path(text).expanduser().absolute()
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"{path} is not a directory")
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise ValueError(f"{path} is not writable")
-    probe_files_directory(path)
-    return path
-
-
-def _server_id(text: str) -> str:
-    if not SERVER_ID_RE.fullmatch(text):
-        raise ValueError("use only letters, digits and - . _ ~ (it goes into URLs unescaped)")
-    return text
-
-
-def _trusted_proxies(text: str) -> str:
-    parse_trusted_proxies(text)  # raises ValueError for what is not an address or network
-    return text
-
-
-def _cors_origins(text: str) -> tuple[str, ...]:
-    """A comma-separated list of origins (scheme://host[:port]), or '*'."""
-    origins = tuple(part.strip() for part in text.split(",") if part.strip())
-    for origin in origins:
-        if origin != "*" and not re.fullmatch(
-            r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?", origin
-        ):
-            raise ValueError(f"{origin!r} is not an origin such as https://example.org:8443")
-    if "*" in origins and len(origins) > 1:
-        raise ValueError("'*' stands alone")
-    return origins
-
-
-def _readable_file(text: str) -> str:
-    with open(text, "rb"):
-        pass
-    return text
 
 
 _SERVER_OPTIONS = [
@@ -5009,13 +5013,6 @@ def _env_flag(parser: argparse.ArgumentParser, env: str, value: str | None) -> b
     if value.strip().lower() in _ENV_TRUE:
         return True
     parser.error(f"{env}: {value!r} is not one of {', '.join(_ENV_TRUE)} or {', '.join(_ENV_FALSE[1:])}")
-
-
-class _Parser(argparse.ArgumentParser):
-    """Bad options get one line (the reason), not a screenful of usage."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
