@@ -67,7 +67,7 @@ import urllib.parse
 from pathlib import Path
 
 # ---------------------------------------------------------------------------
-# Constants and defaults
+# Constants
 # ---------------------------------------------------------------------------
 
 __version__ = "1.0.0"
@@ -78,49 +78,6 @@ LONGEST_TTL = 100 * 366 * 86400.0  # seconds: no object outlives a century (HTTP
 WEAK_SERVER_ID_LENGTH = 16  # shorter given IDs get a warning: they can be guessed
 SERVER_ID_RE = re.compile(r"[A-Za-z0-9._~-]+")  # URL-safe, needs no escaping
 CLIENT_COMMANDS = ("send", "get")  # reserved first words of the command line
-
-
-@dataclasses.dataclass(frozen=True)
-class RelayConfig:
-    """Every setting of a relay, with its default. Tests build these directly."""
-
-    server_id: str
-    files_directory: Path = Path("/var/tmp/file-relay")
-    bind: str = "0.0.0.0:8080"
-    workers: int = 2
-    threads: int = 256  # created as needed: a transfer, a waiting reader or a slow client holds one
-    max_file_size: int | None = None  # bytes; None: bounded by free disk space only
-    log_level: str = "info"
-    log_format: str = "text"  # or "json"
-    get_wait_timeout: float = 5.0  # how long a GET waits for an upload to start, unless it asks
-    max_get_wait: float = 600.0  # upper bound of a request's ?wait=SECONDS
-    idle_timeout: float = 60.0  # a peer silent this long is dropped; an upload stalled this long is cut
-    partial_ttl: float = 24 * 3600.0  # partial uploads untouched this long are removed
-    ttl: float | None = None  # stored objects expire this long after their upload completed
-    max_ttl: float | None = None  # the longest expiry a client may ask for with Max-Days
-    max_disk: int | None = None  # bytes of stored plus in-progress objects
-    min_free: int = 0  # bytes of the filesystem to keep free
-    graceful_timeout: float = 30.0  # how long a drain waits for transfers in flight
-    purge_on_exit: bool = False
-    certfile: str | None = None
-    keyfile: str | None = None
-    forwarded_allow_ips: str = "127.0.0.1,::1"
-    sweep_interval: float = 60.0
-    worker_timeout: int = 30  # a silent worker is restarted after this; transfers may last longer
-    linger_time: float = 30.0  # how long the body of a refused request is read and discarded
-    linger_size: int = 1 << 30  # how much of it, at most
-    cors_origins: tuple[str, ...] = ()  # origins whose pages may use the relay; "*" for any
-
-    @property
-    def ttl_cap(self) -> float | None:
-        """The longest lifetime an object may have: --max-ttl, else --ttl."""
-        return self.max_ttl if self.max_ttl is not None else self.ttl
-
-    @property
-    def waiting_reader_limit(self) -> int:
-        """Readers that may wait for an upload at once, per worker: half the threads, so
-        waiting never takes the threads that uploads, status and other downloads need."""
-        return max(1, self.threads // 2)
 
 
 # ---------------------------------------------------------------------------
@@ -261,7 +218,8 @@ def parse_trusted_proxies(text: str) -> tuple:
 
 
 # ---------------------------------------------------------------------------
-# Command-line values: argparse types with a one-line reason, for the relay and the client
+# Options: argparse types with a one-line reason (the relay's and the client's), then
+# every setting of the relay declared once, and RelayConfig made from them
 # ---------------------------------------------------------------------------
 
 
@@ -385,6 +343,344 @@ def _readable_file(text: str) -> str:
     with open(text, "rb"):
         pass
     return text
+
+
+_ENV_TRUE, _ENV_FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+
+
+def _env_flag(parser: argparse.ArgumentParser, env: str, value: str | None) -> bool:
+    """A yes/no environment variable; anything else is refused, not taken for yes."""
+    if value is None or value.strip().lower() in _ENV_FALSE:
+        return False
+    if value.strip().lower() in _ENV_TRUE:
+        return True
+    parser.error(f"{env}: {value!r} is not one of {', '.join(_ENV_TRUE)} or {', '.join(_ENV_FALSE[1:])}")
+
+
+def _as_typed(value) -> str | None:
+    """A default as it would be typed on the command line (None: no default to show)."""
+    if value is None or value is dataclasses.MISSING or isinstance(value, bool):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, tuple):
+        return ",".join(value)
+    return str(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One setting of the relay, declared once. RelayConfig's fields and defaults, the
+    command line (flags, environment fallback, validation, --help) and, checked by a
+    test, the README's options table are all made from OPTIONS below."""
+
+    name: str  # RelayConfig's field
+    annotation: str  # its type
+    default: object  # its value when not given (dataclasses.MISSING: it must be given)
+    flags: tuple[str, ...]  # the first one names the option in argparse (its dest) and in --help
+    env: str  # read when no flag is given
+    help: str
+    parse: object = None  # text -> value, raising ValueError or OSError with the reason
+    choices: tuple[str, ...] = ()  # or a fixed list of words
+    what: str = ""  # how error messages name it; default: the first flag in words
+    typed: str | None = None  # the default as typed on the command line; default: derived from it
+    unset: str = ""  # what the README says a default of nothing (None, off, empty) means
+    secret: bool = False  # never shown in --help, not even when taken from the environment
+
+    def __post_init__(self):
+        if not self.what:
+            object.__setattr__(self, "what", self.flags[0].lstrip("-").replace("-", " "))
+        if self.typed is None:
+            object.__setattr__(self, "typed", _as_typed(self.default))
+
+    @property
+    def dest(self) -> str:
+        return self.flags[0].lstrip("-").replace("-", "_")
+
+    @property
+    def documented_default(self) -> str:
+        """The default as the README's options table gives it."""
+        return self.typed or self.unset
+
+    def add_to(self, parser: argparse.ArgumentParser) -> None:
+        """Add this option to *parser*, its default taken from the environment if set there."""
+        env_value = os.environ.get(self.env)
+        keywords: dict = {"help": self.help}
+        if isinstance(self.default, bool):
+            keywords.update(action="store_true", default=_env_flag(parser, self.env, env_value))
+        else:
+            keywords["default"] = self.typed if env_value is None else env_value
+            if self.parse is not None:
+                keywords["type"] = _option_type(self.parse, self.what)
+            if self.choices:
+                keywords["choices"] = list(self.choices)
+        default = keywords["default"]
+        shown = f"; default {default}" if default not in (None, False) and not self.secret else ""
+        keywords["help"] = f"{self.help} (env {self.env}{shown})"
+        parser.add_argument(*self.flags, **keywords)
+
+
+OPTIONS = (
+    Option(
+        "server_id",
+        "str",
+        dataclasses.MISSING,
+        ("--server-id", "--server_id"),
+        "RELAY_SERVER_ID",
+        "the relay's secret first path segment (default: generate one and print the URL)",
+        _server_id,
+        what="server ID",
+        unset="generated (192 bits), printed once on stdout",
+        secret=True,
+    ),
+    Option(
+        "bind",
+        "str",
+        "0.0.0.0:8080",
+        ("--bind", "-b"),
+        "RELAY_BIND",
+        "HOST:PORT to listen on; ':PORT' means all interfaces",
+        _bind_address,
+    ),
+    Option(
+        "files_directory",
+        "Path",
+        Path("/var/tmp/file-relay"),
+        ("--files-directory",),
+        "RELAY_FILES_DIRECTORY",
+        "where files are stored (created if missing)",
+        _files_directory,
+    ),
+    Option("workers", "int", 2, ("--workers",), "RELAY_WORKERS", "worker processes", _positive_int(64)),
+    Option(
+        "threads",  # created as needed: a transfer, a waiting reader or a slow client holds one
+        "int",
+        256,
+        ("--threads",),
+        "RELAY_THREADS",
+        "threads per worker: a transfer or a waiting reader holds one; at most half may wait",
+        _positive_int(4096),
+    ),
+    Option(
+        "max_file_size",
+        "int | None",
+        None,
+        ("--max-file-size",),
+        "RELAY_MAX_FILE_SIZE",
+        "largest object accepted, e.g. 100G (default: bounded by free space)",
+        parse_size,
+        unset="unlimited (bounded by free space)",
+    ),
+    Option(
+        "max_disk",
+        "int | None",
+        None,
+        ("--max-disk",),
+        "RELAY_MAX_DISK",
+        "quota for stored plus in-progress objects, e.g. 500G",
+        parse_size,
+        unset="none",
+    ),
+    Option(
+        "min_free", "int", 0, ("--min-free",), "RELAY_MIN_FREE", "free space to leave on the filesystem", parse_size
+    ),
+    Option(
+        "ttl",  # counted from the upload's completion
+        "float | None",
+        None,
+        ("--ttl",),
+        "RELAY_TTL",
+        "seconds a stored object lives after its upload (default: forever)",
+        _lifetime,
+        unset="never",
+    ),
+    Option(
+        "max_ttl",
+        "float | None",
+        None,
+        ("--max-ttl",),
+        "RELAY_MAX_TTL",
+        "longest expiry a client may ask for with Max-Days (default: --ttl)",
+        _lifetime,
+        unset="--ttl",
+    ),
+    Option(
+        "partial_ttl",
+        "float",
+        24 * 3600.0,
+        ("--partial-ttl",),
+        "RELAY_PARTIAL_TTL",
+        "seconds an untouched partial upload is kept",
+        _seconds,
+    ),
+    Option(
+        "get_wait_timeout",  # unless the GET asks for its own wait
+        "float",
+        5.0,
+        ("--get-wait-timeout",),
+        "RELAY_GET_WAIT_TIMEOUT",
+        "seconds a GET waits for an upload to start; 0: answer 404 at once",
+        _seconds,
+    ),
+    Option(
+        "max_get_wait",
+        "float",
+        600.0,
+        ("--max-get-wait",),
+        "RELAY_MAX_GET_WAIT",
+        "upper bound of a request's ?wait=SECONDS",
+        _seconds,
+    ),
+    Option(
+        "idle_timeout",  # a peer silent this long is dropped; an upload stalled this long is cut
+        "float",
+        60.0,
+        ("--idle-timeout",),
+        "RELAY_IDLE_TIMEOUT",
+        "seconds a silent client is kept; also cuts followers of a stalled upload",
+        _positive_seconds,
+    ),
+    Option(
+        "worker_timeout",
+        "int",
+        30,
+        ("--worker-timeout",),
+        "RELAY_WORKER_TIMEOUT",
+        "seconds before the master restarts an unresponsive worker (transfers may last longer)",
+        _positive_int(3600),
+    ),
+    Option(
+        "graceful_timeout",
+        "float",
+        30.0,
+        ("--graceful-timeout",),
+        "RELAY_GRACEFUL_TIMEOUT",
+        "seconds a drain waits for transfers in flight",
+        _seconds,
+    ),
+    Option(
+        "sweep_interval",
+        "float",
+        60.0,
+        ("--sweep-interval",),
+        "RELAY_SWEEP_INTERVAL",
+        "seconds between sweeps for expired objects and abandoned partial uploads",
+        _seconds,
+    ),
+    Option(
+        "purge_on_exit",
+        "bool",
+        False,
+        ("--purge-on-exit",),
+        "RELAY_PURGE_ON_EXIT",
+        "remove every stored and partial object when the relay exits",
+        unset="off",
+    ),
+    Option(
+        "linger_time",
+        "float",
+        30.0,
+        ("--linger-time",),
+        "RELAY_LINGER_TIME",
+        "seconds the body of a refused upload is read and discarded, so the client reads the refusal",
+        _seconds,
+    ),
+    Option(
+        "linger_size",
+        "int",
+        1 << 30,
+        ("--linger-size",),
+        "RELAY_LINGER_SIZE",
+        "bytes of a refused upload's body read and discarded, at most",
+        parse_size,
+        typed="1G",
+    ),
+    Option(
+        "cors_origins",  # "*" for any
+        "tuple[str, ...]",
+        (),
+        ("--cors-origin",),
+        "RELAY_CORS_ORIGIN",
+        "origins (comma-separated, e.g. https://example.org) whose web pages may use the relay; '*': any",
+        _cors_origins,
+        unset="none",
+    ),
+    Option(
+        "certfile",
+        "str | None",
+        None,
+        ("--certfile",),
+        "RELAY_CERTFILE",
+        "TLS certificate (PEM): serve HTTPS",
+        _readable_file,
+        unset="none",
+    ),
+    Option(
+        "keyfile",
+        "str | None",
+        None,
+        ("--keyfile",),
+        "RELAY_KEYFILE",
+        "TLS private key (PEM)",
+        _readable_file,
+        unset="none",
+    ),
+    Option(
+        "forwarded_allow_ips",
+        "str",
+        "127.0.0.1,::1",
+        ("--forwarded-allow-ips",),
+        "RELAY_FORWARDED_ALLOW_IPS",
+        "proxies (addresses, networks) whose X-Forwarded-For names the client in access logs; '*': any",
+        _trusted_proxies,
+    ),
+    Option(
+        "log_level",
+        "str",
+        "info",
+        ("--log-level",),
+        "RELAY_LOG_LEVEL",
+        "log level",
+        choices=("debug", "info", "warning", "error", "critical"),
+    ),
+    Option(
+        "log_format",
+        "str",
+        "text",
+        ("--log-format",),
+        "RELAY_LOG_FORMAT",
+        "access and error log format",
+        choices=("text", "json"),
+    ),
+)
+
+
+def _declared_fields(cls):
+    """Make *cls* a frozen dataclass whose fields are OPTIONS, with their defaults."""
+    fields = [
+        (option.name, option.annotation)
+        if option.default is dataclasses.MISSING
+        else (option.name, option.annotation, dataclasses.field(default=option.default))
+        for option in OPTIONS
+    ]
+    namespace = {key: value for key, value in vars(cls).items() if key not in ("__dict__", "__weakref__")}
+    return dataclasses.make_dataclass(cls.__name__, fields, namespace=namespace, frozen=True)
+
+
+@_declared_fields
+class RelayConfig:
+    """Every setting of a relay (OPTIONS), with its default. Tests build these directly."""
+
+    @property
+    def ttl_cap(self) -> float | None:
+        """The longest lifetime an object may have: --max-ttl, else --ttl."""
+        return self.max_ttl if self.max_ttl is not None else self.ttl
+
+    @property
+    def waiting_reader_limit(self) -> int:
+        """Readers that may wait for an upload at once, per worker: half the threads, so
+        waiting never takes the threads that uploads, status and other downloads need."""
+        return max(1, self.threads // 2)
 
 
 # ---------------------------------------------------------------------------
@@ -4800,221 +5096,6 @@ def client_main(command: str, argv: list[str]) -> int:
 # ---------------------------------------------------------------------------
 
 
-_SERVER_OPTIONS = [
-    # (flags, environment variable, argparse keywords)
-    (
-        ("--server-id", "--server_id"),
-        "RELAY_SERVER_ID",
-        {
-            "type": _option_type(_server_id, "server ID"),
-            "help": "the relay's secret first path segment (default: generate one and print the URL)",
-        },
-    ),
-    (
-        ("--bind", "-b"),
-        "RELAY_BIND",
-        {
-            "type": _option_type(_bind_address, "bind"),
-            "default": "0.0.0.0:8080",
-            "help": "HOST:PORT to listen on; ':PORT' means all interfaces",
-        },
-    ),
-    (
-        ("--files-directory",),
-        "RELAY_FILES_DIRECTORY",
-        {
-            "type": _option_type(_files_directory, "files directory"),
-            "default": str(RelayConfig.files_directory),
-            "help": "where files are stored (created if missing)",
-        },
-    ),
-    (
-        ("--workers",),
-        "RELAY_WORKERS",
-        {"type": _option_type(_positive_int(64), "workers"), "default": "2", "help": "worker processes"},
-    ),
-    (
-        ("--threads",),
-        "RELAY_THREADS",
-        {
-            "type": _option_type(_positive_int(4096), "threads"),
-            "default": "256",
-            "help": "threads per worker: a transfer or a waiting reader holds one; at most half may wait",
-        },
-    ),
-    (
-        ("--max-file-size",),
-        "RELAY_MAX_FILE_SIZE",
-        {
-            "type": _option_type(parse_size, "max file size"),
-            "help": "largest object accepted, e.g. 100G (default: bounded by free space)",
-        },
-    ),
-    (
-        ("--max-disk",),
-        "RELAY_MAX_DISK",
-        {"type": _option_type(parse_size, "max disk"), "help": "quota for stored plus in-progress objects, e.g. 500G"},
-    ),
-    (
-        ("--min-free",),
-        "RELAY_MIN_FREE",
-        {"type": _option_type(parse_size, "min free"), "default": "0", "help": "free space to leave on the filesystem"},
-    ),
-    (
-        ("--ttl",),
-        "RELAY_TTL",
-        {
-            "type": _option_type(_lifetime, "ttl"),
-            "help": "seconds a stored object lives after its upload (default: forever)",
-        },
-    ),
-    (
-        ("--max-ttl",),
-        "RELAY_MAX_TTL",
-        {
-            "type": _option_type(_lifetime, "max ttl"),
-            "help": "longest expiry a client may ask for with Max-Days (default: --ttl)",
-        },
-    ),
-    (
-        ("--partial-ttl",),
-        "RELAY_PARTIAL_TTL",
-        {
-            "type": _option_type(_seconds, "partial ttl"),
-            "default": "86400",
-            "help": "seconds an untouched partial upload is kept",
-        },
-    ),
-    (
-        ("--get-wait-timeout",),
-        "RELAY_GET_WAIT_TIMEOUT",
-        {
-            "type": _option_type(_seconds, "get wait timeout"),
-            "default": "5",
-            "help": "seconds a GET waits for an upload to start; 0: answer 404 at once",
-        },
-    ),
-    (
-        ("--max-get-wait",),
-        "RELAY_MAX_GET_WAIT",
-        {
-            "type": _option_type(_seconds, "max get wait"),
-            "default": "600",
-            "help": "upper bound of a request's ?wait=SECONDS",
-        },
-    ),
-    (
-        ("--idle-timeout",),
-        "RELAY_IDLE_TIMEOUT",
-        {
-            "type": _option_type(_positive_seconds, "idle timeout"),
-            "default": "60",
-            "help": "seconds a silent client is kept; also cuts followers of a stalled upload",
-        },
-    ),
-    (
-        ("--worker-timeout",),
-        "RELAY_WORKER_TIMEOUT",
-        {
-            "type": _option_type(_positive_int(3600), "worker timeout"),
-            "default": "30",
-            "help": "seconds before the master restarts an unresponsive worker (transfers may last longer)",
-        },
-    ),
-    (
-        ("--graceful-timeout",),
-        "RELAY_GRACEFUL_TIMEOUT",
-        {
-            "type": _option_type(_seconds, "graceful timeout"),
-            "default": "30",
-            "help": "seconds a drain waits for transfers in flight",
-        },
-    ),
-    (
-        ("--sweep-interval",),
-        "RELAY_SWEEP_INTERVAL",
-        {
-            "type": _option_type(_seconds, "sweep interval"),
-            "default": "60",
-            "help": "seconds between sweeps for expired objects and abandoned partial uploads",
-        },
-    ),
-    (
-        ("--purge-on-exit",),
-        "RELAY_PURGE_ON_EXIT",
-        {"action": "store_true", "help": "remove every stored and partial object when the relay exits"},
-    ),
-    (
-        ("--linger-time",),
-        "RELAY_LINGER_TIME",
-        {
-            "type": _option_type(_seconds, "linger time"),
-            "default": "30",
-            "help": "seconds the body of a refused upload is read and discarded, so the client reads the refusal",
-        },
-    ),
-    (
-        ("--linger-size",),
-        "RELAY_LINGER_SIZE",
-        {
-            "type": _option_type(parse_size, "linger size"),
-            "default": "1G",
-            "help": "bytes of a refused upload's body read and discarded, at most",
-        },
-    ),
-    (
-        ("--cors-origin",),
-        "RELAY_CORS_ORIGIN",
-        {
-            "type": _option_type(_cors_origins, "cors origin"),
-            "default": "",
-            "help": "origins (comma-separated, e.g. https://example.org) whose web pages may use the relay; '*': any",
-        },
-    ),
-    (
-        ("--certfile",),
-        "RELAY_CERTFILE",
-        {"type": _option_type(_readable_file, "certfile"), "help": "TLS certificate (PEM): serve HTTPS"},
-    ),
-    (
-        ("--keyfile",),
-        "RELAY_KEYFILE",
-        {"type": _option_type(_readable_file, "keyfile"), "help": "TLS private key (PEM)"},
-    ),
-    (
-        ("--forwarded-allow-ips",),
-        "RELAY_FORWARDED_ALLOW_IPS",
-        {
-            "type": _option_type(_trusted_proxies, "forwarded allow ips"),
-            "default": "127.0.0.1,::1",
-            "help": "proxies (addresses, networks) whose X-Forwarded-For names the client in access logs; '*': any",
-        },
-    ),
-    (
-        ("--log-level",),
-        "RELAY_LOG_LEVEL",
-        {"choices": ["debug", "info", "warning", "error", "critical"], "default": "info", "help": "log level"},
-    ),
-    (
-        ("--log-format",),
-        "RELAY_LOG_FORMAT",
-        {"choices": ["text", "json"], "default": "text", "help": "access and error log format"},
-    ),
-]
-
-
-_ENV_TRUE, _ENV_FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
-
-
-def _env_flag(parser: argparse.ArgumentParser, env: str, value: str | None) -> bool:
-    """A yes/no environment variable; anything else is refused, not taken for yes."""
-    if value is None or value.strip().lower() in _ENV_FALSE:
-        return False
-    if value.strip().lower() in _ENV_TRUE:
-        return True
-    parser.error(f"{env}: {value!r} is not one of {', '.join(_ENV_TRUE)} or {', '.join(_ENV_FALSE[1:])}")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="file_relay.py",
@@ -5032,17 +5113,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_option_type(_server_id, "server ID"),
         help="same as --server-id",
     )
-    for flags, env, keywords in _SERVER_OPTIONS:
-        keywords = dict(keywords)
-        env_value = os.environ.get(env)
-        if keywords.get("action") == "store_true":
-            keywords["default"] = _env_flag(parser, env, env_value)
-        elif env_value is not None:
-            keywords["default"] = env_value
-        default = keywords.get("default")
-        shown = f"; default {default}" if default not in (None, False) and env != "RELAY_SERVER_ID" else ""
-        keywords["help"] = f"{keywords['help']} (env {env}{shown})"
-        parser.add_argument(*flags, **keywords)
+    for option in OPTIONS:
+        option.add_to(parser)
     parser.add_argument("--version", action="version", version=f"file-relay {__version__}")
     return parser
 
@@ -5061,34 +5133,8 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         )
     if bool(args.certfile) != bool(args.keyfile):
         parser.error("--certfile and --keyfile go together")
-    return RelayConfig(
-        server_id=server_id,
-        files_directory=args.files_directory,
-        bind=args.bind,
-        workers=args.workers,
-        threads=args.threads,
-        max_file_size=args.max_file_size,
-        log_level=args.log_level,
-        log_format=args.log_format,
-        get_wait_timeout=args.get_wait_timeout,
-        max_get_wait=args.max_get_wait,
-        idle_timeout=args.idle_timeout,
-        partial_ttl=args.partial_ttl,
-        ttl=args.ttl,
-        max_ttl=args.max_ttl,
-        max_disk=args.max_disk,
-        min_free=args.min_free,
-        graceful_timeout=args.graceful_timeout,
-        purge_on_exit=args.purge_on_exit,
-        certfile=args.certfile,
-        keyfile=args.keyfile,
-        forwarded_allow_ips=args.forwarded_allow_ips,
-        worker_timeout=args.worker_timeout,
-        sweep_interval=args.sweep_interval,
-        linger_time=args.linger_time,
-        linger_size=args.linger_size,
-        cors_origins=args.cors_origin,
-    )
+    values = {option.name: getattr(args, option.dest) for option in OPTIONS}
+    return RelayConfig(**{**values, "server_id": server_id})
 
 
 def main(argv: list[str] | None = None) -> int:

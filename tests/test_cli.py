@@ -1,8 +1,11 @@
 """The command line: options, environment fallbacks, fail-fast validation. The one seam
 mocked is serve(), which would start the server."""
 
+import dataclasses
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import ROOT
@@ -218,3 +221,37 @@ def test_cors_origins_and_lingering(started, tmp_path, capsys):
     assert started("server-id-long-enough", "--files-directory", files, "--cors-origin", "*").cors_origins == ("*",)
     for bad in ("ftp://a.example", "https://a.example/path", "*,https://a.example"):
         assert "cors origin" in fails(capsys, "server-id-long-enough", "--files-directory", files, "--cors-origin", bad)
+
+
+def _readme_options_table() -> dict[tuple[str, ...], tuple[str, str]]:
+    """The README's relay options table: flags -> (environment variable, default)."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("\n## Options\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ")][1:]  # past the header
+    table = {}
+    for row in rows:
+        option, env, default, _meaning = (cell.strip() for cell in row.strip("|").split(" | ", 3))
+        flags = tuple(word for span in re.findall(r"`([^`]+)`", option) if (word := span.split()[0]).startswith("-"))
+        table[flags] = (env.strip("`"), default.replace("`", ""))
+    return table
+
+
+def test_the_readme_options_table_is_the_declared_options():
+    declared = {option.flags: (option.env, option.documented_default) for option in file_relay.OPTIONS}
+    assert _readme_options_table() == declared
+
+
+def test_each_option_is_a_relay_config_field():
+    fields = [field.name for field in dataclasses.fields(file_relay.RelayConfig)]
+    assert fields == [option.name for option in file_relay.OPTIONS]
+    for option in file_relay.OPTIONS:
+        assert option.env == "RELAY_" + option.dest.upper()
+
+
+@pytest.mark.parametrize("option", [option for option in file_relay.OPTIONS if option.typed], ids=lambda o: o.name)
+def test_a_default_as_typed_is_the_default(option):
+    """What --help shows (and argparse parses) as the default is RelayConfig's default."""
+    if option.name == "files_directory":  # parsing it would create the directory
+        assert Path(option.typed) == option.default
+    else:
+        assert (option.parse or str)(option.typed) == option.default
