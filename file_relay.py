@@ -97,6 +97,14 @@ def parse_size(text: str) -> int:
     return int(float(number) * _SIZE_UNITS[unit.upper()])
 
 
+def typed_size(size: int) -> str:
+    """A byte count as one would type it: '16M', '1G', '1536' (the largest exact unit)."""
+    for unit in "PTGMK":
+        if size and size % _SIZE_UNITS[unit] == 0:
+            return f"{size // _SIZE_UNITS[unit]}{unit}"
+    return str(size)
+
+
 def format_size(size: float) -> str:
     """Render a byte count for people: '1.5 GiB'."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -357,10 +365,12 @@ def _env_flag(parser: argparse.ArgumentParser, env: str, value: str | None) -> b
     parser.error(f"{env}: {value!r} is not one of {', '.join(_ENV_TRUE)} or {', '.join(_ENV_FALSE[1:])}")
 
 
-def _as_typed(value) -> str | None:
+def _as_typed(value, parse) -> str | None:
     """A default as it would be typed on the command line (None: no default to show)."""
     if value is None or value is dataclasses.MISSING or isinstance(value, bool):
         return None
+    if parse is parse_size:
+        return typed_size(value)
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     if isinstance(value, tuple):
@@ -391,7 +401,7 @@ class Option:
         if not self.what:
             object.__setattr__(self, "what", self.flags[0].lstrip("-").replace("-", " "))
         if self.typed is None:
-            object.__setattr__(self, "typed", _as_typed(self.default))
+            object.__setattr__(self, "typed", _as_typed(self.default, self.parse))
 
     @property
     def dest(self) -> str:
@@ -593,7 +603,6 @@ OPTIONS = (
         "RELAY_LINGER_SIZE",
         "bytes of a refused upload's body read and discarded, at most",
         parse_size,
-        typed="1G",
     ),
     Option(
         "cors_origins",  # "*" for any
@@ -4968,7 +4977,8 @@ def build_client_parser(command: str) -> argparse.ArgumentParser:
             metavar="SIZE",
             type=_option_type(_positive_size, "chunk size"),
             default=ClientOptions.chunk_size,
-            help="upload larger files in chunks of SIZE, each resumable; smaller ones in one request (default 16M)",
+            help="upload larger files in chunks of SIZE, each resumable; smaller ones in one request "
+            f"(default {typed_size(ClientOptions.chunk_size)})",
         )
         parser.add_argument(
             "--max-days",
@@ -4987,7 +4997,7 @@ def build_client_parser(command: str) -> argparse.ArgumentParser:
             type=_option_type(_positive_int(64), "parallel"),
             default=ClientOptions.parallel,
             metavar="N",
-            help="chunks in flight at once (default 1)",
+            help=f"chunks in flight at once (default {ClientOptions.parallel})",
         )
     else:
         parser.add_argument(
@@ -5015,14 +5025,15 @@ def build_client_parser(command: str) -> argparse.ArgumentParser:
         type=_option_type(_positive_seconds, "timeout"),
         default=ClientOptions.timeout,
         metavar="SECONDS",
-        help="for connecting, and for each read or write to make progress (default 60)",
+        help=f"for connecting, and for each read or write to make progress (default {ClientOptions.timeout:g})",
     )
     parser.add_argument(
         "--retry-for",
         type=_option_type(_seconds, "retry for"),
         default=ClientOptions.retry_for,
         metavar="SECONDS",
-        help="retry failures with backoff until they go on this long without progress (default 300)",
+        help="retry failures with backoff until they go on this long without progress "
+        f"(default {ClientOptions.retry_for:g})",
     )
     parser.add_argument(
         "--limit-rate",

@@ -135,6 +135,13 @@ def test_sizes(text, size):
 
 
 @pytest.mark.parametrize(
+    ("size", "typed"), [(0, "0"), (1536, "1536"), (16 << 20, "16M"), (1 << 30, "1G"), (3 << 29, "1536M")]
+)
+def test_a_size_is_typed_in_its_largest_exact_unit(size, typed):
+    assert file_relay.typed_size(size) == typed and file_relay.parse_size(typed) == size
+
+
+@pytest.mark.parametrize(
     ("argv", "complaint"),
     [
         (["--bind", "host:port"], "bind"),
