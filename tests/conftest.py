@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -59,6 +60,12 @@ def trickle_until_cut_off(connections, deadline: float, cut_off: set | None = No
                 cut_off.add(connection)
         time.sleep(0.5)
     return cut_off
+
+
+def host_and_port(url: str) -> tuple[str, int]:
+    """The host and port of an http(s)://HOST:PORT URL, to connect a socket to."""
+    parts = urllib.parse.urlsplit(url)
+    return parts.hostname, parts.port
 
 
 @pytest.fixture
@@ -125,6 +132,11 @@ class LiveRelay:
             raise AssertionError(f"the relay exited with {self.process.returncode}:\n{self.log()}")
         listening = re.findall(r"Listening at: https?://[^ ]*:(\d+) \(", self.log())
         return listening[-1] if listening else None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """(host, port) to connect a socket to."""
+        return host_and_port(self.base)
 
     def url(self, oid: str | None = None, server_id: str = SERVER_ID) -> str:
         return f"{self.base}/{server_id}" + (f"/{oid}" if oid else "")
@@ -201,8 +213,7 @@ def http():
 def raw_request(base: str, head: bytes, body: bytes = b"", read_timeout: float = 10) -> tuple[bytes, socket.socket]:
     """Send raw bytes to a live relay; return what it answered up to the first blank line
     (and a bit beyond), and the still-open socket."""
-    host, port = base.split("//", 1)[1].split(":")
-    sock = socket.create_connection((host, int(port)), timeout=read_timeout)
+    sock = socket.create_connection(host_and_port(base), timeout=read_timeout)
     sock.sendall(head + body)
     received = b""
     while b"\r\n\r\n" not in received:

@@ -253,8 +253,8 @@ def test_an_interrupted_chunk_is_resumed_from_what_head_reports(live, http, file
     headers = {"Content-Range": f"bytes {first[0]}-{first[1]}/{len(data)}"}
     assert http.put(relay.url(oid), data=first[2], headers=headers).status_code == 202
     # The client dies half-way through the second chunk.
-    host, port = relay.base.split("//")[1].split(":")
-    with socket.create_connection((host, int(port))) as sock:
+    host, port = relay.address
+    with socket.create_connection((host, port)) as sock:
         head = (
             f"PUT /{SERVER_ID}/{oid} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(second[2])}\r\n"
             f"Content-Range: bytes {second[0]}-{second[1]}/{len(data)}\r\n\r\n"

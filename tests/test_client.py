@@ -266,7 +266,7 @@ def test_a_get_killed_midway_and_rerun_resumes_with_range(live, tmp_path, http, 
 
 def test_a_relay_restarted_during_send_is_survived_by_retries(live, tmp_path, files, spawn):
     relay = live()
-    port = relay.base.rsplit(":", 1)[1]
+    port = relay.address[1]
     data, oid = blob(16 * CHUNK)
     sender = spawn("send", relay.url(), write(tmp_path / "f", data), "--chunk-size", "256K", "--limit-rate", "3M")
     wait_until(lambda: len(range_markers(files, oid)) >= 3, message="three chunks on the relay")
@@ -306,10 +306,10 @@ def test_get_asks_for_its_own_wait_whatever_the_relays_default(live, tmp_path, s
 def test_get_follows_a_plain_upload_in_progress(live, tmp_path, files):
     relay = live()
     data, oid = blob(8 * CHUNK)
-    host, port = relay.base.rsplit("/", 1)[1].split(":")
+    host, port = relay.address
 
     def upload_slowly():  # like curl -T with a slow link: one PUT with a Content-Length
-        connection = http.client.HTTPConnection(host, int(port), timeout=30)
+        connection = http.client.HTTPConnection(host, port, timeout=30)
         connection.putrequest("PUT", f"/{SERVER_ID}/{oid}")
         connection.putheader("Content-Length", str(len(data)))
         connection.endheaders()

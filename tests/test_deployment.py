@@ -98,8 +98,8 @@ def test_tls_clients_too_slow_to_handshake_or_to_send_headers_are_cut_off(live, 
     (HEADER_TIMEOUT, 10 s), and a real client is served meanwhile."""
     cert, key = certificate
     relay = live("--certfile", cert, "--keyfile", key, "--workers", "1", "--threads", "4")
-    host, port = relay.base.split("//")[1].split(":")
-    address = (host, int(port))
+    host, port = relay.address
+    address = (host, port)
     client_tls = ssl.create_default_context(cafile=cert)
 
     stalled = [socket.create_connection(address) for _ in range(4)]
@@ -136,8 +136,8 @@ def test_stalled_tls_handshakes_hold_no_thread(live, certificate):
     the header deadline, 10 s, three times over), and they are still cut off then."""
     cert, key = certificate
     relay = live("--certfile", cert, "--keyfile", key, "--workers", "1", "--threads", "4")
-    host, port = relay.base.split("//")[1].split(":")
-    stalled = [socket.create_connection((host, int(port)), timeout=30) for _ in range(12)]
+    host, port = relay.address
+    stalled = [socket.create_connection((host, port), timeout=30) for _ in range(12)]
     for sock in stalled:
         sock.sendall(b"\x16\x03\x01\x02\x00")  # the header of a ClientHello record, and no more
     started = time.monotonic()
@@ -180,7 +180,7 @@ def _nginx() -> str | None:
 class Nginx:
     """nginx running deploy/nginx-file-relay.conf with its places changed to the test's own."""
 
-    def __init__(self, tmp_path, relay_port: str | list[str], certificate: tuple[str, str]):
+    def __init__(self, tmp_path, relay_port: int | list[int], certificate: tuple[str, str]):
         self.directory = tmp_path / "nginx"
         self.directory.mkdir()
         self.access_log = self.directory / "file-relay.access.log"
@@ -190,7 +190,7 @@ class Nginx:
         self.port = self.listener.getsockname()[1]
         cert, key = certificate
         snippet = NGINX_SNIPPET.read_text()
-        ports = [relay_port] if isinstance(relay_port, str) else relay_port  # several: relays on a shared store
+        ports = relay_port if isinstance(relay_port, list) else [relay_port]  # several: relays on a shared store
         upstreams = "\n    ".join(f"server 127.0.0.1:{port};" for port in ports)
         for documented, here in [
             ("server 127.0.0.1:8080;", upstreams),
@@ -248,7 +248,7 @@ def behind_nginx(live, tmp_path, certificate):
     if nginx is None:
         pytest.skip("nginx is not installed: the documented proxy configuration is not exercised")
     relay = live()
-    proxy = Nginx(tmp_path, relay.base.rsplit(":", 1)[1], certificate)
+    proxy = Nginx(tmp_path, relay.address[1], certificate)
     try:
         yield relay, f"https://127.0.0.1:{proxy.start(nginx).port}", proxy
     finally:

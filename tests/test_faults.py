@@ -53,11 +53,6 @@ def unsized(data: bytes, seconds: float, pieces: int = 16):
     yield from Paced(data, seconds, pieces)
 
 
-def host_port(relay) -> tuple[str, int]:
-    host, port = relay.base.split("//")[1].split(":")
-    return host, int(port)
-
-
 def relay_pid_in(relay) -> int:
     """The relay's only worker (started with --workers 1)."""
     return wait_until(lambda: relay.worker_pids()[:1], message="the worker")[0]
@@ -262,7 +257,7 @@ class Disconnects:
     """The ways a client hangs up, each at a random byte count."""
 
     def __init__(self, relay, big: tuple, chunked: list, followed: str):
-        self.address = host_port(relay)
+        self.address = relay.address
         self.relay = relay
         self.big_data, self.big_oid = big
         self.chunked = chunked  # (data, oid) of uploads sent with Content-Range
@@ -372,7 +367,7 @@ def test_100_clients_hanging_up_at_random_points_leak_nothing(live, files):
 
     # An upload in progress for the whole test, followed by some of the clients.
     followed_data, followed_oid = blob(6 << 20, seed=2)
-    upload = socket.create_connection(host_port(relay), timeout=30)
+    upload = socket.create_connection(relay.address, timeout=30)
     head = f"PUT /{SERVER_ID}/{followed_oid} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(followed_data)}\r\n\r\n"
     upload.sendall(head.encode() + followed_data[: 2 << 20])
     wait_until(lambda: requests.head(relay.url(followed_oid)).status_code == 200, message="the followed upload")
@@ -422,7 +417,7 @@ def test_100_clients_hanging_up_at_random_points_leak_nothing(live, files):
 def send_unsized(relay, oid: str, data: bytes) -> bytes:
     """PUT *data* with a chunked body (no Content-Length) on a raw socket, and return the
     answer's head; the relay may answer (and close) before the body is all sent."""
-    sock = socket.create_connection(host_port(relay), timeout=30)
+    sock = socket.create_connection(relay.address, timeout=30)
     head = f"PUT /{SERVER_ID}/{oid} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
 
     def send():

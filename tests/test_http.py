@@ -39,16 +39,11 @@ def relay(tmp_path_factory):
     started.kill()
 
 
-def address(relay) -> tuple[str, int]:
-    host, port = relay.base.split("//")[1].split(":")
-    return host, int(port)
-
-
 def exchange(relay, raw: bytes, timeout: float = 10) -> bytes:
     """Send *raw*, end our side of the connection, and return everything the relay sends
     until it closes; fail if that takes longer than *timeout*."""
     deadline = time.monotonic() + timeout
-    with socket.create_connection(address(relay), timeout=timeout) as sock:
+    with socket.create_connection(relay.address, timeout=timeout) as sock:
         try:
             sock.sendall(raw)
             sock.shutdown(socket.SHUT_WR)
@@ -312,7 +307,7 @@ def test_a_wrong_id_costs_the_same_time_whatever_the_guess(make_config):
 def stalled_connections(relay, count: int, first_bytes: bytes) -> list[socket.socket]:
     connections = []
     for _ in range(count):
-        sock = socket.create_connection(address(relay), timeout=30)
+        sock = socket.create_connection(relay.address, timeout=30)
         sock.sendall(first_bytes)
         connections.append(sock)
     return connections
@@ -543,7 +538,7 @@ def test_clients_that_send_their_whole_body_first_read_the_refusal(live, refused
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(request, timeout=30)
         assert refused.value.code == 413, attempt
-        connection = http.client.HTTPConnection(*address(relay), timeout=30)
+        connection = http.client.HTTPConnection(*relay.address, timeout=30)
         with open(path, "rb") as body:
             connection.request("PUT", urllib.parse.urlsplit(relay.url(oid, server_id="wrong-id")).path, body=body)
         assert connection.getresponse().status == 403, attempt
@@ -568,14 +563,14 @@ def test_the_bytes_and_time_spent_on_a_refused_body_are_bounded(live):
     head = f"PUT /wrong-id/{MISSING_OID} HTTP/1.1\r\nHost: x\r\nContent-Length: {1 << 30}\r\n\r\n".encode()
     sent = 0
     block = bytes(1 << 16)
-    with socket.create_connection(address(relay), timeout=30) as sock:
+    with socket.create_connection(relay.address, timeout=30) as sock:
         sock.sendall(head)
         with contextlib.suppress(OSError):
             while sent < 1 << 30:
                 sent += sock.send(block)
     assert sent < 64 << 20, f"{sent} bytes of a refused body were taken"
 
-    with socket.create_connection(address(relay), timeout=30) as sock:
+    with socket.create_connection(relay.address, timeout=30) as sock:
         sock.sendall(head)
         started = time.monotonic()
         cut_off = None

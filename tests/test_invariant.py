@@ -385,11 +385,11 @@ def test_a_fifo_under_an_object_name_never_hangs_a_download(live, files):
     relay = live("--workers", "1")
     data, oid = blob(1000)
     os.mkfifo(files / oid)
-    connection = http.client.HTTPConnection("127.0.0.1", int(relay.base.rsplit(":", 1)[1]), timeout=10)
+    connection = http.client.HTTPConnection(*relay.address, timeout=10)
     connection.request("GET", f"/{SERVER_ID}/{oid}?wait=0")
     assert connection.getresponse().status == 404
     connection.close()
-    with socket.create_connection(("127.0.0.1", int(relay.base.rsplit(":", 1)[1])), timeout=10) as sock:
+    with socket.create_connection(relay.address, timeout=10) as sock:
         body = f"PUT /{SERVER_ID}/{oid} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data
         sock.sendall(body)
         assert sock.recv(100).startswith(b"HTTP/1.1 201")

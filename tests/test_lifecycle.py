@@ -173,8 +173,8 @@ def test_a_follower_of_a_limited_upload_counts(live):
 
 
 def start_raw_upload(relay, oid: str, length: int, first_bytes: bytes) -> socket.socket:
-    host, port = relay.base.split("//")[1].split(":")
-    sock = socket.create_connection((host, int(port)), timeout=10)
+    host, port = relay.address
+    sock = socket.create_connection((host, port), timeout=10)
     sock.sendall(f"PUT /{SERVER_ID}/{oid} HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n".encode())
     sock.sendall(first_bytes)
     return sock
@@ -240,10 +240,10 @@ def test_max_disk_admits_one_of_eight_racing_uploads_that_fit_only_alone(live, f
 def test_min_free_is_judged_before_the_body_is_read(live, small_filesystem):
     files = small_filesystem("100m") / "files"
     relay = live("--min-free", "40M", files_dir=files)  # about 60 MiB may be used
-    host, port = relay.base.split("//")[1].split(":")
+    host, port = relay.address
 
     def announce(oid: str, length: int) -> bytes:
-        with socket.create_connection((host, int(port)), timeout=10) as sock:
+        with socket.create_connection((host, port), timeout=10) as sock:
             sock.sendall(f"PUT /{SERVER_ID}/{oid} HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n".encode())
             return sock.recv(1000)
 

@@ -10,7 +10,7 @@ import socket
 import time
 
 import requests
-from conftest import SERVER_ID, blob, raw_request, sha256, trickle_until_cut_off, wait_until
+from conftest import SERVER_ID, blob, host_and_port, raw_request, sha256, trickle_until_cut_off, wait_until
 
 
 def test_upload_download_and_shutdown_exits_zero(live, http, files):
@@ -30,7 +30,7 @@ def test_a_generated_server_id_is_printed_once_and_never_logged(live, http):
     assert len(url.splitlines()) == 1
     server_id = url.rsplit("/", 1)[1]
     assert len(server_id) >= 22 and re.fullmatch(r"[A-Za-z0-9_-]+", server_id)  # >= 128 bits
-    port = relay.base.rsplit(":", 1)[1]
+    port = relay.address[1]
     assert http.get(f"http://127.0.0.1:{port}/{server_id}").status_code == 200
     assert server_id not in relay.log()
 
@@ -94,7 +94,7 @@ def test_kill_9_mid_upload_leaves_no_bad_file_and_a_restart_cleans_up(live, http
     relay = live()
     data, oid = blob(4 << 20)
     head = f"PUT /{SERVER_ID}/{oid} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n\r\n".encode()
-    sock = socket.create_connection(relay.base.split("//")[1].split(":"), timeout=10)
+    sock = socket.create_connection(relay.address, timeout=10)
     sock.sendall(head + data[: 2 << 20])
     partial = files / ".relay" / "partial" / oid / "data"
     wait_until(lambda: partial.exists() and partial.stat().st_size >= 2 << 20, message="the partial upload")
@@ -112,8 +112,8 @@ def test_a_body_shorter_than_its_content_length_is_400(live, files):
     relay = live()
     data, oid = blob(1000)
     head = f"PUT /{SERVER_ID}/{oid} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n".encode()
-    host, port = relay.base.split("//")[1].split(":")
-    sock = socket.create_connection((host, int(port)), timeout=10)
+    host, port = relay.address
+    sock = socket.create_connection((host, port), timeout=10)
     sock.sendall(head + data[:500])
     sock.shutdown(socket.SHUT_WR)
     answer = sock.makefile("rb").read()
@@ -203,8 +203,8 @@ def test_requests_pipelined_after_an_upload_body_are_answered(live):
     data, oid = blob(3 << 20)
     put = f"PUT /{SERVER_ID}/{oid} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n\r\n".encode()
     get = f"GET /{SERVER_ID}/{oid} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
-    host, port = relay.base.split("//")[1].split(":")
-    with socket.create_connection((host, int(port)), timeout=20) as sock:
+    host, port = relay.address
+    with socket.create_connection((host, port), timeout=20) as sock:
         sock.sendall(put + data + get)
         answer = sock.makefile("rb").read()
     first, _, rest = answer.partition(b"\r\n\r\n")
@@ -220,8 +220,8 @@ def test_a_body_arriving_in_bursts_after_its_headers_is_stored_whole(live, files
     relay = live()
     data, oid = blob(3 << 20)
     head = f"PUT /{SERVER_ID}/{oid} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n\r\n".encode()
-    host, port = relay.base.split("//")[1].split(":")
-    with socket.create_connection((host, int(port)), timeout=20) as sock:
+    host, port = relay.address
+    with socket.create_connection((host, port), timeout=20) as sock:
         for piece in (head + data[:1000], data[1000:1500], data[1500:200_000], data[200_000:]):
             sock.sendall(piece)
             time.sleep(0.2)
@@ -233,9 +233,9 @@ def test_slowloris_connections_do_not_stop_a_real_client(live):
     """100 idle and 100 trickling connections: a real client still uploads and downloads,
     and a client trickling its headers is cut off once the header deadline passes."""
     relay = live()
-    host, port = relay.base.split("//")[1].split(":")
-    idle = [socket.create_connection((host, int(port))) for _ in range(100)]
-    trickling = [socket.create_connection((host, int(port))) for _ in range(100)]
+    host, port = relay.address
+    idle = [socket.create_connection((host, port)) for _ in range(100)]
+    trickling = [socket.create_connection((host, port)) for _ in range(100)]
     for sock in trickling:
         sock.sendall(f"PUT /{SERVER_ID}/{'a' * 64} HTTP/1.1\r\n".encode())
     stop = time.monotonic() + 30
@@ -275,7 +275,7 @@ def test_the_printed_url_of_a_relay_on_all_interfaces_names_a_reachable_host(liv
         probe.close()
     relay = live(server_id=None, bind="0.0.0.0:0")
     url = wait_until(lambda: relay.output().strip(), message="the URL on stdout")
-    host = url.split("//", 1)[1].rsplit(":", 1)[0]
+    host = host_and_port(url)[0]
     if routed:
         assert not socket.gethostbyname(host).startswith("127."), url
     assert http.get(f"{relay.base}/{url.rsplit('/', 1)[1]}").status_code == 200
@@ -309,12 +309,12 @@ def test_100_continue_is_sent_only_once_the_body_is_wanted(live, files):
     refusal must come instead of "100 Continue", or curl has begun sending and can lose
     it when the relay closes the connection; an accepted upload gets it at once."""
     relay = live("--max-file-size", "1M")
-    host, port = relay.base.split("//")[1].split(":")
+    host, port = relay.address
     data, oid = blob(512 << 10)
     too_large, too_large_oid = blob(2 << 20, seed=1)
 
     def put_head(object_id: str, length: int) -> socket.socket:
-        sock = socket.create_connection((host, int(port)), timeout=10)
+        sock = socket.create_connection((host, port), timeout=10)
         head = f"PUT /{SERVER_ID}/{object_id} HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n"
         sock.sendall(f"{head}Expect: 100-continue\r\n\r\n".encode())
         return sock

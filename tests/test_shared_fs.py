@@ -324,7 +324,7 @@ def test_nginx_in_front_of_two_hosts(hosts, tmp_path, certificate):
     if nginx is None:
         pytest.skip("nginx is not installed")
     a, b = hosts()
-    proxy = Nginx(tmp_path, [relay.base.rsplit(":", 1)[1] for relay in (a, b)], certificate).start(nginx)
+    proxy = Nginx(tmp_path, [relay.address[1] for relay in (a, b)], certificate).start(nginx)
     try:
         base = f"https://127.0.0.1:{proxy.port}/{a.url().rsplit('/', 1)[1]}"
         data, oid = blob(6 << 20, seed=8)

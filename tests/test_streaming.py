@@ -89,8 +89,8 @@ def test_a_reader_of_an_upload_that_fails_verification_is_cut_off(live, tmp_path
 def test_a_reader_of_an_upload_whose_client_disconnects_is_cut_off(live, tmp_path):
     relay = live()
     data, oid = blob(4 << 20)
-    host, port = relay.base.split("//")[1].split(":")
-    sock = socket.create_connection((host, int(port)))
+    host, port = relay.address
+    sock = socket.create_connection((host, port))
     sock.sendall(f"PUT /{SERVER_ID}/{oid} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n\r\n".encode())
     sock.sendall(data[: 1 << 20])
     partial = relay.files / ".relay" / "partial" / oid / "data"
@@ -106,8 +106,8 @@ def test_a_reader_of_an_upload_whose_client_disconnects_is_cut_off(live, tmp_pat
 def test_a_stalled_upload_cuts_its_readers_after_the_idle_timeout(live, tmp_path):
     relay = live("--idle-timeout", "1")
     data, oid = blob(1 << 20)
-    host, port = relay.base.split("//")[1].split(":")
-    sock = socket.create_connection((host, int(port)))
+    host, port = relay.address
+    sock = socket.create_connection((host, port))
     sock.sendall(f"PUT /{SERVER_ID}/{oid} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n\r\n".encode())
     sock.sendall(data[:200_000])  # then silence, the connection left open
     reader = curl_download(relay.url(oid), tmp_path / "cut")
@@ -284,14 +284,14 @@ def test_readers_that_hang_up_while_waiting_give_their_places_back_at_once(live,
         cert, key = request.getfixturevalue("certificate")
         options, verify = [*options, "--certfile", cert, "--keyfile", key], cert
     relay = live(*options)
-    host, port = relay.base.split("//")[1].split(":")
+    host, port = relay.address
 
     def waiting_readers() -> int:
         return requests.get(relay.url(), verify=verify, timeout=10).json()["waiting_readers"]
 
     readers = []
     for seed in range(4):
-        sock = socket.create_connection((host, int(port)), timeout=10)
+        sock = socket.create_connection((host, port), timeout=10)
         if tls:
             sock = ssl.create_default_context(cafile=cert).wrap_socket(sock, server_hostname="localhost")
         sock.sendall(f"GET /{SERVER_ID}/{blob(10, seed)[1]}?wait=600 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
@@ -355,8 +355,8 @@ def test_a_reader_of_a_stalled_chunked_upload_that_hangs_up_is_let_go_at_once(li
     half = len(data) // 2
     headers = {"Content-Range": f"bytes 0-{half - 1}/{len(data)}"}
     assert requests.put(relay.url(oid), data=data[:half], headers=headers).status_code == 202
-    host, port = relay.base.split("//")[1].split(":")
-    with socket.create_connection((host, int(port)), timeout=10) as reader:
+    host, port = relay.address
+    with socket.create_connection((host, port), timeout=10) as reader:
         reader.sendall(f"GET /{SERVER_ID}/{oid} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
         received = b""
         while len(received) < half:  # the bytes there are, then it waits for the next chunk
@@ -413,8 +413,8 @@ def test_get_and_head_of_an_upload_in_progress_send_the_same_headers(live, http)
 
 def start_unsized_upload(relay, oid: str, first_piece: bytes) -> socket.socket:
     """A raw chunked PUT that has sent *first_piece* and stays open."""
-    host, port = relay.base.split("//")[1].split(":")
-    sock = socket.create_connection((host, int(port)), timeout=30)
+    host, port = relay.address
+    sock = socket.create_connection((host, port), timeout=30)
     head = f"PUT /{SERVER_ID}/{oid} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
     sock.sendall(head.encode() + b"%x\r\n%s\r\n" % (len(first_piece), first_piece))
     partial = relay.files / ".relay" / "partial" / oid / "data"
@@ -424,8 +424,8 @@ def start_unsized_upload(relay, oid: str, first_piece: bytes) -> socket.socket:
 
 def http10_get(relay, path: str) -> tuple[int, dict, bytes]:
     """GET over HTTP/1.0 on a raw socket, read to the close: (status, headers, body)."""
-    host, port = relay.base.split("//")[1].split(":")
-    with socket.create_connection((host, int(port)), timeout=30) as sock:
+    host, port = relay.address
+    with socket.create_connection((host, port), timeout=30) as sock:
         sock.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
         received = b""
         while chunk := sock.recv(1 << 20):
