@@ -8,7 +8,6 @@ import io
 import os
 import re
 import shlex
-import shutil
 import signal
 import socket
 import subprocess
@@ -583,20 +582,6 @@ def test_the_client_needs_only_the_standard_library(live, tmp_path, spawn):
     getter = spawn("get", relay.url(oid), "-o", tmp_path / "copy", python=bare)
     assert getter.wait() == 0, getter.err
     assert (tmp_path / "copy").read_bytes() == data
-
-
-@pytest.fixture
-def certificate(tmp_path):
-    if not shutil.which("openssl"):
-        pytest.skip("needs the openssl command")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1"]
-        + ["-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
 
 
 def test_https_needs_the_ca_certificate_or_insecure(live, tmp_path, certificate, capsys):
