@@ -57,6 +57,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from harness import RelayProcess
+
 # ---------------------------------------------------------------------------
 # Constants and defaults
 # ---------------------------------------------------------------------------
@@ -369,32 +371,24 @@ class Relay(Server):
     name = "relay"
 
     def __init__(self, work: Path, script: Path, workers: int | None, threads: int | None):
-        self.script = script
+        args = []
+        if workers is not None:  # else the relay's own defaults, as users run it
+            args += ["--workers", str(workers)]
+        if threads is not None:
+            args += ["--threads", str(threads)]
         self.files = work / "relay-files"
         self.log_path = work / "relay.log"
-        self.workers = workers
-        self.threads = threads
+        self.launcher = RelayProcess(self.files, self.log_path, args, script=script)
 
     def start(self) -> Relay:
-        command = [sys.executable, str(self.script), SERVER_ID, "--bind", "127.0.0.1:0"]
-        command += ["--files-directory", str(self.files)]
-        if self.workers is not None:  # else the relay's own defaults, as users run it
-            command += ["--workers", str(self.workers)]
-        if self.threads is not None:
-            command += ["--threads", str(self.threads)]
-        with open(self.log_path, "wb") as log:  # a fresh log: an old "Listening at" would mislead
-            self.process = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True
-            )
-        port = wait_until(self._port, START_TIMEOUT, "the relay to listen")
-        self.base = f"http://127.0.0.1:{port}/{SERVER_ID}"
+        try:
+            self.launcher.start(SERVER_ID, timeout=START_TIMEOUT)
+        except AssertionError as exc:  # it exited, or did not listen in time
+            raise BenchError(str(exc)) from None
+        self.process = self.launcher.process
+        self.base = f"{self.launcher.base}/{SERVER_ID}"
         wait_until(self._answers, START_TIMEOUT, "the relay to answer")
         return self
-
-    def _port(self):
-        self._check_alive(self.log_path)
-        found = re.findall(r"Listening at: http://[^ ]*:(\d+) \(", self.log_path.read_text(errors="replace"))
-        return found[-1] if found else None
 
     def _answers(self) -> bool:
         self._check_alive(self.log_path)

@@ -1,25 +1,20 @@
 """Fixtures: the app over a temporary directory (WebTest), and real relay processes."""
 
 import hashlib
-import os
 import random
-import re
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import time
-import urllib.parse
 from pathlib import Path
 
 import pytest
 import requests
 import webtest
+from harness import ROOT, RelayProcess, host_and_port, wait_until  # noqa: F401 - for the tests
 
 import file_relay
 
-ROOT = Path(__file__).resolve().parent.parent
 SERVER_ID = "test-relay-secret-0123456789"
 
 
@@ -31,18 +26,6 @@ def blob(size: int, seed: int = 0) -> tuple[bytes, str]:
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02, message: str = "condition"):
-    """Poll *predicate* until it returns something truthy, or fail at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {message}")
-        time.sleep(interval)
 
 
 def trickle_until_cut_off(connections, deadline: float, cut_off: set | None = None) -> set:
@@ -60,12 +43,6 @@ def trickle_until_cut_off(connections, deadline: float, cut_off: set | None = No
                 cut_off.add(connection)
         time.sleep(0.5)
     return cut_off
-
-
-def host_and_port(url: str) -> tuple[str, int]:
-    """The host and port of an http(s)://HOST:PORT URL, to connect a socket to."""
-    parts = urllib.parse.urlsplit(url)
-    return parts.hostname, parts.port
 
 
 @pytest.fixture
@@ -101,73 +78,17 @@ def object_url(oid: str, server_id: str = SERVER_ID) -> str:
     return f"/{server_id}/{oid}"
 
 
-class LiveRelay:
+class LiveRelay(RelayProcess):
     """A real relay process on an ephemeral port, logging to files under tmp_path."""
 
     def __init__(self, tmp_path: Path, name: str, args: list, env: dict | None, files: Path):
-        self.files = files
-        self.log_path = tmp_path / f"{name}.log"
-        self.out_path = tmp_path / f"{name}.out"
-        self.args = args
-        self.env = {**os.environ, **(env or {})}
-        self.process: subprocess.Popen | None = None
-        self.base = ""
+        super().__init__(files, tmp_path / f"{name}.log", args, out_path=tmp_path / f"{name}.out", env=env)
 
     def start(self, server_id: str | None = SERVER_ID, bind: str = "127.0.0.1:0", timeout: float = 20) -> "LiveRelay":
-        command = [sys.executable, str(ROOT / "file_relay.py")]
-        if server_id is not None:
-            command.append(server_id)
-        command += ["--bind", bind, "--files-directory", str(self.files), *self.args]
-        with open(self.log_path, "ab") as log, open(self.out_path, "ab") as out:
-            self.process = subprocess.Popen(
-                command, stdout=out, stderr=log, stdin=subprocess.DEVNULL, env=self.env, start_new_session=True
-            )
-        port = wait_until(self._port, timeout, message="the relay to listen")
-        scheme = "https" if "--certfile" in self.args else "http"
-        self.base = f"{scheme}://127.0.0.1:{port}"
-        return self
-
-    def _port(self):
-        if self.process.poll() is not None:
-            raise AssertionError(f"the relay exited with {self.process.returncode}:\n{self.log()}")
-        listening = re.findall(r"Listening at: https?://[^ ]*:(\d+) \(", self.log())
-        return listening[-1] if listening else None
-
-    @property
-    def address(self) -> tuple[str, int]:
-        """(host, port) to connect a socket to."""
-        return host_and_port(self.base)
+        return super().start(server_id, bind, timeout)
 
     def url(self, oid: str | None = None, server_id: str = SERVER_ID) -> str:
         return f"{self.base}/{server_id}" + (f"/{oid}" if oid else "")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def output(self) -> str:
-        return self.out_path.read_text(errors="replace") if self.out_path.exists() else ""
-
-    def wait_exit(self, timeout: float = 30) -> int:
-        return self.process.wait(timeout)
-
-    def signal(self, signum: int) -> None:
-        self.process.send_signal(signum)
-
-    def kill(self) -> None:
-        """kill -9 the whole relay: master and workers."""
-        if self.process and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(10)
-        elif self.process:
-            # The master is gone; make sure no orphaned worker survives it.
-            try:
-                os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-    def worker_pids(self) -> list[int]:
-        result = subprocess.run(["pgrep", "-P", str(self.process.pid)], capture_output=True, text=True)
-        return [int(pid) for pid in result.stdout.split()]
 
 
 @pytest.fixture

@@ -19,13 +19,9 @@ import argparse
 import concurrent.futures
 import hashlib
 import json
-import os
 import random
-import re
 import secrets
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -35,9 +31,9 @@ from pathlib import Path
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import RelayProcess
 from invariants import memory_kib, open_fds, process_tree, threads, verify_objects
 
-RELAY = Path(__file__).resolve().parent.parent / "file_relay.py"
 SHARED_LIMIT = 256  # objects kept for downloads; later uploads are deleted again by their client
 OPERATIONS = {  # weights
     "upload": 14,
@@ -57,42 +53,23 @@ class Failure(Exception):
     """An answer the relay should not have given."""
 
 
-class Relay:
+class Relay(RelayProcess):
     """The relay under test: its own process group, log and files directory."""
 
     def __init__(self, directory: Path, workers: int, threads_per_worker: int | None):
         self.server_id = secrets.token_urlsafe(24)
-        self.files = directory / "files"
-        self.log_path = directory / "relay.log"
-        command = [sys.executable, str(RELAY), "--bind", "127.0.0.1:0", "--files-directory", str(self.files)]
-        command += ["--workers", str(workers), "--get-wait-timeout", "0"]
+        args = ["--workers", str(workers), "--get-wait-timeout", "0"]
         if threads_per_worker:
-            command += ["--threads", str(threads_per_worker)]
-        env = {**os.environ, "RELAY_SERVER_ID": self.server_id}  # not on the command line
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                command,
-                stdout=subprocess.DEVNULL,
-                stderr=log,
-                stdin=subprocess.DEVNULL,
-                env=env,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + 30
-        while True:
-            found = re.findall(r"Listening at: http://[^ ]*:(\d+) \(", self.log())
-            if found:
-                self.base = f"http://127.0.0.1:{found[-1]}/{self.server_id}"
-                break
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"soak: the relay did not start:\n{self.log()}")
-            time.sleep(0.05)
+            args += ["--threads", str(threads_per_worker)]
+        env = {"RELAY_SERVER_ID": self.server_id}  # not on the command line
+        super().__init__(directory / "files", directory / "relay.log", args, env=env)
+        try:
+            self.start(timeout=30)
+        except AssertionError:  # it exited, or did not listen in time
+            raise SystemExit(f"soak: the relay did not start:\n{self.log()}") from None
 
     def url(self, oid: str = "") -> str:
-        return f"{self.base}/{oid}" if oid else self.base
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        return f"{self.base}/{self.server_id}" + (f"/{oid}" if oid else "")
 
     def sample(self) -> dict:
         """RSS, PSS, fds and threads of the master and its workers, summed."""
@@ -108,19 +85,6 @@ class Relay:
             totals["pss_kib"] += pss
             totals["processes"] += 1
         return totals
-
-    def stop(self) -> int | None:
-        """Drain and exit (SIGTERM to the master); the status it exited with."""
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(60)
-        except subprocess.TimeoutExpired:
-            return None
-        finally:
-            try:
-                os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 class Soak:
