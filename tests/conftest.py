@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import requests
 import webtest
-from harness import ROOT, RelayProcess, host_and_port, wait_until  # noqa: F401 - for the tests
+from harness import ROOT, Paced, RelayProcess, host_and_port, unsized, wait_until  # noqa: F401 - for the tests
 
 import file_relay
 

@@ -1,5 +1,6 @@
 """What the tests, the soak (tests/soak.py) and the benchmark (tests/bench.py) share,
-standard library only: a real relay process, and polling up to a deadline.
+standard library only: a real relay process, polling up to a deadline, and request bodies
+paced over time.
 
 A relay is started one way for all three: this checkout's file_relay.py under
 sys.executable, on a port the kernel picks (read back from gunicorn's "Listening at"
@@ -137,3 +138,32 @@ def host_and_port(url: str) -> tuple[str, int]:
     """The host and port of an http(s)://HOST:PORT URL, to connect a socket to."""
     parts = urllib.parse.urlsplit(url)
     return parts.hostname, parts.port
+
+
+class Paced:
+    """A request body sent in *pieces* over *seconds*, a pause before each piece. It has a
+    length, so requests sends a Content-Length (iterate it for a body without one). It
+    counts the bytes it has handed over, and notes when it handed over the last."""
+
+    def __init__(self, data: bytes, seconds: float, pieces: int = 16):
+        self.data = data
+        self.delay = seconds / pieces
+        self.step = len(data) // pieces + 1
+        self.sent = 0
+        self.finished_at = None
+
+    def __len__(self):
+        return len(self.data)
+
+    def __iter__(self):
+        for start in range(0, len(self.data), self.step):
+            time.sleep(self.delay)
+            piece = self.data[start : start + self.step]
+            self.sent += len(piece)
+            yield piece
+        self.finished_at = time.monotonic()
+
+
+def unsized(data: bytes, seconds: float, pieces: int = 16):
+    """A Paced body as a generator: requests sends it with Transfer-Encoding: chunked."""
+    yield from Paced(data, seconds, pieces)

@@ -31,7 +31,7 @@ from pathlib import Path
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import RelayProcess
+from harness import Paced, RelayProcess
 from invariants import memory_kib, open_fds, process_tree, threads, verify_objects
 
 SHARED_LIMIT = 256  # objects kept for downloads; later uploads are deleted again by their client
@@ -247,20 +247,8 @@ class Soak:
     def follow(self, session, rng):
         """A download started before (or while) its upload runs gets exactly its bytes."""
         oid, data = self.new_blob(rng)
-        pieces = 8
-        step = len(data) // pieces + 1
-
-        class Paced:
-            def __len__(self):
-                return len(data)
-
-            def __iter__(self):
-                for start in range(0, len(data), step):
-                    time.sleep(0.05)
-                    yield data[start : start + step]
-
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            upload = pool.submit(requests.put, self.relay.url(oid), data=Paced(), timeout=60)
+            upload = pool.submit(requests.put, self.relay.url(oid), data=Paced(data, 0.4, pieces=8), timeout=60)
             response = session.get(self.relay.url(oid) + "?wait=10", timeout=60)
             self.count(down=len(response.content))
             uploaded = upload.result()

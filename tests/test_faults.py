@@ -22,35 +22,12 @@ import time
 import pytest
 import requests
 import urllib3
-from conftest import SERVER_ID, blob, raw_request, sha256, wait_until
+from conftest import SERVER_ID, Paced, blob, raw_request, sha256, unsized, wait_until
 from invariants import finisher_waiting, open_fds, orphaned_limits, partials, threads, verify_objects
 
 import file_relay
 
 SEED = int(os.environ.get("FAULT_SEED", "20240921"))
-
-
-class Paced:
-    """A request body sent in pieces over *seconds*; it has a length, so requests sends
-    a Content-Length."""
-
-    def __init__(self, data: bytes, seconds: float, pieces: int = 16):
-        self.data = data
-        self.delay = seconds / pieces
-        self.step = max(1, len(data) // pieces + 1)
-
-    def __len__(self):
-        return len(self.data)
-
-    def __iter__(self):
-        for start in range(0, len(self.data), self.step):
-            time.sleep(self.delay)
-            yield self.data[start : start + self.step]
-
-
-def unsized(data: bytes, seconds: float, pieces: int = 16):
-    """The same, as a generator: requests sends it with Transfer-Encoding: chunked."""
-    yield from Paced(data, seconds, pieces)
 
 
 def relay_pid_in(relay) -> int:

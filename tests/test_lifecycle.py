@@ -11,7 +11,7 @@ import time
 
 import pytest
 import requests
-from conftest import SERVER_ID, blob, object_url, wait_until
+from conftest import SERVER_ID, Paced, blob, object_url, wait_until
 
 import file_relay
 
@@ -264,19 +264,7 @@ def test_min_free_is_judged_before_the_body_is_read(live, small_filesystem):
 
 
 def slow_put(url: str, data: bytes, seconds: float, **kwargs):
-    pieces = 20
-
-    class Body:
-        def __len__(self):
-            return len(data)
-
-        def __iter__(self):
-            step = len(data) // pieces + 1
-            for start in range(0, len(data), step):
-                time.sleep(seconds / pieces)
-                yield data[start : start + step]
-
-    return requests.put(url, data=Body(), timeout=60, **kwargs)
+    return requests.put(url, data=Paced(data, seconds, pieces=20), timeout=60, **kwargs)
 
 
 def test_a_drain_refuses_new_uploads_lets_transfers_finish_then_exits_zero(live, files):

@@ -10,7 +10,16 @@ import socket
 import time
 
 import requests
-from conftest import SERVER_ID, blob, host_and_port, raw_request, sha256, trickle_until_cut_off, wait_until
+from conftest import (
+    SERVER_ID,
+    blob,
+    host_and_port,
+    raw_request,
+    sha256,
+    trickle_until_cut_off,
+    unsized,
+    wait_until,
+)
 
 
 def test_upload_download_and_shutdown_exits_zero(live, http, files):
@@ -66,19 +75,12 @@ def test_concurrent_clients_each_get_their_own_file(live):
         assert all(pool.map(round_trip, blobs))
 
 
-def slow_body(data: bytes, seconds: float, pieces: int = 20):
-    step = len(data) // pieces + 1
-    for start in range(0, len(data), step):
-        time.sleep(seconds / pieces)
-        yield data[start : start + step]
-
-
 def test_a_transfer_longer_than_the_worker_timeout_completes_and_does_not_block_others(live, http):
     relay = live("--worker-timeout", "2", "--workers", "1")
     data, oid = blob(1 << 20)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         started = time.monotonic()
-        upload = pool.submit(requests.put, relay.url(oid), data=slow_body(data, 5))
+        upload = pool.submit(requests.put, relay.url(oid), data=unsized(data, 5, pieces=20))
         other, other_oid = blob(1000, seed=1)
         time.sleep(0.5)
         assert http.put(relay.url(other_oid), data=other).status_code == 201

@@ -11,29 +11,7 @@ import time
 
 import pytest
 import requests
-from conftest import SERVER_ID, blob, sha256, wait_until
-
-
-class Pacer:
-    """A request body that trickles out in pieces, optionally stopping half-way."""
-
-    def __init__(self, data: bytes, seconds: float, pieces: int = 40):
-        self.data = data
-        self.delay = seconds / pieces
-        self.step = len(data) // pieces + 1
-        self.sent = 0
-        self.finished_at = None
-
-    def __len__(self):  # requests then sends a Content-Length, not a chunked body
-        return len(self.data)
-
-    def __iter__(self):
-        for start in range(0, len(self.data), self.step):
-            time.sleep(self.delay)
-            piece = self.data[start : start + self.step]
-            self.sent += len(piece)
-            yield piece
-        self.finished_at = time.monotonic()
+from conftest import SERVER_ID, Paced, blob, sha256, wait_until
 
 
 def start_upload(pool, url: str, body) -> concurrent.futures.Future:
@@ -54,7 +32,7 @@ def test_readers_started_before_and_during_an_upload_get_the_exact_bytes(live, t
     data, oid = blob(8 << 20)
     early = curl_download(relay.url(oid), tmp_path / "early")  # waits for the upload to start
     wait_until(lambda: '"GET /***/' not in relay.log() and time.sleep(0.3) is None, message="the reader to wait")
-    body = Pacer(data, seconds=3)
+    body = Paced(data, seconds=3, pieces=40)
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         upload = start_upload(pool, relay.url(oid), body)
         wait_until(lambda: body.sent > len(data) // 3, message="a third of the upload")
@@ -75,7 +53,7 @@ def test_a_reader_of_an_upload_that_fails_verification_is_cut_off(live, tmp_path
     tampered = data[:-1] + bytes([data[-1] ^ 1])  # only the very last byte differs
     reader = None
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        body = Pacer(tampered, seconds=2)
+        body = Paced(tampered, seconds=2, pieces=40)
         upload = start_upload(pool, relay.url(oid), body)
         wait_until(lambda: body.sent > 0, message="the upload to start")
         reader = curl_download(relay.url(oid), tmp_path / "cut")
@@ -120,7 +98,7 @@ def test_a_stalled_upload_cuts_its_readers_after_the_idle_timeout(live, tmp_path
 def test_a_slow_upload_reaches_its_readers_as_it_comes(live):
     relay = live("--idle-timeout", "5")
     data, oid = blob(300_000)
-    body = Pacer(data, seconds=6, pieces=60)  # 50 KB/s: a MiB would take 20 s
+    body = Paced(data, seconds=6, pieces=60)  # 50 KB/s: a MiB would take 20 s
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         upload = start_upload(pool, relay.url(oid), body)
         wait_until(lambda: body.sent > 0, message="the upload to start")
@@ -136,7 +114,7 @@ def test_an_upload_of_unknown_length_is_followed_with_chunked_transfer(live, tmp
     relay = live()
     data, oid = blob(3 << 20)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        body = Pacer(data, seconds=2)
+        body = Paced(data, seconds=2, pieces=40)
         upload = start_upload(pool, relay.url(oid), iter(body))  # a generator: no Content-Length
         wait_until(lambda: body.sent > 0, message="the upload to start")
         with requests.get(relay.url(oid), stream=True, timeout=30) as response:
@@ -149,7 +127,7 @@ def test_an_upload_of_unknown_length_is_followed_with_chunked_transfer(live, tmp
 def test_readers_in_other_workers_follow_the_upload(live):
     relay = live("--workers", "4")
     data, oid = blob(6 << 20)
-    body = Pacer(data, seconds=3)
+    body = Paced(data, seconds=3, pieces=40)
 
     def read():
         with requests.Session() as session:  # a connection each: they land on several workers
@@ -167,7 +145,7 @@ def test_head_during_an_upload_marks_it_incomplete(live, http):
     relay = live()
     data, oid = blob(4 << 20)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        body = Pacer(data, seconds=2)
+        body = Paced(data, seconds=2, pieces=40)
         upload = start_upload(pool, relay.url(oid), body)
         wait_until(lambda: body.sent > len(data) // 4, message="a quarter of the upload")
         started = time.monotonic()
@@ -181,7 +159,7 @@ def test_head_during_an_upload_marks_it_incomplete(live, http):
         assert upload.result().status_code == 201
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         other, other_oid = blob(2 << 20, seed=1)
-        body = Pacer(other, seconds=2)
+        body = Paced(other, seconds=2, pieces=40)
         upload = pool.submit(requests.put, relay.url(other_oid), data=iter(body))  # no length
         wait_until(lambda: body.sent > 0, message="the upload to start")
         head = http.head(relay.url(other_oid))
@@ -311,7 +289,7 @@ def test_a_range_request_can_resume_following_an_upload(live):
     relay = live()
     data, oid = blob(4 << 20)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        body = Pacer(data, seconds=2)
+        body = Paced(data, seconds=2, pieces=40)
         upload = start_upload(pool, relay.url(oid), body)
         wait_until(lambda: body.sent > 0, message="the upload to start")
         response = requests.get(relay.url(oid), headers={"Range": "bytes=1000-"}, timeout=30)
@@ -327,7 +305,7 @@ def test_a_follower_waits_for_a_slow_chunk_and_for_the_final_verification(live, 
     relay = live("--idle-timeout", "2")
     data, oid = blob(600_000)
     headers = {"Content-Range": f"bytes 0-{len(data) - 1}/{len(data)}"}
-    body = Pacer(data, seconds=5, pieces=50)  # one chunk, 5 s: longer than the idle timeout
+    body = Paced(data, seconds=5, pieces=50)  # one chunk, 5 s: longer than the idle timeout
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         upload = pool.submit(requests.put, relay.url(oid), data=body, headers=headers, timeout=60)
         wait_until(lambda: body.sent > 0, message="the chunk to start")
@@ -376,7 +354,7 @@ def test_a_closed_range_of_an_upload_in_progress_is_served_exactly(live, tmp_pat
     relay = live()
     data, oid = blob(4 << 20)
     size = len(data)
-    body = Pacer(data, seconds=4)
+    body = Paced(data, seconds=4, pieces=40)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         upload = start_upload(pool, relay.url(oid), body)
         wait_until(lambda: body.sent > 0, message="the upload to start")
@@ -398,7 +376,7 @@ def test_a_closed_range_of_an_upload_in_progress_is_served_exactly(live, tmp_pat
 def test_get_and_head_of_an_upload_in_progress_send_the_same_headers(live, http):
     relay = live()
     data, oid = blob(4 << 20)
-    body = Pacer(data, seconds=3)
+    body = Paced(data, seconds=3, pieces=40)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         upload = start_upload(pool, relay.url(oid), body)
         wait_until(lambda: body.sent > 0, message="the upload to start")
