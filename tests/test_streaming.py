@@ -31,7 +31,7 @@ def test_readers_started_before_and_during_an_upload_get_the_exact_bytes(live, t
     relay = live()
     data, oid = blob(8 << 20)
     early = curl_download(relay.url(oid), tmp_path / "early")  # waits for the upload to start
-    wait_until(lambda: '"GET /***/' not in relay.log() and time.sleep(0.3) is None, message="the reader to wait")
+    wait_until(lambda: requests.get(relay.url()).json()["waiting_readers"] == 1, message="the reader to wait")
     body = Paced(data, seconds=3, pieces=40)
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         upload = start_upload(pool, relay.url(oid), body)
@@ -135,7 +135,7 @@ def test_readers_in_other_workers_follow_the_upload(live):
 
     with concurrent.futures.ThreadPoolExecutor(9) as pool:
         readers = [pool.submit(read) for _ in range(8)]
-        time.sleep(0.5)
+        wait_until(lambda: requests.get(relay.url()).json()["waiting_readers"] == 8, message="the readers to wait")
         upload = start_upload(pool, relay.url(oid), body)
         assert upload.result().status_code == 201
         assert [reader.result() for reader in readers] == [oid] * 8
