@@ -415,11 +415,10 @@ class Option:
     def add_to(self, parser: argparse.ArgumentParser) -> None:
         """Add this option to *parser*, its default taken from the environment if set there."""
         env_value = os.environ.get(self.env)
-        keywords: dict = {"help": self.help}
         if isinstance(self.default, bool):
-            keywords.update(action="store_true", default=_env_flag(parser, self.env, env_value))
+            keywords: dict = {"action": "store_true", "default": _env_flag(parser, self.env, env_value)}
         else:
-            keywords["default"] = self.typed if env_value is None else env_value
+            keywords = {"default": self.typed if env_value is None else env_value}
             if self.parse is not None:
                 keywords["type"] = _option_type(self.parse, self.what)
             if self.choices:
