@@ -5157,6 +5157,10 @@ def main(argv: list[str] | None = None) -> int:
         word = args.server_id_positional
         parser.error(f"{word!r} is a client command, not a server ID; to use it as one: --server-id {word}")
     config = config_from_args(args, parser)
+    try:
+        probe_files_directory(config.files_directory)
+    except OSError as exc:
+        parser.error(f"files directory: {exc.strerror or exc}")
     generated = not (args.server_id_positional or args.server_id)
     return serve(config, generated_id=True) if generated else serve(config)
 

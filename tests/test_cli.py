@@ -1,7 +1,9 @@
 """The command line: options, environment fallbacks, fail-fast validation. The one seam
-mocked is serve(), which would start the server."""
+mocked is serve(), which would start the server (and, once, the lock primitive, to stand for
+a filesystem whose locks do not exclude)."""
 
 import dataclasses
+import os
 import re
 import subprocess
 import sys
@@ -262,3 +264,13 @@ def test_a_default_as_typed_is_the_default(option):
         assert Path(option.typed) == option.default
     else:
         assert (option.parse or str)(option.typed) == option.default
+
+
+def test_a_files_directory_whose_locks_do_not_exclude_is_refused(capsys, tmp_path, monkeypatch):
+    """The start-up probe: a filesystem on which a lock taken through one open file does
+    not block another (here: every lock granted, as a filesystem without locks would)
+    cannot keep the relay's promises, and the relay says so instead of starting."""
+    monkeypatch.setattr(file_relay, "_lock", lambda fd, kind, start, length=1, *, wait=False: True)
+    message = fails(capsys, "server-id-long-enough", "--files-directory", str(tmp_path))
+    assert "does not block another" in message
+    assert not [name for name in os.listdir(tmp_path / ".relay") if name.startswith(".probe")]
