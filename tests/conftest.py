@@ -91,9 +91,8 @@ class LiveRelay(RelayProcess):
         return f"{self.base}/{server_id}" + (f"/{oid}" if oid else "")
 
 
-@pytest.fixture
-def live(tmp_path, files):
-    """Start real relays: live(*options, env=..., files=...) returns a started LiveRelay."""
+def _relay_launcher(tmp_path: Path, files: Path):
+    """start(*options, env=..., files_dir=..., ...) -> a started LiveRelay; then kill_all()."""
     relays = []
 
     def start(*args, env=None, files_dir=None, server_id=SERVER_ID, name=None, bind="127.0.0.1:0"):
@@ -101,9 +100,33 @@ def live(tmp_path, files):
         relays.append(relay)
         return relay.start(server_id=server_id, bind=bind)
 
+    def kill_all():
+        for relay in relays:
+            relay.kill()
+
+    return start, kill_all
+
+
+@pytest.fixture
+def live(tmp_path, files):
+    """Start real relays: live(*options, env=..., files=...) returns a started LiveRelay."""
+    start, kill_all = _relay_launcher(tmp_path, files)
     yield start
-    for relay in relays:
-        relay.kill()
+    kill_all()
+
+
+@pytest.fixture(scope="module")
+def module_live(tmp_path_factory):
+    """live, for relays a whole test module shares (each with its own files directory
+    unless given one); they are killed when the module is done."""
+    tmp_path = tmp_path_factory.mktemp("relays")
+    start, kill_all = _relay_launcher(tmp_path, tmp_path / "files")
+
+    def start_own(*args, name, files_dir=None, **kwargs):
+        return start(*args, name=name, files_dir=files_dir or tmp_path / f"{name}-files", **kwargs)
+
+    yield start_own
+    kill_all()
 
 
 @pytest.fixture
