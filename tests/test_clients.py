@@ -11,7 +11,14 @@ once with 300 MB per client and scheme, so that a client still sending its body 
 answer comes must read it all the same (the relay's lingering close).
 
 The relays are shared by the module: per scheme one with `--max-file-size 10M --max-disk
-8M` holding a 4 MB object, and one draining (an upload held in flight, then DELETE /<sid>).
+8M` holding a 4 MB object, and one draining (an upload held in flight, then DELETE /<sid>);
+both allow the origin of the page Chromium runs in (`--cors-origin`).
+
+Where a client cannot ask: aria2c only downloads (its 403 is a GET with a wrong server ID,
+its 206 a download it splits into ranges itself); wget sends no Range header of ours, only
+its own `--start-pos` (an open range). Chromium's 403 is a GET too: a page's PUT is
+preflighted, the relay answers every route, OPTIONS included, 403 under a wrong server ID,
+and a failed preflight is a network error to the page (TypeError), not a status.
 """
 
 import base64
@@ -234,6 +241,11 @@ class Outcome:
     body: bytes = b""
     headers: dict = dataclasses.field(default_factory=dict)  # lower-case names, where the client tells
     report: str = ""  # what the client printed or raised, for the assertion message
+    digest: str | None = None  # the body's SHA-256, from a client that hashes it where it is (Chromium)
+    exit: int | None = None  # a command's exit status
+
+    def sha256(self) -> str:
+        return self.digest or sha256(self.body)
 
     def __str__(self):
         return f"status {self.status}, {len(self.body)} bytes; {self.report[-1500:]}"
@@ -263,7 +275,7 @@ def by_curl(call: Call) -> Outcome:
         command += ["-H", f"{name}: {value}"]
     result = run_tool([*command, call.url])
     status = int(result.stdout) if result.stdout.isdigit() and result.stdout != "000" else None
-    return Outcome(status, read_out(call), report=f"exit {result.returncode}: {result.stderr}")
+    return Outcome(status, read_out(call), report=f"exit {result.returncode}: {result.stderr}", exit=result.returncode)
 
 
 def by_wget(call: Call) -> Outcome:
@@ -277,7 +289,8 @@ def by_wget(call: Call) -> Outcome:
     command += [f"--start-pos={call.start_at}"] if call.start_at is not None else []
     command += [f"--header={name}: {value}" for name, value in call.headers.items()]
     result = run_tool([*command, call.url])
-    return Outcome(last_status(result.stderr), read_out(call), report=f"exit {result.returncode}: {result.stderr}")
+    report = f"exit {result.returncode}: {result.stderr}"
+    return Outcome(last_status(result.stderr), read_out(call), report=report, exit=result.returncode)
 
 
 def by_aria2c(call: Call) -> Outcome:
@@ -295,9 +308,8 @@ def by_aria2c(call: Call) -> Outcome:
     result = run_tool([*command, call.url])
     text = log.read_text(errors="replace") if log.exists() else ""
     statuses = [int(status) for status in re.findall(r"HTTP/1\.[01] (\d{3})", text)]
-    outcome = Outcome(last_status(text), read_out(call), report=f"exit {result.returncode}: {result.stdout}")
-    outcome.headers = {"exit": result.returncode, "statuses": statuses}
-    return outcome
+    report = f"exit {result.returncode}: {result.stdout}"
+    return Outcome(last_status(text), read_out(call), {"statuses": statuses}, report, exit=result.returncode)
 
 
 def by_requests(call: Call) -> Outcome:
@@ -380,6 +392,45 @@ def by_node(call: Call) -> Outcome:
     return Outcome(answer["status"], read_out(call), answer["headers"])
 
 
+BROWSER_FETCH = """async ([url, method, headers, bodyUrl]) => {
+  try {
+    const init = { method, headers };
+    if (bodyUrl) init.body = await (await fetch(bodyUrl)).blob();  // same-origin: the page's own server
+    const response = await fetch(url, init);
+    const body = await response.arrayBuffer();
+    const digest = new Uint8Array(await crypto.subtle.digest("SHA-256", body));
+    return {
+      status: response.status,
+      headers: Object.fromEntries(response.headers),
+      digest: Array.from(digest, (byte) => byte.toString(16).padStart(2, "0")).join(""),
+      text: new TextDecoder().decode(body.slice(0, 2000)),
+    };
+  } catch (error) {
+    return { error: `${error.name}: ${error.message}` };
+  }
+}"""
+
+
+def by_chromium(browser, page_server):
+    """fetch() in a page of *page_server*, the origin the relays allow (--cors-origin). A
+    body to send is fetched by the page from its own server first, as a Blob."""
+
+    def run(call: Call) -> Outcome:
+        headers = {**call.headers, **({"Range": f"bytes={call.start_at}-"} if call.start_at is not None else {})}
+        body_url = None
+        if call.body:
+            name = f"{zlib.crc32(str(call.body).encode())}-{call.body.name}"
+            page_server.files[name] = call.body
+            body_url = f"{page_server.origin}/file/{name}"
+        answer = in_a_page(browser, page_server, BROWSER_FETCH, [call.url, call.method, headers, body_url], call.ca)
+        if "error" in answer:
+            return Outcome(None, report=answer["error"])
+        text = answer["text"].encode()
+        return Outcome(answer["status"], text, answer["headers"], answer["text"], digest=answer["digest"])
+
+    return run
+
+
 TOOLS = {"curl": "curl", "wget": "wget", "aria2c": "aria2c"}  # the clients that are commands
 CLIENTS = {
     "curl": by_curl,
@@ -390,14 +441,17 @@ CLIENTS = {
     "urllib": by_urllib,
     "http.client": by_http_client,
     "node": by_node,
+    "chromium": by_chromium,  # made with the browser and the page server
 }
-UPLOADERS = [name for name in CLIENTS if name != "aria2c"]
+UPLOADERS = [name for name in CLIENTS if name not in ("aria2c", "chromium")]
 
 
-def client_for(name: str):
+def client_for(name: str, request):
     tool = TOOLS.get(name)
     if tool and shutil.which(tool) is None:
         pytest.skip(f"{tool} is not installed (.ci/run installs it from Debian)")
+    if name == "chromium":
+        return by_chromium(request.getfixturevalue("browser"), request.getfixturevalue("pages")[0])
     return CLIENTS[name]
 
 
@@ -418,7 +472,7 @@ def cell_201(setup, payloads, call, names):
 def cell_200(setup, payloads, call, names):
     stored = payloads["stored"]
     call.url = setup.main.url(stored.sha)
-    return 200, lambda outcome: sha256(outcome.body) == stored.sha
+    return 200, lambda outcome: outcome.sha256() == stored.sha
 
 
 def cell_200_put(setup, payloads, call, names):
@@ -433,18 +487,18 @@ def cell_206(setup, payloads, call, names):
     call.url = setup.main.url(stored.sha)
     if names[0] == "aria2c":  # aria2c splits the whole download into ranges of its own
         call.start_at = 0
-        return 206, lambda outcome: 206 in outcome.headers["statuses"] and sha256(outcome.body) == stored.sha
+        return 206, lambda outcome: 206 in outcome.headers["statuses"] and outcome.sha256() == stored.sha
     if names[0] == "wget":  # wget takes no Range header: only its --start-pos (an open range)
         call.start_at = 1000
-        return 206, lambda outcome: sha256(outcome.body) == sha256(stored.data()[1000:])
+        return 206, lambda outcome: outcome.sha256() == sha256(stored.data()[1000:])
     call.headers["Range"] = "bytes=1000-2999"
-    return 206, lambda outcome: sha256(outcome.body) == sha256(stored.data()[1000:3000])
+    return 206, lambda outcome: outcome.sha256() == sha256(stored.data()[1000:3000])
 
 
 def cell_304(setup, payloads, call, names):
     stored = payloads["stored"]
     call.url, call.headers["If-None-Match"] = setup.main.url(stored.sha), f'"{stored.sha}"'
-    return 304, lambda outcome: outcome.body == b""
+    return 304, lambda outcome: outcome.sha256() == sha256(b"")
 
 
 def cell_400(setup, payloads, call, names):
@@ -458,7 +512,7 @@ def cell_400(setup, payloads, call, names):
 def cell_403(setup, payloads, call, names):
     body = payloads["20M"]
     call.url = setup.main.url(body.sha, server_id="not-" + SERVER_ID)
-    if names[0] != "aria2c":
+    if names[0] not in ("aria2c", "chromium"):  # a page's PUT: its preflight gets the 403 (see above)
         call.method, call.body = "PUT", body.path
     return 403, None
 
@@ -516,6 +570,13 @@ CELLS = {
     "507": cell_507,
 }
 DOWNLOADS = {"200", "206", "304", "403", "404", "416"}  # what aria2c can be asked
+DOCUMENTED_EXITS = {  # a command's exit status for an answer (curl without -f: always 0)
+    "curl": lambda status: 0,
+    # wget: 8, "server issued an error response"; but a 416 means to wget that the file is
+    # "already fully retrieved; nothing to do": 0
+    "wget": lambda status: 8 if status >= 400 and status != 416 or status == 304 else 0,
+    "aria2c": lambda status: {404: 3}.get(status, 22 if status >= 400 else 0),  # 3: "resource not found"
+}
 
 
 def matrix():
@@ -528,8 +589,8 @@ def matrix():
 
 
 @pytest.mark.parametrize(("client", "answer", "scheme"), list(matrix()))
-def test_the_client_reports_the_answer(client, answer, scheme, setups, payloads, tmp_path):
-    run = client_for(client)
+def test_the_client_reports_the_answer(client, answer, scheme, setups, payloads, tmp_path, request):
+    run = client_for(client, request)
     setup = setups(scheme)
     call = Call("GET", "", tmp_path / "answer", setup.ca, body=None)
     call.body = tmp_path / "body" if answer in ("201", "400") else None
@@ -537,12 +598,14 @@ def test_the_client_reports_the_answer(client, answer, scheme, setups, payloads,
     outcome = run(call)
     assert outcome.status == expected, str(outcome)
     assert check is None or check(outcome), str(outcome)
+    if client in DOCUMENTED_EXITS:
+        assert outcome.exit == DOCUMENTED_EXITS[client](expected), str(outcome)
 
 
 @pytest.mark.parametrize("scheme", ["http", "https"])
 @pytest.mark.parametrize("client", UPLOADERS)
-def test_a_300_mb_upload_over_the_size_limit_reads_413(client, scheme, setups, payloads, tmp_path):
-    run = client_for(client)
+def test_a_300_mb_upload_over_the_size_limit_reads_413(client, scheme, setups, payloads, tmp_path, request):
+    run = client_for(client, request)
     setup = setups(scheme)
     call = Call("PUT", "", tmp_path / "answer", setup.ca)
     expected, check = cell_413(setup, payloads, call, (client, "413", scheme), body="300M")
@@ -551,8 +614,8 @@ def test_a_300_mb_upload_over_the_size_limit_reads_413(client, scheme, setups, p
     assert check(outcome)
 
 
-def test_curl_sending_plain_http_to_the_tls_port_reads_400(setups, tmp_path):
-    client_for("curl")
+def test_curl_sending_plain_http_to_the_tls_port_reads_400(setups, tmp_path, request):
+    client_for("curl", request)
     setup = setups("https")
     plain = setup.main.url().replace("https://", "http://", 1)
     outcome = by_curl(Call("GET", plain, tmp_path / "answer"))
@@ -630,8 +693,8 @@ def browser():
         browser.close()
 
 
-def in_a_page(browser, page_server, script: str, arguments: list, tls: bool):
-    context = browser.new_context(ignore_https_errors=tls)
+def in_a_page(browser, page_server, script: str, arguments: list, tls):
+    context = browser.new_context(ignore_https_errors=bool(tls))
     try:
         page = context.new_page()
         page.goto(page_server.origin + "/")
