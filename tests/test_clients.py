@@ -266,8 +266,8 @@ def last_status(text: str) -> int | None:
     return int(statuses[-1]) if statuses else None
 
 
-def by_curl(call: Call) -> Outcome:
-    command = ["curl", "-sS", "-o", str(call.out), "-w", "%{http_code}", "-X", call.method]
+def by_curl(call: Call, *options: str) -> Outcome:
+    command = ["curl", "-sS", *options, "-o", str(call.out), "-w", "%{http_code}", "-X", call.method]
     command += ["--cacert", call.ca] if call.ca else []
     command += ["-T", str(call.body)] if call.body else []
     headers = {**call.headers, **({"Range": f"bytes={call.start_at}-"} if call.start_at is not None else {})}
@@ -276,6 +276,12 @@ def by_curl(call: Call) -> Outcome:
     result = run_tool([*command, call.url])
     status = int(result.stdout) if result.stdout.isdigit() and result.stdout != "000" else None
     return Outcome(status, read_out(call), report=f"exit {result.returncode}: {result.stderr}", exit=result.returncode)
+
+
+def by_curl_http10(call: Call) -> Outcome:
+    """curl speaking HTTP/1.0, as a reverse proxy may: no 100 Continue, so it sends its whole
+    body before it reads an answer, and no chunked coding."""
+    return by_curl(call, "--http1.0")
 
 
 def by_wget(call: Call) -> Outcome:
@@ -431,9 +437,10 @@ def by_chromium(browser, page_server):
     return run
 
 
-TOOLS = {"curl": "curl", "wget": "wget", "aria2c": "aria2c"}  # the clients that are commands
+TOOLS = {"curl": "curl", "curl-http1.0": "curl", "wget": "wget", "aria2c": "aria2c"}  # the clients that are commands
 CLIENTS = {
     "curl": by_curl,
+    "curl-http1.0": by_curl_http10,
     "wget": by_wget,
     "aria2c": by_aria2c,
     "requests": by_requests,
@@ -572,6 +579,7 @@ CELLS = {
 DOWNLOADS = {"200", "206", "304", "403", "404", "416"}  # what aria2c can be asked
 DOCUMENTED_EXITS = {  # a command's exit status for an answer (curl without -f: always 0)
     "curl": lambda status: 0,
+    "curl-http1.0": lambda status: 0,
     # wget: 8, "server issued an error response"; but a 416 means to wget that the file is
     # "already fully retrieved; nothing to do": 0
     "wget": lambda status: 8 if status >= 400 and status != 416 or status == 304 else 0,
@@ -736,3 +744,33 @@ def test_chromium_is_refused_without_cors_or_from_another_origin(setups, payload
         assert result["put"].startswith("TypeError"), result
         assert result["get"].startswith("TypeError"), result
         assert not relay.files.joinpath(oid).exists()  # the preflight was refused: no PUT was sent
+
+
+# -- names: a download saved under the name its URL carries -------------------------------
+
+SAVE_BY_NAME = {  # each command run in an empty directory, told to take the server's name
+    "curl": ["curl", "-sSfOJ"],
+    "wget": ["wget", "-q", "--content-disposition"],
+    "aria2c": ["aria2c", "-q", "--file-allocation=none"],  # takes Content-Disposition by itself
+}
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+@pytest.mark.parametrize("tool", SAVE_BY_NAME)
+def test_a_download_is_saved_under_the_name_its_url_carries(tool, scheme, setups, payloads, tmp_path):
+    if shutil.which(tool) is None:
+        pytest.skip(f"{tool} is not installed (.ci/run installs it from Debian)")
+    setup = setups(scheme)
+    stored = payloads["stored"]
+    trust = (["--cacert", setup.ca] if tool == "curl" else [f"--ca-certificate={setup.ca}"]) if setup.ca else []
+    command = [*SAVE_BY_NAME[tool], *trust]
+    result = subprocess.run(
+        [*command, setup.main.url(stored.sha) + "?name=report%20v1.tar"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=TOOL_TIMEOUT,
+    )
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert [path.name for path in tmp_path.iterdir()] == ["report v1.tar"]
+    assert sha256((tmp_path / "report v1.tar").read_bytes()) == stored.sha
