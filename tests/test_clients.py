@@ -22,6 +22,7 @@ and a failed preflight is a network error to the page (TypeError), not a status.
 """
 
 import base64
+import concurrent.futures
 import contextlib
 import dataclasses
 import hashlib
@@ -169,14 +170,14 @@ def https_session(ca: str | None) -> requests.Session:
     return session
 
 
-def hold_an_upload(relay, tls: ssl.SSLContext | None) -> socket.socket:
-    """Start an upload of 1 MB, send 1,000 bytes of it and keep the connection open."""
+def hold_an_upload(relay, tls: ssl.SSLContext | None, oid: str = "e" * 64, first: bytes = b"x" * 1000, size=MB):
+    """Start an upload of *size* bytes, send the *first* of them and keep the connection open."""
     host, port = urlsplit(relay.base).hostname, urlsplit(relay.base).port
-    sock = socket.create_connection((host, port), timeout=10)
+    sock = socket.create_connection((host, port), timeout=30)
     if tls:
         sock = tls.wrap_socket(sock, server_hostname=host)
-    sock.sendall(f"PUT /{SERVER_ID}/{'e' * 64} HTTP/1.1\r\nHost: x\r\nContent-Length: {MB}\r\n\r\n".encode())
-    sock.sendall(b"x" * 1000)
+    sock.sendall(f"PUT /{SERVER_ID}/{oid} HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n".encode())
+    sock.sendall(first)
     return sock
 
 
@@ -774,3 +775,64 @@ def test_a_download_is_saved_under_the_name_its_url_carries(tool, scheme, setups
     assert result.returncode == 0, result.stderr + result.stdout
     assert [path.name for path in tmp_path.iterdir()] == ["report v1.tar"]
     assert sha256((tmp_path / "report v1.tar").read_bytes()) == stored.sha
+
+
+# -- ranges of an upload in progress -------------------------------------------------------
+
+FOLLOWERS = {  # client -> (how it asks: a Range header, or aria2c's own split), the bytes it gets
+    "aria2c": (None, slice(None)),
+    "curl": ("bytes=3000000-3000099", slice(3000000, 3000100)),  # not yet received when asked
+    "wget": (1000, slice(1000, None)),  # --start-pos
+    "requests": ("bytes=100-199", slice(100, 200)),  # received already
+    "node": ("bytes=-1000", slice(-1000, None)),  # the end: sent once the upload has verified
+    "chromium": ("bytes=2000000-2999999", slice(2000000, 3000000)),
+}
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+@pytest.mark.parametrize("client", FOLLOWERS)
+def test_a_range_of_an_upload_in_progress_is_exactly_that_range(client, scheme, setups, tmp_path, request):
+    """Half of an upload has arrived when the client asks; the rest is sent once its download
+    has begun. aria2c splits the download over several connections (issue 14, item 2: it
+    used to report "Invalid range header")."""
+    run = client_for(client, request)
+    setup = setups(scheme)
+    # 3 MB, deleted at the end: with the stored object, within --max-disk
+    data, oid = blob(3 * MB, seed=seed_of("follow", client, scheme))
+    half = len(data) // 2
+    asked, expected = FOLLOWERS[client]
+    call = Call("GET", setup.main.url(oid), tmp_path / "answer", setup.ca)
+    if isinstance(asked, str):
+        call.headers["Range"] = asked
+    else:
+        call.start_at = asked if asked is not None else 0
+    with https_session(setup.ca) as session, contextlib.ExitStack() as stack:
+
+        def downloads() -> int:
+            return session.get(setup.main.url(), timeout=10).json()["downloads_in_progress"]
+
+        upload = stack.enter_context(hold_an_upload(setup.main, setup.client_tls(), oid, data[:half], len(data)))
+        wait_until(
+            lambda: session.head(setup.main.url(oid), timeout=10).headers.get("Upload-Offset") == str(half),
+            message="the first half of the upload",
+        )
+        before = downloads()
+        # aria2c splits only once its first connection stalls: wait for a second connection
+        readers = before + (2 if client == "aria2c" else 1)
+
+        done = threading.Event()  # a range received already needs no more of the upload
+
+        def send_the_rest():
+            wait_until(lambda: done.is_set() or downloads() >= readers, timeout=30, message="the download to start")
+            upload.sendall(data[half:])
+
+        pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(1))
+        rest = pool.submit(send_the_rest)
+        outcome = run(call)  # in this thread: playwright's objects belong to it
+        done.set()
+        rest.result(timeout=TOOL_TIMEOUT)
+        assert upload.makefile("rb").readline().startswith(b"HTTP/1.1 201"), "the upload was not stored"
+        assert session.delete(setup.main.url(oid), timeout=10).status_code == 200
+    statuses = outcome.headers["statuses"] if client == "aria2c" else [outcome.status]  # aria2c: 200, then 206s
+    assert 206 in statuses, str(outcome)
+    assert outcome.sha256() == sha256(data[expected]), str(outcome)
