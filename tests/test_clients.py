@@ -836,3 +836,87 @@ def test_a_range_of_an_upload_in_progress_is_exactly_that_range(client, scheme, 
     statuses = outcome.headers["statuses"] if client == "aria2c" else [outcome.status]  # aria2c: 200, then 206s
     assert 206 in statuses, str(outcome)
     assert outcome.sha256() == sha256(data[expected]), str(outcome)
+
+
+# -- HTTP/1.0 and an upload of unknown length ----------------------------------------------
+
+
+def start_chunked_upload(setup, oid: str, first: bytes) -> socket.socket:
+    url = urlsplit(setup.main.base)
+    sock = socket.create_connection((url.hostname, url.port), timeout=30)
+    tls = setup.client_tls()
+    if tls:
+        sock = tls.wrap_socket(sock, server_hostname=url.hostname)
+    head = f"PUT /{SERVER_ID}/{oid} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    sock.sendall(head.encode() + b"%x\r\n%b\r\n" % (len(first), first))
+    return sock
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+@pytest.mark.parametrize("ending", ["completed", "aborted"])
+def test_curl_over_http10_never_takes_a_cut_off_upload_for_a_whole_one(ending, scheme, setups, tmp_path):
+    """To HTTP/1.0 a body of unknown length ends with the connection (issue 14, item 3): curl
+    --http1.0 following an upload sent without a Content-Length gets it once stored, with its
+    Content-Length, or an error if the upload is aborted; never a short file and exit 0."""
+    client_for("curl", None)
+    setup = setups(scheme)
+    data, oid = blob(MB, seed=seed_of("http1.0", ending, scheme))
+    with https_session(setup.ca) as session, contextlib.ExitStack() as stack:
+        upload = stack.enter_context(start_chunked_upload(setup, oid, data[: MB // 2]))
+        wait_until(lambda: session.head(setup.main.url(oid), timeout=10).status_code == 200, message="the upload")
+        pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(1))
+        before = session.get(setup.main.url(), timeout=10).json()["waiting_readers"]
+        wait = 30 if ending == "completed" else 3  # an aborted upload's reader gets 404 at the end of its wait
+        call = Call("GET", setup.main.url(oid) + f"?wait={wait}", tmp_path / "answer", setup.ca)
+        download = pool.submit(by_curl, call, "--http1.0")
+        wait_until(
+            lambda: session.get(setup.main.url(), timeout=10).json()["waiting_readers"] > before,
+            message="curl to wait",
+        )
+        if ending == "completed":
+            rest = data[MB // 2 :]
+            upload.sendall(b"%x\r\n%b\r\n0\r\n\r\n" % (len(rest), rest))
+            assert upload.makefile("rb").readline().startswith(b"HTTP/1.1 201")
+        else:
+            upload.close()
+        outcome = download.result(timeout=TOOL_TIMEOUT)
+        if ending == "completed":
+            assert session.delete(setup.main.url(oid), timeout=10).status_code == 200
+    if ending == "completed":
+        assert outcome.status == 200 and outcome.sha256() == sha256(data), str(outcome)
+    else:
+        assert outcome.status == 404, str(outcome)
+
+
+# -- CORS as curl sees it -------------------------------------------------------------------
+
+
+def cors_headers(setup, origin: str, *options: str) -> tuple[int, dict]:
+    command = ["curl", "-sS", "-o", "/dev/null", "-D", "-", *options, "-H", f"Origin: {origin}"]
+    command += ["--cacert", setup.ca] if setup.ca else []
+    result = run_tool([*command, setup.main.url(sha256(b"cors"))])
+    lines = result.stdout.replace("\r", "").splitlines()
+    headers = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
+    return int(lines[0].split()[1]), {name.lower(): value for name, value in headers.items()}
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_a_preflight_from_the_allowed_origin_is_answered_and_no_other(scheme, setups, pages):
+    client_for("curl", None)
+    setup = setups(scheme)
+    preflight = ["-X", "OPTIONS", "-H", "Access-Control-Request-Method: PUT"]
+    preflight += ["-H", "Access-Control-Request-Headers: content-range, if-none-match"]
+    status, headers = cors_headers(setup, pages[0].origin, *preflight)
+    assert status == 204, headers
+    assert headers["access-control-allow-origin"] == pages[0].origin
+    assert {"GET", "HEAD", "PUT", "DELETE"} <= {m.strip() for m in headers["access-control-allow-methods"].split(",")}
+    allowed = {name.strip().lower() for name in headers["access-control-allow-headers"].split(",")}
+    assert {"content-range", "if-none-match", "range", "prefer", "max-downloads"} <= allowed
+    assert int(headers["access-control-max-age"]) > 0
+    status, headers = cors_headers(setup, pages[1].origin, *preflight)
+    assert status >= 400 and not [name for name in headers if name.startswith("access-control-")], headers
+    status, headers = cors_headers(setup, pages[0].origin)  # a GET: a missing object, readable by the page
+    assert status == 404 and headers["access-control-allow-origin"] == pages[0].origin
+    exposed = {name.strip().lower() for name in headers["access-control-expose-headers"].split(",")}
+    assert {"etag", "content-range", "upload-offset", "upload-ranges", "retry-after", "repr-digest"} <= exposed
+    assert "Origin" in headers["vary"]
