@@ -2912,6 +2912,15 @@ def make_app(config: RelayConfig, state: SharedState | None = None):
         headers = {"Retry-After": str(error.retry_after)} if error.retry_after else {}
         return reply(error.status, error.reason, headers, close=close)
 
+    def cors_preflight():
+        """A page's question whether it may send a request: yes, from an allowed origin."""
+        headers = {
+            "Access-Control-Allow-Methods": _CORS_ALLOWED_METHODS,
+            "Access-Control-Allow-Headers": _CORS_ALLOWED_HEADERS,
+            "Access-Control-Max-Age": "600",
+        }
+        return bottle.HTTPResponse(None, 204, headers)
+
     def require_server_id(callback):
         """Bottle plugin: every route needs the server ID as its first path segment.
 
@@ -2919,6 +2928,8 @@ def make_app(config: RelayConfig, state: SharedState | None = None):
         sent, and the refusal is the same whatever the path."""
 
         def checked(*args, **kwargs):
+            if request.method == "OPTIONS" and _is_cors_preflight(request.environ, config.cors_origins):
+                return cors_preflight()  # the same for every path, so that the page can read a 403
             given = request.environ.get("PATH_INFO", "").split("/", 2)[1:2] or [""]
             digest = hashlib.sha256(given[0].encode("latin-1", "replace")).digest()
             if not hmac.compare_digest(digest, expected_id):
@@ -3193,24 +3204,13 @@ def make_app(config: RelayConfig, state: SharedState | None = None):
             return refuse(exc, close=False)
         return reply(200, f"deleted {oid}")
 
-    def other_method(allowed: str):
-        """A CORS preflight from an allowed origin, or 405."""
-        if request.method == "OPTIONS" and _is_cors_preflight(request.environ, config.cors_origins):
-            headers = {
-                "Access-Control-Allow-Methods": allowed,
-                "Access-Control-Allow-Headers": _CORS_ALLOWED_HEADERS,
-                "Access-Control-Max-Age": "600",
-            }
-            return bottle.HTTPResponse(None, 204, headers)
-        return reply(405, "method not allowed", {"Allow": allowed}, close=True)
-
     @app.route("/<server_id>/<oid_text>", method="ANY")
     def object_other(oid_text):
-        return other_method(_CORS_ALLOWED_METHODS)
+        return reply(405, "method not allowed", {"Allow": "GET, HEAD, PUT, DELETE"}, close=True)
 
     @app.route("/<server_id>", method="ANY")
     def relay_other():
-        return other_method("GET, HEAD, DELETE")
+        return reply(405, "method not allowed", {"Allow": "GET, HEAD, DELETE"}, close=True)
 
     @app.route("/", method="ANY")
     @app.route("/<path:path>", method="ANY")

@@ -457,3 +457,17 @@ def test_any_origin(make_app):
     assert answer.headers["Access-Control-Allow-Origin"] == "*" and "Vary" not in answer.headers
     preflight = {"Origin": PAGE_ORIGIN, "Access-Control-Request-Method": "DELETE"}
     assert app.options(object_url(oid), headers=preflight, status=204).headers["Access-Control-Allow-Methods"]
+
+
+def test_a_preflight_is_answered_alike_whatever_the_server_id_so_a_page_reads_its_403(make_app):
+    """A page's PUT is preflighted: if the preflight of a wrong server ID were refused, the
+    page would see only a network error. Every path gets the same preflight answer, so it
+    tells nothing about the ID, and the PUT itself gets a 403 the page can read."""
+    app = make_app(cors_origins=(PAGE_ORIGIN,))
+    data, oid = blob(1000)
+    preflight = {"Origin": PAGE_ORIGIN, "Access-Control-Request-Method": "PUT"}
+    right = app.options(object_url(oid), headers=preflight, status=204)
+    wrong = app.options(object_url(oid, server_id="wrong-id"), headers=preflight, status=204)
+    assert right.headers == wrong.headers
+    refused = app.put(object_url(oid, server_id="wrong-id"), data, headers={"Origin": PAGE_ORIGIN}, status=403)
+    assert refused.headers["Access-Control-Allow-Origin"] == PAGE_ORIGIN
