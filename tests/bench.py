@@ -69,7 +69,9 @@ SERVER_ID = "bench-relay-server-id-0123456789"
 BLOCK = 1 << 20
 MB = 1e6  # rates are MB/s, as curl and disk tools print them
 MiB = 1 << 20
-SCENARIOS = ("reference", "transfer", "stream", "chunked", "concurrency")
+SCENARIOS = ("reference", "transfer", "concurrency", "stream", "stream-pairs", "chunked", "client")
+# The issue's table, in its order: rows are shown sorted by their scenario's place here.
+ROW_ORDER = ("reference", "upload", "download", "concurrency", "stream", "stream-pairs", "memory", "chunked", "client")
 ALIASES = {"upload": "transfer", "download": "transfer", "rss": "transfer", "memory": "transfer"}
 WRITE_OUT = "%{http_code} %{time_total} %{size_upload} %{size_download}"
 SAMPLE_INTERVAL = 0.05  # seconds between memory samples
@@ -87,8 +89,11 @@ class Defaults:
     stream_size: str = "1G"
     chunked_size: str = "1G"
     chunk_size: str = "64M"
-    clients: int = 32
-    client_size: str = "32M"
+    clients: int = 16
+    client_size: str = "16M"
+    pairs: int = 16
+    pair_size: str = "16M"
+    send_size: str = "1G"
     reference_size: str = "1G"
 
 
@@ -98,8 +103,11 @@ QUICK = Defaults(
     stream_size="64M",
     chunked_size="64M",
     chunk_size="8M",
-    clients=32,
+    clients=16,
     client_size="1M",
+    pairs=16,
+    pair_size="1M",
+    send_size="64M",
     reference_size="64M",
 )
 
@@ -107,7 +115,8 @@ QUICK = Defaults(
 TARGETS = {
     "upload": (">=", 0.9),
     "download": (">=", 0.95),
-    "stream": ("<=", 1.15),
+    "stream": ("<=", 1.0),  # relay's end-to-end time / piping-server's
+    "stream-pairs": (">=", 1.0),
     "chunked": (">=", 0.8),
     "concurrency": (">=", 0.8),
     "memory": ("<=", 64.0),  # MiB, peak PSS of the relay's process tree
@@ -331,6 +340,14 @@ class Server:
     def object_url(self, name: str) -> str:
         raise NotImplementedError
 
+    def receiver_url(self, name: str) -> str:
+        """Where a receiver GETs an object that is not sent yet."""
+        return self.object_url(name)
+
+    def receiver_waiting(self, name: str) -> bool:
+        """Whether a receiver of *name* is waiting (the streaming scenarios' start signal)."""
+        raise NotImplementedError
+
     def stored_path(self, name: str) -> Path:
         raise NotImplementedError
 
@@ -403,6 +420,12 @@ class Relay(Server):
 
     def object_url(self, name: str) -> str:
         return f"{self.base}/{name}"
+
+    def receiver_url(self, name: str) -> str:
+        return f"{self.base}/{name}?wait=120"
+
+    def receiver_waiting(self, name: str) -> bool:
+        return self.status()["waiting_readers"] >= 1
 
     def stored_path(self, name: str) -> Path:
         return self.files / name
@@ -491,6 +514,89 @@ class Nginx(Server):
 
     def stored_path(self, name: str) -> Path:
         return self.root / name
+
+
+PIPING_PACKAGE = "piping-server@1"
+
+
+def piping_unavailable() -> str | None:
+    """Why piping-server cannot be the streaming reference, or None if it can."""
+    missing = [tool for tool in ("node", "npm") if shutil.which(tool) is None]
+    if missing:
+        return f"{' and '.join(missing)} not found (apt-get install nodejs npm): piping-server figures skipped"
+    return None
+
+
+class PipingServer(Server):
+    """piping-server (npm), the streaming reference: a sender PUTs to /NAME, a receiver
+    GETs /NAME, and it waits for both, then pipes one into the other. It neither hashes
+    nor stores: there is nothing to delete, and nothing on disk."""
+
+    name = "piping-server"
+
+    def __init__(self, work: Path, location: Path):
+        self.work = work
+        self.location = location  # its executable, or an npm prefix to install it under
+        self.log_path = work / "piping-server.log"
+        self.version = None
+
+    def executable(self) -> Path:
+        """The piping-server command, installed with npm into the prefix on first use."""
+        if self.location.is_file():
+            return self.location
+        command = self.location / "node_modules" / ".bin" / "piping-server"
+        if not command.exists():
+            self.location.mkdir(parents=True, exist_ok=True)
+            done = subprocess.run(
+                ["npm", "install", "--no-audit", "--no-fund", "--prefix", str(self.location), PIPING_PACKAGE],
+                capture_output=True,
+                text=True,
+                stdin=subprocess.DEVNULL,
+                timeout=600,
+            )
+            if done.returncode != 0 or not command.exists():
+                raise BenchError(f"npm install {PIPING_PACKAGE} failed: {(done.stderr or done.stdout).strip()[-500:]}")
+        return command
+
+    def start(self) -> PipingServer:
+        command = self.executable()
+        self.version = subprocess.run(
+            [str(command), "--version"], capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60
+        ).stdout.strip()
+        port = free_port()
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                [str(command), "--host", "127.0.0.1", "--http-port", str(port)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.base = f"http://127.0.0.1:{port}"
+
+        def answers() -> bool:
+            self._check_alive(self.log_path)
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    return True
+            except OSError:
+                return False
+
+        wait_until(answers, START_TIMEOUT, "piping-server to listen")
+        return self
+
+    def object_url(self, name: str) -> str:
+        return f"{self.base}/{name}"
+
+    def receiver_waiting(self, name: str) -> bool:
+        # It logs each request line as it arrives (Node writes to a file synchronously).
+        return f"GET /{name} HTTP/" in self.log_path.read_text(errors="replace")
+
+    def delete(self, name: str) -> None:
+        pass  # nothing is stored
+
+    def clear(self, name: str) -> None:
+        os.sync()
 
 
 # ---------------------------------------------------------------------------
@@ -587,6 +693,30 @@ class Results:
         row = Row(scenario, what, unit, summary(relay), reference_name, summary(reference), summary(pairs), note=note)
         return self.add(row, target_key)
 
+    def memory(self, label: str, peaks: Peaks, reference: str = "") -> None:
+        """Two rows: the peak PSS and summed RSS of the relay's process tree during
+        *label*, beside *reference*'s; the target is on the relay's worst PSS."""
+        for figure, values in (("PSS", peaks.pss), ("summed RSS", peaks.rss)):
+            relay, other = values.get("relay", []), values.get(reference, []) if reference else []
+            row = Row("memory", f"peak {figure}, {label}", "MiB", summary(relay), reference, summary(other))
+            if figure == "PSS" and relay:
+                judge(row, "memory", max(relay))
+                row.target += " MiB"
+            self.add(row)
+
+
+class Peaks:
+    """The peak memory of each server's process tree, one figure a run, by server name."""
+
+    def __init__(self):
+        self.rss: dict[str, list[float]] = {}
+        self.pss: dict[str, list[float]] = {}
+
+    def add(self, name: str, *watches: Watch) -> None:
+        """Record one run of *name*: the highest peak of its *watches*."""
+        self.rss.setdefault(name, []).append(max(watch.peak_rss for watch in watches) / MiB)
+        self.pss.setdefault(name, []).append(max(watch.peak_pss for watch in watches) / MiB)
+
 
 def _cell(stats: dict | None, digits: int = 1) -> str:
     if stats is None:
@@ -597,10 +727,15 @@ def _cell(stats: dict | None, digits: int = 1) -> str:
     return f"{median:.{digits}f} [{low:.{digits}f}-{high:.{digits}f}]"
 
 
+def ordered(rows: list[Row]) -> list[Row]:
+    """The rows in the issue's order (ROW_ORDER), each scenario's in the order measured."""
+    return sorted(rows, key=lambda row: ROW_ORDER.index(row.scenario) if row.scenario in ROW_ORDER else len(ROW_ORDER))
+
+
 def render_table(results: Results) -> str:
     header = ("scenario", "unit", "relay", "reference", "ref value", "ratio", "target", "verdict")
     lines = [header]
-    for row in results.rows:
+    for row in ordered(results.rows):
         digits = 2 if row.unit in ("s", "x") else 1
         verdict = "" if row.passed is None else ("PASS" if row.passed else "FAIL")
         ratio = _cell(row.ratio, 2)
@@ -622,7 +757,7 @@ def render_table(results: Results) -> str:
         out.append("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=False)).rstrip())
         if index == 0:
             out.append("  ".join("-" * width for width in widths))
-    for row in results.rows:
+    for row in ordered(results.rows):
         if row.note:
             out.append(f"  * {row.what}: {row.note}")
     return "\n".join(out)
@@ -687,6 +822,7 @@ def machine_info(work: Path, nginx: Nginx | None) -> dict:
         "bottle": _version("bottle"),
         "curl": curl_version,
         "nginx": nginx_version,
+        "piping_server": None,  # its version, once started
         "load_average_at_start": _read("/proc/loadavg").split()[:3],
     }
 
@@ -703,11 +839,17 @@ class Bench:
     data: DataFiles
     relay: Relay
     nginx: Nginx | None
+    piping: PipingServer | None
     results: Results
     scratch: Path  # downloads to verify: tmpfs when there is one, so disk is not measured
 
     def servers(self) -> list[Server]:
+        """The relay and its upload/download reference."""
         return [self.relay] + ([self.nginx] if self.nginx else [])
+
+    def streamers(self) -> list[Server]:
+        """The relay and its streaming reference."""
+        return [self.relay] + ([self.piping] if self.piping else [])
 
     def log(self, text: str) -> None:
         print(text, file=sys.stderr, flush=True)
@@ -789,8 +931,9 @@ def scenario_transfer(bench: Bench) -> None:
     for size in bench.args.sizes:
         path, oid = bench.data.file(size)
         label = format_size(size)
-        figures = ("put", "put_cpu", "get", "get_cpu", "rss", "pss", "put_fsync")
+        figures = ("put", "put_cpu", "get", "get_cpu", "put_fsync")
         seen = {server.name: {figure: [] for figure in figures} for server in bench.servers()}
+        peaks = Peaks()
         for run in range(bench.args.runs):
             for server in bench.servers():
                 mine = seen[server.name]
@@ -807,12 +950,11 @@ def scenario_transfer(bench: Bench) -> None:
                 mine["get"].append(size / get.seconds / MB)
                 mine["put_cpu"].append(put_watch.cpu / (size / (1 << 30)))
                 mine["get_cpu"].append(get_watch.cpu / (size / (1 << 30)))
-                mine["rss"].append(put_watch.peak_rss / MiB)
-                mine["pss"].append(put_watch.peak_pss / MiB)
+                peaks.add(server.name, put_watch, get_watch)
                 bench.log(
                     f"{server.name} {label} run {run + 1}: PUT {mine['put'][-1]:.0f} MB/s "
                     f"({mine['put_cpu'][-1]:.2f} CPU s/GiB), GET {mine['get'][-1]:.0f} MB/s "
-                    f"({mine['get_cpu'][-1]:.2f} CPU s/GiB), peak PSS {mine['pss'][-1]:.1f} MiB"
+                    f"({mine['get_cpu'][-1]:.2f} CPU s/GiB), peak PSS {peaks.pss[server.name][-1]:.1f} MiB"
                 )
         relay = seen["relay"]
         nginx = seen.get("nginx", {figure: [] for figure in figures})
@@ -827,69 +969,152 @@ def scenario_transfer(bench: Bench) -> None:
         results.paired(
             "download", f"download {label}: server CPU", "s/GiB", relay["get_cpu"], with_nginx, nginx["get_cpu"]
         )
-        row = results.paired(
-            "memory",
-            f"peak PSS during {label} PUT",
-            "MiB",
-            relay["pss"],
-            with_nginx,
-            nginx["pss"],
-            note=f"relay's summed RSS (shared pages counted once per process): max {max(relay['rss']):.1f} MiB",
-        )
-        if size == max(bench.args.sizes):
-            judge(row, "memory", max(relay["pss"]))  # the worst run's peak
+        results.memory(f"{label} PUT+GET", peaks, with_nginx)
+
+
+def _streamed(server: Server, path: Path, name: str, size: int, output: str = os.devnull) -> tuple[float, float]:
+    """A receiver's GET started first, then the upload once the server has it waiting:
+    (end-to-end seconds, from the upload's start to the download's end; how long the
+    download ended after the upload's response)."""
+    reader = subprocess.Popen(
+        curl_command(server.receiver_url(name), output=output, size=size),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until(lambda: server.receiver_waiting(name), 10, f"the receiver to wait at {server.name}")
+        started = time.monotonic()
+        _put(server, path, name, size)
+        uploaded = time.monotonic()
+        out, err = reader.communicate(timeout=60 + size / WORST_RATE)
+        finished = time.monotonic()
+    finally:
+        if reader.poll() is None:
+            reader.kill()
+            reader.wait()
+    parse_transfer(reader.returncode, out, err).check((200,), size, f"{server.name} streamed GET")
+    return finished - started, finished - uploaded
 
 
 def scenario_stream(bench: Bench) -> None:
-    """A reader waiting before the upload starts, against the upload alone."""
+    """A receiver waiting before the upload starts: the relay's end-to-end time against
+    piping-server's for the same bytes, and against the relay's upload alone."""
     size = bench.args.stream_size
     path, oid = bench.data.file(size)
     label = format_size(size)
     relay = bench.relay
-    alone, end_to_end, lag = [], [], []
+    alone, lag = [], []
+    end_to_end = {server.name: [] for server in bench.streamers()}
+    peaks = Peaks()
     for run in range(bench.args.runs):
         relay.clear(oid)
         bench.recycle_pages(size)
         alone.append(_put(relay, path, oid, size).seconds)
-        relay.clear(oid)
-        bench.recycle_pages(size)
+        for server in bench.streamers():
+            server.clear(oid)
+            bench.recycle_pages(size)
+            with Watch(server.process.pid) as watch:
+                seconds, late = _streamed(server, path, oid, size)
+            peaks.add(server.name, watch)
+            end_to_end[server.name].append(seconds)
+            if server is relay:
+                lag.append(late)
+            server.delete(oid)
+        piping = f", piping-server {end_to_end['piping-server'][-1]:.2f} s" if bench.piping else ""
+        bench.log(
+            f"stream {label} run {run + 1}: relay end-to-end {end_to_end['relay'][-1]:.2f} s{piping}, "
+            f"relay upload alone {alone[-1]:.2f} s"
+        )
+    relayed = end_to_end["relay"]
+    note = f"the relay's download ended {statistics.median(lag):.2f} s (median) after its upload's response"
+    if bench.piping:
+        piped = end_to_end["piping-server"]
+        bench.results.paired("stream", f"stream {label}: end-to-end", "s", relayed, "piping-server", piped, "stream")
+    bench.results.paired("stream", f"stream {label}: end-to-end", "s", relayed, "relay upload alone", alone, note=note)
+    bench.results.memory(f"stream {label}", peaks, "piping-server" if bench.piping else "")
 
+
+def scenario_stream_pairs(bench: Bench) -> None:
+    """N sender/receiver pairs at once, each its own file, the receiver started first:
+    aggregate MB/s (bytes delivered over the time until the last pair ended), relay
+    against piping-server. Every download is kept in scratch and verified by SHA-256
+    after the clock stops."""
+    count, size = bench.args.pairs, bench.args.pair_size
+    files = [bench.data.file(size, tag=f"pair{index:03d}") for index in range(count)]
+    label = f"{count} streaming pairs x {format_size(size)}"
+    rates = {server.name: [] for server in bench.streamers()}
+    failed = dict.fromkeys(rates, 0)
+    peaks = Peaks()
+    for run in range(bench.args.runs):
+        for server in bench.streamers():
+            seconds, reasons, watch = _stream_pairs(bench, server, files)
+            peaks.add(server.name, watch)
+            rates[server.name].append(count * size / seconds / MB)
+            failed[server.name] += len(reasons)
+            for reason in reasons[:3]:
+                bench.results.errors.append(f"stream-pairs {server.name}: {reason}")
+            bench.log(f"{label} {server.name} run {run + 1}: {rates[server.name][-1]:.0f} MB/s, {len(reasons)} failed")
+    note = "failures: " + ", ".join(f"{name} {number}" for name, number in failed.items())
+    reference = "piping-server" if bench.piping else ""
+    row = bench.results.paired(
+        "stream-pairs", label, "MB/s", rates["relay"], reference, rates.get(reference, []), "stream-pairs", note
+    )
+    if failed["relay"]:
+        row.passed = False
+    bench.results.memory(label, peaks, reference)
+
+
+def _stream_pairs(bench: Bench, server: Server, files: list) -> tuple[float, list[str], Watch]:
+    """Every pair at once: (seconds, failures, the server's memory watch)."""
+    scratch = Path(tempfile.mkdtemp(prefix="pairs-", dir=bench.scratch))
+
+    def pair(index: int) -> None:
+        path, oid = files[index]
+        size = path.stat().st_size
         reader = subprocess.Popen(
-            curl_command(relay.object_url(oid) + "?wait=120", size=size),
+            curl_command(server.receiver_url(oid), output=str(scratch / oid), size=size),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
         try:
-            wait_until(lambda: relay.status()["waiting_readers"] >= 1, 10, "the reader to wait")
-            started = time.monotonic()
-            upload = _put(relay, path, oid, size)
-            uploaded = time.monotonic()
+            _put(server, path, oid, size)
             out, err = reader.communicate(timeout=60 + size / WORST_RATE)
-            finished = time.monotonic()
         finally:
             if reader.poll() is None:
                 reader.kill()
                 reader.wait()
-        parse_transfer(reader.returncode, out, err).check((200,), size, "streamed GET")
-        end_to_end.append(finished - started)
-        lag.append(finished - uploaded)
-        relay.delete(oid)
-        bench.log(
-            f"stream {label} run {run + 1}: upload alone {alone[-1]:.2f} s, end-to-end {end_to_end[-1]:.2f} s "
-            f"(streamed upload {upload.seconds:.2f} s)"
-        )
-    bench.results.paired(
-        "stream",
-        f"stream {label}: end-to-end",
-        "s",
-        end_to_end,
-        "upload alone",
-        alone,
-        "stream",
-        note=f"the download ended {statistics.median(lag):.2f} s (median) after the upload's response",
-    )
+        parse_transfer(reader.returncode, out, err).check((200,), size, f"{server.name} streamed GET")
+
+    try:
+        for _path, oid in files:
+            server.delete(oid)
+        os.sync()
+        bench.recycle_pages(sum(path.stat().st_size for path, _ in files))
+        failures = []
+        with Watch(server.process.pid) as watch:
+            started = time.monotonic()
+            with concurrent.futures.ThreadPoolExecutor(len(files)) as pool:
+                for future in [pool.submit(pair, index) for index in range(len(files))]:
+                    try:
+                        future.result()
+                    except (BenchError, subprocess.SubprocessError, OSError) as exc:
+                        failures.append(str(exc))
+            seconds = time.monotonic() - started
+        for _path, oid in files:
+            got = scratch / oid
+            if got.exists() and sha256_file(got) != oid:
+                failures.append(f"{server.name}: download of {oid[:12]} does not match")
+            elif not got.exists() and not failures:
+                failures.append(f"{server.name}: no download of {oid[:12]}")
+        for _path, oid in files:
+            server.delete(oid)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return seconds, failures, watch
 
 
 def scenario_chunked(bench: Bench) -> None:
@@ -900,28 +1125,32 @@ def scenario_chunked(bench: Bench) -> None:
     label = f"{format_size(size)} in {format_size(chunk)} chunks"
     relay = bench.relay
     single, chunked = [], []
+    peaks = Peaks()
     for run in range(bench.args.runs):
         relay.clear(oid)
         bench.recycle_pages(size)
         single.append(size / _put(relay, path, oid, size).seconds / MB)
         relay.clear(oid)
         bench.recycle_pages(size)
-        started = time.monotonic()
-        for index, (piece, first, last) in enumerate(pieces):
-            expected = 201 if index == len(pieces) - 1 else 202
-            transfer = curl(
-                relay.object_url(oid), "-H", f"Content-Range: bytes {first}-{last}/{size}", upload=piece, size=chunk
-            )
-            transfer.check((expected,), last - first + 1, f"chunk {first}-{last}")
-        chunked.append(size / (time.monotonic() - started) / MB)
+        with Watch(relay.process.pid) as watch:
+            started = time.monotonic()
+            for index, (piece, first, last) in enumerate(pieces):
+                expected = 201 if index == len(pieces) - 1 else 202
+                transfer = curl(
+                    relay.object_url(oid), "-H", f"Content-Range: bytes {first}-{last}/{size}", upload=piece, size=chunk
+                )
+                transfer.check((expected,), last - first + 1, f"chunk {first}-{last}")
+            chunked.append(size / (time.monotonic() - started) / MB)
+        peaks.add("relay", watch)
         relay.delete(oid)
         bench.log(f"chunked {label} run {run + 1}: {chunked[-1]:.0f} MB/s, single PUT {single[-1]:.0f} MB/s")
     bench.results.paired("chunked", f"chunked {label}", "MB/s", chunked, "single PUT", single, "chunked")
+    bench.results.memory(f"chunked {label}", peaks)
 
 
-def _round_trips(bench: Bench, server: Server, files: list, durable: bool) -> tuple[float, int, list[str]]:
-    """Every client's PUT then GET at once: (seconds, failures, reasons). Downloads are
-    kept in scratch and verified after the clock stops."""
+def _round_trips(bench: Bench, server: Server, files: list, durable: bool) -> tuple[float, int, list[str], Watch]:
+    """Every client's PUT then GET at once: (seconds, failures, reasons, the server's
+    memory watch). Downloads are kept in scratch and verified after the clock stops."""
     scratch = Path(tempfile.mkdtemp(prefix="clients-", dir=bench.scratch))
 
     def round_trip(index: int) -> Transfer:
@@ -938,15 +1167,16 @@ def _round_trips(bench: Bench, server: Server, files: list, durable: bool) -> tu
         os.sync()
         bench.recycle_pages(sum(path.stat().st_size for path, _ in files))
         failures = []
-        started = time.monotonic()
-        with concurrent.futures.ThreadPoolExecutor(len(files)) as pool:
-            futures = [pool.submit(round_trip, index) for index in range(len(files))]
-            for future in futures:
-                try:
-                    future.result()
-                except (BenchError, subprocess.SubprocessError, OSError) as exc:
-                    failures.append(str(exc))
-        seconds = time.monotonic() - started
+        with Watch(server.process.pid) as watch:
+            started = time.monotonic()
+            with concurrent.futures.ThreadPoolExecutor(len(files)) as pool:
+                futures = [pool.submit(round_trip, index) for index in range(len(files))]
+                for future in futures:
+                    try:
+                        future.result()
+                    except (BenchError, subprocess.SubprocessError, OSError) as exc:
+                        failures.append(str(exc))
+            seconds = time.monotonic() - started
         for _path, oid in files:
             got = scratch / oid
             if got.exists() and sha256_file(got) != oid:
@@ -957,7 +1187,7 @@ def _round_trips(bench: Bench, server: Server, files: list, durable: bool) -> tu
             server.delete(oid)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    return seconds, len(failures), failures
+    return seconds, len(failures), failures, watch
 
 
 def scenario_concurrency(bench: Bench) -> None:
@@ -971,9 +1201,11 @@ def scenario_concurrency(bench: Bench) -> None:
     variants = [("relay", bench.relay, False)]
     if bench.nginx:
         variants += [("nginx", bench.nginx, False), ("nginx+fsync", bench.nginx, True)]
+    peaks = Peaks()
     for run in range(bench.args.runs):
         for name, server, durable in variants:
-            seconds, failures, reasons = _round_trips(bench, server, files, durable)
+            seconds, failures, reasons, watch = _round_trips(bench, server, files, durable)
+            peaks.add(name, watch)
             rates[name].append(moved / seconds / MB)
             failed[name] += failures
             for reason in reasons[:3]:
@@ -993,6 +1225,72 @@ def scenario_concurrency(bench: Bench) -> None:
         row = bench.results.add(Row("concurrency", f"{label}, PUT+GET", "MB/s", summary(rates["relay"]), note=note))
     if failed["relay"]:
         row.passed = False
+    bench.results.memory(label, peaks, "nginx" if bench.nginx else "")
+
+
+def _timed(command: list[str], size: int, what: str) -> tuple[float, str]:
+    """Run a client to the end: (wall seconds, its stdout); a failure is a BenchError."""
+    started = time.monotonic()
+    done = subprocess.run(
+        command, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=int(90 + size / WORST_RATE)
+    )
+    seconds = time.monotonic() - started
+    if done.returncode != 0:
+        raise BenchError(f"{what}: exit {done.returncode} {done.stderr.strip()[-300:]}")
+    return seconds, done.stdout
+
+
+def scenario_client(bench: Bench) -> None:
+    """The built-in client against curl for the same transfer, wall time of each process:
+    `file_relay.py send` (its defaults: it hashes the file first, then sends it in one
+    request or in --chunk-size chunks) against `curl -T`, and `file_relay.py get -o`
+    (hashed as it arrives, renamed into place) against `curl -o` into the same directory."""
+    size = bench.args.send_size
+    path, oid = bench.data.file(size)
+    label = format_size(size)
+    relay = bench.relay
+    url = relay.object_url(oid)
+    client = [sys.executable, str(bench.args.relay.absolute())]
+    folder = bench.scratch if shutil.disk_usage(bench.scratch).free > 3 * size else bench.work
+    out = Path(tempfile.mkdtemp(prefix="client-", dir=folder))
+    rates = {figure: [] for figure in ("curl_put", "send", "curl_get", "get")}
+    peaks = Peaks()
+    try:
+        for run in range(bench.args.runs):
+            relay.clear(oid)
+            bench.recycle_pages(size)
+            seconds, _ = _timed(curl_command(url, "-f", upload=path, size=size), size, "curl -T")
+            rates["curl_put"].append(size / seconds / MB)
+            relay.clear(oid)
+            bench.recycle_pages(size)
+            with Watch(relay.process.pid) as send_watch:
+                seconds, printed = _timed([*client, "send", "-q", relay.base, str(path)], size, "send")
+            if url not in printed:
+                raise BenchError(f"send printed {printed.strip()[:200]!r}, not the object URL {url}")
+            rates["send"].append(size / seconds / MB)
+
+            seconds, _ = _timed(curl_command(url, "-f", output=str(out / "curl.out"), size=size), size, "curl -o")
+            (out / "curl.out").unlink()
+            rates["curl_get"].append(size / seconds / MB)
+            with Watch(relay.process.pid) as get_watch:
+                seconds, _ = _timed([*client, "get", "-q", url, "-o", str(out / "get.out")], size, "get")
+            rates["get"].append(size / seconds / MB)
+            peaks.add("relay", send_watch, get_watch)
+            if sha256_file(out / "get.out") != oid:
+                raise BenchError("get saved a file that does not match its SHA-256")
+            (out / "get.out").unlink()
+            relay.delete(oid)
+            bench.log(
+                f"client {label} run {run + 1}: send {rates['send'][-1]:.0f} MB/s, curl -T {rates['curl_put'][-1]:.0f}"
+                f" MB/s; get {rates['get'][-1]:.0f} MB/s, curl -o {rates['curl_get'][-1]:.0f} MB/s"
+            )
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    results = bench.results
+    note = "wall time of each client process; the issue sets no target"
+    results.paired("client", f"send {label}", "MB/s", rates["send"], "curl -T", rates["curl_put"], note=note)
+    results.paired("client", f"get {label} -o {folder}", "MB/s", rates["get"], "curl -o", rates["curl_get"])
+    results.memory(f"send+get {label}", peaks)
 
 
 SCENARIO_FUNCTIONS = {
@@ -1001,6 +1299,8 @@ SCENARIO_FUNCTIONS = {
     "stream": scenario_stream,
     "chunked": scenario_chunked,
     "concurrency": scenario_concurrency,
+    "stream-pairs": scenario_stream_pairs,
+    "client": scenario_client,
 }
 
 
@@ -1036,6 +1336,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--chunk-size", help=f"chunk of the chunked upload (default {defaults.chunk_size})")
     parser.add_argument("--clients", type=int, help=f"concurrent clients (default {defaults.clients})")
     parser.add_argument("--client-size", help=f"each client's file (default {defaults.client_size})")
+    parser.add_argument("--pairs", type=int, help=f"concurrent streaming pairs (default {defaults.pairs})")
+    parser.add_argument("--pair-size", help=f"each streaming pair's file (default {defaults.pair_size})")
+    parser.add_argument("--send-size", help=f"file of the send/get client scenario (default {defaults.send_size})")
     parser.add_argument("--reference-size", help=f"bytes hashed and written (default {defaults.reference_size})")
     parser.add_argument(
         "--relay", type=Path, default=RELAY_SCRIPT, help="the relay script to run (default: this checkout's)"
@@ -1044,6 +1347,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, help="relay threads per worker (default: the relay's default)")
     parser.add_argument("--nginx-workers", default="auto", help="nginx worker_processes (default auto)")
     parser.add_argument("--no-nginx", action="store_true", help="do not run nginx even if it is installed")
+    parser.add_argument(
+        "--piping-server",
+        type=Path,
+        help=f"the piping-server executable, or an npm prefix directory to install {PIPING_PACKAGE} into "
+        "(default: WORK/piping-server, so with --dir it is installed once)",
+    )
+    parser.add_argument("--no-piping-server", action="store_true", help="do not run piping-server")
     parser.add_argument(
         "--no-recycle",
         dest="recycle",
@@ -1069,12 +1379,20 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpar
             setattr(args, field.name, getattr(defaults, field.name))
     try:
         args.sizes = sorted(set(parse_sizes(args.sizes)))
-        for name in ("stream_size", "chunked_size", "chunk_size", "client_size", "reference_size"):
+        for name in (
+            "stream_size",
+            "chunked_size",
+            "chunk_size",
+            "client_size",
+            "pair_size",
+            "send_size",
+            "reference_size",
+        ):
             setattr(args, name, parse_size(getattr(args, name)))
     except argparse.ArgumentTypeError as exc:
         parser.error(str(exc))
-    if not args.sizes or min(args.sizes) < 1 or args.runs < 1 or args.clients < 1:
-        parser.error("sizes, runs and clients must be positive")
+    if not args.sizes or min(args.sizes) < 1 or min(args.runs, args.clients, args.pairs) < 1:
+        parser.error("sizes, runs, clients and pairs must be positive")
     if args.chunk_size < 1 or args.chunk_size > args.chunked_size:
         parser.error("--chunk-size must be between 1 byte and --chunked-size")
     return args
@@ -1090,8 +1408,11 @@ def space_needed(args: argparse.Namespace) -> int:
         data.add(args.stream_size)
     if "chunked" in chosen:
         data.add(args.chunked_size)
+    if "client" in chosen:
+        data.add(args.send_size)
     need = sum(data) + (args.chunked_size if "chunked" in chosen else 0)
     need += args.clients * args.client_size * 3 if "concurrency" in chosen else 0
+    need += args.pairs * args.pair_size * 3 if "stream-pairs" in chosen else 0
     return need + 2 * max(data | {args.reference_size}) + (256 << 20)
 
 
@@ -1123,10 +1444,16 @@ def main(argv: list[str] | None = None) -> int:
     if skip_nginx:
         results.notes.append(skip_nginx)
         print(f"note: {skip_nginx}", file=sys.stderr)
+    streaming = {"stream", "stream-pairs"} & set(args.only)
+    skip_piping = "--no-piping-server given" if args.no_piping_server else piping_unavailable()
+    if streaming and skip_piping:
+        results.notes.append(skip_piping)
+        print(f"note: {skip_piping}", file=sys.stderr)
     relay = Relay(work, args.relay.absolute(), args.workers, args.threads)
     nginx = None if skip_nginx else Nginx(work, args.nginx_workers)
+    piping = None if skip_piping or not streaming else PipingServer(work, args.piping_server or work / "piping-server")
     data = DataFiles(work / "data")
-    bench = Bench(args, work, data, relay, nginx, results, scratch)
+    bench = Bench(args, work, data, relay, nginx, piping, results, scratch)
     machine = machine_info(work, nginx)
     started = time.monotonic()
     try:
@@ -1142,6 +1469,14 @@ def main(argv: list[str] | None = None) -> int:
                 nginx.stop()
                 nginx = bench.nginx = None
                 results.notes.append(f"nginx did not start, its figures are skipped: {exc}")
+        if piping is not None:
+            try:
+                piping.start()
+                machine["piping_server"] = piping.version
+            except (BenchError, subprocess.SubprocessError, OSError) as exc:
+                piping.stop()
+                piping = bench.piping = None
+                results.notes.append(f"piping-server did not start, its figures are skipped: {exc}")
         idle = Watch(relay.process.pid)
         idle.sample()
         results.notes.append(f"relay idle: summed RSS {idle.peak_rss / MiB:.1f} MiB, PSS {idle.peak_pss / MiB:.1f} MiB")
@@ -1156,6 +1491,8 @@ def main(argv: list[str] | None = None) -> int:
         relay.stop()
         if nginx is not None:
             nginx.stop(signal.SIGQUIT)
+        if piping is not None:
+            piping.stop()
         for leftover in ("relay-files", "nginx-root", "nginx-body", "nginx-proxy"):
             shutil.rmtree(work / leftover, ignore_errors=True)
         if temporary and not args.keep:
@@ -1180,7 +1517,7 @@ def main(argv: list[str] | None = None) -> int:
         report = {
             "machine": machine,
             "settings": settings,
-            "rows": [dataclasses.asdict(row) for row in results.rows],
+            "rows": [dataclasses.asdict(row) for row in ordered(results.rows)],
             "notes": results.notes,
             "errors": results.errors,
         }
