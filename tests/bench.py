@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
-"""Benchmark file-relay against the machine's limits and against nginx (issue 8).
+"""Benchmark file-relay against the machine's limits, nginx and piping-server (issues 8, 16).
 
 A script, not a test: pytest does not collect it (its name does not start with test_).
-It starts its own relay (``sys.executable file_relay.py``) and, when nginx is installed
-with its WebDAV module, its own nginx, both on free loopback ports and over directories
-on the same filesystem; drives them with curl; and prints a table (and writes JSON) of
-medians with min-max over the runs. Run it with the interpreter that has the relay's
-dependencies:
+It starts its own relay (``sys.executable file_relay.py``); when nginx is installed with
+its WebDAV module, its own nginx, over a directory on the same filesystem (the upload and
+download reference); and, for the streaming scenarios, when node and npm are installed,
+piping-server (npm ``piping-server@1``, installed on first use under WORK/piping-server or
+--piping-server), the streaming reference, which neither hashes nor stores. All listen
+on free loopback ports. It drives them with curl and prints a table (and writes JSON) of
+medians with min-max over the runs, in the order of the issue's table. Run it with the
+interpreter that has the relay's dependencies:
 
     .venv/bin/python tests/bench.py --quick                  # seconds: a smoke run
     .venv/bin/python tests/bench.py --sizes 1G,4G --runs 3 --json bench.json
@@ -14,18 +17,28 @@ dependencies:
 Scenarios (``--only``, comma-separated):
   reference    hashlib.sha256 speed; disk write speed (buffered, and with fsync)
   transfer     per size: PUT (curl -T, default headers) then GET to /dev/null, relay and
-               nginx runs interleaved; the CPU time and peak memory (summed RSS and PSS)
-               of each server's process tree, from /proc (aliases: upload, download, rss)
-  stream       a GET started before the upload follows it; end-to-end time (upload
-               start to download end) against the same upload alone
+               nginx runs interleaved; the CPU time of each server's process tree
+               (aliases: upload, download, rss)
+  concurrency  N clients at once, each PUT then GET of its own file; aggregate MB/s,
+               failures, every download verified; relay against nginx
+  stream       a GET started before the upload; end-to-end time (upload start to
+               download end), relay against piping-server, and against the relay's
+               upload alone
+  stream-pairs N sender/receiver pairs at once, each its own file, the GET started
+               first; aggregate MB/s (bytes delivered over the time until the last pair
+               ended), relay against piping-server, every download verified
   chunked      the object sent as Content-Range chunks, one curl per chunk, against a
                single PUT of it
-  concurrency  N clients at once, each PUT then GET of its own file; aggregate MB/s,
-               failures, every download verified
+  client       file_relay.py send against curl -T, file_relay.py get -o against curl -o,
+               wall time of each process
 
-Every server figure is paired with its reference within each run (relay then nginx, or
-upload alone then streamed), and the ratio shown is the median of those per-run ratios:
-on a shared machine, noise that lasts seconds hits both sides of a pair alike.
+Every scenario also reports the peak PSS and summed RSS of each server's process tree
+while it ran, sampled from /proc (target: the relay's PSS <= 64 MiB).
+
+Every server figure is paired with its reference within each run (relay then nginx or
+piping-server, or upload alone then streamed), and the ratio shown is the median of
+those per-run ratios: on a shared machine, noise that lasts seconds hits both sides of
+a pair alike.
 
 nginx never fsyncs an upload while the relay does before it answers 201. So each nginx
 upload is followed by an fsync of the stored file, and "nginx+fsync" (PUT time plus
@@ -928,6 +941,7 @@ def scenario_transfer(bench: Bench) -> None:
     server's process tree is watched: peak memory, and CPU time (less sensitive than
     throughput to what else runs on the machine)."""
     results = bench.results
+    worst_pss = {}  # size: the relay's highest peak PSS
     for size in bench.args.sizes:
         path, oid = bench.data.file(size)
         label = format_size(size)
@@ -970,6 +984,10 @@ def scenario_transfer(bench: Bench) -> None:
             "download", f"download {label}: server CPU", "s/GiB", relay["get_cpu"], with_nginx, nginx["get_cpu"]
         )
         results.memory(f"{label} PUT+GET", peaks, with_nginx)
+        worst_pss[label] = max(peaks.pss["relay"])
+    if len(worst_pss) > 1:  # the target is "flat in size"
+        figures = ", ".join(f"{pss:.1f} MiB at {label}" for label, pss in worst_pss.items())
+        results.notes.append(f"relay's peak PSS by transfer size: {figures}")
 
 
 def _streamed(server: Server, path: Path, name: str, size: int, output: str = os.devnull) -> tuple[float, float]:
@@ -1324,7 +1342,7 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = Defaults()
     parser = argparse.ArgumentParser(
         prog="bench.py",
-        description="Benchmark file-relay against nginx and the machine's limits (issue 8).",
+        description="Benchmark file-relay against nginx, piping-server and the machine's limits (issues 8, 16).",
         epilog="--quick sets tiny sizes and fewer runs unless they are given explicitly.",
     )
     parser.add_argument("--quick", action="store_true", help="tiny sizes, 2 runs: a smoke run in seconds")
