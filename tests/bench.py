@@ -99,14 +99,14 @@ class Defaults:
 
     sizes: str = "1G,4G"
     runs: int = 3
-    stream_size: str = "1G"
-    chunked_size: str = "1G"
+    stream_size: str = "1G,4G"
+    chunked_size: str = "1G,4G"
     chunk_size: str = "64M"
     clients: int = 16
     client_size: str = "16M"
     pairs: int = 16
     pair_size: str = "16M"
-    send_size: str = "1G"
+    send_size: str = "1G,4G"
     reference_size: str = "1G"
 
 
@@ -1017,9 +1017,13 @@ def _streamed(server: Server, path: Path, name: str, size: int, output: str = os
 
 
 def scenario_stream(bench: Bench) -> None:
+    for size in bench.args.stream_size:
+        _stream_size(bench, size)
+
+
+def _stream_size(bench: Bench, size: int) -> None:
     """A receiver waiting before the upload starts: the relay's end-to-end time against
     piping-server's for the same bytes, and against the relay's upload alone."""
-    size = bench.args.stream_size
     path, oid = bench.data.file(size)
     label = format_size(size)
     relay = bench.relay
@@ -1136,8 +1140,13 @@ def _stream_pairs(bench: Bench, server: Server, files: list) -> tuple[float, lis
 
 
 def scenario_chunked(bench: Bench) -> None:
+    for size in bench.args.chunked_size:
+        _chunked_size(bench, size)
+
+
+def _chunked_size(bench: Bench, size: int) -> None:
     """The object sent in Content-Range chunks, one curl each, against a single PUT."""
-    size, chunk = bench.args.chunked_size, bench.args.chunk_size
+    chunk = bench.args.chunk_size
     path, oid = bench.data.file(size)
     pieces = bench.data.chunks(path, chunk)
     label = f"{format_size(size)} in {format_size(chunk)} chunks"
@@ -1259,11 +1268,15 @@ def _timed(command: list[str], size: int, what: str) -> tuple[float, str]:
 
 
 def scenario_client(bench: Bench) -> None:
+    for size in bench.args.send_size:
+        _client_size(bench, size)
+
+
+def _client_size(bench: Bench, size: int) -> None:
     """The built-in client against curl for the same transfer, wall time of each process:
     `file_relay.py send` (its defaults: it hashes the file first, then sends it in one
     request or in --chunk-size chunks) against `curl -T`, and `file_relay.py get -o`
     (hashed as it arrives, renamed into place) against `curl -o` into the same directory."""
-    size = bench.args.send_size
     path, oid = bench.data.file(size)
     label = format_size(size)
     relay = bench.relay
@@ -1349,14 +1362,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sizes", help=f"upload/download sizes (default {defaults.sizes})")
     parser.add_argument("--runs", type=int, help=f"runs per figure (default {defaults.runs})")
     parser.add_argument("--only", type=_scenarios, default=list(SCENARIOS), help=f"scenarios: {','.join(SCENARIOS)}")
-    parser.add_argument("--stream-size", help=f"object of the streaming relay (default {defaults.stream_size})")
-    parser.add_argument("--chunked-size", help=f"object of the chunked upload (default {defaults.chunked_size})")
+    parser.add_argument("--stream-size", help=f"objects streamed, comma-separated (default {defaults.stream_size})")
+    parser.add_argument("--chunked-size", help=f"objects sent in chunks (default {defaults.chunked_size})")
     parser.add_argument("--chunk-size", help=f"chunk of the chunked upload (default {defaults.chunk_size})")
     parser.add_argument("--clients", type=int, help=f"concurrent clients (default {defaults.clients})")
     parser.add_argument("--client-size", help=f"each client's file (default {defaults.client_size})")
     parser.add_argument("--pairs", type=int, help=f"concurrent streaming pairs (default {defaults.pairs})")
     parser.add_argument("--pair-size", help=f"each streaming pair's file (default {defaults.pair_size})")
-    parser.add_argument("--send-size", help=f"file of the send/get client scenario (default {defaults.send_size})")
+    parser.add_argument("--send-size", help=f"files of the send/get client scenario (default {defaults.send_size})")
     parser.add_argument("--reference-size", help=f"bytes hashed and written (default {defaults.reference_size})")
     parser.add_argument(
         "--relay", type=Path, default=RELAY_SCRIPT, help="the relay script to run (default: this checkout's)"
@@ -1396,23 +1409,17 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpar
         if getattr(args, field.name) is None:
             setattr(args, field.name, getattr(defaults, field.name))
     try:
-        args.sizes = sorted(set(parse_sizes(args.sizes)))
-        for name in (
-            "stream_size",
-            "chunked_size",
-            "chunk_size",
-            "client_size",
-            "pair_size",
-            "send_size",
-            "reference_size",
-        ):
+        for name in ("sizes", "stream_size", "chunked_size", "send_size"):  # lists
+            setattr(args, name, sorted(set(parse_sizes(getattr(args, name)))))
+        for name in ("chunk_size", "client_size", "pair_size", "reference_size"):
             setattr(args, name, parse_size(getattr(args, name)))
     except argparse.ArgumentTypeError as exc:
         parser.error(str(exc))
-    if not args.sizes or min(args.sizes) < 1 or min(args.runs, args.clients, args.pairs) < 1:
+    lists = (args.sizes, args.stream_size, args.chunked_size, args.send_size)
+    if not all(lists) or min(min(sizes) for sizes in lists) < 1 or min(args.runs, args.clients, args.pairs) < 1:
         parser.error("sizes, runs, clients and pairs must be positive")
-    if args.chunk_size < 1 or args.chunk_size > args.chunked_size:
-        parser.error("--chunk-size must be between 1 byte and --chunked-size")
+    if args.chunk_size < 1 or args.chunk_size > min(args.chunked_size):
+        parser.error("--chunk-size must be between 1 byte and the smallest --chunked-size")
     return args
 
 
@@ -1423,12 +1430,12 @@ def space_needed(args: argparse.Namespace) -> int:
     if "transfer" in chosen:
         data.update(args.sizes)
     if "stream" in chosen:
-        data.add(args.stream_size)
+        data.update(args.stream_size)
     if "chunked" in chosen:
-        data.add(args.chunked_size)
+        data.update(args.chunked_size)
     if "client" in chosen:
-        data.add(args.send_size)
-    need = sum(data) + (args.chunked_size if "chunked" in chosen else 0)
+        data.update(args.send_size)
+    need = sum(data) + (sum(args.chunked_size) if "chunked" in chosen else 0)  # and its chunks
     need += args.clients * args.client_size * 3 if "concurrency" in chosen else 0
     need += args.pairs * args.pair_size * 3 if "stream-pairs" in chosen else 0
     return need + 2 * max(data | {args.reference_size}) + (256 << 20)
