@@ -1318,7 +1318,7 @@ def _client_size(bench: Bench, size: int) -> None:
     finally:
         shutil.rmtree(out, ignore_errors=True)
     results = bench.results
-    note = "wall time of each client process; the issue sets no target"
+    note = "wall time of each client process, send with its defaults (chunks of 16M); the issue sets no target"
     results.paired("client", f"send {label}", "MB/s", rates["send"], "curl -T", rates["curl_put"], note=note)
     results.paired("client", f"get {label} -o {folder}", "MB/s", rates["get"], "curl -o", rates["curl_get"])
     results.memory(f"send+get {label}", peaks)
@@ -1535,6 +1535,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{machine['date']}  {machine['cpu']}, {machine['cores']} cores, {machine['ram_gib']} GiB, "
         f"kernel {machine['kernel']}, {filesystem['type']} on {filesystem['device']}, "
         f"Python {machine['python']}, gunicorn {machine['gunicorn']}, bottle {machine['bottle']}, "
+        f"{machine['nginx'] or 'no nginx'}, piping-server {machine['piping_server'] or '-'}, "
         f"load {' '.join(machine['load_average_at_start'])} -> {' '.join(machine['load_average_at_end'])}"
     )
     if args.json:
