@@ -334,17 +334,29 @@ def _trusted_proxies(text: str) -> str:
     return text
 
 
+_ORIGIN_RE = re.compile(r"(?i)(https?)://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::([0-9]{1,5}))?")
+
+
 def _cors_origins(text: str) -> tuple[str, ...]:
-    """A comma-separated list of origins (scheme://host[:port]), or '*'."""
-    origins = tuple(part.strip() for part in text.split(",") if part.strip())
-    for origin in origins:
-        if origin != "*" and not re.fullmatch(
-            r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?", origin
-        ):
-            raise ValueError(f"{origin!r} is not an origin such as https://example.org:8443")
+    """A comma-separated list of origins (scheme://host[:port]), or '*'; each written as
+    browsers send it (lowercase, without the scheme's default port), so that it can match."""
+    origins = []
+    for part in (part.strip() for part in text.split(",") if part.strip()):
+        match = _ORIGIN_RE.fullmatch(part)
+        if part == "*":
+            origins.append(part)
+            continue
+        if match is None:
+            raise ValueError(f"{part!r} is not an origin such as https://example.org:8443")
+        scheme, host, port = match.group(1).lower(), match.group(2).lower(), match.group(3)
+        default = {"http": 80, "https": 443}[scheme]
+        if port is not None and not 0 < int(port) < 65536:
+            raise ValueError(f"{part!r} has no valid port")
+        shown = "" if port is None or int(port) == default else f":{int(port)}"
+        origins.append(f"{scheme}://{host}{shown}")
     if "*" in origins and len(origins) > 1:
         raise ValueError("'*' stands alone")
-    return origins
+    return tuple(origins)
 
 
 def _readable_file(text: str) -> str:
@@ -2259,7 +2271,11 @@ class UploadFollower:
                 # can be read through the same mount: look again shortly.
                 if time.monotonic() - last_progress > self.stall_timeout:
                     raise UploadFailed("the upload's data could not be read")
-            elif verified or self.position == self.end:
+            elif self.position == self.end:
+                return
+            elif verified:
+                if self.end is not None and self.position < self.end:
+                    raise UploadFailed("the range asked for ends past the object")
                 return
             elif _lock_held(self.partial.fd, _WRITERS):
                 last_progress = time.monotonic()
@@ -2681,6 +2697,18 @@ def _parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     return first, last
 
 
+_CLOSED_RANGE_RE = re.compile(r"\s*bytes\s*=\s*([0-9]{1,19})\s*-\s*([0-9]{1,19})\s*")
+
+
+def _closed_range(header: str | None) -> tuple[int, int] | None:
+    """First and last byte of a Range 'bytes=A-B', or None: the only range of an object of
+    unknown length that can be answered before its end is known."""
+    match = _CLOSED_RANGE_RE.fullmatch(header or "")
+    if match is None or int(match.group(1)) > int(match.group(2)):
+        return None
+    return int(match.group(1)), int(match.group(2))
+
+
 def _parse_content_range(header: str) -> tuple[int, int, int]:
     match = _CONTENT_RANGE_RE.fullmatch(header.strip())
     if not match:
@@ -2820,7 +2848,8 @@ _CORS_ALLOWED_HEADERS = (
 )
 _CORS_EXPOSED_HEADERS = (
     "ETag, Content-Range, Content-Length, Content-Disposition, Accept-Ranges, Last-Modified, Location, "
-    "Retry-After, Repr-Digest, Upload-Offset, Upload-Ranges, Upload-Length, Upload-Incomplete, Preference-Applied"
+    "Retry-After, Repr-Digest, Upload-Offset, Upload-Ranges, Upload-Length, Upload-Incomplete, Preference-Applied, "
+    "X-Remaining-Downloads, X-Remaining-Days"
 )
 
 
@@ -3155,10 +3184,12 @@ def make_app(config: RelayConfig, state: SharedState | None = None):
                 unsatisfiable.set_header("Content-Range", f"bytes */{length}")
                 return unsatisfiable
             ticket = None
+            if length is None and (closed := _closed_range(request.environ.get("HTTP_RANGE"))) is not None:
+                wanted = closed  # its own length is known, the object's not yet: "/*"
             if wanted is not None:
                 status = 206
                 follower.position, follower.end = wanted[0], wanted[1] + 1
-                headers["Content-Range"] = f"bytes {wanted[0]}-{wanted[1]}/{length}"
+                headers["Content-Range"] = f"bytes {wanted[0]}-{wanted[1]}/{length if length is not None else '*'}"
                 headers["Content-Length"] = str(wanted[1] + 1 - wanted[0])
             else:
                 if length is not None:
@@ -3602,6 +3633,11 @@ class _GuardedConnection(_HeaderDeadline, socket.socket):
                     self.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
 
 
+class PlainHTTPOnTLS(ConnectionAbortedError):
+    """A client spoke plain HTTP to the TLS port and was answered 400: close it lingering
+    (after a shutdown, the TLS socket reads the raw bytes it discards)."""
+
+
 class _GuardedTLSConnection(_HeaderDeadline, ssl.SSLSocket):
     """A TLS client connection: its handshake too is driven by the main loop, without
     blocking, before its first head."""
@@ -3615,7 +3651,7 @@ class _GuardedTLSConnection(_HeaderDeadline, ssl.SSLSocket):
 
     def _answer_plain_http(self) -> None:
         """Answer 400 to a client speaking plain HTTP to the TLS port, as nginx does,
-        instead of an empty reply; raises to close the connection."""
+        instead of an empty reply; raises PlainHTTPOnTLS, for a lingering close."""
         try:
             first = socket.socket.recv(self, 1, socket.MSG_PEEK)
         except BlockingIOError:
@@ -3624,8 +3660,7 @@ class _GuardedTLSConnection(_HeaderDeadline, ssl.SSLSocket):
             with contextlib.suppress(OSError):
                 socket.socket.recv(self, _HEAD_LIMIT)
                 socket.socket.send(self, self._PLAIN_HTTP_ANSWER)
-                socket.socket.shutdown(self, socket.SHUT_WR)
-            raise ConnectionAbortedError(errno.ECONNABORTED, "plain HTTP sent to the TLS port")
+            raise PlainHTTPOnTLS(errno.ECONNABORTED, "plain HTTP sent to the TLS port")
 
     def receive_head(self) -> int:
         if not self._handshaken:
@@ -3714,10 +3749,11 @@ def serve(config: RelayConfig, *, generated_id: bool = False) -> int:
             if isinstance(conn.sock, _HeaderDeadline):
                 read_ahead = conn.parser.unreader.take_buffered() if conn.parser is not None else b""
             else:
-                if self.nr_conns >= self.worker_connections and self.heads_awaited:
-                    # At the limit, gthread would stop accepting: the connection that has
-                    # taken longest over its head gives its place to the new one instead.
-                    self.drop(next(iter(self.heads_awaited)))
+                if self.nr_conns >= self.worker_connections and (self.closing or self.heads_awaited):
+                    # At the limit, gthread would stop accepting: the oldest lingering close
+                    # (its answer was sent), else the connection that has taken longest over
+                    # its head, gives its place to the new one instead.
+                    self.drop(next(iter(self.closing or self.heads_awaited)))
                 try:
                     conn.sock = self.guard(conn.sock)
                 except OSError:  # gone already
@@ -3743,6 +3779,9 @@ def serve(config: RelayConfig, *, generated_id: bool = False) -> int:
                 return  # dropped by an earlier event of the same poll
             try:
                 wanted = conn.sock.receive_head()
+            except PlainHTTPOnTLS:
+                del self.heads_awaited[conn]
+                return self.close_lingering(conn)  # a client still sending its body reads the 400
             except OSError as exc:  # a reset, or a failed TLS handshake
                 self.log.debug("Closing a connection broken before its request: %s", exc)
                 return self.drop(conn)

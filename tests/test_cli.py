@@ -228,6 +228,14 @@ def test_cors_origins_and_lingering(started, tmp_path, capsys):
     assert config.cors_origins == ("https://a.example", "http://127.0.0.1:8000")
     assert (config.linger_time, config.linger_size) == (2.0, 8 << 20)
     assert started("server-id-long-enough", "--files-directory", files, "--cors-origin", "*").cors_origins == ("*",)
+    as_browsers_send = started(
+        "server-id-long-enough",
+        "--files-directory",
+        files,
+        "--cors-origin",
+        "HTTP://LOCALHOST:80,https://A.example:443",
+    )
+    assert as_browsers_send.cors_origins == ("http://localhost", "https://a.example")
     for bad in ("ftp://a.example", "https://a.example/path", "*,https://a.example"):
         assert "cors origin" in fails(capsys, "server-id-long-enough", "--files-directory", files, "--cors-origin", bad)
 

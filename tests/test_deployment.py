@@ -77,6 +77,21 @@ def test_https_is_all_the_relay_speaks_and_its_certificate_is_checked(live, cert
     assert requests.get(relay.url(), verify=cert, timeout=10).status_code == 200
 
 
+def test_plain_http_with_a_body_sent_to_the_tls_port_reads_its_400(live, certificate):
+    """A client still sending its body when the relay answers 400 reads it (a lingering
+    close), as for every other refusal."""
+    import http.client
+
+    cert, key = certificate
+    relay = live("--certfile", cert, "--keyfile", key)
+    for attempt in range(3):
+        connection = http.client.HTTPConnection(*relay.address, timeout=30)
+        connection.request("PUT", f"/{SERVER_ID}/{'0' * 64}", body=bytes(20 << 20))
+        answer = connection.getresponse()
+        assert answer.status == 400 and answer.read() == b"plain HTTP request sent to HTTPS port\n", attempt
+        connection.close()
+
+
 def test_the_pbench_push_over_https_sees_the_refusal(live, certificate, tmp_path):
     """The pbench agent's push: requests.put of a file object, then r.ok and r.status_code.
     A refusal before the body comes over TLS too, although the client is still sending."""

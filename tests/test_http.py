@@ -392,6 +392,21 @@ def test_more_stalled_connections_than_a_worker_holds_do_not_lock_clients_out(li
                 sock.close()
 
 
+def test_more_lingering_refusals_than_a_worker_holds_do_not_lock_clients_out(live):
+    """1100 refused uploads still sending their bodies, lingering for --linger-time: at the
+    worker's limit the oldest lingering close makes way, so a real client is served at once
+    rather than left unaccepted until those clients fall silent."""
+    refused_head = f"PUT /wrong-id/{MISSING_OID} HTTP/1.1\r\nHost: x\r\nContent-Length: {1 << 30}\r\n\r\n"
+    with open_files_limit(4096):
+        relay = live("--workers", "1", "--threads", "4")
+        lingering = stalled_connections(relay, 1100, refused_head.encode() + bytes(100))
+        try:
+            assert time_a_status_request(relay) < 3
+        finally:
+            for sock in lingering:
+                sock.close()
+
+
 # -- the log ----------------------------------------------------------------------------------
 
 

@@ -437,6 +437,7 @@ def test_a_configured_origin_passes_preflight_and_reads_every_answer(make_app):
         assert answer.headers["Vary"] == "Origin"
         exposed = {name.strip() for name in answer.headers["Access-Control-Expose-Headers"].split(",")}
         assert {"ETag", "Content-Range", "Upload-Offset", "Upload-Ranges", "Retry-After"} <= exposed
+        assert {"X-Remaining-Downloads", "X-Remaining-Days"} <= exposed
     assert ranged.body == data[10:20]
 
 

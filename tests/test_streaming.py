@@ -373,6 +373,28 @@ def test_a_closed_range_of_an_upload_in_progress_is_served_exactly(live, tmp_pat
     assert tail.headers["Content-Range"] == f"bytes {size - 10}-{size - 1}/{size}" and tail.content == data[-10:]
 
 
+def test_a_closed_range_of_an_upload_of_unknown_length_is_served_exactly(live):
+    """Without a Content-Length the object's length is not known yet, but a closed range
+    has its own: 206 with 'bytes A-B/*', not the whole upload as a 200. A range past the
+    object's end, once known, is cut off rather than ended as if complete."""
+    relay = live()
+    data, oid = blob(3 << 20)
+    sock = start_unsized_upload(relay, oid, data[: 1 << 20])
+    try:
+        first = requests.get(relay.url(oid), headers={"Range": "bytes=0-99"}, timeout=30)
+        assert first.status_code == 206 and first.headers["Content-Range"] == "bytes 0-99/*"
+        assert first.content == data[:100]
+        with requests.get(relay.url(oid), headers={"Range": f"bytes=0-{len(data)}"}, stream=True, timeout=30) as past:
+            assert past.status_code == 206 and past.headers["Content-Length"] == str(len(data) + 1)
+            rest = data[1 << 20 :]
+            sock.sendall(b"%x\r\n%s\r\n0\r\n\r\n" % (len(rest), rest))
+            with pytest.raises(requests.exceptions.ChunkedEncodingError):
+                b"".join(past.iter_content(1 << 16))
+        assert sock.recv(100).startswith(b"HTTP/1.1 201")
+    finally:
+        sock.close()
+
+
 def test_get_and_head_of_an_upload_in_progress_send_the_same_headers(live, http):
     relay = live()
     data, oid = blob(4 << 20)
