@@ -901,6 +901,12 @@ class _Flusher:
         self._thread.join()
 
 
+def _vanished(exc: OSError) -> bool:
+    """Whether an error on a descriptor means its file was removed, which on a shared
+    filesystem another host may do under an open descriptor."""
+    return exc.errno in (errno.ENOENT, errno.ESTALE)
+
+
 @contextlib.contextmanager
 def _removed_is_failure():
     """A followed upload's descriptor fails (ENOENT, ESTALE) on a shared filesystem once
@@ -908,7 +914,7 @@ def _removed_is_failure():
     try:
         yield
     except OSError as exc:
-        if exc.errno in (errno.ENOENT, errno.ESTALE):
+        if _vanished(exc):
             raise UploadFailed("the upload was removed") from None
         raise
 
@@ -1400,6 +1406,11 @@ class Store:
             if not self._is_our_object(oid, fd):
                 os.close(fd)
                 return None
+        except OSError as exc:
+            os.close(fd)
+            if _vanished(exc):  # removed by another host since it was opened
+                return None
+            raise
         except BaseException:
             os.close(fd)
             raise
@@ -1448,6 +1459,19 @@ class Store:
             return False
         self._unlink_if_unread(retired)
         return True
+
+    def _is_retired_object(self, oid: str, fd: int) -> bool:
+        """Whether the file open as *fd* is a removed object of that name, waiting in
+        retired/ for its readers."""
+        held = os.fstat(fd)
+        with os.scandir(self.retired) as entries:
+            for entry in entries:
+                if entry.name.startswith(f"{oid}."):
+                    with contextlib.suppress(FileNotFoundError):
+                        named = entry.stat(follow_symlinks=False)
+                        if (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino):
+                            return True
+        return False
 
     @staticmethod
     def _unlink_if_unread(path: Path) -> bool:
@@ -1773,27 +1797,41 @@ class Store:
         if partial is None:
             return None
         try:
-            active = _lock_held(partial.fd, _WRITERS)
-            if partial.info["mode"] == "stream":
-                if not active:
-                    return None  # left by a crashed plain upload; never resumable
-                size = os.fstat(partial.fd).st_size
-                ranges = [(0, size - 1)] if size else []
-            else:
-                ranges = partial.ranges()
-            return Progress(partial.info["mode"], partial.info["length"], ranges, active)
+            return self._progress_of(partial)
+        except OSError as exc:
+            if _vanished(exc):  # removed by another host as it was opened
+                return None
+            raise
         finally:
             partial.close()
+
+    @staticmethod
+    def _progress_of(partial: _Partial) -> Progress | None:
+        active = _lock_held(partial.fd, _WRITERS)
+        if partial.info["mode"] == "stream":
+            if not active:
+                return None  # left by a crashed plain upload; never resumable
+            size = os.fstat(partial.fd).st_size
+            ranges = [(0, size - 1)] if size else []
+        else:
+            ranges = partial.ranges()
+        return Progress(partial.info["mode"], partial.info["length"], ranges, active)
 
     def follow(self, oid: str, start: int = 0) -> UploadFollower | None:
         """A reader of the upload of *oid* in progress, from byte *start*; None if none."""
         partial = _Partial.open(oid, self.partials / oid, writable=False)
         if partial is None:
             return None
-        if partial.info["mode"] == "stream" and not _lock_held(partial.fd, _WRITERS):
+        try:
+            if partial.info["mode"] == "stream" and not _lock_held(partial.fd, _WRITERS):
+                partial.close()
+                return None
+            _lock(partial.fd, fcntl.F_RDLCK, _READERS)  # it may become an object that is removed
+        except OSError as exc:
             partial.close()
-            return None
-        _lock(partial.fd, fcntl.F_RDLCK, _READERS)  # it may become an object that is removed
+            if _vanished(exc):  # removed by another host as it was opened
+                return None
+            raise
         return UploadFollower(self, partial, start)
 
     # -- partial uploads -----------------------------------------------------
@@ -1807,7 +1845,14 @@ class Store:
             partial = _Partial.open(oid, self.partials / oid, writable=True)
             if partial is None:
                 return None
-            if not _lock(partial.fd, fcntl.F_WRLCK if exclusive else fcntl.F_RDLCK, _WRITERS):
+            try:
+                locked = _lock(partial.fd, fcntl.F_WRLCK if exclusive else fcntl.F_RDLCK, _WRITERS)
+            except OSError as exc:
+                partial.close()
+                if _vanished(exc):  # removed by another host as it was opened: look again
+                    continue
+                raise
+            if not locked:
                 partial.close()
                 raise RelayError(409, "another upload of this object is in progress", retry_after=5)
             if partial.is_current():
@@ -2203,13 +2248,37 @@ class UploadFollower:
         # Called with the seconds to wait between looks; the reader's side may replace it
         # with a wait that raises UploadFailed when the reader goes away.
         self.pause = time.sleep
+        self._read_fd = partial.fd  # see _reader
+        self._fresh_to = 0
 
     @property
     def fd(self) -> int:
         return self.partial.fd
 
     def _published(self) -> bool:
-        return self.store._is_our_object(self.partial.oid, self.partial.fd)
+        """Whether the upload became the object: its name means our file, or did until the
+        object was removed (only published objects are retired)."""
+        oid, fd = self.partial.oid, self.partial.fd
+        return self.store._is_our_object(oid, fd) or self.store._is_retired_object(oid, fd)
+
+    def _reader(self, end: int) -> int:
+        """The descriptor to read bytes below *end* through. A chunked upload's file keeps
+        its size while its holes fill, so a shared filesystem's client may still hold a hole
+        it read ahead earlier (zeros) once the hole is filled: a fresh open of the same
+        file, as each newly acknowledged range is read, reads what is there now."""
+        if self.mode == "chunks" and end > self._fresh_to:
+            try:
+                fresh = os.open(f"/proc/self/fd/{self.partial.fd}", os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:  # no /proc: a local filesystem's cache is never stale
+                return self.partial.fd
+            self._drop_reader()
+            self._read_fd, self._fresh_to = fresh, end
+        return self._read_fd
+
+    def _drop_reader(self) -> None:
+        if self._read_fd != self.partial.fd:
+            os.close(self._read_fd)
+        self._read_fd = self.partial.fd
 
     def unpublished(self) -> bool:
         """Whether the upload is still in progress: never linked as the object (which may
@@ -2258,7 +2327,7 @@ class UploadFollower:
                 end = min(end, self.end)
             if self.position < end:
                 with _removed_is_failure():
-                    block = os.pread(self.partial.fd, min(BLOCK_SIZE, end - self.position), self.position)
+                    block = os.pread(self._reader(end), min(BLOCK_SIZE, end - self.position), self.position)
                     if not block and os.fstat(self.partial.fd).st_size <= self.position:
                         raise UploadFailed("the upload's data shrank")
                 if block:
@@ -2286,6 +2355,8 @@ class UploadFollower:
             end, verified = self._available()
 
     def close(self) -> None:
+        if self.partial.fd >= 0:
+            self._drop_reader()
         self.partial.close()
 
 

@@ -348,3 +348,47 @@ def test_nginx_in_front_of_two_hosts(hosts, tmp_path, certificate):
         proxy.stop()
     routed = [relay for relay in (a, b) if f"PUT /***/{oid}" in relay.log()]
     assert len(routed) == 2, "nginx sent every chunk to the same relay"
+
+
+def test_a_follower_on_the_other_host_of_chunks_sent_out_of_order_gets_their_bytes(hosts):
+    """The file of a chunked upload keeps its size while its holes fill: B's reader must
+    not be served a hole it read ahead as zeros before A filled it."""
+    a, b = hosts()
+    for round_ in range(3):
+        data, oid = blob(3 << 20, seed=30 + round_)
+        size, piece = len(data), 1 << 20
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            download = pool.submit(requests.get, b.url(oid) + "?wait=10", timeout=60)
+            wait_until(lambda: requests.get(b.url(), timeout=10).json()["waiting_readers"] == 1, message="B waiting")
+            for index in (2, 0, 1):
+                first, last = index * piece, (index + 1) * piece - 1
+                headers = {"Content-Range": f"bytes {first}-{last}/{size}"}
+                assert requests.put(a.url(oid), data=data[first : last + 1], headers=headers, timeout=30).ok
+                time.sleep(0.5)  # the sender's pace: B reads each chunk as it is acknowledged
+            answer = download.result()
+        assert answer.status_code == 200 and hashlib.sha256(answer.content).hexdigest() == oid, round_
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
+def test_requests_on_one_host_racing_a_removal_on_the_other_get_404_not_500(hosts):
+    """B's worker is slowed after each openat, so that A removes what B has just opened:
+    on a shared filesystem B's descriptor then fails (ENOENT), which means 'gone'."""
+    from test_races import slowed
+
+    a, b = hosts("--workers", "1")
+    data, oid = blob(100_000, seed=40)
+    assert requests.put(a.url(oid), data=data, timeout=30).status_code == 201
+    chunked, chunked_oid = blob(2 << 20, seed=41)
+    half = {"Content-Range": f"bytes 0-{(1 << 20) - 1}/{2 << 20}"}
+    assert requests.put(a.url(chunked_oid), data=chunked[: 1 << 20], headers=half, timeout=30).status_code == 202
+    with slowed(b, "exit", 700_000, calls=["openat"]), concurrent.futures.ThreadPoolExecutor(3) as pool:
+        stored = pool.submit(requests.get, b.url(oid) + "?wait=0", timeout=60)
+        head = pool.submit(requests.head, b.url(chunked_oid), timeout=60)
+        follow = pool.submit(requests.get, b.url(chunked_oid) + "?wait=0", timeout=60)
+        time.sleep(0.3)  # the race itself: B's requests are inside a slowed openat by now
+        assert requests.delete(a.url(oid), timeout=30).status_code == 200
+        assert requests.delete(a.url(chunked_oid), timeout=30).status_code == 200
+        answers = [future.result() for future in (stored, head, follow)]
+    statuses = [answer.status_code for answer in answers]
+    assert 500 not in statuses and set(statuses) <= {200, 404}, statuses
+    assert answers[0].status_code != 200 or answers[0].content == data

@@ -470,3 +470,21 @@ def test_an_http10_reader_of_an_aborted_upload_of_unknown_length_never_gets_a_20
         upload.close()
         status, _, body = reader.result(timeout=60)
     assert status == 404 and data[:1000] not in body
+
+
+def test_a_follower_behind_an_upload_that_completes_and_is_deleted_still_gets_every_byte(live):
+    """The upload verified and became the object, then the object was deleted while a slow
+    reader was still behind: like a download of the stored object, it completes (the file
+    waits in retired/ for it) instead of being cut as if the upload had failed."""
+    relay = live()
+    data, oid = blob(32 << 20, seed=5)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        upload = start_upload(pool, relay.url(oid), Paced(data, seconds=1, pieces=32))
+        with requests.get(relay.url(oid) + "?wait=10", stream=True, timeout=60) as download:
+            blocks = download.iter_content(1 << 20)
+            received = next(blocks)
+            assert upload.result().status_code == 201
+            assert requests.delete(relay.url(oid), timeout=30).status_code == 200
+            for block in blocks:
+                received += block
+    assert sha256(received) == oid
