@@ -767,6 +767,7 @@ _OBJECT_LOCK_STRIDE = 512  # lock bytes per object name: its mutex, then its dow
 _SPACE_CHECK_INTERVAL = 64 << 20  # bytes between free-space checks of an upload of unknown size
 _POLL_MIN, _POLL_MAX = 0.005, 0.1  # seconds between looks at an upload being followed
 _FLUSH_INTERVAL = 0.25  # seconds between flushes of a plain upload's data as it arrives
+_LOCK_PATIENCE = 10.0  # seconds a request waits for a mutex before it is told to retry
 _MAX_FRAGMENTS = 512  # disjoint received ranges one chunked upload may have
 _MAX_PARTIALS = 1024  # uploads in progress or resumable at once: each upload weighs them all
 _MARKER_SLACK = 64  # range markers beyond the merged ranges before they are merged
@@ -796,6 +797,15 @@ def _lock_within(fd: int, kind: int, start: int, seconds: float) -> bool:
         time.sleep(delay)
         delay = min(delay * 2, _POLL_MAX)
     return True
+
+
+def _lock_patiently(fd: int, start: int) -> None:
+    """Take an exclusive lock of the relay's for a request, waiting _LOCK_PATIENCE at most:
+    on a shared filesystem, a host that died keeps its locks until its session expires."""
+    if not _lock_within(fd, fcntl.F_WRLCK, start, _LOCK_PATIENCE):
+        raise RelayError(
+            503, "the relay's storage is busy (a lock is held, perhaps by a host that died)", retry_after=10
+        )
 
 
 def _unlock(fd: int, start: int, length: int = 1) -> None:
@@ -953,6 +963,12 @@ def _mount_of(path: Path) -> tuple[str, str]:
     return found
 
 
+def shared_filesystem(path: Path) -> str | None:
+    """The type of the filesystem under *path* if other hosts may mount it too."""
+    fstype = _mount_of(path)[1]
+    return fstype if fstype in _NETWORK_FILESYSTEMS or fstype.startswith("fuse.") else None
+
+
 def probe_files_directory(path: Path) -> list[str]:
     """Check that the filesystem under *path* does what the relay relies on: a lock taken
     through one open file blocks another, and link() refuses an existing name. Raises
@@ -985,7 +1001,7 @@ def probe_files_directory(path: Path) -> list[str]:
     point, fstype = _mount_of(path)
     if fstype == "fuse.juicefs":
         return _juicefs_warnings(Path(point))
-    if fstype in _NETWORK_FILESYSTEMS or fstype.startswith("fuse."):
+    if shared_filesystem(path):
         return [
             f"the files directory is on {fstype}: relays on several hosts may share it only if it gives every"
             " host fresh names, sizes and locks (see 'Several hosts' in the README; only JuiceFS is tested)"
@@ -1216,13 +1232,17 @@ class Store:
         return (int(oid[:13], 16) + 1) * _OBJECT_LOCK_STRIDE
 
     @contextlib.contextmanager
-    def _object_lock(self, oid: str, fd: int | None = None):
-        """Hold the mutex of an object name (on *fd*, an open lock file, if given)."""
+    def _object_lock(self, oid: str, fd: int | None = None, *, patient: bool = False):
+        """Hold the mutex of an object name (on *fd*, an open lock file, if given); 503
+        after _LOCK_PATIENCE, unless *patient* (a download's end, which must be counted)."""
         own = fd is None
         fd = self._open_lock_file() if own else fd
         base = self._object_lock_base(oid)
         try:
-            _lock(fd, fcntl.F_WRLCK, base, wait=True)
+            if patient:
+                _lock(fd, fcntl.F_WRLCK, base, wait=True)
+            else:
+                _lock_patiently(fd, base)
             try:
                 yield fd
             finally:
@@ -1236,7 +1256,7 @@ class Store:
         """Serialise space reservations and the ledger across workers and relays."""
         fd = self._open_lock_file()
         try:
-            _lock(fd, fcntl.F_WRLCK, _SPACE, wait=True)
+            _lock_patiently(fd, _SPACE)
             yield
         finally:
             os.close(fd)
@@ -2209,7 +2229,7 @@ class DownloadTicket:
             return
         store = self.store
         try:
-            with store._object_lock(self.oid, self.lock_fd):
+            with store._object_lock(self.oid, self.lock_fd, patient=True):
                 if not store._is_our_object(self.oid, self.fd):
                     return
                 if whole != self.counted:
@@ -2283,8 +2303,8 @@ class UploadFollower:
     def unpublished(self) -> bool:
         """Whether the upload is still in progress: never linked as the object (which may
         since have been used up and removed), nor discarded."""
-        with _removed_is_failure():
-            return not self.partial.was_published() and os.fstat(self.partial.fd).st_nlink > 0
+        with _removed_is_failure():  # a removed object keeps a link in retired/: not a test
+            return self.partial.is_current() and not self.partial.was_published()
 
     def progress(self) -> Progress:
         """What the upload holds now, as Store.progress reports it."""
@@ -3768,7 +3788,11 @@ def serve(config: RelayConfig, *, generated_id: bool = False) -> int:
     handler = configure_logging(config)
     for warning in probe_files_directory(config.files_directory):
         log.warning("%s", warning)
-    swept = store.sweep()  # leftovers of a crash: partial plain uploads, trash
+    try:
+        swept = store.sweep()  # leftovers of a crash: partial plain uploads, trash
+    except RelayError as exc:  # a lock held elsewhere: the master's sweeps try again
+        log.warning("startup sweep skipped: %s", exc.reason)
+        swept = {}
     if any(swept.values()):
         log.info("startup: removed %s", ", ".join(f"{n} {what}" for what, n in swept.items() if n))
     state = SharedState(slots=config.workers + 8)  # spare rows for workers restarting
@@ -4000,7 +4024,7 @@ def serve(config: RelayConfig, *, generated_id: bool = False) -> int:
                 self.next_sweep = now + config.sweep_interval
                 try:
                     swept = store.sweep()
-                except OSError as exc:
+                except (OSError, RelayError) as exc:
                     log.error("sweep failed: %s", exc)
                 else:
                     if any(swept.values()):
@@ -5271,6 +5295,8 @@ def main(argv: list[str] | None = None) -> int:
         probe_files_directory(config.files_directory)
     except OSError as exc:
         parser.error(f"files directory: {exc.strerror or exc}")
+    if config.purge_on_exit and (fstype := shared_filesystem(config.files_directory)):
+        parser.error(f"--purge-on-exit would remove the files of every relay sharing this {fstype} directory")
     generated = not (args.server_id_positional or args.server_id)
     return serve(config, generated_id=True) if generated else serve(config)
 

@@ -740,3 +740,43 @@ def test_drain_during_transfers_lets_them_finish_and_refuses_new_uploads(live, f
     expected = {oid: len(data) for data, oid in [*plain, (stored, stored_oid), (chunked, chunked_oid)]}
     assert verify_objects(files) == expected
     assert_nothing_partial(files)
+
+
+def test_a_lock_held_by_a_dead_host_delays_uploads_by_a_bounded_time_then_says_retry(live, files):
+    """A process that holds the relay's space lock and never lets go (a host that died on a
+    shared filesystem keeps its locks until its session expires): an upload is told 503
+    with Retry-After after a bounded wait, a download is served at once, and once the lock
+    is free uploads go on."""
+    import subprocess
+    import sys
+
+    relay = live()
+    data, oid = blob(1000, seed=50)
+    assert requests.put(relay.url(oid), data=data, timeout=30).status_code == 201
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_SPACE_LOCK, str(files / ".relay" / "lock")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        more, more_oid = blob(1000, seed=51)
+        started = time.monotonic()
+        refused = requests.put(relay.url(more_oid), data=more, timeout=60)
+        waited = time.monotonic() - started
+        assert refused.status_code == 503 and int(refused.headers["Retry-After"]) > 0, refused.text
+        assert waited < 30, waited
+        assert requests.get(relay.url(oid) + "?wait=0", timeout=10).content == data
+    finally:
+        holder.kill()
+        holder.wait(10)
+    assert requests.put(relay.url(more_oid), data=more, timeout=30).status_code == 201
+
+
+HOLD_SPACE_LOCK = """
+import fcntl, os, struct, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR)
+fcntl.fcntl(fd, fcntl.F_OFD_SETLKW, struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 1, 0))
+print("held", flush=True)
+time.sleep(300)
+"""
