@@ -33,6 +33,7 @@ import base64
 import contextlib
 import dataclasses
 import email.utils
+import enum
 import errno
 import fcntl
 import functools
@@ -742,14 +743,53 @@ class RelayConfig:
 # ---------------------------------------------------------------------------
 
 
-class RelayError(Exception):
-    """A request refused by the relay: an HTTP status and a one-line reason."""
+class StorageError(Exception):
+    """Why storage did not do what it was asked, in one line. Each kind below is a
+    different answer for the client; the web layer maps kinds to statuses (_REFUSALS)."""
 
-    def __init__(self, status: int, reason: str, *, retry_after: int | None = None):
+    def __init__(self, reason: str, *, retry_after: int | None = None):
         super().__init__(reason)
-        self.status = status
         self.reason = reason
-        self.retry_after = retry_after
+        self.retry_after = retry_after  # seconds after which trying again may succeed
+
+
+class NotFound(StorageError):
+    """No such object (or it expired, was used up or removed meanwhile)."""
+
+
+class Busy(StorageError):
+    """Another request holds what this one needs: the same request may succeed later."""
+
+    def __init__(self, reason: str, *, retry_after: int):
+        super().__init__(reason, retry_after=retry_after)
+
+
+class Conflict(StorageError):
+    """The request contradicts what is stored or being uploaded: sent again unchanged, it
+    fails again (or, where the reason says so, it must be sent again whole)."""
+
+
+class TooLarge(StorageError):
+    """Larger than any object the relay may hold."""
+
+
+class NoSpace(StorageError):
+    """Not enough free space or quota for the upload."""
+
+
+class Mismatch(StorageError):
+    """The content does not match its name or its digest: it was not stored."""
+
+
+class WrongLength(StorageError):
+    """The body's length is not the one it was declared to have."""
+
+
+class Overloaded(StorageError):
+    """Too much is in progress at once: try again later."""
+
+    def __init__(self, reason: str, *, retry_after: int):
+        super().__init__(reason, retry_after=retry_after)
 
 
 class UploadFailed(Exception):
@@ -930,12 +970,12 @@ def _removed_is_failure():
 
 
 @contextlib.contextmanager
-def _disk_full_is_507():
+def _disk_full_is_no_space():
     try:
         yield
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise RelayError(507, "the relay ran out of disk space while storing the upload") from None
+            raise NoSpace("the relay ran out of disk space while storing the upload") from None
         raise
 
 
@@ -1052,6 +1092,14 @@ class StoredObject:
     @property
     def remaining_downloads(self) -> int | None:
         return None if self.max_downloads is None else max(0, self.max_downloads - self.downloads)
+
+
+class Stored(enum.Enum):
+    """The outcome of an upload that is complete: this upload stored the object, or it
+    was stored already (by an earlier upload, or by another request meanwhile)."""
+
+    CREATED = "created"
+    ALREADY = "already stored"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1510,15 +1558,15 @@ class Store:
     def delete(self, oid: str) -> bool:
         """Remove a stored object and cancel its partial upload; False if neither existed.
 
-        Raises 409 when a request is writing to the partial upload right now.
+        Raises Busy when a request is writing to the partial upload right now.
         """
         removed = self._remove_object(oid)
         try:
             partial = self._open_partial(oid, exclusive=True)
-        except RelayError:
+        except Busy:
             if removed:
                 return True
-            raise RelayError(409, "an upload of this object is in progress", retry_after=5) from None
+            raise Busy("an upload of this object is in progress", retry_after=5) from None
         if partial is not None:
             self._discard(partial)
             removed = True
@@ -1545,7 +1593,7 @@ class Store:
                 elif following is not None and following.unpublished():
                     done = 0  # an upload in progress: not stored yet, so never downloaded
                 else:  # removed, perhaps used up, since it was opened
-                    raise RelayError(404, "no such object")
+                    raise NotFound("no such object")
                 # Stored downloads are counted when they start (and given back if they
                 # fail), so that a crash can only count one too many; a follower's, once
                 # its object exists. Each kind holds slots of its own while in flight.
@@ -1557,7 +1605,7 @@ class Store:
                 any_in_flight = followers_in_flight or _lock_held(lock_fd, counted.start, slots)
                 if done >= max_downloads and not any_in_flight:
                     self._remove_object_locked(oid)
-                    raise RelayError(404, "no such object")
+                    raise NotFound("no such object")
                 if done + followers_in_flight < max_downloads:
                     for slot in followers if following is not None else counted:
                         if _lock(lock_fd, fcntl.F_WRLCK, slot):
@@ -1565,7 +1613,7 @@ class Store:
                                 self._count_download(oid, +1)
                             remaining = max_downloads - done - followers_in_flight - 1
                             return DownloadTicket(self, oid, fd, lock_fd, remaining, counted=following is None)
-                raise RelayError(409, "the remaining downloads of this object are in progress", retry_after=5)
+                raise Busy("the remaining downloads of this object are in progress", retry_after=5)
         except BaseException:
             os.close(lock_fd)
             raise
@@ -1575,9 +1623,9 @@ class Store:
     def check_size(self, size: int) -> None:
         limit = self.config.max_file_size
         if size > _MAX_OBJECT_SIZE:  # byte offsets beyond it are the lock bytes
-            raise RelayError(413, f"larger than any object the relay can hold ({_MAX_OBJECT_SIZE} bytes)")
+            raise TooLarge(f"larger than any object the relay can hold ({_MAX_OBJECT_SIZE} bytes)")
         if limit is not None and size > limit:
-            raise RelayError(413, f"larger than the relay's limit of {format_size(limit)} ({limit} bytes)")
+            raise TooLarge(f"larger than the relay's limit of {format_size(limit)} ({limit} bytes)")
 
     def is_stored(self, oid: str) -> bool:
         return self.lookup(oid) is not None
@@ -1596,7 +1644,7 @@ class Store:
         try:
             received = 0
             next_space_check = BLOCK_SIZE
-            with _disk_full_is_507():
+            with _disk_full_is_no_space():
                 for block in body:
                     received += len(block)
                     if length is None:
@@ -1610,7 +1658,7 @@ class Store:
                     hasher.update(block)
                     _write_all(partial.fd, block)
                 if length is not None and received != length:
-                    raise RelayError(400, f"body has {received} bytes, Content-Length says {length}")
+                    raise WrongLength(f"body has {received} bytes, Content-Length says {length}")
                 self._verify(oid, hasher.finish())
                 if length is None:
                     with self._space_lock():
@@ -1622,32 +1670,34 @@ class Store:
             flusher.stop()
             self._discard(partial)
 
-    def put_chunk(self, oid: str, first: int, last: int, total: int, body, digest: bytes | None, limits: Limits):
+    def put_chunk(
+        self, oid: str, first: int, last: int, total: int, body, digest: bytes | None, limits: Limits
+    ) -> Progress | Stored:
         """Store bytes first..last of an object of *total* bytes.
 
-        Returns (status, progress): 202 and the upload's progress while it is incomplete,
-        201 when this chunk completed an object that verified, 200 if already stored.
+        Returns the upload's Progress while it is incomplete, Stored.CREATED when this
+        chunk completed an object that verified, Stored.ALREADY if it was stored before.
         """
         if self.is_stored(oid):
             self._drain_for_stored(oid, body)
-            return 200, None
+            return Stored.ALREADY
         self.check_size(total)
         partial = self._join_partial(oid, total, limits)
         if partial is None:
             self._drain_for_stored(oid, body)
-            return 200, None
+            return Stored.ALREADY
         try:
             if partial.info["length"] != total:
-                raise RelayError(409, f"this upload is {partial.info['length']} bytes long, not {total}")
+                raise Conflict(f"this upload is {partial.info['length']} bytes long, not {total}")
             if not _lock(partial.fd, fcntl.F_WRLCK, first, last - first + 1):
-                raise RelayError(409, f"bytes {first}-{last} are being written by another request", retry_after=1)
+                raise Busy(f"bytes {first}-{last} are being written by another request", retry_after=1)
             recorded = partial.ranges()
             if len(merge_ranges([*recorded, (first, last)])) > _MAX_FRAGMENTS:
-                raise RelayError(
-                    409, f"this upload would be in more than {_MAX_FRAGMENTS} pieces: send the missing ranges first"
+                raise Conflict(
+                    f"this upload would be in more than {_MAX_FRAGMENTS} pieces: send the missing ranges first"
                 )
             prefix = self._prefix_hashes.continuing(partial, first)
-            with _disk_full_is_507():
+            with _disk_full_is_no_space():
                 self._receive_chunk(partial, first, last, body, digest, prefix, recorded)
                 os.fdatasync(partial.fd)
                 partial.record(first, last)
@@ -1655,8 +1705,8 @@ class Store:
                 self._prefix_hashes.extended(partial, first, last + 1, prefix)
             ranges = partial.ranges()
             if contiguous_prefix(ranges) >= total:
-                return self._finish_chunks(oid, partial), None
-            return 202, Progress("chunks", total, ranges, True)
+                return self._finish_chunks(oid, partial)
+            return Progress("chunks", total, ranges, True)
         except BaseException:
             self._drop_if_empty(partial)
             raise
@@ -1670,7 +1720,7 @@ class Store:
         for _ in body:
             pass
         if not self.is_stored(oid):
-            raise RelayError(409, "the stored copy expired or was removed while this upload arrived: send it again")
+            raise Conflict("the stored copy expired or was removed while this upload arrived: send it again")
 
     def _drop_if_empty(self, partial: _Partial) -> None:
         """Remove a chunked upload with nothing acknowledged that no other request is
@@ -1689,7 +1739,7 @@ class Store:
         position = first
         for block in body:
             if position + len(block) > last + 1:
-                raise RelayError(400, f"body is longer than its Content-Range ({last - first + 1} bytes)")
+                raise WrongLength(f"body is longer than its Content-Range ({last - first + 1} bytes)")
             if hasher is not None:
                 hasher.update(block)
             if prefix is not None:
@@ -1697,9 +1747,9 @@ class Store:
             self._write_or_compare(partial.fd, position, memoryview(block), recorded)
             position += len(block)
         if position != last + 1:
-            raise RelayError(400, f"body has {position - first} bytes, Content-Range says {last - first + 1}")
+            raise WrongLength(f"body has {position - first} bytes, Content-Range says {last - first + 1}")
         if hasher is not None and hasher.digest() != digest:
-            raise RelayError(400, "chunk does not match its Content-Digest; it was not stored")
+            raise Mismatch("chunk does not match its Content-Digest; it was not stored")
 
     @staticmethod
     def _write_or_compare(fd: int, position: int, block: memoryview, recorded: list) -> None:
@@ -1715,13 +1765,13 @@ class Store:
                 cursor = first
             stop = min(last + 1, end)
             if os.pread(fd, stop - cursor, cursor) != block[cursor - position : stop - position]:
-                raise RelayError(409, f"bytes {cursor}-{stop - 1} differ from those already received")
+                raise Conflict(f"bytes {cursor}-{stop - 1} differ from those already received")
             cursor = stop
         if cursor < end:
             _write_all(fd, block[cursor - position :], cursor)
 
-    def _finish_chunks(self, oid: str, partial: _Partial) -> int:
-        """Verify a fully received chunked upload and publish it (201), or discard it (400).
+    def _finish_chunks(self, oid: str, partial: _Partial) -> Stored:
+        """Verify a fully received chunked upload and publish it, or discard it (Mismatch).
 
         The finisher waits until no other request is writing to the upload and holds
         every writer off until the data is published and the partial removed."""
@@ -1731,7 +1781,7 @@ class Store:
             _lock(partial.fd, fcntl.F_WRLCK, _FINISHER, wait=True)
             return self._verdict(oid)
         if not _lock_within(partial.fd, fcntl.F_WRLCK, _WRITERS, self.config.idle_timeout):
-            raise RelayError(409, "other chunks of this upload are still being written", retry_after=1)
+            raise Busy("other chunks of this upload are still being written", retry_after=1)
         if not partial.is_current():
             return self._verdict(oid)
         hasher, position = self._prefix_hashes.take(partial)
@@ -1740,28 +1790,26 @@ class Store:
             position += len(block)
         try:
             self._verify(oid, hasher, discarded=True)
-            with _disk_full_is_507():
+            with _disk_full_is_no_space():
                 created = self._publish(partial, oid)
-        except RelayError as exc:
-            if exc.status != 400:
-                raise  # nothing was decided: the upload stays, to be completed again
-            self._discard(partial)
+        except Mismatch:
+            self._discard(partial)  # decided: anything else leaves it, to be completed again
             raise
         self._discard(partial)
-        return 201 if created else 200
+        return Stored.CREATED if created else Stored.ALREADY
 
-    def _verdict(self, oid: str) -> int:
-        """The outcome of an upload completed by another request: 200 if it is stored."""
+    def _verdict(self, oid: str) -> Stored:
+        """The outcome of an upload completed by another request: ALREADY if it is stored."""
         if self.is_stored(oid):
-            return 200
-        raise RelayError(409, "another request completed this upload but it was not stored: send it again")
+            return Stored.ALREADY
+        raise Conflict("another request completed this upload but it was not stored: send it again")
 
     @staticmethod
     def _verify(oid: str, hasher, discarded: bool = False) -> None:
         actual = hasher.hexdigest()
         if actual != oid:
             note = "; the partial upload was discarded" if discarded else ""
-            raise RelayError(400, f"content does not match its name: expected sha256 {oid}, got {actual}{note}")
+            raise Mismatch(f"content does not match its name: expected sha256 {oid}, got {actual}{note}")
 
     def _publish(self, partial: _Partial, oid: str) -> bool:
         """Make verified data public under its hash name, durably, never overwriting: its
@@ -1859,7 +1907,7 @@ class Store:
     def _open_partial(self, oid: str, *, exclusive: bool) -> _Partial | None:
         """Open the partial upload of *oid* as a writer (shared) or owner (exclusive).
 
-        Returns None if there is none; raises 409 if the lock is held against us.
+        Returns None if there is none; raises Busy if the lock is held against us.
         """
         for _ in range(5):
             partial = _Partial.open(oid, self.partials / oid, writable=True)
@@ -1874,11 +1922,11 @@ class Store:
                 raise
             if not locked:
                 partial.close()
-                raise RelayError(409, "another upload of this object is in progress", retry_after=5)
+                raise Busy("another upload of this object is in progress", retry_after=5)
             if partial.is_current():
                 return partial
             partial.close()  # finished or replaced before we had it locked: look again
-        raise RelayError(409, "another upload of this object is in progress", retry_after=5)
+        raise Busy("another upload of this object is in progress", retry_after=5)
 
     def _create_partial(self, oid: str, mode: str, length: int | None, limits: Limits) -> _Partial:
         """Start a new partial upload of *oid*. A plain upload ("stream") owns it
@@ -1897,7 +1945,7 @@ class Store:
                 if existing is not None:
                     self._discard(existing)
                 if len(self._partial_names()) >= _MAX_PARTIALS:
-                    raise RelayError(503, f"too many uploads in progress ({_MAX_PARTIALS})", retry_after=60)
+                    raise Overloaded(f"too many uploads in progress ({_MAX_PARTIALS})", retry_after=60)
                 self._check_space(length or 0)
                 os.rename(partial.path, self.partials / oid)
         except BaseException:
@@ -1913,7 +1961,7 @@ class Store:
         """A new partial upload under a private name: data and info, locked."""
         staging = self.partials / f".new-{secrets.token_hex(8)}"
         try:
-            with _disk_full_is_507():
+            with _disk_full_is_no_space():
                 return self._stage(oid, staging, mode, length, limits)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -1969,9 +2017,9 @@ class Store:
             # A plain upload's leftover (its writer crashed): no one can resume it.
             if not _lock(partial.fd, fcntl.F_WRLCK, _WRITERS):
                 partial.close()
-                raise RelayError(409, "a plain upload of this object is in progress", retry_after=5)
+                raise Busy("a plain upload of this object is in progress", retry_after=5)
             self._discard(partial)
-        raise RelayError(409, "another upload of this object is in progress", retry_after=5)
+        raise Busy("another upload of this object is in progress", retry_after=5)
 
     def _discard(self, partial: _Partial) -> None:
         """Remove a partial upload we own (its readers see it vanish), then close it."""
@@ -1987,7 +2035,7 @@ class Store:
     # -- space ---------------------------------------------------------------
 
     def _check_space(self, needed: int) -> int:
-        """Refuse (507) an upload of *needed* bytes that the disk or quota cannot hold,
+        """Refuse (NoSpace) an upload of *needed* bytes that the disk or quota cannot hold,
         counting the bytes promised to uploads in progress as already used. Returns the
         bytes that would be left."""
         usage = self.usage()
@@ -1995,13 +2043,13 @@ class Store:
         outstanding = usage["reserved_bytes"] - usage["partial_allocated_bytes"]
         available = disk.free - max(0, outstanding) - self.config.min_free
         if needed > available:
-            raise RelayError(507, f"not enough free space: {needed} bytes needed, {max(0, available)} bytes available")
+            raise NoSpace(f"not enough free space: {needed} bytes needed, {max(0, available)} bytes available")
         quota = self.config.max_disk
         if quota is None:
             return available - needed
         below_quota = quota - usage["stored_bytes"] - usage["reserved_bytes"] - needed
         if below_quota < 0:
-            raise RelayError(507, f"over the relay's disk quota of {format_size(quota)} ({quota} bytes)")
+            raise NoSpace(f"over the relay's disk quota of {format_size(quota)} ({quota} bytes)")
         return min(available - needed, below_quota)
 
     def usage(self) -> dict:
@@ -2071,7 +2119,7 @@ class Store:
     def _sweep_partial(self, oid: str, now: float) -> bool:
         try:
             partial = self._open_partial(oid, exclusive=True)
-        except RelayError:
+        except Busy:
             return False  # in use
         if partial is None:
             if os.path.lexists(self.partials / oid):  # not a partial the relay made
@@ -2462,6 +2510,46 @@ class SharedState:
 
 log = logging.getLogger("file_relay")
 access_log = logging.getLogger("file_relay.access")
+
+
+class RelayError(Exception):
+    """A request refused by the web layer itself: an HTTP status and a one-line reason."""
+
+    def __init__(self, status: int, reason: str, *, retry_after: int | None = None):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+# Storage's refusals and outcomes, and the status each is answered with: the one place
+# where storage meets HTTP. A refusal's reason and its Retry-After (if any) are its own.
+_REFUSALS = {
+    NotFound: 404,
+    Busy: 409,  # with Retry-After: the same request may succeed then
+    Conflict: 409,  # without: it would fail again
+    TooLarge: 413,
+    NoSpace: 507,
+    Mismatch: 400,
+    WrongLength: 400,
+    Overloaded: 503,
+}
+_OUTCOMES = {Stored.CREATED: 201, Stored.ALREADY: 200}
+
+
+def status_of(answer: StorageError | Stored | Progress) -> int:
+    """The status a storage refusal or outcome is answered with (a Progress: 202)."""
+    if isinstance(answer, Progress):
+        return 202
+    if isinstance(answer, Stored):
+        return _OUTCOMES[answer]
+    return _REFUSALS[type(answer)]
+
+
+def _as_refusal(error: RelayError | StorageError) -> RelayError:
+    if isinstance(error, RelayError):
+        return error
+    return RelayError(status_of(error), error.reason, retry_after=error.retry_after)
 
 
 class ClientGone(Exception):
@@ -3026,9 +3114,10 @@ def make_app(config: RelayConfig, state: SharedState | None = None):
         response.content_type = "text/plain; charset=utf-8"
         return response
 
-    def refuse(error: RelayError, *, close: bool = True):
+    def refuse(error: RelayError | StorageError, *, close: bool = True):
         """Answer a refusal; a request whose body was not read closes its connection, so
         the relay never drains a body it will not store."""
+        error = _as_refusal(error)
         headers = {"Retry-After": str(error.retry_after)} if error.retry_after else {}
         return reply(error.status, error.reason, headers, close=close)
 
@@ -3105,21 +3194,23 @@ def make_app(config: RelayConfig, state: SharedState | None = None):
             except ValueError as exc:
                 raise RelayError(400, f"Content-Digest: {exc}") from None
             store.check_size(chunk[2] if chunk else length or 0)
-        except RelayError as exc:
+        except (RelayError, StorageError) as exc:
             return refuse(exc)
         body = _request_body(request.environ, length, exchange)
         try:
             with state.active("uploads_active"):
                 if chunk:
-                    status, progress = store.put_chunk(oid, *chunk, body, digest, limits)
+                    outcome = store.put_chunk(oid, *chunk, body, digest, limits)
                 else:
-                    status, progress = (201 if store.put_stream(oid, body, length, limits) else 200), None
-        except RelayError as exc:
+                    outcome = Stored.CREATED if store.put_stream(oid, body, length, limits) else Stored.ALREADY
+        except (RelayError, StorageError) as exc:
             return refuse(exc)
         except ClientGone as exc:
             exchange.note = str(exc)
             return reply(exc.status, str(exc), close=True)
-        if status == 202:
+        status = status_of(outcome)
+        if isinstance(outcome, Progress):
+            progress = outcome
             received = f"received {progress.received} of {progress.length} bytes ({format_ranges(progress.ranges)})"
             return reply(202, received, _progress_headers(progress))
         if status == 201:
@@ -3136,7 +3227,7 @@ def make_app(config: RelayConfig, state: SharedState | None = None):
         exchange = request.environ["file_relay.exchange"]
         try:
             named = _download_name(request.environ)
-        except RelayError as exc:
+        except (RelayError, StorageError) as exc:
             return refuse(exc, close=False)
         if named is not None:
             request.environ["file_relay.disposition"] = content_disposition(named)
@@ -3167,7 +3258,7 @@ def make_app(config: RelayConfig, state: SharedState | None = None):
             if isinstance(found, UploadFollower):
                 return follow_upload(oid, found, exchange)
             return send_stored(*found, exchange)
-        except RelayError as exc:
+        except (RelayError, StorageError) as exc:
             return refuse(exc, close=False)
         except UploadFailed as exc:  # removed, on a shared filesystem, before the answer began
             return reply(404, f"no such object: {exc}")
@@ -3322,7 +3413,7 @@ def make_app(config: RelayConfig, state: SharedState | None = None):
         try:
             if not store.delete(oid):
                 raise RelayError(404, "no such object")
-        except RelayError as exc:
+        except (RelayError, StorageError) as exc:
             return refuse(exc, close=False)
         return reply(200, f"deleted {oid}")
 

@@ -56,13 +56,17 @@ def put_unsized(store):
 def first_chunk(store):
     data, oid = content()
     limits = file_relay.Limits(max_downloads=2)
-    return store.put_chunk(oid, 0, HALF - 1, SIZE, _blocks(data[:HALF]), _digest(data[:HALF]), limits)[0]
+    return file_relay.status_of(
+        store.put_chunk(oid, 0, HALF - 1, SIZE, _blocks(data[:HALF]), _digest(data[:HALF]), limits)
+    )
 
 
 def last_chunk(store):
     data, oid = content()
     limits = file_relay.Limits(max_downloads=2)
-    return store.put_chunk(oid, HALF, SIZE - 1, SIZE, _blocks(data[HALF:]), _digest(data[HALF:]), limits)[0]
+    return file_relay.status_of(
+        store.put_chunk(oid, HALF, SIZE - 1, SIZE, _blocks(data[HALF:]), _digest(data[HALF:]), limits)
+    )
 
 
 def delete(store):

@@ -125,3 +125,11 @@ def traced_by(pid: int, tracer: int) -> bool:
         if int(line.split()[1]) != tracer:
             return False
     return True
+
+
+def answered(outcome) -> tuple:
+    """A storage outcome as the web layer answers it: (status, the Progress of an upload
+    still incomplete, else None)."""
+    import file_relay
+
+    return file_relay.status_of(outcome), outcome if isinstance(outcome, file_relay.Progress) else None

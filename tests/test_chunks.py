@@ -11,6 +11,7 @@ import time
 import pytest
 import requests
 from conftest import SERVER_ID, blob, object_url, sha256, wait_until
+from invariants import answered
 
 import file_relay
 
@@ -180,7 +181,7 @@ def hold_chunk_open(store, oid, data, first, last, ready, release, result):
         release.wait(10)
         yield body_data[len(body_data) // 2 :]
 
-    result.append(store.put_chunk(oid, first, last, len(data), body(), None, file_relay.Limits()))
+    result.append(answered(store.put_chunk(oid, first, last, len(data), body(), None, file_relay.Limits())))
 
 
 def test_requests_conflicting_with_a_chunk_being_written_get_409(app, make_config, files):

@@ -90,7 +90,7 @@ def download_whole(store: file_relay.Store, oid: str) -> bool:
         if ticket is not None:
             ticket.complete()
         return True
-    except file_relay.RelayError:
+    except file_relay.StorageError:
         return False
     finally:
         os.close(fd)
@@ -106,7 +106,9 @@ def set_up(files: Path, operation: str) -> None:
     store.put_chunk(OTHER_OID, 0, half - 1, len(OTHER), [OTHER[:half]], None, file_relay.Limits())
     if operation == "last-chunk":
         assert (
-            store.put_chunk(OID, 0, half - 1, len(DATA), [DATA[:half]], None, file_relay.Limits(max_downloads=2))[0]
+            file_relay.status_of(
+                store.put_chunk(OID, 0, half - 1, len(DATA), [DATA[:half]], None, file_relay.Limits(max_downloads=2))
+            )
             == 202
         )
     if operation in ("delete", "download"):
@@ -154,8 +156,10 @@ def check_recovered(files: Path, operation: str, where: str) -> None:
             first, last = progress.ranges[0] if progress and progress.ranges else (None, -1)
             assert first == 0 and last >= half - 1, f"{where}: the acknowledged chunk is lost: {progress}"
         if operation == "first-chunk":
-            assert store.put_chunk(OID, 0, half - 1, len(DATA), [DATA[:half]], None, limits)[0] == 202
-        status = store.put_chunk(OID, half, len(DATA) - 1, len(DATA), [DATA[half:]], None, limits)[0]
+            assert (
+                file_relay.status_of(store.put_chunk(OID, 0, half - 1, len(DATA), [DATA[:half]], None, limits)) == 202
+            )
+        status = file_relay.status_of(store.put_chunk(OID, half, len(DATA) - 1, len(DATA), [DATA[half:]], None, limits))
         assert status in (200, 201), f"{where}: the retried last chunk got {status}"
         assert store.lookup(OID).max_downloads == 2, f"{where}: limits {store.lookup(OID)}"
     elif operation == "delete":

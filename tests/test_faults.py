@@ -23,7 +23,7 @@ import pytest
 import requests
 import urllib3
 from conftest import SERVER_ID, Paced, blob, raw_request, sha256, unsized, wait_until
-from invariants import finisher_waiting, open_fds, orphaned_limits, partials, threads, verify_objects
+from invariants import answered, finisher_waiting, open_fds, orphaned_limits, partials, threads, verify_objects
 
 import file_relay
 
@@ -643,7 +643,7 @@ def test_a_chunk_is_not_acknowledged_with_nothing_received_when_another_request_
         return original(partial)
 
     monkeypatch.setattr(file_relay._Partial, "ranges", ranges)
-    status, progress = store.put_chunk(oid, 0, 99_999, len(data), [data[:100_000]], None, file_relay.Limits())
+    status, progress = answered(store.put_chunk(oid, 0, 99_999, len(data), [data[:100_000]], None, file_relay.Limits()))
     assert completed[0].result(20).status_int == 201
     pool.shutdown()
     assert verify_objects(files) == {oid: len(data)}

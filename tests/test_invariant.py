@@ -19,7 +19,7 @@ import time
 import pytest
 import requests
 from conftest import SERVER_ID, blob, object_url, wait_until
-from invariants import finisher_waiting, verify_objects
+from invariants import answered, finisher_waiting, verify_objects
 
 import file_relay
 
@@ -88,9 +88,11 @@ def test_a_chunk_racing_the_completing_chunk_never_writes_into_the_object(make_a
         def race():
             racer.append(threading.current_thread())
             try:
-                return store.put_chunk(oid, 1024, 2047, len(data), [bytes(1024)], None, file_relay.Limits())[0]
-            except file_relay.RelayError as exc:
-                return exc.status
+                return file_relay.status_of(
+                    store.put_chunk(oid, 1024, 2047, len(data), [bytes(1024)], None, file_relay.Limits())
+                )
+            except file_relay.StorageError as exc:
+                return file_relay.status_of(exc)
 
         racing = pool.submit(race)
         assert joined.wait(10)
@@ -120,7 +122,9 @@ def test_a_chunk_written_while_another_request_completes_the_object_gets_200(app
         yield data[50_000:100_000]
 
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        writer = pool.submit(store.put_chunk, oid, 0, 99_999, len(data), slow_first_chunk(), None, file_relay.Limits())
+        writer = pool.submit(
+            lambda: answered(store.put_chunk(oid, 0, 99_999, len(data), slow_first_chunk(), None, file_relay.Limits()))
+        )
         assert ready.wait(10)
         # A retry of the last chunk while the first is half-written: it is compared, and
         # as the upload is not complete it is acknowledged; the first chunk completes it.
@@ -151,13 +155,13 @@ def test_a_download_that_opened_a_used_up_object_is_refused(make_config, files):
     second_fd, second = store.open_object(oid)
     try:
         ticket = store.reserve_download(oid, first_fd, first.max_downloads)
-        with pytest.raises(file_relay.RelayError) as refused:
+        with pytest.raises(file_relay.StorageError) as refused:
             store.reserve_download(oid, second_fd, second.max_downloads)
-        assert refused.value.status == 409  # the last download is in flight
+        assert file_relay.status_of(refused.value) == 409  # the last download is in flight
         ticket.complete()
-        with pytest.raises(file_relay.RelayError) as gone:
+        with pytest.raises(file_relay.StorageError) as gone:
             store.reserve_download(oid, second_fd, second.max_downloads)
-        assert gone.value.status == 404
+        assert file_relay.status_of(gone.value) == 404
     finally:
         os.close(first_fd)
         os.close(second_fd)
@@ -213,9 +217,9 @@ def test_a_download_of_an_object_used_up_while_its_upload_was_being_tidied_is_re
     second_fd, second = store.open_object(oid)
     try:
         store.reserve_download(oid, first_fd, first.max_downloads).complete()
-        with pytest.raises(file_relay.RelayError) as gone:
+        with pytest.raises(file_relay.StorageError) as gone:
             store.reserve_download(oid, second_fd, second.max_downloads)
-        assert gone.value.status == 404
+        assert file_relay.status_of(gone.value) == 404
     finally:
         os.close(first_fd)
         os.close(second_fd)
@@ -291,9 +295,9 @@ def test_an_upload_of_an_object_that_expires_meanwhile_is_stored(make_app, make_
         os.utime(files / oid, (then, then))  # the stored copy expires
         yield data[2000:]
 
-    with pytest.raises(file_relay.RelayError) as refused:  # never "already stored"
+    with pytest.raises(file_relay.StorageError) as refused:  # never "already stored"
         store.put_stream(oid, body(), len(data), file_relay.Limits())
-    assert refused.value.status == 409
+    assert file_relay.status_of(refused.value) == 409
     assert store.put_stream(oid, [data], len(data), file_relay.Limits()) is True  # sent again
     assert app.get(object_url(oid)).body == data
 
@@ -428,11 +432,11 @@ def test_a_chunk_waiting_on_a_finisher_that_stored_nothing_is_not_told_its_bytes
             def complete():
                 thread_ids.append(threading.get_native_id())
                 try:
-                    return store.put_chunk(
-                        oid, 150_000, 299_999, len(data), [data[150_000:]], None, file_relay.Limits()
-                    )[0]
-                except file_relay.RelayError as exc:
-                    return exc.status
+                    return file_relay.status_of(
+                        store.put_chunk(oid, 150_000, 299_999, len(data), [data[150_000:]], None, file_relay.Limits())
+                    )
+                except file_relay.StorageError as exc:
+                    return file_relay.status_of(exc)
 
             completing = pool.submit(complete)
             wait_until(lambda: thread_ids and in_fcntl(thread_ids[0]), message="the chunk to wait for the verdict")
