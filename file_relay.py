@@ -63,6 +63,7 @@ import struct
 import sys
 import threading
 import time
+import typing
 import unicodedata
 import urllib.parse
 from pathlib import Path
@@ -830,12 +831,11 @@ def _lock(fd: int, kind: int, start: int, length: int = 1, *, wait: bool = False
 def _lock_within(fd: int, kind: int, start: int, seconds: float) -> bool:
     """Take an OFD lock, waiting at most *seconds* for others to release it."""
     deadline = time.monotonic() + seconds
-    delay = _POLL_MIN
+    delays = _delays(_POLL_MIN, _POLL_MAX)
     while not _lock(fd, kind, start):
         if time.monotonic() >= deadline:
             return False
-        time.sleep(delay)
-        delay = min(delay * 2, _POLL_MAX)
+        time.sleep(next(delays))
     return True
 
 
@@ -901,6 +901,25 @@ def _unlink_if_present(path: Path) -> bool:
     except FileNotFoundError:
         return False
     return True
+
+
+def _blocks_at(fd: int, start: int, end: int | None, size: int = BLOCK_SIZE):
+    """The bytes of a file from *start* to *end* (its end if None), in blocks of at most
+    *size*; fewer if the file ends sooner."""
+    while end is None or start < end:
+        block = os.pread(fd, size if end is None else min(size, end - start), start)
+        if not block:
+            return
+        start += len(block)
+        yield block
+
+
+def _delays(first: float, most: float, factor: float = 2.0):
+    """Pauses between looks at something awaited: from *first*, growing to *most*."""
+    delay = first
+    while True:
+        yield delay
+        delay = min(delay * factor, most)
 
 
 class _BackgroundHasher:
@@ -1098,7 +1117,7 @@ class Stored(enum.Enum):
     """The outcome of an upload that is complete: this upload stored the object, or it
     was stored already (by an earlier upload, or by another request meanwhile)."""
 
-    CREATED = "created"
+    CREATED = "stored"
     ALREADY = "already stored"
 
 
@@ -1118,6 +1137,82 @@ class Progress:
     @property
     def received(self) -> int:
         return sum(last - first + 1 for first, last in self.ranges)
+
+
+class Reader(typing.Protocol):
+    """What a download reads from storage: the bytes of a stored object or of an upload
+    in progress, in order. read() returns b"" at the end and raises UploadFailed when the
+    upload being followed fails. close() ends it: a counted download it holds (see
+    Storage.reserve_download) counts if every byte was delivered, else is given back.
+
+    A reader of a stored object has .object (else None; then .length is the upload's,
+    None if unknown, and .progress() where it stands). A reader with a file descriptor
+    may also offer sendfile: fileno(), and seek(), which socket.sendfile() moves to
+    where it stopped."""
+
+    object: StoredObject | None
+    sent: int  # bytes delivered so far
+    finished: bool  # every byte delivered
+
+    def read(self, size: int = -1) -> bytes: ...
+
+    def select(self, first: int, last: int) -> None:
+        """Deliver only bytes first..last."""
+
+    def close(self) -> None: ...
+
+
+class Storage(typing.Protocol):
+    """What the web layer asks of storage, and all it knows of it. Refusals are
+    StorageErrors (NotFound, Busy, Conflict, TooLarge, NoSpace, Mismatch, WrongLength,
+    Overloaded). Store, below, keeps objects in a local directory."""
+
+    def prepare(self) -> None:
+        """Make ready to store (create what is missing)."""
+
+    def check_size(self, size: int) -> None:
+        """Raise TooLarge if no object of *size* bytes may be stored."""
+
+    def is_stored(self, oid: str) -> bool: ...
+
+    def lookup(self, oid: str) -> StoredObject | None: ...
+
+    def put_stream(self, oid: str, body, length: int | None, limits: Limits) -> bool:
+        """Store an object from *body*'s blocks (of *length* bytes, if known), verified
+        against its name: True if this stored it, False if it was stored already."""
+
+    def put_chunk(
+        self, oid: str, first: int, last: int, total: int, body, digest: bytes | None, limits: Limits
+    ) -> Progress | Stored:
+        """Store bytes first..last of an object of *total* bytes (checked against
+        *digest*, if given): the upload's Progress while incomplete, else how it ended."""
+
+    def progress(self, oid: str) -> Progress | None:
+        """Where the upload of *oid* stands, if one is in progress or resumable."""
+
+    def open(self, oid: str) -> Reader | None:
+        """A reader of the stored object, or None."""
+
+    def follow(self, oid: str) -> Reader | None:
+        """A reader of the upload of *oid* in progress, as its bytes arrive, or None."""
+
+    def reserve_download(self, reader: Reader) -> DownloadTicket | None:
+        """Count a download through *reader* if what it reads has a download budget (its
+        ticket tells how many remain). Raises NotFound if it is used up, Busy while its
+        last downloads are in flight."""
+
+    def delete(self, oid: str) -> bool:
+        """Remove the object and cancel its upload; False if there was neither."""
+
+    def usage(self) -> dict:
+        """stored_count, stored_bytes, partial_count, reserved_bytes,
+        partial_allocated_bytes, disk_total_bytes, disk_used_bytes, disk_free_bytes."""
+
+    def sweep(self, now: float | None = None) -> dict:
+        """Remove what expired, was used up or abandoned: how many of each kind."""
+
+    def purge(self) -> None:
+        """Remove everything stored."""
 
 
 class _Partial:
@@ -1452,8 +1547,9 @@ class Store:
             return None
         return obj
 
-    def open_object(self, oid: str) -> tuple[int, StoredObject] | None:
-        """Open a stored object for reading: (fd, object), or None if it is not there."""
+    def open(self, oid: str) -> ObjectReader | None:
+        """A reader of a stored object (all of it, until told a range), or None if it is
+        not there."""
         try:
             fd = os.open(self._object_path(oid), os.O_RDONLY | _NO_SURPRISES)
         except OSError as exc:
@@ -1485,7 +1581,7 @@ class Store:
         if self._is_spent(obj, time.time()) and self._remove_object(oid, only_if_spent=True):
             os.close(fd)
             return None
-        return fd, obj
+        return ObjectReader(fd, obj)
 
     def _is_our_object(self, oid: str, fd: int) -> bool:
         """Whether the object's name refers to the file open as *fd* (held open, its inode
@@ -1572,25 +1668,28 @@ class Store:
             removed = True
         return removed
 
-    def reserve_download(
-        self, oid: str, fd: int, max_downloads: int | None, following: UploadFollower | None = None
-    ) -> DownloadTicket | None:
-        """A slot for one counted download of the object open as *fd*, if it has a
-        download budget: a stored object, or the upload *following* reads.
+    def reserve_download(self, reader: ObjectReader | UploadReader) -> DownloadTicket | None:
+        """A slot for one counted download through *reader*, if what it reads has a
+        download budget; the reader holds it, and counts the download when closed after
+        it delivered every byte, or gives the slot back.
 
         Downloads in flight hold their slot, so concurrent downloads of the last allowed
-        copy cannot all go through; a download that fails gives its slot back. Everything
-        is judged under the object's mutex, on the descriptor being served.
+        copy cannot all go through. Everything is judged under the object's mutex, on the
+        descriptor being served. Raises NotFound if the object went since it was opened,
+        Busy while its remaining downloads are in flight.
         """
+        max_downloads = reader.max_downloads
         if max_downloads is None:
             return None
+        oid, fd = reader.oid, reader._served_fd
+        following = isinstance(reader, UploadReader)
         lock_fd = self._open_lock_file()
         try:
             with self._object_lock(oid, lock_fd):
                 if self._is_our_object(oid, fd):
                     done = self._downloads_done(oid)
                     max_downloads = self._read_limits(oid).max_downloads or max_downloads
-                elif following is not None and following.unpublished():
+                elif following and reader.unpublished():
                     done = 0  # an upload in progress: not stored yet, so never downloaded
                 else:  # removed, perhaps used up, since it was opened
                     raise NotFound("no such object")
@@ -1607,12 +1706,13 @@ class Store:
                     self._remove_object_locked(oid)
                     raise NotFound("no such object")
                 if done + followers_in_flight < max_downloads:
-                    for slot in followers if following is not None else counted:
+                    for slot in followers if following else counted:
                         if _lock(lock_fd, fcntl.F_WRLCK, slot):
-                            if following is None:
+                            if not following:
                                 self._count_download(oid, +1)
                             remaining = max_downloads - done - followers_in_flight - 1
-                            return DownloadTicket(self, oid, fd, lock_fd, remaining, counted=following is None)
+                            reader.ticket = DownloadTicket(self, oid, fd, lock_fd, remaining, counted=not following)
+                            return reader.ticket
                 raise Busy("the remaining downloads of this object are in progress", retry_after=5)
         except BaseException:
             os.close(lock_fd)
@@ -1785,9 +1885,8 @@ class Store:
         if not partial.is_current():
             return self._verdict(oid)
         hasher, position = self._prefix_hashes.take(partial)
-        while block := os.pread(partial.fd, BLOCK_SIZE, position):
+        for block in _blocks_at(partial.fd, position, None):
             hasher.update(block)
-            position += len(block)
         try:
             self._verify(oid, hasher, discarded=True)
             with _disk_full_is_no_space():
@@ -1885,8 +1984,8 @@ class Store:
             ranges = partial.ranges()
         return Progress(partial.info["mode"], partial.info["length"], ranges, active)
 
-    def follow(self, oid: str, start: int = 0) -> UploadFollower | None:
-        """A reader of the upload of *oid* in progress, from byte *start*; None if none."""
+    def follow(self, oid: str) -> UploadReader | None:
+        """A reader of the upload of *oid* in progress, as its bytes arrive; None if none."""
         partial = _Partial.open(oid, self.partials / oid, writable=False)
         if partial is None:
             return None
@@ -1900,7 +1999,7 @@ class Store:
             if _vanished(exc):  # removed by another host as it was opened
                 return None
             raise
-        return UploadFollower(self, partial, start)
+        return UploadReader(self, partial)
 
     # -- partial uploads -----------------------------------------------------
 
@@ -2039,9 +2138,8 @@ class Store:
         counting the bytes promised to uploads in progress as already used. Returns the
         bytes that would be left."""
         usage = self.usage()
-        disk = shutil.disk_usage(self.root)
         outstanding = usage["reserved_bytes"] - usage["partial_allocated_bytes"]
-        available = disk.free - max(0, outstanding) - self.config.min_free
+        available = usage["disk_free_bytes"] - max(0, outstanding) - self.config.min_free
         if needed > available:
             raise NoSpace(f"not enough free space: {needed} bytes needed, {max(0, available)} bytes available")
         quota = self.config.max_disk
@@ -2053,7 +2151,8 @@ class Store:
         return min(available - needed, below_quota)
 
     def usage(self) -> dict:
-        """Stored objects (from the ledger) and partial uploads (counted from the directory).
+        """Stored objects (from the ledger), partial uploads (counted from the directory),
+        and the filesystem's size, used and free bytes.
 
         Partials are counted first, and an object enters the ledger before it is linked:
         an upload that finishes meanwhile is counted at least once."""
@@ -2067,12 +2166,16 @@ class Store:
                 allocated += on_disk
                 reserved += max(info["length"] or 0, on_disk)
         stored_count, stored_bytes, _ = self._ledger()
+        disk = shutil.disk_usage(self.root)
         return {
             "stored_count": stored_count,
             "stored_bytes": stored_bytes,
             "partial_count": partial_count,
             "reserved_bytes": reserved,
             "partial_allocated_bytes": allocated,
+            "disk_total_bytes": disk.total,
+            "disk_used_bytes": disk.used,
+            "disk_free_bytes": disk.free,
         }
 
     def _partial_names(self) -> list[str]:
@@ -2292,22 +2395,100 @@ class DownloadTicket:
             self.lock_fd = -1
 
 
-class UploadFollower:
-    """Reads an upload in progress as its bytes arrive, from the start or an offset.
+class _Reader:
+    """What the two readers share: a range of bytes to deliver, whether all of them were,
+    and the counted download (a DownloadTicket) this reader may hold, ended on close."""
+
+    object: StoredObject | None = None  # what a reader of a stored object reads
+    max_downloads: int | None = None
+    ticket: DownloadTicket | None = None
+
+    def __init__(self, oid: str, fd: int, end: int | None):
+        self.oid = oid
+        self._fd = fd
+        self.start = self.position = 0
+        self.end = end  # where to stop; None: at the end of an upload of unknown length
+        self.finished = end == 0  # every byte delivered, and asked for more since
+
+    def select(self, first: int, last: int) -> None:
+        """Deliver only bytes first..last (a range)."""
+        self.start = self.position = first
+        self.end = last + 1
+        self.finished = False
+
+    @property
+    def sent(self) -> int:
+        """Bytes delivered."""
+        return self.position - self.start
+
+    @property
+    def _served_fd(self) -> int:
+        return self._fd
+
+    def close(self) -> None:
+        """End the reader: a download it holds counts if every byte was delivered."""
+        if self._fd < 0:
+            return
+        try:
+            if self.ticket is not None:
+                self.ticket.complete() if self.finished else self.ticket.release()
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        os.close(self._fd)
+        self._fd = -1
+
+
+class ObjectReader(_Reader):
+    """A stored object, opened (held open, it is the object even if its name goes).
+
+    It has a file descriptor, so it offers sendfile: fileno() and seek(), which is how
+    socket.sendfile() reports where it stopped (the documented file protocol). Either way
+    it knows when every byte went out: a read() asked for more after the last block, or
+    a sendfile stopped at the end."""
+
+    def __init__(self, fd: int, obj: StoredObject):
+        super().__init__(obj.oid, fd, obj.size)
+        self.object = obj
+        self.max_downloads = obj.max_downloads
+
+    def select(self, first: int, last: int) -> None:
+        super().select(first, last)
+        os.lseek(self._fd, first, os.SEEK_SET)  # where sendfile starts
+
+    def read(self, size: int = -1) -> bytes:
+        block = next(_blocks_at(self._fd, self.position, self.end, max(size, BLOCK_SIZE)), b"")
+        if not block:
+            self.finished = self.position >= self.end
+        self.position += len(block)
+        return block
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        self.position = os.lseek(self._fd, offset, whence)
+        self.finished = self.position >= self.end
+        return self.position
+
+
+class UploadReader(_Reader):
+    """Reads an upload in progress as its bytes arrive, from the start or a range.
 
     Until the upload has verified, the last byte of a known length is held back, so a
     reader never receives something that looks complete but is not. If the upload fails,
-    is cancelled or stalls, iteration raises UploadFailed.
+    is cancelled or stalls, read() raises UploadFailed. It has no sendfile: the bytes
+    that may be sent grow while it reads.
     """
 
-    def __init__(self, store: Store, partial: _Partial, start: int = 0):
+    def __init__(self, store: Store, partial: _Partial):
+        super().__init__(partial.oid, partial.fd, None)
         self.store = store
         self.partial = partial
         self.mode = partial.info["mode"]
-        self.length = partial.info["length"]
+        self.length = partial.info["length"]  # the upload's, if known
         self.max_downloads = partial.limits.max_downloads
-        self.position = start
-        self.end: int | None = None  # where to stop, short of the upload's end (a range)
         # While a request writes to the upload (a plain PUT, a chunk, or the verification
         # of a completed chunked upload) its lock says the upload is alive, and the writer
         # enforces the idle timeout itself. Between the requests of a chunked upload,
@@ -2316,12 +2497,9 @@ class UploadFollower:
         # Called with the seconds to wait between looks; the reader's side may replace it
         # with a wait that raises UploadFailed when the reader goes away.
         self.pause = time.sleep
+        self._blocks = None
         self._read_fd = partial.fd  # see _reader
         self._fresh_to = 0
-
-    @property
-    def fd(self) -> int:
-        return self.partial.fd
 
     def _published(self) -> bool:
         """Whether the upload became the object: its name means our file, or did until the
@@ -2384,24 +2562,30 @@ class UploadFollower:
             end = min(end, self.length - 1)
         return end, False
 
-    def __iter__(self):
-        """The upload's bytes from self.position on. The follower stays open after the
-        last one (a counted download is judged on its descriptor): close() it."""
+    def read(self, size: int = -1) -> bytes:
+        """The next bytes to arrive (up to BLOCK_SIZE), waiting for them; b"" at the end."""
+        if self._blocks is None:
+            self._blocks = self._arriving()
+        block = next(self._blocks, b"")
+        self.finished = not block
+        return block
+
+    def _arriving(self):
         end, verified = self._available()
         last_progress = time.monotonic()
-        delay = _POLL_MIN
+        delays = _delays(_POLL_MIN, _POLL_MAX)
         while True:
             if self.end is not None:
                 end = min(end, self.end)
             if self.position < end:
                 with _removed_is_failure():
-                    block = os.pread(self._reader(end), min(BLOCK_SIZE, end - self.position), self.position)
-                    if not block and os.fstat(self.partial.fd).st_size <= self.position:
+                    block = next(_blocks_at(self._reader(end), self.position, end), b"")
+                    if not block and os.fstat(self._fd).st_size <= self.position:
                         raise UploadFailed("the upload's data shrank")
                 if block:
                     self.position += len(block)
                     last_progress = time.monotonic()
-                    delay = _POLL_MIN
+                    delays = _delays(_POLL_MIN, _POLL_MAX)
                     yield block
                     continue
                 # A shared filesystem may report a file's size a moment before its bytes
@@ -2418,13 +2602,13 @@ class UploadFollower:
                 last_progress = time.monotonic()
             elif time.monotonic() - last_progress > self.stall_timeout:
                 raise UploadFailed("the upload stalled")
-            self.pause(delay)
-            delay = min(delay * 2, _POLL_MAX)
+            self.pause(next(delays))
             end, verified = self._available()
 
-    def close(self) -> None:
+    def _release(self) -> None:
         if self.partial.fd >= 0:
             self._drop_reader()
+        self._fd = -1
         self.partial.close()
 
 
@@ -2515,11 +2699,12 @@ access_log = logging.getLogger("file_relay.access")
 class RelayError(Exception):
     """A request refused by the web layer itself: an HTTP status and a one-line reason."""
 
-    def __init__(self, status: int, reason: str, *, retry_after: int | None = None):
+    def __init__(self, status: int, reason: str, *, retry_after: int | None = None, headers: dict | None = None):
         super().__init__(reason)
         self.status = status
         self.reason = reason
         self.retry_after = retry_after
+        self.headers = headers or {}  # of the refusal's answer
 
 
 # Storage's refusals and outcomes, and the status each is answered with: the one place
@@ -2667,93 +2852,45 @@ class _CountedIterable:
 
 
 class _Body:
-    """A large response body handed to the server as a file-like object, so that Bottle
-    passes it through untouched and gunicorn can use sendfile when there is a file.
+    """A response body read from storage, handed to the server as a file-like object so
+    that Bottle passes it through untouched. It counts what the reader delivered for the
+    exchange, and ends both when the server closes it; whether the download was whole is
+    the reader's to say."""
 
-    It tells whether the whole body reached the socket: through read() reaching the end
-    (the server asks for more only after writing the previous block), or through the
-    seek() that socket.sendfile() makes to the final offset.
-    """
-
-    def __init__(self, exchange: _Exchange, length: int | None, on_close=None):
+    def __init__(self, exchange: _Exchange, reader, on_close):
         self.exchange = exchange
-        self.length = length
-        self.sent = 0
-        self.at_end = length == 0
-        self.on_close = on_close
+        self.reader = reader
+        self.on_close = on_close  # called with whether every byte was delivered
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            return self.reader.read(size)
+        except UploadFailed as exc:
+            self.exchange.note = f"cut off: {exc}"
+            raise _CutOff(str(exc)) from None
 
     def close(self) -> None:
         if self.exchange is None:
             return
         exchange, self.exchange = self.exchange, None
-        exchange.bytes_out += self.sent
+        exchange.bytes_out += self.reader.sent
         try:
-            if self.on_close is not None:
-                self.on_close(self.at_end)
+            self.on_close(self.reader.finished)
         finally:
-            self.release()
+            self.reader.close()
             if exchange.status is not None:  # the response went out: this is its end
                 exchange.finish()
 
-    def release(self) -> None:
-        """Free what the body holds (a file descriptor)."""
 
-
-class _FileBody(_Body):
-    """Bytes start..start+length of an open file."""
-
-    def __init__(self, exchange, fd: int, start: int, length: int, on_close=None):
-        super().__init__(exchange, length, on_close)
-        self.fd = fd
-        self.start = start
-        os.lseek(fd, start, os.SEEK_SET)
+class _SendfileBody(_Body):
+    """The body of a reader that offers sendfile: gunicorn sends it with sendfile when it
+    has fileno(), and socket.sendfile() tells the reader where it stopped with seek()."""
 
     def fileno(self) -> int:
-        return self.fd
-
-    def read(self, size: int = -1) -> bytes:
-        remaining = self.length - self.sent
-        block = os.pread(self.fd, min(max(size, BLOCK_SIZE), remaining), self.start + self.sent) if remaining else b""
-        if not block:
-            self.at_end = self.sent >= self.length
-        self.sent += len(block)
-        return block
+        return self.reader.fileno()
 
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        # socket.sendfile() seeks to where it stopped: that is how many bytes went out.
-        position = os.lseek(self.fd, offset, whence)
-        self.sent = position - self.start
-        self.at_end = self.sent >= self.length
-        return position
-
-    def release(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
-class _FollowBody(_Body):
-    """The bytes of an upload in progress, as they arrive."""
-
-    def __init__(self, exchange, follower: UploadFollower, length: int | None, on_close=None):
-        super().__init__(exchange, length, on_close)
-        self.follower = follower
-        self.blocks = iter(follower)
-
-    def read(self, size: int = -1) -> bytes:
-        try:
-            block = next(self.blocks)
-        except StopIteration:
-            self.at_end = True
-            return b""
-        except UploadFailed as exc:
-            self.exchange.note = f"cut off: {exc}"
-            raise _CutOff(str(exc)) from None
-        self.sent += len(block)
-        return block
-
-    def release(self) -> None:
-        self.follower.close()
+        return self.reader.seek(offset, whence)
 
 
 def _request_body(environ: dict, length: int | None, exchange: _Exchange):
@@ -2872,7 +3009,9 @@ def _parse_range(header: str | None, size: int) -> tuple[int, int] | None:
         if int(last_text) == 0:
             first = size
     if first >= size:
-        raise RelayError(416, f"range not satisfiable: the object has {size} bytes")
+        raise RelayError(
+            416, f"range not satisfiable: the object has {size} bytes", headers={"Content-Range": f"bytes */{size}"}
+        )
     return first, last
 
 
@@ -3050,389 +3189,6 @@ def _is_cors_preflight(environ: dict, origins: tuple[str, ...]) -> bool:
     return allowed and "HTTP_ACCESS_CONTROL_REQUEST_METHOD" in environ
 
 
-def make_app(config: RelayConfig, state: SharedState | None = None):
-    """Build the relay's WSGI application (a Bottle app) over *config*'s files directory.
-
-    *state* holds the counters and the drain flag; gunicorn shares one between its
-    workers, a test may pass its own or let the app make one.
-    """
-    import bottle
-
-    store = Store(config)
-    store.prepare()
-    state = state if state is not None else SharedState()
-    trusted_proxies = parse_trusted_proxies(config.forwarded_allow_ips)
-    waiting_slots = threading.BoundedSemaphore(config.waiting_reader_limit)
-    expected_id = hashlib.sha256(config.server_id.encode()).digest()
-    request = bottle.request
-
-    class RelayBottle(bottle.Bottle):
-        """Measures and logs every exchange, and bounds how long a peer may stay silent."""
-
-        def wsgi(self, environ, start_response):
-            exchange = _Exchange(environ, state, trusted_proxies)
-            environ["file_relay.exchange"] = exchange
-            environ["wsgi.errors"] = _LogWriter()
-            peer = environ.get("gunicorn.socket")
-            if isinstance(peer, _HeaderDeadline):
-                peer.headers_received(config.idle_timeout)
-            elif peer is not None:
-                peer.settimeout(config.idle_timeout)
-
-            def observed_start_response(status, headers, exc_info=None):
-                exchange.status = int(status[:3])
-                if environ.get("file_relay.length_unknown"):  # not the 0 Bottle gives empty bodies
-                    headers = [(name, value) for name, value in headers if name.lower() != "content-length"]
-                if "file_relay.disposition" in environ and exchange.status in (200, 206):
-                    headers = [*headers, ("Content-Disposition", environ["file_relay.disposition"])]
-                if "file_relay.preference_applied" in environ:
-                    headers = [*headers, ("Preference-Applied", environ["file_relay.preference_applied"])]
-                headers = [*headers, *_cors_headers(environ, config.cors_origins)]
-                if environ.get("file_relay.close") or (isinstance(peer, _HeaderDeadline) and peer.continue_pending):
-                    _close_connection_after(start_response)  # a body not read: not sent, or unwanted
-                return start_response(status, headers, exc_info)
-
-            body = super().wsgi(environ, observed_start_response)
-            wrapped = getattr(body, "filelike", None) or getattr(body, "fp", None)
-            if isinstance(wrapped, _Body):
-                return body  # a file wrapper: left whole for sendfile; the body reports itself
-            return _CountedIterable(body, exchange)
-
-        def default_error_handler(self, res):
-            if res.status_code >= 500 and res.traceback:
-                log.error("unhandled error: %s", res.traceback.rstrip())
-            res.content_type = "text/plain; charset=utf-8"
-            return f"{res.body}\n" if res.status_code < 500 else "internal error\n"
-
-    app = RelayBottle(catchall=True)
-    app.config.update("relay", config=config, store=store, state=state)
-
-    def reply(status: int, text: str, headers: dict | None = None, *, close: bool = False):
-        if close:
-            request.environ["file_relay.close"] = True
-        response = bottle.HTTPResponse(f"{text}\n", status, headers)
-        response.content_type = "text/plain; charset=utf-8"
-        return response
-
-    def refuse(error: RelayError | StorageError, *, close: bool = True):
-        """Answer a refusal; a request whose body was not read closes its connection, so
-        the relay never drains a body it will not store."""
-        error = _as_refusal(error)
-        headers = {"Retry-After": str(error.retry_after)} if error.retry_after else {}
-        return reply(error.status, error.reason, headers, close=close)
-
-    def cors_preflight():
-        """A page's question whether it may send a request: yes, from an allowed origin."""
-        headers = {
-            "Access-Control-Allow-Methods": _CORS_ALLOWED_METHODS,
-            "Access-Control-Allow-Headers": _CORS_ALLOWED_HEADERS,
-            "Access-Control-Max-Age": "600",
-        }
-        return bottle.HTTPResponse(None, 204, headers)
-
-    def require_server_id(callback):
-        """Bottle plugin: every route needs the server ID as its first path segment.
-
-        Both sides are hashed first, so the comparison takes the same time whatever was
-        sent, and the refusal is the same whatever the path."""
-
-        def checked(*args, **kwargs):
-            if request.method == "OPTIONS" and _is_cors_preflight(request.environ, config.cors_origins):
-                return cors_preflight()  # the same for every path, so that the page can read a 403
-            given = request.environ.get("PATH_INFO", "").split("/", 2)[1:2] or [""]
-            digest = hashlib.sha256(given[0].encode("latin-1", "replace")).digest()
-            if not hmac.compare_digest(digest, expected_id):
-                return reply(403, "forbidden", close=True)
-            kwargs.pop("server_id", None)
-            return callback(*args, **kwargs)
-
-        return checked
-
-    app.install(require_server_id)
-
-    def object_id(text: str) -> str:
-        oid = parse_object_id(text)
-        if oid is None:
-            raise refuse(RelayError(400, "object ID must be 64 hex digits (the SHA-256 of the content)"))
-        return oid
-
-    # -- routes ------------------------------------------------------------
-
-    @app.get("/<server_id>")
-    def status():
-        if request.method == "HEAD":  # a cheap check of the server ID, without the scan
-            return bottle.HTTPResponse(None, 200, {"Content-Type": "application/json"})
-        report = _status_report(config, store, state)
-        if _wants_prometheus(request.environ, request.query):
-            body = _prometheus_text(report)
-            return bottle.HTTPResponse(body, 200, {"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
-        return bottle.HTTPResponse(json.dumps(report, indent=2) + "\n", 200, {"Content-Type": "application/json"})
-
-    @app.delete("/<server_id>")
-    def shutdown():
-        state.start_draining()
-        return reply(200, f"draining: the relay exits when transfers finish (at most {config.graceful_timeout:g} s)")
-
-    @app.put("/<server_id>/<oid_text>")
-    def put_object(oid_text):
-        oid = object_id(oid_text)
-        exchange = request.environ["file_relay.exchange"]
-        try:
-            if state.draining and not store.is_stored(oid):  # a stored object needs nothing stored
-                raise RelayError(503, "the relay is shutting down", retry_after=5)
-            length = _declared_length(request.environ)
-            content_range = request.environ.get("HTTP_CONTENT_RANGE")
-            chunk = _parse_content_range(content_range) if content_range else None
-            if chunk and length is not None and length != chunk[1] - chunk[0] + 1:
-                raise RelayError(400, "Content-Length does not match Content-Range")
-            if request.environ.get("HTTP_IF_NONE_MATCH", "").strip() == "*" and store.is_stored(oid):
-                raise RelayError(412, "already stored")
-            limits = _parse_limits(request.environ, config)
-            digest_field = request.environ.get("HTTP_CONTENT_DIGEST")
-            try:
-                digest = parse_digest_field(digest_field) if digest_field else None
-            except ValueError as exc:
-                raise RelayError(400, f"Content-Digest: {exc}") from None
-            store.check_size(chunk[2] if chunk else length or 0)
-        except (RelayError, StorageError) as exc:
-            return refuse(exc)
-        body = _request_body(request.environ, length, exchange)
-        try:
-            with state.active("uploads_active"):
-                if chunk:
-                    outcome = store.put_chunk(oid, *chunk, body, digest, limits)
-                else:
-                    outcome = Stored.CREATED if store.put_stream(oid, body, length, limits) else Stored.ALREADY
-        except (RelayError, StorageError) as exc:
-            return refuse(exc)
-        except ClientGone as exc:
-            exchange.note = str(exc)
-            return reply(exc.status, str(exc), close=True)
-        status = status_of(outcome)
-        if isinstance(outcome, Progress):
-            progress = outcome
-            received = f"received {progress.received} of {progress.length} bytes ({format_ranges(progress.ranges)})"
-            return reply(202, received, _progress_headers(progress))
-        if status == 201:
-            state.add("uploads_completed")
-        obj = store.lookup(oid)
-        headers = _object_headers(obj) if obj else {}
-        headers.pop("Content-Type", None)
-        verb = "stored" if status == 201 else "already stored"
-        return reply(status, f"{verb} {oid}" + (f" ({obj.size} bytes)" if obj else ""), headers)
-
-    @app.get("/<server_id>/<oid_text>")
-    def get_object(oid_text):
-        oid = object_id(oid_text)
-        exchange = request.environ["file_relay.exchange"]
-        try:
-            named = _download_name(request.environ)
-        except (RelayError, StorageError) as exc:
-            return refuse(exc, close=False)
-        if named is not None:
-            request.environ["file_relay.disposition"] = content_disposition(named)
-        if request.method == "HEAD":
-            return head_object(oid)
-        try:
-            wait = config.get_wait_timeout
-            preferred = _preferred_wait(request.environ.get("HTTP_PREFER"))
-            if "wait" in request.query:
-                try:
-                    wait = min(max(0.0, float(request.query["wait"])), config.max_get_wait)
-                except ValueError:
-                    raise RelayError(400, "wait must be a number of seconds") from None
-            elif preferred is not None:
-                wait = min(preferred, config.max_get_wait)
-                request.environ["file_relay.preference_applied"] = f"wait={wait:g}"
-            # A body of unknown length reaches an HTTP/1.0 client delimited by the close
-            # alone, so a cut-off would look like a clean end: such a reader gets the
-            # object only once stored, with its Content-Length.
-            unsized_ok = request.environ.get("SERVER_PROTOCOL") != "HTTP/1.0"
-            found = find_or_wait(oid, wait, unsized_ok=unsized_ok)
-            if found is _UNSIZED_UPLOAD:
-                raise RelayError(
-                    503, "the upload has no length yet; retry when it has finished, or use HTTP/1.1", retry_after=5
-                )
-            if found is None:
-                raise RelayError(404, "no such object")
-            if isinstance(found, UploadFollower):
-                return follow_upload(oid, found, exchange)
-            return send_stored(*found, exchange)
-        except (RelayError, StorageError) as exc:
-            return refuse(exc, close=False)
-        except UploadFailed as exc:  # removed, on a shared filesystem, before the answer began
-            return reply(404, f"no such object: {exc}")
-        except ClientGone as exc:
-            exchange.note = str(exc)
-            return reply(400, str(exc), close=True)
-
-    def find(oid: str, *, unsized_ok: bool):
-        """The stored object (fd, object), a follower of its upload, _UNSIZED_UPLOAD for an
-        upload of unknown length that may not be followed, or None."""
-        opened = store.open_object(oid)
-        if opened is not None:
-            return opened
-        follower = store.follow(oid)
-        if follower is not None and follower.length is None and not unsized_ok:
-            follower.close()
-            return _UNSIZED_UPLOAD
-        return follower
-
-    def find_or_wait(oid: str, wait: float, *, unsized_ok: bool = True):
-        """What find() finds, waiting up to *wait* for a stored object or an upload that
-        may be followed. Raises ClientGone as soon as the client hangs up while it waits."""
-        found = find(oid, unsized_ok=unsized_ok)
-        if (found is not None and found is not _UNSIZED_UPLOAD) or wait <= 0:
-            return found
-        if not waiting_slots.acquire(blocking=False):
-            raise RelayError(503, "too many readers are waiting for uploads", retry_after=5)
-        peer = request.environ.get("gunicorn.socket")
-        try:
-            with state.active("waiting_readers"):
-                deadline = time.monotonic() + wait
-                delay = 0.05
-                while time.monotonic() < deadline:
-                    if state.draining:
-                        raise RelayError(503, "the relay is shutting down", retry_after=5)
-                    if _hangs_up_within(peer, min(delay, max(0.0, deadline - time.monotonic()))):
-                        raise ClientGone("the client hung up while waiting for the upload")
-                    delay = min(delay * 1.5, 0.5)
-                    found = find(oid, unsized_ok=unsized_ok)
-                    if found is not None and found is not _UNSIZED_UPLOAD:
-                        return found
-        finally:
-            waiting_slots.release()
-        return found
-
-    def send_stored(fd: int, obj: StoredObject, exchange: _Exchange):
-        try:
-            headers = _object_headers(obj)
-            if _not_modified(request.environ, obj):
-                os.close(fd)
-                return bottle.HTTPResponse(None, 304, {**headers, "Content-Length": str(obj.size)})
-            wanted = None
-            if_range = request.environ.get("HTTP_IF_RANGE")
-            if if_range is None or if_range.strip() == headers["ETag"]:
-                wanted = _parse_range(request.environ.get("HTTP_RANGE"), obj.size)
-        except RelayError as exc:
-            os.close(fd)
-            unsatisfiable = refuse(exc, close=False)
-            unsatisfiable.set_header("Content-Range", f"bytes */{obj.size}")
-            return unsatisfiable
-        except BaseException:
-            os.close(fd)
-            raise
-        if wanted is None:
-            status, first, length = 200, 0, obj.size
-        else:
-            status, first, length = 206, wanted[0], wanted[1] - wanted[0] + 1
-            headers["Content-Range"] = f"bytes {wanted[0]}-{wanted[1]}/{obj.size}"
-        headers["Content-Length"] = str(length)
-        ticket = None
-        if status == 200:
-            try:
-                ticket = store.reserve_download(obj.oid, fd, obj.max_downloads)
-            except BaseException:
-                os.close(fd)
-                raise
-            if ticket is not None:  # what will remain once this download is through
-                headers["X-Remaining-Downloads"] = str(ticket.remaining)
-        body = _FileBody(exchange, fd, first, length, on_close=download_finished(ticket, whole=status == 200))
-        return bottle.HTTPResponse(body, status, headers)
-
-    def download_finished(ticket: DownloadTicket | None, *, whole: bool):
-        """The download's end: counted as completed if it sent the whole object."""
-        state.add("downloads_active")
-
-        def finished(complete: bool) -> None:
-            state.add("downloads_active", -1)
-            if complete and whole:
-                state.add("downloads_completed")
-            if ticket is not None:
-                ticket.complete() if complete else ticket.release()
-
-        return finished
-
-    def follow_upload(oid: str, follower: UploadFollower, exchange: _Exchange):
-        length = follower.length
-        status = 200
-        try:
-            headers = _upload_headers(follower.progress())
-            try:
-                wanted = _parse_range(request.environ.get("HTTP_RANGE"), length) if length is not None else None
-            except RelayError as exc:
-                follower.close()
-                unsatisfiable = refuse(exc, close=False)
-                unsatisfiable.set_header("Content-Range", f"bytes */{length}")
-                return unsatisfiable
-            ticket = None
-            if length is None and (closed := _closed_range(request.environ.get("HTTP_RANGE"))) is not None:
-                wanted = closed  # its own length is known, the object's not yet: "/*"
-            if wanted is not None:
-                status = 206
-                follower.position, follower.end = wanted[0], wanted[1] + 1
-                headers["Content-Range"] = f"bytes {wanted[0]}-{wanted[1]}/{length if length is not None else '*'}"
-                headers["Content-Length"] = str(wanted[1] + 1 - wanted[0])
-            else:
-                if length is not None:
-                    headers["Content-Length"] = str(length)
-                ticket = store.reserve_download(oid, follower.fd, follower.max_downloads, following=follower)
-        except BaseException:
-            follower.close()
-            raise
-        peer = request.environ.get("gunicorn.socket")
-
-        def pause_unless_gone(seconds: float) -> None:
-            if _hangs_up_within(peer, seconds):
-                raise UploadFailed("the reader hung up")
-
-        follower.pause = pause_unless_gone
-        body = _FollowBody(exchange, follower, length, on_close=download_finished(ticket, whole=status == 200))
-        return bottle.HTTPResponse(body, status, headers)
-
-    def head_object(oid: str):
-        obj = store.lookup(oid)
-        if obj is not None:
-            headers = _object_headers(obj)
-            headers["Content-Length"] = str(obj.size)
-            status = 304 if _not_modified(request.environ, obj) else 200
-            return bottle.HTTPResponse(None, status, headers)
-        progress = store.progress(oid)
-        if progress is None:
-            return reply(404, "no such object")
-        headers = _upload_headers(progress)
-        if progress.length is not None:
-            headers["Content-Length"] = str(progress.length)
-        else:
-            request.environ["file_relay.length_unknown"] = True
-        return bottle.HTTPResponse(None, 200, headers)
-
-    @app.delete("/<server_id>/<oid_text>")
-    def delete_object(oid_text):
-        oid = object_id(oid_text)
-        try:
-            if not store.delete(oid):
-                raise RelayError(404, "no such object")
-        except (RelayError, StorageError) as exc:
-            return refuse(exc, close=False)
-        return reply(200, f"deleted {oid}")
-
-    @app.route("/<server_id>/<oid_text>", method="ANY")
-    def object_other(oid_text):
-        return reply(405, "method not allowed", {"Allow": "GET, HEAD, PUT, DELETE"}, close=True)
-
-    @app.route("/<server_id>", method="ANY")
-    def relay_other():
-        return reply(405, "method not allowed", {"Allow": "GET, HEAD, DELETE"}, close=True)
-
-    @app.route("/", method="ANY")
-    @app.route("/<path:path>", method="ANY")
-    def anything_else(path=""):
-        return reply(404, "not found", close=True)
-
-    return app
-
-
 def _close_connection_after(start_response) -> None:
     """Ask gunicorn to close the connection after this response (the app cannot send
     'Connection: close' itself; gunicorn owns hop-by-hop headers). gunicorn's
@@ -3457,18 +3213,421 @@ class _LogWriter:
         pass
 
 
-def _status_report(config: RelayConfig, store: Store, state: SharedState) -> dict:
-    usage = store.usage()
-    disk = shutil.disk_usage(store.root)
+_WAITING_POLL_FIRST, _WAITING_POLL_MOST = 0.05, 0.5  # seconds between a waiting reader's looks
+
+
+class RelayHandler:
+    """The relay's routes over one Storage, and the WSGI application around them.
+
+    Each route is a method; what the routes share (the storage, the counters and drain
+    flag, the slots of readers waiting for an upload) are attributes. GET and HEAD of an
+    object take one path (_send_head), as CPython's SimpleHTTPRequestHandler.send_head
+    serves both, so their status and headers cannot differ. Storage's refusals are
+    answered through _REFUSALS; the handler knows nothing of files.
+    """
+
+    def __init__(self, config: RelayConfig, storage: Storage, state: SharedState):
+        import bottle
+
+        self.config = config
+        self.storage = storage
+        self.state = state
+        self.request = bottle.request  # the request of the thread, as each route sees it
+        self.response_class = bottle.HTTPResponse
+        self.app = None  # the Bottle application routing to this handler (make_app)
+        self.trusted_proxies = parse_trusted_proxies(config.forwarded_allow_ips)
+        self.waiting_slots = threading.BoundedSemaphore(config.waiting_reader_limit)
+        self.expected_id = hashlib.sha256(config.server_id.encode()).digest()
+
+    # -- the WSGI application: every exchange measured and logged --------------
+
+    def __call__(self, environ: dict, start_response):
+        exchange = _Exchange(environ, self.state, self.trusted_proxies)
+        environ["file_relay.exchange"] = exchange
+        environ["wsgi.errors"] = _LogWriter()
+        peer = environ.get("gunicorn.socket")
+        if isinstance(peer, _HeaderDeadline):
+            peer.headers_received(self.config.idle_timeout)
+        elif peer is not None:
+            peer.settimeout(self.config.idle_timeout)
+
+        def observed_start_response(status, headers, exc_info=None):
+            exchange.status = int(status[:3])
+            headers = self._final_headers(environ, exchange.status, headers)
+            if environ.get("file_relay.close") or (isinstance(peer, _HeaderDeadline) and peer.continue_pending):
+                _close_connection_after(start_response)  # a body not read: not sent, or unwanted
+            return start_response(status, headers, exc_info)
+
+        body = self.app(environ, observed_start_response)
+        # A body with read() reaches the server in a file wrapper: gunicorn's has the
+        # body as .filelike, Bottle's own (when the server offers none) as .fp.
+        wrapped = getattr(body, "filelike", None) or getattr(body, "fp", None)
+        if isinstance(wrapped, _Body):
+            return body  # left whole for sendfile; the body reports itself
+        return _CountedIterable(body, exchange)
+
+    def _final_headers(self, environ: dict, status: int, headers: list) -> list:
+        if environ.get("file_relay.length_unknown"):  # not the 0 Bottle gives empty bodies
+            headers = [(name, value) for name, value in headers if name.lower() != "content-length"]
+        if "file_relay.disposition" in environ and status in (200, 206):
+            headers = [*headers, ("Content-Disposition", environ["file_relay.disposition"])]
+        if "file_relay.preference_applied" in environ:
+            headers = [*headers, ("Preference-Applied", environ["file_relay.preference_applied"])]
+        return [*headers, *_cors_headers(environ, self.config.cors_origins)]
+
+    def error_page(self, res):
+        """Bottle's answer to an error no route answered (an exception: 500)."""
+        if res.status_code >= 500 and res.traceback:
+            log.error("unhandled error: %s", res.traceback.rstrip())
+        res.content_type = "text/plain; charset=utf-8"
+        return f"{res.body}\n" if res.status_code < 500 else "internal error\n"
+
+    def check_server_id(self, callback):
+        """Bottle plugin: every route needs the server ID as its first path segment.
+
+        Both sides are hashed first, so the comparison takes the same time whatever was
+        sent, and the refusal is the same whatever the path."""
+
+        def checked(*args, **kwargs):
+            if self.request.method == "OPTIONS" and _is_cors_preflight(self.request.environ, self.config.cors_origins):
+                return self._cors_preflight()  # the same for every path, so that the page can read a 403
+            given = self.request.environ.get("PATH_INFO", "").split("/", 2)[1:2] or [""]
+            digest = hashlib.sha256(given[0].encode("latin-1", "replace")).digest()
+            if not hmac.compare_digest(digest, self.expected_id):
+                return self._reply(403, "forbidden", close=True)
+            kwargs.pop("server_id", None)
+            return callback(*args, **kwargs)
+
+        return checked
+
+    # -- answers ---------------------------------------------------------------
+
+    def _reply(self, status: int, text: str, headers: dict | None = None, *, close: bool = False):
+        if close:
+            self.request.environ["file_relay.close"] = True
+        response = self.response_class(f"{text}\n", status, headers)
+        response.content_type = "text/plain; charset=utf-8"
+        return response
+
+    def _refuse(self, error: RelayError | StorageError, *, close: bool = True):
+        """Answer a refusal; a request whose body was not read closes its connection, so
+        the relay never drains a body it will not store."""
+        error = _as_refusal(error)
+        headers = {"Retry-After": str(error.retry_after)} if error.retry_after else {}
+        return self._reply(error.status, error.reason, {**headers, **error.headers}, close=close)
+
+    def _object_id(self, text: str) -> str:
+        oid = parse_object_id(text)
+        if oid is None:
+            raise self._refuse(RelayError(400, "object ID must be 64 hex digits (the SHA-256 of the content)"))
+        return oid
+
+    # -- the relay ---------------------------------------------------------------
+
+    def status(self):
+        if self.request.method == "HEAD":  # a cheap check of the server ID, without the scan
+            return self.response_class(None, 200, {"Content-Type": "application/json"})
+        report = _status_report(self.config, self.storage.usage(), self.state)
+        if _wants_prometheus(self.request.environ, self.request.query):
+            text_type = "text/plain; version=0.0.4; charset=utf-8"
+            return self.response_class(_prometheus_text(report), 200, {"Content-Type": text_type})
+        return self.response_class(json.dumps(report, indent=2) + "\n", 200, {"Content-Type": "application/json"})
+
+    def shutdown(self):
+        self.state.start_draining()
+        limit = self.config.graceful_timeout
+        return self._reply(200, f"draining: the relay exits when transfers finish (at most {limit:g} s)")
+
+    def relay_other(self):
+        return self._reply(405, "method not allowed", {"Allow": "GET, HEAD, DELETE"}, close=True)
+
+    def object_other(self, oid_text):
+        return self._reply(405, "method not allowed", {"Allow": "GET, HEAD, PUT, DELETE"}, close=True)
+
+    def anything_else(self, path=""):
+        return self._reply(404, "not found", close=True)
+
+    def _cors_preflight(self):
+        """A page's question whether it may send a request: yes, from an allowed origin."""
+        headers = {
+            "Access-Control-Allow-Methods": _CORS_ALLOWED_METHODS,
+            "Access-Control-Allow-Headers": _CORS_ALLOWED_HEADERS,
+            "Access-Control-Max-Age": "600",
+        }
+        return self.response_class(None, 204, headers)
+
+    # -- uploads -----------------------------------------------------------------
+
+    def put_object(self, oid_text):
+        oid = self._object_id(oid_text)
+        exchange = self.request.environ["file_relay.exchange"]
+        try:
+            length, chunk, limits, digest = self._upload_request(oid)
+        except (RelayError, StorageError) as exc:
+            return self._refuse(exc)
+        body = _request_body(self.request.environ, length, exchange)
+        try:
+            with self.state.active("uploads_active"):
+                if chunk:
+                    outcome = self.storage.put_chunk(oid, *chunk, body, digest, limits)
+                else:
+                    created = self.storage.put_stream(oid, body, length, limits)
+                    outcome = Stored.CREATED if created else Stored.ALREADY
+        except (RelayError, StorageError) as exc:
+            return self._refuse(exc)
+        except ClientGone as exc:
+            exchange.note = str(exc)
+            return self._reply(exc.status, str(exc), close=True)
+        return self._upload_answer(oid, outcome)
+
+    def _upload_request(self, oid: str) -> tuple:
+        """What a PUT asks for: (its length, the chunk's (first, last, total) or None, the
+        limits, the chunk's digest or None). Raises a refusal."""
+        environ = self.request.environ
+        if self.state.draining and not self.storage.is_stored(oid):  # a stored object needs nothing stored
+            raise RelayError(503, "the relay is shutting down", retry_after=5)
+        length = _declared_length(environ)
+        content_range = environ.get("HTTP_CONTENT_RANGE")
+        chunk = _parse_content_range(content_range) if content_range else None
+        if chunk and length is not None and length != chunk[1] - chunk[0] + 1:
+            raise RelayError(400, "Content-Length does not match Content-Range")
+        if environ.get("HTTP_IF_NONE_MATCH", "").strip() == "*" and self.storage.is_stored(oid):
+            raise RelayError(412, "already stored")
+        limits = _parse_limits(environ, self.config)
+        digest_field = environ.get("HTTP_CONTENT_DIGEST")
+        try:
+            digest = parse_digest_field(digest_field) if digest_field else None
+        except ValueError as exc:
+            raise RelayError(400, f"Content-Digest: {exc}") from None
+        self.storage.check_size(chunk[2] if chunk else length or 0)
+        return length, chunk, limits, digest
+
+    def _upload_answer(self, oid: str, outcome: Progress | Stored):
+        if isinstance(outcome, Progress):
+            ranges = format_ranges(outcome.ranges)
+            return self._reply(
+                202, f"received {outcome.received} of {outcome.length} bytes ({ranges})", _progress_headers(outcome)
+            )
+        if outcome is Stored.CREATED:
+            self.state.add("uploads_completed")
+        obj = self.storage.lookup(oid)
+        headers = _object_headers(obj) if obj else {}
+        headers.pop("Content-Type", None)
+        size = f" ({obj.size} bytes)" if obj else ""
+        return self._reply(status_of(outcome), f"{outcome.value} {oid}{size}", headers)
+
+    def delete_object(self, oid_text):
+        oid = self._object_id(oid_text)
+        try:
+            if not self.storage.delete(oid):
+                raise NotFound("no such object")
+        except (RelayError, StorageError) as exc:
+            return self._refuse(exc, close=False)
+        return self._reply(200, f"deleted {oid}")
+
+    # -- downloads: GET and HEAD -------------------------------------------------
+
+    def get_object(self, oid_text):
+        """GET or HEAD of an object, stored or being uploaded."""
+        oid = self._object_id(oid_text)
+        environ = self.request.environ
+        head = self.request.method == "HEAD"
+        try:
+            named = _download_name(environ)
+        except RelayError as exc:
+            return self._refuse(exc, close=False)
+        if named is not None:
+            environ["file_relay.disposition"] = content_disposition(named)
+        try:
+            # A body of unknown length reaches an HTTP/1.0 client delimited by the close
+            # alone, so a cut-off would look like a clean end: such a reader gets the
+            # object only once stored, with its Content-Length.
+            unsized_ok = head or environ.get("SERVER_PROTOCOL") != "HTTP/1.0"
+            found = self._find_or_wait(oid, 0.0 if head else self._wait(), unsized_ok=unsized_ok)
+            if found is _UNSIZED_UPLOAD:
+                reason = "the upload has no length yet; retry when it has finished, or use HTTP/1.1"
+                raise RelayError(503, reason, retry_after=5)
+            if found is None:
+                raise NotFound("no such object")
+            return self._send_head(found, head)
+        except (RelayError, StorageError) as exc:
+            return self._refuse(exc, close=False)
+        except UploadFailed as exc:  # removed, on a shared filesystem, before the answer began
+            return self._reply(404, f"no such object: {exc}")
+        except ClientGone as exc:
+            environ["file_relay.exchange"].note = str(exc)
+            return self._reply(400, str(exc), close=True)
+
+    def _wait(self) -> float:
+        """How long a GET waits for an upload to start: ?wait=, a Prefer: wait=, or the default."""
+        environ = self.request.environ
+        preferred = _preferred_wait(environ.get("HTTP_PREFER"))
+        if "wait" in self.request.query:
+            try:
+                return min(max(0.0, float(self.request.query["wait"])), self.config.max_get_wait)
+            except ValueError:
+                raise RelayError(400, "wait must be a number of seconds") from None
+        if preferred is not None:
+            wait = min(preferred, self.config.max_get_wait)
+            environ["file_relay.preference_applied"] = f"wait={wait:g}"
+            return wait
+        return self.config.get_wait_timeout
+
+    def _find(self, oid: str, *, unsized_ok: bool):
+        """A reader of the stored object or of its upload, _UNSIZED_UPLOAD for an upload of
+        unknown length that may not be followed, or None."""
+        reader = self.storage.open(oid)
+        if reader is not None:
+            return reader
+        reader = self.storage.follow(oid)
+        if reader is not None and reader.length is None and not unsized_ok:
+            reader.close()
+            return _UNSIZED_UPLOAD
+        return reader
+
+    def _find_or_wait(self, oid: str, wait: float, *, unsized_ok: bool):
+        """What _find() finds, waiting up to *wait* for a stored object or an upload that
+        may be followed. Raises ClientGone as soon as the client hangs up while it waits."""
+        found = self._find(oid, unsized_ok=unsized_ok)
+        if (found is not None and found is not _UNSIZED_UPLOAD) or wait <= 0:
+            return found
+        if not self.waiting_slots.acquire(blocking=False):
+            raise RelayError(503, "too many readers are waiting for uploads", retry_after=5)
+        peer = self.request.environ.get("gunicorn.socket")
+        try:
+            with self.state.active("waiting_readers"):
+                deadline = time.monotonic() + wait
+                for delay in _delays(_WAITING_POLL_FIRST, _WAITING_POLL_MOST, 1.5):
+                    if time.monotonic() >= deadline:
+                        break
+                    if self.state.draining:
+                        raise RelayError(503, "the relay is shutting down", retry_after=5)
+                    if _hangs_up_within(peer, min(delay, max(0.0, deadline - time.monotonic()))):
+                        raise ClientGone("the client hung up while waiting for the upload")
+                    found = self._find(oid, unsized_ok=unsized_ok)
+                    if found is not None and found is not _UNSIZED_UPLOAD:
+                        return found
+        finally:
+            self.waiting_slots.release()
+        return found
+
+    def _send_head(self, reader, head: bool):
+        """The answer to GET or HEAD of what *reader* reads. Status and headers are decided
+        here for both; a GET of it all also reserves a counted download. Then HEAD closes
+        the reader, GET sends its bytes."""
+        try:
+            status, headers = self._head_of(reader)
+            if status == 200 and not head:
+                status = self._select_range(reader, headers)
+            if status == 200 and not head:
+                ticket = self.storage.reserve_download(reader)
+                if ticket is not None and "X-Remaining-Downloads" in headers:
+                    headers["X-Remaining-Downloads"] = str(ticket.remaining)  # once this one is through
+        except BaseException:
+            reader.close()
+            raise
+        if head or status == 304:
+            reader.close()
+            return self.response_class(None, status, headers)
+        return self.response_class(self._body(reader, whole=status == 200), status, headers)
+
+    def _head_of(self, reader) -> tuple[int, dict]:
+        """The status (200 or 304) and headers of all of what *reader* reads."""
+        environ = self.request.environ
+        obj = reader.object
+        if obj is not None:
+            headers = {**_object_headers(obj), "Content-Length": str(obj.size)}
+            return (304 if _not_modified(environ, obj) else 200), headers
+        headers = _upload_headers(reader.progress())
+        if reader.length is not None:
+            headers["Content-Length"] = str(reader.length)
+        else:
+            environ["file_relay.length_unknown"] = True
+        return 200, headers
+
+    def _select_range(self, reader, headers: dict) -> int:
+        """206 if the request's Range applies (and narrow *reader* and *headers* to it), else
+        200. Raises RelayError(416) for a range that is not there."""
+        environ = self.request.environ
+        size = reader.object.size if reader.object is not None else reader.length
+        if_range = environ.get("HTTP_IF_RANGE")
+        if if_range is not None and "ETag" in headers and if_range.strip() != headers["ETag"]:
+            return 200
+        if size is None:  # an upload of unknown length: only a closed range can be answered
+            wanted = _closed_range(environ.get("HTTP_RANGE"))
+        else:
+            wanted = _parse_range(environ.get("HTTP_RANGE"), size)
+        if wanted is None:
+            return 200
+        first, last = wanted
+        reader.select(first, last)
+        headers["Content-Range"] = f"bytes {first}-{last}/{size if size is not None else '*'}"
+        headers["Content-Length"] = str(last - first + 1)  # its own length is known, if not the object's
+        environ.pop("file_relay.length_unknown", None)
+        return 206
+
+    def _body(self, reader, *, whole: bool) -> _Body:
+        """The response body of *reader*: counted as a completed download when it sent the
+        whole object; following an upload, it stops waiting when the client hangs up."""
+        self.state.add("downloads_active")
+
+        def finished(complete: bool) -> None:
+            self.state.add("downloads_active", -1)
+            if complete and whole:
+                self.state.add("downloads_completed")
+
+        if reader.object is None:
+            peer = self.request.environ.get("gunicorn.socket")
+
+            def pause_unless_gone(seconds: float) -> None:
+                if _hangs_up_within(peer, seconds):
+                    raise UploadFailed("the reader hung up")
+
+            reader.pause = pause_unless_gone
+        body_class = _SendfileBody if hasattr(reader, "fileno") else _Body
+        return body_class(self.request.environ["file_relay.exchange"], reader, finished)
+
+
+def make_app(config: RelayConfig, state: SharedState | None = None, storage: Storage | None = None):
+    """Build the relay's WSGI application over *storage* (by default, *config*'s files
+    directory): a Bottle app routing to a RelayHandler.
+
+    *state* holds the counters and the drain flag; gunicorn shares one between its
+    workers, a test may pass its own or let the app make one.
+    """
+    import bottle
+
+    storage = storage if storage is not None else Store(config)
+    storage.prepare()
+    handler = RelayHandler(config, storage, state if state is not None else SharedState())
+    app = bottle.Bottle(catchall=True)
+    # Bottle answers an error no route handled with self.default_error_handler(res).
+    app.default_error_handler = handler.error_page
+    app.install(handler.check_server_id)
+    app.get("/<server_id>", callback=handler.status)  # Bottle routes HEAD to GET routes
+    app.delete("/<server_id>", callback=handler.shutdown)
+    app.put("/<server_id>/<oid_text>", callback=handler.put_object)
+    app.get("/<server_id>/<oid_text>", callback=handler.get_object)
+    app.delete("/<server_id>/<oid_text>", callback=handler.delete_object)
+    app.route("/<server_id>/<oid_text>", "ANY", handler.object_other)
+    app.route("/<server_id>", "ANY", handler.relay_other)
+    app.route("/", "ANY", handler.anything_else)
+    app.route("/<path:path>", "ANY", handler.anything_else)
+    handler.app = app
+    return handler
+
+
+def _status_report(config: RelayConfig, usage: dict, state: SharedState) -> dict:
     totals = state.totals()
-    used_percent = 100.0 * disk.used / disk.total if disk.total else 0.0
+    total, used, free = usage["disk_total_bytes"], usage["disk_used_bytes"], usage["disk_free_bytes"]
+    used_percent = 100.0 * used / total if total else 0.0
     return {
         "version": __version__,
         "uptime_seconds": round(time.time() - state.started, 3),
         "disk utilization": {
-            "bytes_used": disk.used,
-            "bytes_remaining": disk.free,
-            "string": f"{used_percent:.1f}% full, {format_size(disk.free)} remaining",
+            "bytes_used": used,
+            "bytes_remaining": free,
+            "string": f"{used_percent:.1f}% full, {format_size(free)} remaining",
         },
         "stored_objects": usage["stored_count"],
         "stored_bytes": usage["stored_bytes"],

@@ -76,13 +76,12 @@ def delete(store):
 def download(store):
     """One counted download, read whole, as a GET does it."""
     oid = content()[1]
-    fd, obj = store.open_object(oid)
-    ticket = store.reserve_download(oid, fd, obj.max_downloads)
+    reader = store.open(oid)
+    store.reserve_download(reader)
     received = 0
-    while block := file_relay.os.pread(fd, BLOCK, received):
+    while block := reader.read(BLOCK):
         received += len(block)
-    ticket.complete()
-    file_relay.os.close(fd)
+    reader.close()  # every byte delivered: the download counts
     return received
 
 

@@ -81,19 +81,18 @@ def age(path: Path, seconds: float) -> None:
 
 def download_whole(store: file_relay.Store, oid: str) -> bool:
     """One counted download through the storage layer; False if there is none to have."""
-    opened = store.open_object(oid)
-    if opened is None:
+    reader = store.open(oid)
+    if reader is None:
         return False
-    fd, obj = opened
     try:
-        ticket = store.reserve_download(oid, fd, obj.max_downloads)
+        ticket = store.reserve_download(reader)
         if ticket is not None:
             ticket.complete()
         return True
     except file_relay.StorageError:
         return False
     finally:
-        os.close(fd)
+        reader.close()
 
 
 # -- what each operation starts from, and what must hold after a crash in it ------------

@@ -151,20 +151,19 @@ def test_a_download_that_opened_a_used_up_object_is_refused(make_config, files):
     """Two downloads open an object with Max-Downloads: 1; the first completes, which
     removes the object. The second, holding the object open, must not get a slot."""
     store, data, oid = limited_object(make_config, max_downloads=1)
-    first_fd, first = store.open_object(oid)
-    second_fd, second = store.open_object(oid)
+    first, second = store.open(oid), store.open(oid)
     try:
-        ticket = store.reserve_download(oid, first_fd, first.max_downloads)
+        ticket = store.reserve_download(first)
         with pytest.raises(file_relay.StorageError) as refused:
-            store.reserve_download(oid, second_fd, second.max_downloads)
+            store.reserve_download(second)
         assert file_relay.status_of(refused.value) == 409  # the last download is in flight
         ticket.complete()
         with pytest.raises(file_relay.StorageError) as gone:
-            store.reserve_download(oid, second_fd, second.max_downloads)
+            store.reserve_download(second)
         assert file_relay.status_of(gone.value) == 404
     finally:
-        os.close(first_fd)
-        os.close(second_fd)
+        first.close()
+        second.close()
     assert not (files / oid).exists()
     assert os.listdir(files / ".relay" / "meta") == []
 
@@ -174,8 +173,8 @@ def test_a_download_that_opened_an_object_as_its_last_download_removed_it_is_ref
     when the last allowed download completes and removes the object and its limits. It
     must not take the missing limits for none, and serve an unlimited download."""
     store, data, oid = limited_object(make_config, max_downloads=1)
-    first_fd, first = store.open_object(oid)
-    ticket = store.reserve_download(oid, first_fd, first.max_downloads)
+    first = store.open(oid)
+    ticket = store.reserve_download(first)
     opened, release = threading.Event(), threading.Event()
     original = file_relay.Store._read_limits
     late = []
@@ -191,17 +190,17 @@ def test_a_download_that_opened_an_object_as_its_last_download_removed_it_is_ref
 
         def open_late():
             late.append(threading.current_thread())
-            return store.open_object(oid)
+            return store.open(oid)
 
         second = pool.submit(open_late)
         assert opened.wait(10)
         ticket.complete()  # the last allowed download: the object and its limits go
-        os.close(first_fd)
+        first.close()
         release.set()
         opened_late = second.result(20)
     if opened_late is not None:
-        fd, obj = opened_late
-        os.close(fd)
+        obj = opened_late.object
+        opened_late.close()
         assert obj.max_downloads == 1, f"served with no limit: {obj}"
     assert not (files / oid).exists()
 
@@ -213,28 +212,27 @@ def test_a_download_of_an_object_used_up_while_its_upload_was_being_tidied_is_re
     in progress, never downloaded."""
     store, data, oid = limited_object(make_config, max_downloads=1)
     leave_published_partial(files, oid, "stream")
-    first_fd, first = store.open_object(oid)
-    second_fd, second = store.open_object(oid)
+    first, second = store.open(oid), store.open(oid)
     try:
-        store.reserve_download(oid, first_fd, first.max_downloads).complete()
+        store.reserve_download(first).complete()
         with pytest.raises(file_relay.StorageError) as gone:
-            store.reserve_download(oid, second_fd, second.max_downloads)
+            store.reserve_download(second)
         assert file_relay.status_of(gone.value) == 404
     finally:
-        os.close(first_fd)
-        os.close(second_fd)
+        first.close()
+        second.close()
 
 
 def test_a_download_of_a_deleted_then_reuploaded_object_does_not_spend_the_new_ones_budget(make_config, files):
     store, data, oid = limited_object(make_config, max_downloads=2)
-    old_fd, old = store.open_object(oid)
+    old = store.open(oid)
     try:
-        ticket = store.reserve_download(oid, old_fd, old.max_downloads)
+        ticket = store.reserve_download(old)
         assert store.delete(oid)
         assert store.put_stream(oid, [data], len(data), file_relay.Limits(max_downloads=1))
         ticket.complete()  # a download of the old object ends
     finally:
-        os.close(old_fd)
+        old.close()
     assert store.lookup(oid).remaining_downloads == 1
 
 
@@ -529,13 +527,13 @@ def test_a_download_is_counted_when_it_starts_and_given_back_if_it_fails(make_co
     """So that a crash after the last byte went out, before the download was counted,
     cannot let one more download through: it was counted already."""
     store, data, oid = limited_object(make_config, max_downloads=2)
-    fd, obj = store.open_object(oid)
+    reader = store.open(oid)
     try:
-        ticket = store.reserve_download(oid, fd, obj.max_downloads)
+        ticket = store.reserve_download(reader)
         assert store.lookup(oid).remaining_downloads == 1  # counted before a byte is sent
         ticket.release()  # the download failed: given back
         assert store.lookup(oid).remaining_downloads == 2
-        store.reserve_download(oid, fd, obj.max_downloads).complete()
+        store.reserve_download(reader).complete()
         assert store.lookup(oid).remaining_downloads == 1
     finally:
-        os.close(fd)
+        reader.close()
