@@ -4023,294 +4023,307 @@ def _guarded_tls_context(gunicorn_config, default_context_factory) -> ssl.SSLCon
     return context
 
 
-def serve(config: RelayConfig, *, generated_id: bool = False) -> int:
-    """Run the relay until it is shut down; returns the exit status. A server ID the
-    relay generated is printed once, with the URL, on stdout: nowhere else has it."""
-    from gunicorn import http as gunicorn_http
-    from gunicorn import sock as gunicorn_sock
-    from gunicorn.app.base import BaseApplication
-    from gunicorn.arbiter import Arbiter
-    from gunicorn.glogging import Logger
-    from gunicorn.workers.gthread import ThreadWorker
-
-    store = Store(config)
-    store.prepare()
-    handler = configure_logging(config)
-    for warning in probe_files_directory(config.files_directory):
-        log.warning("%s", warning)
-    try:
-        swept = store.sweep()  # leftovers of a crash: partial plain uploads, trash
-    except RelayError as exc:  # a lock held elsewhere: the master's sweeps try again
-        log.warning("startup sweep skipped: %s", exc.reason)
-        swept = {}
+def _log_swept(when: str, swept: dict) -> None:
     if any(swept.values()):
-        log.info("startup: removed %s", ", ".join(f"{n} {what}" for what, n in swept.items() if n))
-    state = SharedState(slots=config.workers + 8)  # spare rows for workers restarting
-    free_slots = list(range(1, state.slots + 1))
+        log.info("%s: removed %s", when, ", ".join(f"{n} {what}" for what, n in swept.items() if n))
 
-    class RelayLogger(Logger):
-        """gunicorn's own messages, in the relay's format and redacted."""
 
-        def setup(self, cfg):
-            super().setup(cfg)
-            for handler_ in self.error_log.handlers:
-                handler_.setFormatter(handler.formatter)
+class _RelayLogger:
+    """gunicorn's own messages, in the relay's format and redacted. serve() mixes it onto
+    gunicorn's Logger, whose error_log it relies on."""
 
-    class RelayWorker(ThreadWorker):
-        """A gthread worker whose threads only serve requests that have arrived: its main
-        loop receives each request head (and does each TLS handshake) and each closing
-        connection's last bytes without blocking, so that slow clients hold no thread. It
-        leaves Ctrl-C to the master, which drains first."""
+    relay_formatter: logging.Formatter  # set by serve()
 
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.heads_awaited: dict = {}  # connection -> its head's deadline, oldest first
-            self.closing: dict = {}  # connection -> [end of its lingering, bytes discarded, end of quiet], oldest first
-            self.tls_context: ssl.SSLContext | None = None
+    def setup(self, cfg):
+        super().setup(cfg)
+        for handler in self.error_log.handlers:
+            handler.setFormatter(self.relay_formatter)
 
-        def init_process(self):
-            if self.cfg.is_ssl:  # once per worker: a renewed certificate needs a restart
-                self.tls_context = gunicorn_sock.ssl_context(self.cfg)
-            super().init_process()
 
-        def init_signals(self):
-            super().init_signals()
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, _WORKER_SIGNALS)  # see spawn_worker
+class _RelayWorker:
+    """A gthread worker whose threads only serve requests that have arrived: its main
+    loop receives each request head (and does each TLS handshake) and each closing
+    connection's last bytes without blocking, so that slow clients hold no thread. It
+    leaves Ctrl-C to the master, which drains first. serve() mixes it onto gunicorn's
+    gthread ThreadWorker, whose internals it relies on (see tests/test_internals.py).
+    """
 
-        def handle_request(self, req, conn):
-            """Leave "100 Continue" to the app, which sends it when it starts reading the
-            body. gunicorn sends it before the app has seen the request, so a client
-            refused at once (403, 412, 413, 507) had already begun sending its body, and
-            curl could lose the refusal when the relay closed the connection on it."""
-            if isinstance(conn.sock, _HeaderDeadline):
-                conn.sock.continue_pending = bool(getattr(req, "_expected_100_continue", False))
-                req._expected_100_continue = False
-            return super().handle_request(req, conn)
+    relay_config: RelayConfig  # set by serve()
 
-        def enqueue_req(self, conn):
-            """Receive the request head of a new or kept-alive connection in the main loop;
-            a thread takes the connection once it has arrived."""
-            if isinstance(conn.sock, _HeaderDeadline):
-                read_ahead = conn.parser.unreader.take_buffered() if conn.parser is not None else b""
-            else:
-                if self.nr_conns >= self.worker_connections and (self.closing or self.heads_awaited):
-                    # At the limit, gthread would stop accepting: the oldest lingering close
-                    # (its answer was sent), else the connection that has taken longest over
-                    # its head, gives its place to the new one instead.
-                    self.drop(next(iter(self.closing or self.heads_awaited)))
-                try:
-                    conn.sock = self.guard(conn.sock)
-                except OSError:  # gone already
-                    self.nr_conns -= 1
-                    conn.close()
-                    return
-                read_ahead = b""
-            self.heads_awaited[conn] = conn.sock.await_head(read_ahead)
-            self.receive_head(conn)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.heads_awaited: dict = {}  # connection -> its head's deadline, oldest first
+        self.closing: dict = {}  # connection -> [end of its lingering, bytes discarded, end of quiet], oldest first
+        self.tls_context: ssl.SSLContext | None = None
 
-        def guard(self, sock: socket.socket) -> _HeaderDeadline:
-            if self.tls_context is None:
-                return _GuardedConnection.adopt(sock)
-            return self.tls_context.wrap_socket(
-                sock,
-                server_side=True,
-                do_handshake_on_connect=False,
-                suppress_ragged_eofs=self.cfg.suppress_ragged_eofs,
-            )
+    def init_process(self):
+        if self.cfg.is_ssl:  # once per worker: a renewed certificate needs a restart
+            from gunicorn import sock as gunicorn_sock
 
-        def receive_head(self, conn, _fileobj=None):
-            if conn not in self.heads_awaited:
-                return  # dropped by an earlier event of the same poll
+            self.tls_context = gunicorn_sock.ssl_context(self.cfg)
+        super().init_process()
+
+    def init_signals(self):
+        super().init_signals()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _WORKER_SIGNALS)  # see spawn_worker
+
+    def handle_request(self, req, conn):
+        """Leave "100 Continue" to the app, which sends it when it starts reading the
+        body. gunicorn sends it before the app has seen the request, so a client
+        refused at once (403, 412, 413, 507) had already begun sending its body, and
+        curl could lose the refusal when the relay closed the connection on it."""
+        if isinstance(conn.sock, _HeaderDeadline):
+            conn.sock.continue_pending = bool(getattr(req, "_expected_100_continue", False))
+            req._expected_100_continue = False
+        return super().handle_request(req, conn)
+
+    def enqueue_req(self, conn):
+        """Receive the request head of a new or kept-alive connection in the main loop;
+        a thread takes the connection once it has arrived."""
+        if isinstance(conn.sock, _HeaderDeadline):
+            read_ahead = conn.parser.unreader.take_buffered() if conn.parser is not None else b""
+        else:
+            if self.nr_conns >= self.worker_connections and (self.closing or self.heads_awaited):
+                # At the limit, gthread would stop accepting: the oldest lingering close
+                # (its answer was sent), else the connection that has taken longest over
+                # its head, gives its place to the new one instead.
+                self.drop(next(iter(self.closing or self.heads_awaited)))
             try:
-                wanted = conn.sock.receive_head()
-            except PlainHTTPOnTLS:
-                del self.heads_awaited[conn]
-                return self.close_lingering(conn)  # a client still sending its body reads the 400
-            except OSError as exc:  # a reset, or a failed TLS handshake
-                self.log.debug("Closing a connection broken before its request: %s", exc)
-                return self.drop(conn)
-            if wanted:
-                return self.watch(conn, wanted, self.receive_head)
-            self.unwatch(conn)
+                conn.sock = self.guard(conn.sock)
+            except OSError:  # gone already
+                self.nr_conns -= 1
+                conn.close()
+                return
+            read_ahead = b""
+        self.heads_awaited[conn] = conn.sock.await_head(read_ahead)
+        self.receive_head(conn)
+
+    def guard(self, sock: socket.socket) -> _HeaderDeadline:
+        if self.tls_context is None:
+            return _GuardedConnection.adopt(sock)
+        return self.tls_context.wrap_socket(
+            sock,
+            server_side=True,
+            do_handshake_on_connect=False,
+            suppress_ragged_eofs=self.cfg.suppress_ragged_eofs,
+        )
+
+    def receive_head(self, conn, _fileobj=None):
+        if conn not in self.heads_awaited:
+            return  # dropped by an earlier event of the same poll
+        try:
+            wanted = conn.sock.receive_head()
+        except PlainHTTPOnTLS:
             del self.heads_awaited[conn]
-            if not conn.sock.received_early:
-                return self.drop(conn)  # closed without a request
-            if conn.parser is None:  # HTTP/1 over the guard: the relay offers no HTTP/2
-                conn.parser = gunicorn_http.get_parser(self.cfg, conn.sock, conn.client)
-            conn.data_ready = True  # gthread would otherwise wait for more bytes in the thread
-            super().enqueue_req(conn)
+            return self.close_lingering(conn)  # a client still sending its body reads the 400
+        except OSError as exc:  # a reset, or a failed TLS handshake
+            self.log.debug("Closing a connection broken before its request: %s", exc)
+            return self.drop(conn)
+        if wanted:
+            return self.watch(conn, wanted, self.receive_head)
+        self.unwatch(conn)
+        del self.heads_awaited[conn]
+        if not conn.sock.received_early:
+            return self.drop(conn)  # closed without a request
+        if conn.parser is None:  # HTTP/1 over the guard: the relay offers no HTTP/2
+            from gunicorn import http as gunicorn_http
 
-        def finish_request(self, conn, fs):
-            if fs.cancelled() or fs.exception() is not None:
-                return super().finish_request(conn, fs)
-            keep_alive = fs.result()
-            if keep_alive is False:
-                return self.close_lingering(conn)
-            if keep_alive is True and conn.sock.received_early:
-                return self.enqueue_req(conn)  # pipelined bytes, which no poll would report
+            conn.parser = gunicorn_http.get_parser(self.cfg, conn.sock, conn.client)
+        conn.data_ready = True  # gthread would otherwise wait for more bytes in the thread
+        super().enqueue_req(conn)
+
+    def finish_request(self, conn, fs):
+        if fs.cancelled() or fs.exception() is not None:
             return super().finish_request(conn, fs)
+        keep_alive = fs.result()
+        if keep_alive is False:
+            return self.close_lingering(conn)
+        if keep_alive is True and conn.sock.received_early:
+            return self.enqueue_req(conn)  # pipelined bytes, which no poll would report
+        return super().finish_request(conn, fs)
 
-        def close_lingering(self, conn):
-            """Close a connection as gunicorn does, but in the main loop: half-close it, then
-            read and discard for a while, so the client reads the answer rather than a reset."""
-            try:
-                conn.sock.shutdown(socket.SHUT_WR)
-                conn.sock.setblocking(False)
-            except OSError:
-                return self.drop(conn)
-            now = time.monotonic()
-            self.closing[conn] = [now + config.linger_time, 0, now + _LINGER_QUIET]
-            self.watch(conn, selectors.EVENT_READ, self.discard_received)
+    def close_lingering(self, conn):
+        """Close a connection as gunicorn does, but in the main loop: half-close it, then
+        read and discard for a while, so the client reads the answer rather than a reset."""
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+            conn.sock.setblocking(False)
+        except OSError:
+            return self.drop(conn)
+        now = time.monotonic()
+        self.closing[conn] = [now + self.relay_config.linger_time, 0, now + _LINGER_QUIET]
+        self.watch(conn, selectors.EVENT_READ, self.discard_received)
 
-        def discard_received(self, conn, _fileobj=None):
-            if conn not in self.closing:
-                return  # dropped by an earlier event of the same poll
-            try:
-                count = conn.sock.discard_received()
-            except BlockingIOError:
-                return
-            except OSError:
-                count = 0
-            lingering = self.closing[conn]
-            lingering[1] += count
-            lingering[2] = time.monotonic() + _LINGER_QUIET
-            if not count or lingering[1] >= config.linger_size:
-                self.drop(conn)
+    def discard_received(self, conn, _fileobj=None):
+        if conn not in self.closing:
+            return  # dropped by an earlier event of the same poll
+        try:
+            count = conn.sock.discard_received()
+        except BlockingIOError:
+            return
+        except OSError:
+            count = 0
+        lingering = self.closing[conn]
+        lingering[1] += count
+        lingering[2] = time.monotonic() + _LINGER_QUIET
+        if not count or lingering[1] >= self.relay_config.linger_size:
+            self.drop(conn)
 
-        def murder_pending(self):
-            """gthread's expiry of idle connections, and the relay's: heads past their
-            deadline, lingering closes past theirs."""
-            super().murder_pending()
-            now = time.monotonic()
-            while self.heads_awaited and next(iter(self.heads_awaited.values())) <= now:
-                self.drop(next(iter(self.heads_awaited)))
-            while self.closing and next(iter(self.closing.values()))[0] <= now:
-                self.drop(next(iter(self.closing)))
-            for conn in [conn for conn, lingering in self.closing.items() if lingering[2] <= now]:
-                self.drop(conn)
+    def murder_pending(self):
+        """gthread's expiry of idle connections, and the relay's: heads past their
+        deadline, lingering closes past theirs."""
+        super().murder_pending()
+        now = time.monotonic()
+        while self.heads_awaited and next(iter(self.heads_awaited.values())) <= now:
+            self.drop(next(iter(self.heads_awaited)))
+        while self.closing and next(iter(self.closing.values()))[0] <= now:
+            self.drop(next(iter(self.closing)))
+        for conn in [conn for conn, lingering in self.closing.items() if lingering[2] <= now]:
+            self.drop(conn)
 
-        def watch(self, conn, events: int, callback):
-            try:
-                self.poller.modify(conn.sock, events, functools.partial(callback, conn))
-            except KeyError:
-                self.poller.register(conn.sock, events, functools.partial(callback, conn))
+    def watch(self, conn, events: int, callback):
+        try:
+            self.poller.modify(conn.sock, events, functools.partial(callback, conn))
+        except KeyError:
+            self.poller.register(conn.sock, events, functools.partial(callback, conn))
 
-        def unwatch(self, conn):
-            with contextlib.suppress(KeyError, ValueError):
-                self.poller.unregister(conn.sock)
+    def unwatch(self, conn):
+        with contextlib.suppress(KeyError, ValueError):
+            self.poller.unregister(conn.sock)
 
-        def drop(self, conn):
-            """Close a connection the main loop holds, at once."""
-            self.unwatch(conn)
-            self.heads_awaited.pop(conn, None)
-            self.closing.pop(conn, None)
-            self.nr_conns -= 1
-            conn.close()
+    def drop(self, conn):
+        """Close a connection the main loop holds, at once."""
+        self.unwatch(conn)
+        self.heads_awaited.pop(conn, None)
+        self.closing.pop(conn, None)
+        self.nr_conns -= 1
+        conn.close()
 
-    class RelayArbiter(Arbiter):
-        """The master: SIGTERM and SIGINT start a drain, and a second signal exits at once.
-        DELETE /<server_id> only sets the shared drain flag, which this loop checks at
-        least every second: a request asked for twice is asked for once, and never cuts
-        a transfer. The master also runs the sweeper, once for the whole relay."""
 
-        drain_deadline: float | None = None
-        next_sweep = time.monotonic() + config.sweep_interval
+class _RelayArbiter:
+    """The master: SIGTERM and SIGINT start a drain, and a second signal exits at once.
+    DELETE /<server_id> only sets the shared drain flag, which this loop checks at
+    least every second: a request asked for twice is asked for once, and never cuts
+    a transfer. The master also runs the sweeper, once for the whole relay. serve()
+    mixes it onto gunicorn's Arbiter, whose internals it relies on."""
 
-        def handle_term(self):
-            self.drain_or_quit()
+    relay_config: RelayConfig  # these three set by serve()
+    relay_state: SharedState
+    relay_storage: Storage
+    drain_deadline: float | None = None
+    next_sweep: float = 0.0
 
-        def handle_int(self):
-            self.drain_or_quit()
+    def handle_term(self):
+        self.drain_or_quit()
 
-        def drain_or_quit(self):
-            if self.drain_deadline is None:
-                self.start_drain()
-                return
-            log.info("second signal: exiting now")
+    def handle_int(self):
+        self.drain_or_quit()
+
+    def drain_or_quit(self):
+        if self.drain_deadline is None:
+            self.start_drain()
+            return
+        log.info("second signal: exiting now")
+        self.exit_now()
+
+    def start_drain(self):
+        self.relay_state.start_draining()
+        self.drain_deadline = time.monotonic() + self.relay_config.graceful_timeout
+        log.info("draining: new uploads are refused; exiting when transfers finish")
+
+    def drain(self, now: float) -> None:
+        """Exit once transfers are over, or cut them at the graceful timeout."""
+        transfers = self.relay_state.get("uploads_active") + self.relay_state.get("downloads_active")
+        if transfers and now < self.drain_deadline:
+            return
+        if transfers:
+            log.warning("graceful timeout: cutting %d transfers", transfers)
             self.exit_now()
+        raise StopIteration
 
-        def start_drain(self):
-            state.start_draining()
-            self.drain_deadline = time.monotonic() + config.graceful_timeout
-            log.info("draining: new uploads are refused; exiting when transfers finish")
+    def spawn_worker(self):
+        """Fork a worker with its signals blocked until it has its own handlers: a
+        signal arriving before then would reach the master's handlers, inherited by
+        the child, and be lost (a SIGTERM then left that worker running for the
+        whole graceful timeout)."""
+        unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, _WORKER_SIGNALS)
+        try:
+            return super().spawn_worker()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
 
-        def spawn_worker(self):
-            """Fork a worker with its signals blocked until it has its own handlers: a
-            signal arriving before then would reach the master's handlers, inherited by
-            the child, and be lost (a SIGTERM then left that worker running for the
-            whole graceful timeout)."""
-            unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, _WORKER_SIGNALS)
+    def exit_now(self):
+        """Stop the workers within a moment, even those whose threads are blocked in a
+        transfer (their interpreter would wait for those threads), then exit."""
+        self.kill_workers(signal.SIGQUIT)
+        deadline = time.monotonic() + 1
+        while self.WORKERS and time.monotonic() < deadline:
+            time.sleep(0.05)
+            self.reap_workers()
+        self.kill_workers(signal.SIGKILL)
+        raise StopIteration
+
+    def manage_workers(self):
+        super().manage_workers()
+        if self.drain_deadline is None and self.relay_state.draining:
+            self.start_drain()  # asked for by DELETE /<server_id>
+        now = time.monotonic()
+        if self.drain_deadline is not None:
+            self.drain(now)
+        elif now >= self.next_sweep:
+            self.next_sweep = now + self.relay_config.sweep_interval
             try:
-                return super().spawn_worker()
-            finally:
-                signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
+                _log_swept("sweep", self.relay_storage.sweep())
+            except OSError as exc:
+                log.error("sweep failed: %s", exc)
 
-        def exit_now(self):
-            """Stop the workers within a moment, even those whose threads are blocked in a
-            transfer (their interpreter would wait for those threads), then exit."""
-            self.kill_workers(signal.SIGQUIT)
-            deadline = time.monotonic() + 1
-            while self.WORKERS and time.monotonic() < deadline:
-                time.sleep(0.05)
-                self.reap_workers()
-            self.kill_workers(signal.SIGKILL)
-            raise StopIteration
 
-        def manage_workers(self):
-            super().manage_workers()
-            if self.drain_deadline is None and state.draining:
-                self.start_drain()  # asked for by DELETE /<server_id>
-            now = time.monotonic()
-            if self.drain_deadline is not None:
-                transfers = state.get("uploads_active") + state.get("downloads_active")
-                if transfers and now < self.drain_deadline:
-                    return
-                if transfers:
-                    log.warning("graceful timeout: cutting %d transfers", transfers)
-                    self.exit_now()
-                raise StopIteration
-            if now >= self.next_sweep:
-                self.next_sweep = now + config.sweep_interval
-                try:
-                    swept = store.sweep()
-                except (OSError, RelayError) as exc:
-                    log.error("sweep failed: %s", exc)
-                else:
-                    if any(swept.values()):
-                        log.info("sweep: removed %s", ", ".join(f"{n} {what}" for what, n in swept.items() if n))
+class _ServerHooks:
+    """gunicorn's server hooks: each worker writes its own row of the shared counters,
+    and a generated server ID is printed once the relay listens."""
 
-    def pre_fork(server, worker):
-        worker.relay_slot = free_slots.pop(0)
+    def __init__(self, config: RelayConfig, state: SharedState, storage: Storage, generated_id: bool):
+        self.config = config
+        self.state = state
+        self.storage = storage
+        self.generated_id = generated_id
+        self.free_slots = list(range(1, state.slots + 1))
 
-    def post_fork(server, worker):
-        state.use_slot(worker.relay_slot)
+    def pre_fork(self, server, worker):
+        worker.relay_slot = self.free_slots.pop(0)
+
+    def post_fork(self, server, worker):
+        self.state.use_slot(worker.relay_slot)
         _limit_malloc_arenas()
 
-    def child_exit(server, worker):
-        state.reset_gauges(worker.relay_slot)
-        free_slots.append(worker.relay_slot)
+    def child_exit(self, server, worker):
+        self.state.reset_gauges(worker.relay_slot)
+        self.free_slots.append(worker.relay_slot)
 
-    def when_ready(server):
-        if not generated_id:
+    def when_ready(self, server):
+        if not self.generated_id:
             return  # the user knows it; stdout may be a log (podman logs, the journal)
         host, port = server.LISTENERS[0].getsockname()[:2]
         if host in ("0.0.0.0", "::"):
             host = _reachable_host()
-        scheme = "https" if config.certfile else "http"
+        scheme = "https" if self.config.certfile else "http"
         host = f"[{host}]" if ":" in host else host
-        print(f"{scheme}://{host}:{port}/{config.server_id}", flush=True)
+        print(f"{scheme}://{host}:{port}/{self.config.server_id}", flush=True)
 
-    def on_exit(server):
-        if config.purge_on_exit:
-            store.purge()
+    def on_exit(self, server):
+        if self.config.purge_on_exit:
+            self.storage.purge()
             log.info("purged every stored and partial object")
 
-    settings = {
+
+def _gunicorn_settings(config: RelayConfig, worker_class, logger_class, hooks: _ServerHooks) -> dict:
+    """gunicorn's settings for the relay (only known ones: BaseApplication checks them)."""
+    return {
         "bind": [config.bind],
         "workers": config.workers,
         "threads": config.threads,
-        "worker_class": RelayWorker,
+        "worker_class": worker_class,
         "worker_connections": max(1000, config.threads * 4),
         "timeout": config.worker_timeout,  # a worker's heartbeat, not a request's duration (gthread)
         "graceful_timeout": math.ceil(config.graceful_timeout),
@@ -4318,7 +4331,7 @@ def serve(config: RelayConfig, *, generated_id: bool = False) -> int:
         "accesslog": None,  # the app writes its own, redacted
         "errorlog": "-",
         "loglevel": config.log_level,
-        "logger_class": RelayLogger,
+        "logger_class": logger_class,
         "proc_name": "file-relay",
         "control_socket_disable": True,
         "forwarded_allow_ips": config.forwarded_allow_ips,
@@ -4326,14 +4339,49 @@ def serve(config: RelayConfig, *, generated_id: bool = False) -> int:
         "keyfile": config.keyfile,
         "ssl_context": _guarded_tls_context,
         "pre_request": lambda worker, req: None,  # its default logs the raw path at debug level
-        "pre_fork": pre_fork,
-        "post_fork": post_fork,
-        "child_exit": child_exit,
-        "when_ready": when_ready,
-        "on_exit": on_exit,
+        "pre_fork": hooks.pre_fork,
+        "post_fork": hooks.post_fork,
+        "child_exit": hooks.child_exit,
+        "when_ready": hooks.when_ready,
+        "on_exit": hooks.on_exit,
     }
 
+
+def serve(config: RelayConfig, *, generated_id: bool = False) -> int:
+    """Run the relay until it is shut down; returns the exit status. A server ID the
+    relay generated is printed once, with the URL, on stdout: nowhere else has it."""
+    from gunicorn.app.base import BaseApplication
+    from gunicorn.arbiter import Arbiter
+    from gunicorn.glogging import Logger
+    from gunicorn.workers.gthread import ThreadWorker
+
+    storage = Store(config)
+    storage.prepare()
+    formatter = configure_logging(config).formatter
+    for warning in probe_files_directory(config.files_directory):
+        log.warning("%s", warning)
+    _log_swept("startup", storage.sweep())  # leftovers of a crash: partial plain uploads, trash
+    state = SharedState(slots=config.workers + 8)  # spare rows for workers restarting
+    logger_class = type("RelayLogger", (_RelayLogger, Logger), {"relay_formatter": formatter})
+    worker_class = type("RelayWorker", (_RelayWorker, ThreadWorker), {"relay_config": config})
+    arbiter_class = type(
+        "RelayArbiter",
+        (_RelayArbiter, Arbiter),
+        {
+            "relay_config": config,
+            "relay_state": state,
+            "relay_storage": storage,
+            "next_sweep": time.monotonic() + config.sweep_interval,
+        },
+    )
+    settings = _gunicorn_settings(
+        config, worker_class, logger_class, _ServerHooks(config, state, storage, generated_id)
+    )
+
     class RelayApplication(BaseApplication):
+        """gunicorn embedded: only the settings above, the app from make_app, the relay's
+        master; BaseApplication reads neither sys.argv nor GUNICORN_CMD_ARGS."""
+
         def load_config(self):
             for key, value in settings.items():
                 if value is not None:
@@ -4343,7 +4391,7 @@ def serve(config: RelayConfig, *, generated_id: bool = False) -> int:
             return make_app(config, state)
 
         def run(self):
-            RelayArbiter(self).run()
+            arbiter_class(self).run()
 
     RelayApplication().run()
     return 0
