@@ -2631,6 +2631,11 @@ class UploadReader(_Reader):
         self.partial.close()
 
 
+def open_storage(config: RelayConfig) -> Storage:
+    """The storage *config* asks for: the files directory (the only backend so far)."""
+    return Store(config)
+
+
 # ---------------------------------------------------------------------------
 # Shared counters: one anonymous shared-memory block, created before the workers fork
 # ---------------------------------------------------------------------------
@@ -4097,15 +4102,15 @@ class RelayHandler:
 
 
 def make_app(config: RelayConfig, state: SharedState | None = None, storage: Storage | None = None):
-    """Build the relay's WSGI application over *storage* (by default, *config*'s files
-    directory): a Bottle app routing to a RelayHandler.
+    """Build the relay's WSGI application over *storage* (by default, the one *config*
+    asks for): a Bottle app routing to a RelayHandler.
 
     *state* holds the counters and the drain flag; gunicorn shares one between its
     workers, a test may pass its own or let the app make one.
     """
     import bottle
 
-    storage = storage if storage is not None else Store(config)
+    storage = storage if storage is not None else open_storage(config)
     storage.prepare()
     handler = RelayHandler(config, storage, state if state is not None else SharedState())
     app = bottle.Bottle(catchall=True)
@@ -4402,7 +4407,7 @@ def serve(config: RelayConfig, *, generated_id: bool = False) -> int:
     from gunicorn.glogging import Logger
     from gunicorn.workers.gthread import ThreadWorker
 
-    storage = Store(config)
+    storage = open_storage(config)
     storage.prepare()
     formatter = configure_logging(config).formatter
     for warning in probe_files_directory(config.files_directory):
