@@ -1164,10 +1164,12 @@ class Reader(typing.Protocol):
     upload being followed fails. close() ends it: a counted download it holds (see
     Storage.reserve_download) counts if every byte was delivered, else is given back.
 
-    A reader of a stored object has .object (else None; then .length is the upload's,
-    None if unknown, and .progress() where it stands). A reader with a file descriptor
-    may also offer sendfile: fileno(), and seek(), which socket.sendfile() moves to
-    where it stopped."""
+    A reader of a stored object has .object (else None: it follows an upload, whose
+    length is .length, None if unknown, and .progress() where it stands; it waits for
+    bytes with .pause(seconds), which the caller may replace with a wait that raises
+    UploadFailed when its own client goes). A reader with a file descriptor may also
+    offer sendfile: fileno(), and seek(), which socket.sendfile() moves to where it
+    stopped."""
 
     object: StoredObject | None
     sent: int  # bytes delivered so far
