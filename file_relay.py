@@ -1799,12 +1799,11 @@ class Store:
         Returns the upload's Progress while it is incomplete, Stored.CREATED when this
         chunk completed an object that verified, Stored.ALREADY if it was stored before.
         """
-        if self.is_stored(oid):
-            self._drain_for_stored(oid, body)
-            return Stored.ALREADY
-        self.check_size(total)
-        partial = self._join_partial(oid, total, limits)
-        if partial is None:
+        partial = None
+        if not self.is_stored(oid):
+            self.check_size(total)
+            partial = self._join_partial(oid, total, limits)
+        if partial is None:  # stored before, or meanwhile
             self._drain_for_stored(oid, body)
             return Stored.ALREADY
         try:
