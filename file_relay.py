@@ -3202,6 +3202,15 @@ def _is_length_reader(stream, reader) -> bool:
     )
 
 
+def _socket_body(stream, peer, length: int | None):
+    """The blocks of a Content-Length body read straight from the client's socket
+    (_socket_blocks), or None when wsgi.input is not gunicorn's Body over a LengthReader."""
+    reader = getattr(stream, "reader", None)
+    if length is None or peer is None or not _is_length_reader(stream, reader):
+        return None
+    return _socket_blocks(stream, reader, peer, length)
+
+
 def _socket_blocks(stream, reader, peer, length: int):
     """A Content-Length body straight from the socket: what gunicorn already buffered,
     through gunicorn, then recv_into() one reused buffer, which yields bytes as they
@@ -3472,11 +3481,7 @@ def _request_body(environ: dict, length: int | None, exchange: _Exchange):
     peer = _client_socket(environ)
     if isinstance(peer, _HeaderDeadline):
         peer.send_continue()
-    reader = getattr(stream, "reader", None)
-    if length is not None and peer is not None and _is_length_reader(stream, reader):
-        blocks = _socket_blocks(stream, reader, peer, length)
-    else:
-        blocks = _stream_blocks(stream, length)
+    blocks = _socket_body(stream, peer, length) or _stream_blocks(stream, length)
     received = 0
     try:
         for block in blocks:
