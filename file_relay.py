@@ -856,9 +856,7 @@ def _lock_patiently(fd: int, start: int) -> None:
     """Take an exclusive lock of the relay's for a request, waiting _LOCK_PATIENCE at most:
     on a shared filesystem, a host that died keeps its locks until its session expires."""
     if not _lock_within(fd, fcntl.F_WRLCK, start, _LOCK_PATIENCE):
-        raise RelayError(
-            503, "the relay's storage is busy (a lock is held, perhaps by a host that died)", retry_after=10
-        )
+        raise Overloaded("the relay's storage is busy (a lock is held, perhaps by a host that died)", retry_after=10)
 
 
 def _unlock(fd: int, start: int, length: int = 1) -> None:
@@ -3186,7 +3184,7 @@ class _RelayArbiter:
             self.next_sweep = now + self.relay_config.sweep_interval
             try:
                 _log_swept("sweep", self.relay_storage.sweep())
-            except OSError as exc:
+            except (OSError, StorageError) as exc:  # a lock held elsewhere: the next sweep tries again
                 log.error("sweep failed: %s", exc)
 
 
@@ -4418,7 +4416,10 @@ def serve(config: RelayConfig, *, generated_id: bool = False) -> int:
     formatter = configure_logging(config).formatter
     for warning in probe_files_directory(config.files_directory):
         log.warning("%s", warning)
-    _log_swept("startup", storage.sweep())  # leftovers of a crash: partial plain uploads, trash
+    try:
+        _log_swept("startup", storage.sweep())  # leftovers of a crash: partial plain uploads, trash
+    except StorageError as exc:  # a lock held elsewhere: the master's sweeps try again
+        log.warning("startup sweep skipped: %s", exc.reason)
     state = SharedState(slots=config.workers + 8)  # spare rows for workers restarting
     logger_class = type("RelayLogger", (_RelayLogger, Logger), {"relay_formatter": formatter})
     worker_class = type("RelayWorker", (_RelayWorker, ThreadWorker), {"relay_config": config})
