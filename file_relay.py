@@ -1172,6 +1172,11 @@ class Reader(typing.Protocol):
     object: StoredObject | None
     sent: int  # bytes delivered so far
     finished: bool  # every byte delivered
+    length: int | None  # a follower's: the upload's length, None if unknown
+    pause: typing.Callable[[float], None]  # a follower's wait between looks; replaceable
+
+    def progress(self) -> Progress | None:
+        """A follower's: where the upload stands (None for a stored object)."""
 
     def read(self, size: int = -1) -> bytes: ...
 
@@ -2466,10 +2471,19 @@ class ObjectReader(_Reader):
     it knows when every byte went out: a read() asked for more after the last block, or
     a sendfile stopped at the end."""
 
+    pause = staticmethod(time.sleep)  # a stored object's bytes are all there: never called
+
     def __init__(self, fd: int, obj: StoredObject):
         super().__init__(obj.oid, fd, obj.size)
         self.object = obj
         self.max_downloads = obj.max_downloads
+
+    @property
+    def length(self) -> int:
+        return self.object.size
+
+    def progress(self) -> None:
+        """No upload is in progress: the object is stored."""
 
     def select(self, first: int, last: int) -> None:
         super().select(first, last)
@@ -2733,6 +2747,7 @@ _HEAD_LIMIT = 64 << 10  # bytes of a request head received before it is refused 
 _HEAD_END_RE = re.compile(rb"\n\r?\n")  # the blank line that ends a head (bare LFs too: gunicorn refuses them)
 _LINGER_BLOCK = 256 << 10  # bytes a closing connection is read in, at a time
 _LINGER_QUIET = 5.0  # seconds of silence that end a lingering close, as nginx's lingering_timeout
+_QUIT_GRACE = 1.0  # seconds workers get to quit when a drain cuts its transfers, before SIGKILL
 _WORKER_SIGNALS = {signal.SIGTERM, signal.SIGQUIT, signal.SIGINT, signal.SIGUSR1, signal.SIGABRT}
 
 
@@ -3166,9 +3181,10 @@ class _RelayArbiter:
         """Stop the workers within a moment, even those whose threads are blocked in a
         transfer (their interpreter would wait for those threads), then exit."""
         self.kill_workers(signal.SIGQUIT)
-        deadline = time.monotonic() + 1
+        deadline = time.monotonic() + _QUIT_GRACE
+        delays = _delays(_POLL_MIN, _POLL_MAX)
         while self.WORKERS and time.monotonic() < deadline:
-            time.sleep(0.05)
+            time.sleep(next(delays))
             self.reap_workers()
         self.kill_workers(signal.SIGKILL)
         raise StopIteration
@@ -3293,6 +3309,7 @@ _REFUSALS = {
     Mismatch: 400,
     WrongLength: 400,
     Overloaded: 503,
+    StorageError: 500,  # a kind no table entry names: the relay's own fault
 }
 _OUTCOMES = {Stored.CREATED: 201, Stored.ALREADY: 200}
 
@@ -3303,7 +3320,7 @@ def status_of(answer: StorageError | Stored | Progress) -> int:
         return 202
     if isinstance(answer, Stored):
         return _OUTCOMES[answer]
-    return _REFUSALS[type(answer)]
+    return next(_REFUSALS[kind] for kind in type(answer).__mro__ if kind in _REFUSALS)  # a subclass: its kind's
 
 
 def _as_refusal(error: RelayError | StorageError) -> RelayError:
@@ -5002,19 +5019,25 @@ class _Upload:
         url = self.session.address.object_url(self.oid)
         return ClientError(f"{text}; to drop the relay's partial upload: curl -X DELETE {shlex.quote(url)}")
 
-    def _blocks(self, first: int, length: int):
-        """The file's bytes first..first+length-1, rate-limited and counted as they go out."""
+    def _read(self, first: int, length: int, block_size):
+        """The file's bytes first..first+length-1, in blocks of block_size() at most."""
         position, end = first, first + length
         while position < end:
             try:
-                block = os.pread(self.fd, min(self.session.limiter.block(_SEND_BLOCK), end - position), position)
+                block = os.pread(self.fd, min(block_size(), end - position), position)
             except OSError as exc:
                 raise ClientError(f"cannot read {self.file}: {exc.strerror}", EXIT_LOCAL) from None
             if not block:
                 raise ClientError(f"{self.file} shrank while it was being sent")
-            self.session.limiter.take(len(block))
-            yield block
             position += len(block)
+            yield block
+
+    def _blocks(self, first: int, length: int):
+        """The file's bytes first..first+length-1, rate-limited and counted as they go out."""
+        limiter = self.session.limiter
+        for block in self._read(first, length, lambda: limiter.block(_SEND_BLOCK)):
+            limiter.take(len(block))
+            yield block
             self.meter.add(len(block))
             with self.sent_lock:
                 self.sent += len(block)
@@ -5075,16 +5098,8 @@ class _Upload:
 
     def _digest(self, first: int, length: int) -> bytes:
         hasher = hashlib.sha256()
-        position, end = first, first + length
-        while position < end:
-            try:
-                block = os.pread(self.fd, min(BLOCK_SIZE, end - position), position)
-            except OSError as exc:
-                raise ClientError(f"cannot read {self.file}: {exc.strerror}", EXIT_LOCAL) from None
-            if not block:
-                raise ClientError(f"{self.file} shrank while it was being sent")
+        for block in self._read(first, length, lambda: BLOCK_SIZE):
             hasher.update(block)
-            position += len(block)
         return hasher.digest()
 
     def _put_chunk(self, connection: _Connection, first: int, last: int, final: bool) -> bool | None:

@@ -472,3 +472,11 @@ def test_a_preflight_is_answered_alike_whatever_the_server_id_so_a_page_reads_it
     assert right.headers == wrong.headers
     refused = app.put(object_url(oid, server_id="wrong-id"), data, headers={"Origin": PAGE_ORIGIN}, status=403)
     assert refused.headers["Access-Control-Allow-Origin"] == PAGE_ORIGIN
+
+
+def test_a_refusal_of_a_kind_the_table_does_not_name_is_answered_as_its_kind():
+    """A backend's own refusal, a subclass of a named kind, gets that kind's status; a
+    bare StorageError is the relay's own fault (500), never a KeyError."""
+    own_busy = type("OwnBusy", (file_relay.Busy,), {})
+    assert file_relay.status_of(own_busy("held", retry_after=1)) == 409
+    assert file_relay.status_of(file_relay.StorageError("something")) == 500
