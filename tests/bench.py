@@ -70,6 +70,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import harness
 from harness import RelayProcess
 
 # ---------------------------------------------------------------------------
@@ -247,14 +248,11 @@ def free_port() -> int:
 
 
 def wait_until(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise BenchError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.02)
+    """harness.wait_until, failing as the bench does."""
+    try:
+        return harness.wait_until(predicate, timeout, message=what)
+    except AssertionError as exc:
+        raise BenchError(str(exc)) from None
 
 
 # ---------------------------------------------------------------------------
