@@ -1109,6 +1109,13 @@ def _stream_pairs(bench: Bench, server: Server, files: list) -> tuple[float, lis
                 reader.wait()
         parse_transfer(reader.returncode, out, err).check((200,), size, f"{server.name} streamed GET")
 
+    return _all_at_once(bench, server, files, scratch, pair)
+
+
+def _all_at_once(bench: Bench, server: Server, files: list, scratch: Path, task) -> tuple[float, list[str], Watch]:
+    """Run task(index) for every file at once, each downloading into *scratch*, on a
+    clean server and page cache: (seconds, failures, the server's memory watch). The
+    downloads are verified after the clock stops; *scratch* is removed."""
     try:
         for _path, oid in files:
             server.delete(oid)
@@ -1118,7 +1125,7 @@ def _stream_pairs(bench: Bench, server: Server, files: list) -> tuple[float, lis
         with Watch(server.process.pid) as watch:
             started = time.monotonic()
             with concurrent.futures.ThreadPoolExecutor(len(files)) as pool:
-                for future in [pool.submit(pair, index) for index in range(len(files))]:
+                for future in [pool.submit(task, index) for index in range(len(files))]:
                     try:
                         future.result()
                     except (BenchError, subprocess.SubprocessError, OSError) as exc:
@@ -1186,32 +1193,7 @@ def _round_trips(bench: Bench, server: Server, files: list, durable: bool) -> tu
             fsync_path(server.stored_path(oid))
         return _get(server, oid, size, output=str(scratch / oid))
 
-    try:
-        for _path, oid in files:
-            server.delete(oid)
-        os.sync()
-        bench.recycle_pages(sum(path.stat().st_size for path, _ in files))
-        failures = []
-        with Watch(server.process.pid) as watch:
-            started = time.monotonic()
-            with concurrent.futures.ThreadPoolExecutor(len(files)) as pool:
-                futures = [pool.submit(round_trip, index) for index in range(len(files))]
-                for future in futures:
-                    try:
-                        future.result()
-                    except (BenchError, subprocess.SubprocessError, OSError) as exc:
-                        failures.append(str(exc))
-            seconds = time.monotonic() - started
-        for _path, oid in files:
-            got = scratch / oid
-            if got.exists() and sha256_file(got) != oid:
-                failures.append(f"{server.name}: download of {oid[:12]} does not match")
-            elif not got.exists() and not failures:
-                failures.append(f"{server.name}: no download of {oid[:12]}")
-        for _path, oid in files:
-            server.delete(oid)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    seconds, failures, watch = _all_at_once(bench, server, files, scratch, round_trip)
     return seconds, len(failures), failures, watch
 
 
