@@ -827,6 +827,12 @@ _MAX_PARTIALS = 1024  # uploads in progress or resumable at once: each upload we
 _MARKER_SLACK = 64  # range markers beyond the merged ranges before they are merged
 _LEGACY_META_RE = re.compile(r"([0-9a-f]{64})\.([0-9]+)(\.count)?")
 _LEDGER = struct.Struct("qqq")  # stored objects, their bytes, changes made
+_UNNAMED_KEY = "new-"  # a partial upload the relay names: "new-" and its token
+_UNNAMED_TOKEN_RE = re.compile(r"[0-9a-f]{32}")
+
+
+def _unnamed_token(key: str) -> str:
+    return key.removeprefix(_UNNAMED_KEY)
 
 
 def _lock(fd: int, kind: int, start: int, length: int = 1, *, wait: bool = False) -> bool:
@@ -1156,6 +1162,17 @@ class Progress:
         return sum(last - first + 1 for first, last in self.ranges)
 
 
+@dataclasses.dataclass(frozen=True)
+class Named:
+    """How an upload the relay names ended: stored under *oid*, the SHA-256 of what it
+    received (CREATED, or ALREADY if that content was stored before), with the file name
+    the sender gave, if any."""
+
+    oid: str
+    stored: Stored
+    name: str | None = None
+
+
 class Reader(typing.Protocol):
     """What a download reads from storage: the bytes of a stored object or of an upload
     in progress, in order. read() returns b"" at the end and raises UploadFailed when the
@@ -1237,6 +1254,30 @@ class Storage(typing.Protocol):
 
     def purge(self) -> None:
         """Remove everything stored."""
+
+
+@typing.runtime_checkable
+class UnnamedUploads(typing.Protocol):
+    """A capability a Storage may have: uploads it names by the SHA-256 of what it
+    received, whole or in chunks. A resumable one is known by a token until it ends."""
+
+    def put_unnamed(self, body, length: int | None, limits: Limits) -> Named:
+        """Store an object from *body*'s blocks, under the hash of what arrived."""
+
+    def start_unnamed(self, length: int, limits: Limits, name: str | None) -> str:
+        """Begin a resumable upload of *length* bytes: its token."""
+
+    def put_unnamed_chunk(
+        self, token: str, first: int, last: int, total: int, body, digest: bytes | None
+    ) -> Progress | Named:
+        """Store bytes first..last of the upload *token* (checked against *digest*, if
+        given): its Progress while incomplete, else how it ended. NotFound if unknown."""
+
+    def unnamed_progress(self, token: str) -> Progress | Named | None:
+        """Where the upload *token* stands, how it ended, or None if it is unknown."""
+
+    def cancel_unnamed(self, token: str) -> bool:
+        """Cancel the upload *token* in progress; False if there is none."""
 
 
 class _Partial:
@@ -1372,13 +1413,14 @@ class Store:
         self.meta = self.root / ".relay" / "meta"
         self.lock_path = self.root / ".relay" / "lock"
         self.retired = self.root / ".relay" / "retired"
+        self.unnamed = self.root / ".relay" / "unnamed"  # how resumable uploads the relay named ended
         self.ledger_path = self.root / ".relay" / "usage"
         self._prefix_hashes = _PrefixHashes()
 
     def prepare(self) -> None:
         """Create the directories (private to the relay's user) if they are missing."""
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        for path in (self.root / ".relay", self.partials, self.meta, self.retired):
+        for path in (self.root / ".relay", self.partials, self.meta, self.retired, self.unnamed):
             path.mkdir(mode=0o700, exist_ok=True)
         self.lock_path.touch(mode=0o600, exist_ok=True)
         if not self.ledger_path.exists():
@@ -1760,9 +1802,14 @@ class Store:
         if self.is_stored(oid):
             self._drain_for_stored(oid, body)
             return False
+        return self._receive_whole(oid, oid, body, length, limits).stored is Stored.CREATED
+
+    def _receive_whole(self, key: str, expected: str | None, body, length: int | None, limits: Limits) -> Named:
+        """Receive a whole object as the partial upload *key*, hashing it as it arrives,
+        and publish it under its hash (which must be *expected*, if given)."""
         if length is not None:
             self.check_size(length)
-        partial = self._create_partial(oid, "stream", length, limits)
+        partial = self._create_partial(key, "stream", length, limits)
         hasher = _BackgroundHasher()
         flusher = _Flusher(partial.fd)
         try:
@@ -1783,12 +1830,12 @@ class Store:
                     _write_all(partial.fd, block)
                 if length is not None and received != length:
                     raise WrongLength(f"body has {received} bytes, Content-Length says {length}")
-                self._verify(oid, hasher.finish())
+                oid = self._verify(expected, hasher.finish())
                 if length is None:
                     with self._space_lock():
                         self._check_space(0)
                 flusher.stop()
-                return self._publish(partial, oid)
+                return Named(oid, Stored.CREATED if self._publish(partial, oid) else Stored.ALREADY)
         finally:
             hasher.finish()
             flusher.stop()
@@ -1805,10 +1852,18 @@ class Store:
         partial = None
         if not self.is_stored(oid):
             self.check_size(total)
-            partial = self._join_partial(oid, total, limits)
+            partial = self._join_partial(oid, total, limits, done=lambda: self.is_stored(oid))
         if partial is None:  # stored before, or meanwhile
             self._drain_for_stored(oid, body)
             return Stored.ALREADY
+        outcome = self._write_chunk(partial, oid, first, last, total, body, digest)
+        return outcome.stored if isinstance(outcome, Named) else outcome
+
+    def _write_chunk(
+        self, partial: _Partial, expected: str | None, first: int, last: int, total: int, body, digest: bytes | None
+    ) -> Progress | Named:
+        """Write a chunk into *partial* (joined as a writer) and, if that completed it,
+        verify and publish it (its hash must be *expected*, if given). Closes *partial*."""
         try:
             if partial.info["length"] != total:
                 raise Conflict(f"this upload is {partial.info['length']} bytes long, not {total}")
@@ -1828,10 +1883,11 @@ class Store:
                 self._prefix_hashes.extended(partial, first, last + 1, prefix)
             ranges = partial.ranges()
             if contiguous_prefix(ranges) >= total:
-                return self._finish_chunks(oid, partial)
+                return self._finish_chunks(partial, expected)
             return Progress("chunks", total, ranges, True)
         except BaseException:
-            self._drop_if_empty(partial)
+            if expected is not None:  # one the relay names was begun on its own, and stays
+                self._drop_if_empty(partial)
             raise
         finally:
             partial.close()
@@ -1893,8 +1949,9 @@ class Store:
         if cursor < end:
             _write_all(fd, block[cursor - position :], cursor)
 
-    def _finish_chunks(self, oid: str, partial: _Partial) -> Stored:
-        """Verify a fully received chunked upload and publish it, or discard it (Mismatch).
+    def _finish_chunks(self, partial: _Partial, expected: str | None) -> Named:
+        """Verify a fully received chunked upload and publish it under its hash (which
+        must be *expected*, if given), or discard it (Mismatch).
 
         The finisher waits until no other request is writing to the upload and holds
         every writer off until the data is published and the partial removed."""
@@ -1902,36 +1959,44 @@ class Store:
             # Another request is verifying it: let it exclude writers, and take its verdict.
             _unlock(partial.fd, _WRITERS)
             _lock(partial.fd, fcntl.F_WRLCK, _FINISHER, wait=True)
-            return self._verdict(oid)
+            return self._verdict(partial, expected)
         if not _lock_within(partial.fd, fcntl.F_WRLCK, _WRITERS, self.config.idle_timeout):
             raise Busy("other chunks of this upload are still being written", retry_after=1)
         if not partial.is_current():
-            return self._verdict(oid)
+            return self._verdict(partial, expected)
         hasher, position = self._prefix_hashes.take(partial)
         for block in _blocks_at(partial.fd, position, None):
             hasher.update(block)
         try:
-            self._verify(oid, hasher, discarded=True)
+            oid = self._verify(expected, hasher, discarded=True)
             with _disk_full_is_no_space():
                 created = self._publish(partial, oid)
+                named = Named(oid, Stored.CREATED if created else Stored.ALREADY, partial.info.get("name"))
+                if expected is None:  # the sender learns the name from this record if it missed the answer
+                    self._record_unnamed(_unnamed_token(partial.oid), named)
         except Mismatch:
             self._discard(partial)  # decided: anything else leaves it, to be completed again
             raise
         self._discard(partial)
-        return Stored.CREATED if created else Stored.ALREADY
+        return named
 
-    def _verdict(self, oid: str) -> Stored:
+    def _verdict(self, partial: _Partial, expected: str | None) -> Named:
         """The outcome of an upload completed by another request: ALREADY if it is stored."""
-        if self.is_stored(oid):
-            return Stored.ALREADY
+        if expected is not None and self.is_stored(expected):
+            return Named(expected, Stored.ALREADY)
+        named = self._unnamed_result(_unnamed_token(partial.oid)) if expected is None else None
+        if named is not None:
+            return dataclasses.replace(named, stored=Stored.ALREADY)
         raise Conflict("another request completed this upload but it was not stored: send it again")
 
     @staticmethod
-    def _verify(oid: str, hasher, discarded: bool = False) -> None:
+    def _verify(oid: str | None, hasher, discarded: bool = False) -> str:
+        """The content's name: its hash, which must be *oid* if that is given."""
         actual = hasher.hexdigest()
-        if actual != oid:
+        if oid is not None and actual != oid:
             note = "; the partial upload was discarded" if discarded else ""
             raise Mismatch(f"content does not match its name: expected sha256 {oid}, got {actual}{note}")
+        return actual
 
     def _publish(self, partial: _Partial, oid: str) -> bool:
         """Make verified data public under its hash name, durably, never overwriting: its
@@ -2024,6 +2089,67 @@ class Store:
             raise
         return UploadReader(self, partial)
 
+    # -- uploads the relay names -------------------------------------------
+
+    def put_unnamed(self, body, length: int | None, limits: Limits) -> Named:
+        return self._receive_whole(_UNNAMED_KEY + secrets.token_hex(16), None, body, length, limits)
+
+    def start_unnamed(self, length: int, limits: Limits, name: str | None) -> str:
+        self.check_size(length)
+        token = secrets.token_hex(16)
+        self._create_partial(_UNNAMED_KEY + token, "chunks", length, limits, name).close()
+        return token
+
+    def put_unnamed_chunk(
+        self, token: str, first: int, last: int, total: int, body, digest: bytes | None
+    ) -> Progress | Named:
+        partial = None
+        if _UNNAMED_TOKEN_RE.fullmatch(token):
+            partial = self._join_partial(
+                _UNNAMED_KEY + token, total, None, done=lambda: self._unnamed_result(token) is not None
+            )
+        named = self._unnamed_result(token) if partial is None else None
+        if named is None and partial is None:
+            raise NotFound("no such upload: it was cancelled, or expired unfinished")
+        if named is not None:  # finished before, or meanwhile
+            for _ in body:
+                pass
+            return dataclasses.replace(named, stored=Stored.ALREADY)
+        return self._write_chunk(partial, None, first, last, total, body, digest)
+
+    def unnamed_progress(self, token: str) -> Progress | Named | None:
+        if not _UNNAMED_TOKEN_RE.fullmatch(token):
+            return None
+        # The finisher records the outcome before it removes the upload: look in that order.
+        return self.progress(_UNNAMED_KEY + token) or self._unnamed_result(token)
+
+    def cancel_unnamed(self, token: str) -> bool:
+        if not _UNNAMED_TOKEN_RE.fullmatch(token):
+            return False
+        partial = self._open_partial(_UNNAMED_KEY + token, exclusive=True)
+        if partial is None:
+            return False
+        self._discard(partial)
+        return True
+
+    def _record_unnamed(self, token: str, named: Named) -> None:
+        staging = self.unnamed / f".{token}.new-{secrets.token_hex(8)}"
+        _write_file(staging, json.dumps({"oid": named.oid, "name": named.name}).encode())
+        os.rename(staging, self.unnamed / token)
+        _fsync_dir(self.unnamed)
+
+    def _unnamed_result(self, token: str) -> Named | None:
+        """How the resumable upload *token* ended, if it was stored and that is recent."""
+        record = _read_small_file(self.unnamed / token)
+        try:
+            fields = json.loads(record) if record else None
+            oid, name = fields["oid"], fields["name"]
+        except (ValueError, TypeError, KeyError):
+            return None
+        if not _is_object_name(oid) or not (name is None or isinstance(name, str)):
+            return None
+        return Named(oid, Stored.CREATED, name)
+
     # -- partial uploads -----------------------------------------------------
 
     def _open_partial(self, oid: str, *, exclusive: bool) -> _Partial | None:
@@ -2050,7 +2176,9 @@ class Store:
             partial.close()  # finished or replaced before we had it locked: look again
         raise Busy("another upload of this object is in progress", retry_after=5)
 
-    def _create_partial(self, oid: str, mode: str, length: int | None, limits: Limits) -> _Partial:
+    def _create_partial(
+        self, oid: str, mode: str, length: int | None, limits: Limits, name: str | None = None
+    ) -> _Partial:
         """Start a new partial upload of *oid*. A plain upload ("stream") owns it
         exclusively and replaces an idle partial; chunk requests ("chunks") share it, and
         FileExistsError tells a chunk request that another one created it first.
@@ -2058,7 +2186,7 @@ class Store:
         The upload is prepared under a private name, then checked against the free space
         and quotas and renamed into place under the space lock, so that two uploads that
         each fit but not together cannot both start."""
-        partial = self._stage_partial(oid, mode, length, limits)
+        partial = self._stage_partial(oid, mode, length, limits, name)
         try:
             with self._space_lock():
                 if mode == "chunks" and (self.partials / oid).exists():
@@ -2079,17 +2207,19 @@ class Store:
             _fsync_dir(self.partials)
         return partial
 
-    def _stage_partial(self, oid: str, mode: str, length: int | None, limits: Limits) -> _Partial:
+    def _stage_partial(self, oid: str, mode: str, length: int | None, limits: Limits, name: str | None) -> _Partial:
         """A new partial upload under a private name: data and info, locked."""
         staging = self.partials / f".new-{secrets.token_hex(8)}"
         try:
             with _disk_full_is_no_space():
-                return self._stage(oid, staging, mode, length, limits)
+                return self._stage(oid, staging, mode, length, limits, name)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
 
-    def _stage(self, oid: str, staging: Path, mode: str, length: int | None, limits: Limits) -> _Partial:
+    def _stage(
+        self, oid: str, staging: Path, mode: str, length: int | None, limits: Limits, name: str | None
+    ) -> _Partial:
         staging.mkdir(mode=0o700)
         dir_fd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
@@ -2104,6 +2234,8 @@ class Store:
             "attempt": secrets.token_hex(16),
             "limits": dataclasses.asdict(limits),
         }
+        if name is not None:
+            info["name"] = name
         partial = _Partial(oid, staging, dir_fd, fd, info)
         try:
             _lock(fd, fcntl.F_WRLCK if mode == "stream" else fcntl.F_RDLCK, _WRITERS)
@@ -2114,16 +2246,18 @@ class Store:
             partial.close()
             raise
 
-    def _join_partial(self, oid: str, total: int, limits: Limits) -> _Partial | None:
-        """Open the chunked upload of *oid* to write a chunk, creating it if needed.
-        None if the object got stored meanwhile."""
+    def _join_partial(self, key: str, total: int, limits: Limits | None, *, done) -> _Partial | None:
+        """Open the chunked upload *key* to write a chunk, creating it if needed (unless
+        *limits* is None: then NotFound). None once done() says it has been stored."""
         for _ in range(5):
-            partial = self._open_partial(oid, exclusive=False)
+            partial = self._open_partial(key, exclusive=False)
             if partial is None:
-                if self.is_stored(oid):
+                if done():
                     return None
+                if limits is None:
+                    raise NotFound("no such upload: it was cancelled, or expired unfinished")
                 with contextlib.suppress(FileExistsError):
-                    return self._create_partial(oid, "chunks", total, limits)
+                    return self._create_partial(key, "chunks", total, limits)
                 continue
             if partial.info["mode"] == "chunks":
                 if not _lock_held(partial.fd, _FINISHER):
@@ -2133,7 +2267,7 @@ class Store:
                 _unlock(partial.fd, _WRITERS)
                 _lock(partial.fd, fcntl.F_WRLCK, _FINISHER, wait=True)
                 partial.close()
-                if self.is_stored(oid):
+                if done():
                     return None
                 continue
             # A plain upload's leftover (its writer crashed): no one can resume it.
@@ -2239,6 +2373,12 @@ class Store:
         removed["leftovers"] += self._sweep_meta(now)
         for name in os.listdir(self.retired):
             self._unlink_if_unread(self.retired / name)
+        for name in os.listdir(self.unnamed):
+            with contextlib.suppress(FileNotFoundError):
+                ttl = 60 if name.startswith(".") else self.config.partial_ttl
+                if now - os.lstat(self.unnamed / name).st_mtime > ttl:
+                    os.unlink(self.unnamed / name)
+                    removed["leftovers"] += 1
         self._recount()
         return removed
 
@@ -3632,6 +3772,39 @@ def _download_name(environ: dict) -> str | None:
     return names[0]
 
 
+def _sent_file_name(filename: str | None) -> str | None:
+    """The file name a name-less upload's URL ends with (curl -T appends it), checked."""
+    if not filename:
+        return None
+    problem = download_name_problem(filename)
+    if problem:
+        raise RelayError(400, problem)
+    return filename
+
+
+def _content_digest(environ: dict) -> bytes | None:
+    digest_field = environ.get("HTTP_CONTENT_DIGEST")
+    try:
+        return parse_digest_field(digest_field) if digest_field else None
+    except ValueError as exc:
+        raise RelayError(400, f"Content-Digest: {exc}") from None
+
+
+def _public_url(environ: dict, path: str) -> str:
+    """The URL a client reaches *path* (below the server ID) at: as it reached this request."""
+    scheme = environ.get("wsgi.url_scheme", "http")
+    host = environ.get("HTTP_HOST") or f"{environ.get('SERVER_NAME', 'localhost')}:{environ.get('SERVER_PORT', '80')}"
+    server_id = environ.get("PATH_INFO", "").split("/", 2)[1]
+    prefix = urllib.parse.quote(environ.get("SCRIPT_NAME", ""))
+    return f"{scheme}://{host}{prefix}/{urllib.parse.quote(server_id, safe='')}/{path}"
+
+
+def _object_path(named: Named) -> str:
+    """An object's path below the server ID, with ?name= if the sender gave one."""
+    query = f"?name={urllib.parse.quote(named.name, safe='')}" if named.name else ""
+    return f"{named.oid}{query}"
+
+
 def _preferred_wait(header: str | None) -> int | None:
     """The seconds of a Prefer header's wait preference (RFC 7240), or None. A malformed
     one is ignored, as a preference may be."""
@@ -3705,10 +3878,10 @@ def _etag_matches(header: str | None, oid: str) -> bool:
 _UNSIZED_UPLOAD = object()  # an upload of unknown length, which this reader may not follow
 
 
-_CORS_ALLOWED_METHODS = "GET, HEAD, PUT, DELETE"
+_CORS_ALLOWED_METHODS = "GET, HEAD, PUT, POST, DELETE"
 _CORS_ALLOWED_HEADERS = (
     "Content-Type, Content-Range, Content-Digest, Range, If-None-Match, If-Modified-Since, If-Range, "
-    "Max-Downloads, Max-Days, Prefer"
+    "Max-Downloads, Max-Days, Prefer, Upload-Length"
 )
 _CORS_EXPOSED_HEADERS = (
     "ETag, Content-Range, Content-Length, Content-Disposition, Accept-Ranges, Last-Modified, Location, "
@@ -3928,11 +4101,7 @@ class RelayHandler:
         if environ.get("HTTP_IF_NONE_MATCH", "").strip() == "*" and self.storage.is_stored(oid):
             raise RelayError(412, "already stored")
         limits = _parse_limits(environ, self.config)
-        digest_field = environ.get("HTTP_CONTENT_DIGEST")
-        try:
-            digest = parse_digest_field(digest_field) if digest_field else None
-        except ValueError as exc:
-            raise RelayError(400, f"Content-Digest: {exc}") from None
+        digest = _content_digest(environ)
         self.storage.check_size(chunk[2] if chunk else length or 0)
         return length, chunk, limits, digest
 
@@ -3949,6 +4118,124 @@ class RelayHandler:
         headers.pop("Content-Type", None)
         size = f" ({obj.size} bytes)" if obj else ""
         return self._reply(status_of(outcome), f"{outcome.value} {oid}{size}", headers)
+
+    # -- uploads the relay names ----------------------------------------------
+
+    def _unnamed_storage(self) -> UnnamedUploads:
+        if not isinstance(self.storage, UnnamedUploads):
+            raise RelayError(501, "this relay's storage cannot name uploads: PUT to /<sha256> instead")
+        return self.storage
+
+    def put_unnamed(self, filename=None):
+        """PUT /new/[NAME]: store the body under the SHA-256 of what arrived."""
+        environ = self.request.environ
+        exchange = environ["file_relay.exchange"]
+        try:
+            storage = self._unnamed_storage()
+            name = _sent_file_name(filename)
+            if environ.get("HTTP_CONTENT_RANGE"):
+                raise RelayError(400, "to send a name-less upload in chunks, start it with POST to the same URL")
+            if self.state.draining:
+                raise RelayError(503, "the relay is shutting down", retry_after=5)
+            length = _declared_length(environ)
+            limits = _parse_limits(environ, self.config)
+            storage.check_size(length or 0)
+        except (RelayError, StorageError) as exc:
+            return self._refuse(exc)
+        body = _request_body(environ, length, exchange)
+        try:
+            with self.state.active("uploads_active"):
+                named = storage.put_unnamed(body, length, limits)
+        except (RelayError, StorageError) as exc:
+            return self._refuse(exc)
+        except ClientGone as exc:
+            exchange.note = str(exc)
+            return self._reply(exc.status, str(exc), close=True)
+        return self._named_answer(dataclasses.replace(named, name=name))
+
+    def start_unnamed(self, filename=None):
+        """POST /new/[NAME] with Upload-Length: begin a resumable upload the relay names."""
+        environ = self.request.environ
+        try:
+            storage = self._unnamed_storage()
+            name = _sent_file_name(filename)
+            if self.state.draining:
+                raise RelayError(503, "the relay is shutting down", retry_after=5)
+            length_text = environ.get("HTTP_UPLOAD_LENGTH", "").strip()
+            if not _DIGITS_RE.fullmatch(length_text):
+                raise RelayError(400, "Upload-Length must give the file's size in bytes")
+            token = storage.start_unnamed(int(length_text), _parse_limits(environ, self.config), name)
+        except (RelayError, StorageError) as exc:
+            return self._refuse(exc)
+        url = _public_url(environ, f"uploads/{token}")
+        return self._reply(201, url, {"Location": url, "Upload-Length": length_text, "Upload-Offset": "0"})
+
+    def put_unnamed_chunk(self, token):
+        """PUT /uploads/TOKEN with Content-Range (and Content-Digest): one chunk."""
+        environ = self.request.environ
+        exchange = environ["file_relay.exchange"]
+        try:
+            storage = self._unnamed_storage()
+            content_range = environ.get("HTTP_CONTENT_RANGE")
+            if not content_range:
+                raise RelayError(400, "a chunk needs Content-Range: bytes FIRST-LAST/TOTAL")
+            first, last, total = _parse_content_range(content_range)
+            length = _declared_length(environ)
+            if length is not None and length != last - first + 1:
+                raise RelayError(400, "Content-Length does not match Content-Range")
+            digest = _content_digest(environ)
+            storage.check_size(total)
+        except (RelayError, StorageError) as exc:
+            return self._refuse(exc)
+        body = _request_body(environ, length, exchange)
+        try:
+            with self.state.active("uploads_active"):
+                outcome = storage.put_unnamed_chunk(token, first, last, total, body, digest)
+        except (RelayError, StorageError) as exc:
+            return self._refuse(exc)
+        except ClientGone as exc:
+            exchange.note = str(exc)
+            return self._reply(exc.status, str(exc), close=True)
+        if isinstance(outcome, Progress):
+            return self._upload_answer("", outcome)
+        return self._named_answer(outcome)
+
+    def unnamed_status(self, token):
+        """GET or HEAD /uploads/TOKEN: where the upload stands, or where it was stored."""
+        try:
+            outcome = self._unnamed_storage().unnamed_progress(token)
+        except (RelayError, StorageError) as exc:
+            return self._refuse(exc, close=False)
+        if outcome is None:
+            return self._reply(404, "no such upload: it was cancelled, or expired unfinished")
+        if isinstance(outcome, Progress):
+            ranges = format_ranges(outcome.ranges)
+            return self._reply(
+                200, f"received {outcome.received} of {outcome.length} bytes ({ranges})", _progress_headers(outcome)
+            )
+        url = _public_url(self.request.environ, _object_path(outcome))
+        return self._reply(200, f"{url}\nstored {outcome.oid}", {"Location": url, "Upload-Incomplete": "?0"})
+
+    def cancel_unnamed(self, token):
+        try:
+            if not self._unnamed_storage().cancel_unnamed(token):
+                raise NotFound("no such upload in progress")
+        except (RelayError, StorageError) as exc:
+            return self._refuse(exc, close=False)
+        return self._reply(200, "cancelled")
+
+    def _named_answer(self, named: Named):
+        """201 (or 200) with the object's URL: in Location and as the body's first line."""
+        if named.stored is Stored.CREATED:
+            self.state.add("uploads_completed")
+        obj = self.storage.lookup(named.oid)
+        headers = _object_headers(obj) if obj else {}
+        headers.pop("Content-Type", None)
+        url = _public_url(self.request.environ, _object_path(named))
+        size = f" ({obj.size} bytes)" if obj else ""
+        return self._reply(
+            status_of(named.stored), f"{url}\n{named.stored.value} {named.oid}{size}", {**headers, "Location": url}
+        )
 
     def delete_object(self, oid_text):
         oid = self._object_id(oid_text)
@@ -4139,6 +4426,12 @@ def make_app(config: RelayConfig, state: SharedState | None = None, storage: Sto
     app.install(handler.check_server_id)
     app.get("/<server_id>", callback=handler.status)  # Bottle routes HEAD to GET routes
     app.delete("/<server_id>", callback=handler.shutdown)
+    for path in ("/<server_id>/new", "/<server_id>/new/", "/<server_id>/new/<filename>"):
+        app.put(path, callback=handler.put_unnamed)
+        app.post(path, callback=handler.start_unnamed)
+    app.put("/<server_id>/uploads/<token>", callback=handler.put_unnamed_chunk)
+    app.get("/<server_id>/uploads/<token>", callback=handler.unnamed_status)
+    app.delete("/<server_id>/uploads/<token>", callback=handler.cancel_unnamed)
     app.put("/<server_id>/<oid_text>", callback=handler.put_object)
     app.get("/<server_id>/<oid_text>", callback=handler.get_object)
     app.delete("/<server_id>/<oid_text>", callback=handler.delete_object)
