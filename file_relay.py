@@ -3816,6 +3816,328 @@ def _preferred_wait(header: str | None) -> int | None:
     return None
 
 
+# The page a browser gets at the relay's URL: HTML, CSS and JavaScript served from here,
+# no build step, no framework, nothing from other hosts. It sends each file in chunks to
+# the name-less resumable form, and keeps only the upload's token (never the server ID)
+# in localStorage, to resume after a reload.
+_PAGE_STYLE = r"""
+:root { color-scheme: light dark; --accent: #2f6fdf; --muted: #6b7280; --line: #d0d5dd; }
+* { box-sizing: border-box; }
+body { margin: 0; font: 16px/1.5 system-ui, sans-serif; }
+main { max-width: 46rem; margin: 0 auto; padding: 2rem 1rem; }
+h1 { font-size: 1.5rem; margin: 0 0 .25rem; }
+#status { color: var(--muted); margin: 0 0 1.5rem; min-height: 1.5em; }
+.drop { display: block; border: 2px dashed var(--line); border-radius: .75rem; padding: 2.5rem 1rem;
+  text-align: center; cursor: pointer; }
+.drop.over, .drop:focus-within { border-color: var(--accent); }
+.drop input { position: absolute; opacity: 0; width: 1px; height: 1px; }
+.button, button { display: inline-block; font: inherit; padding: .3rem .8rem; border-radius: .4rem;
+  border: 1px solid var(--accent); background: var(--accent); color: #fff; cursor: pointer; }
+button.quiet { background: transparent; color: var(--accent); }
+button:focus-visible, a:focus-visible { outline: 3px solid var(--accent); outline-offset: 2px; }
+progress { width: 100%; height: .75rem; }
+.overall { margin: 1.5rem 0 .5rem; }
+ul { list-style: none; padding: 0; }
+li { border: 1px solid var(--line); border-radius: .6rem; padding: .75rem 1rem; margin: .75rem 0; }
+.name { font-weight: 600; overflow-wrap: anywhere; }
+.figures { color: var(--muted); font-size: .9rem; font-variant-numeric: tabular-nums; }
+.error { color: #c0392b; }
+code { display: block; font-size: .85rem; padding: .3rem .5rem; margin: .3rem 0; border-radius: .3rem;
+  background: rgba(127, 127, 127, .12); overflow-wrap: anywhere; }
+.row { display: flex; gap: .5rem; align-items: center; flex-wrap: wrap; margin-top: .4rem; }
+"""
+
+_PAGE_SCRIPT = r"""
+"use strict";
+const base = location.pathname.replace(/\/+$/, "");
+const CHUNK = 8 << 20, PARALLEL = 4, MOST_BACKOFF = 30000;
+const events = [];
+window.relayEvents = events;
+const $ = (id) => document.getElementById(id);
+const all = { total: 0, done: 0, started: 0 };
+
+function emit(type, detail) { events.push({ type, time: performance.now(), ...detail }); }
+
+function size(bytes) {
+  const units = ["B", "KB", "MB", "GB", "TB"];
+  let i = 0;
+  while (bytes >= 1000 && i < units.length - 1) { bytes /= 1000; i++; }
+  return `${bytes.toFixed(i && bytes < 100 ? 1 : 0)} ${units[i]}`;
+}
+
+function duration(seconds) {
+  if (!isFinite(seconds)) return "";
+  if (seconds < 60) return `${Math.ceil(seconds)} s`;
+  if (seconds < 3600) return `${Math.floor(seconds / 60)} min ${Math.ceil(seconds % 60)} s`;
+  return `${Math.floor(seconds / 3600)} h ${Math.ceil((seconds % 3600) / 60)} min`;
+}
+
+function figures(done, total, started) {
+  const seconds = (performance.now() - started) / 1000;
+  const rate = seconds > 0.5 ? done / seconds : 0;
+  const left = rate ? duration((total - done) / rate) + " left" : "";
+  const percent = total ? Math.floor((100 * done) / total) : 100;
+  return [`${size(done)} of ${size(total)} (${percent}%)`, rate ? `${size(rate)}/s` : "", left]
+    .filter(Boolean).join(", ");
+}
+
+async function showStatus() {
+  try {
+    const answer = await fetch(base, { headers: { Accept: "application/json" }, cache: "no-store" });
+    const s = await answer.json();
+    const disk = s["disk utilization"];
+    const count = (n, what) => `${n} ${what}${n === 1 ? "" : "s"}`;
+    $("status").textContent = `${size(disk.bytes_remaining)} free. ${count(s.uploads_in_progress, "upload")} and ` +
+      `${count(s.downloads_in_progress, "download")} in progress; ${count(s.stored_objects, "file")} stored.`;
+  } catch (e) {
+    $("status").textContent = "The relay does not answer right now.";
+  }
+}
+
+function request(method, url, headers, body, onProgress) {
+  return new Promise((resolve, reject) => {
+    const xhr = new XMLHttpRequest();
+    xhr.open(method, url);
+    for (const [name, value] of Object.entries(headers || {})) xhr.setRequestHeader(name, value);
+    if (onProgress) xhr.upload.onprogress = (e) => onProgress(e.loaded);
+    xhr.onload = () => resolve(xhr);
+    xhr.onerror = () => reject(new Error("network error"));
+    xhr.ontimeout = () => reject(new Error("timed out"));
+    xhr.send(body);
+  });
+}
+
+function retryable(xhr) {
+  return xhr.status >= 500 || xhr.status === 408 || (xhr.status === 409 && xhr.getResponseHeader("Retry-After"));
+}
+
+async function withRetries(what, attempt, note) {
+  for (let delay = 1000; ; delay = Math.min(delay * 2, MOST_BACKOFF)) {
+    let wait = delay;
+    try {
+      const xhr = await attempt();
+      if (!retryable(xhr)) return xhr;
+      wait = Math.max(delay, 1000 * Number(xhr.getResponseHeader("Retry-After") || 0));
+      note(`${what}: ${xhr.responseText.trim() || xhr.status}; retrying`);
+    } catch (e) {
+      note(`${what}: ${e.message}; retrying`);
+    }
+    await new Promise((done) => setTimeout(done, wait * (0.5 + Math.random() / 2)));
+  }
+}
+
+function missing(ranges, total) {
+  const gaps = [];
+  let next = 0;
+  for (const [first, last] of ranges) {
+    if (first > next) gaps.push([next, first - 1]);
+    next = Math.max(next, last + 1);
+  }
+  if (next < total) gaps.push([next, total - 1]);
+  const chunks = [];
+  for (const [first, last] of gaps)
+    for (let a = first; a <= last; a += CHUNK) chunks.push([a, Math.min(a + CHUNK - 1, last)]);
+  return chunks;
+}
+
+function parseRanges(text) {
+  return (text || "").split(",").filter((r) => r.trim()).map((r) => r.trim().split("-").map(Number));
+}
+
+function digestField(buffer) {
+  return crypto.subtle.digest("SHA-256", buffer).then((hash) =>
+    `sha-256=:${btoa(String.fromCharCode(...new Uint8Array(hash)))}:`);
+}
+
+function quote(text) { return `'${text.replace(/'/g, "'\\''")}'`; }
+
+function element(tag, attributes, ...children) {
+  const node = document.createElement(tag);
+  Object.assign(node, attributes);
+  node.append(...children);
+  return node;
+}
+
+function copyButton(label, text) {
+  const button = element("button", { type: "button", className: "quiet", textContent: label });
+  button.onclick = async () => {
+    try { await navigator.clipboard.writeText(text); } catch (e) {
+      const field = element("textarea", { value: text });
+      document.body.append(field); field.select(); document.execCommand("copy"); field.remove();
+    }
+    button.textContent = "Copied";
+    setTimeout(() => { button.textContent = label; }, 1500);
+  };
+  return button;
+}
+
+function showStored(ui, file, url) {
+  const link = element("a", { href: url, textContent: `Download ${file.name}` });
+  link.setAttribute("download", file.name);
+  const curl = `curl -fo ${quote(file.name)} ${quote(url)}`;
+  const get = `python3 file_relay.py get ${quote(url)} -o ${quote(file.name)}`;
+  ui.extra.replaceChildren(
+    element("div", { className: "row" }, link, copyButton("Copy link", url)),
+    element("div", { className: "figures", textContent: "To receive it:" }),
+    element("code", { textContent: curl }), element("code", { textContent: get }));
+}
+
+async function sendFile(file, ui) {
+  const key = `file-relay:${file.name}:${file.size}:${file.lastModified}`;
+  const note = (text) => { ui.figures.textContent = text; };
+  const acked = { bytes: 0 }, inflight = new Map();
+  const started = performance.now();
+  const draw = () => {
+    let sent = acked.bytes;
+    for (const value of inflight.values()) sent += value;
+    ui.bar.value = sent;
+    ui.figures.textContent = figures(sent, file.size, started);
+    all.done = [...document.querySelectorAll("li progress")].reduce((sum, bar) => sum + bar.value, 0);
+    $("overall-bar").value = all.done;
+    $("overall-figures").textContent = figures(all.done, all.total, all.started);
+    emit("progress", { file: file.name, sent, total: file.size });
+  };
+  if (file.size === 0) {
+    const xhr = await withRetries("upload", () =>
+      request("PUT", `${base}/new/${encodeURIComponent(file.name)}`, {}, new Blob([])), note);
+    return finish(xhr);
+  }
+  let token = localStorage.getItem(key), ranges = [];
+  if (token) {
+    const xhr = await withRetries("status", () => request("HEAD", `${base}/uploads/${token}`), note);
+    if (xhr.status === 200 && xhr.getResponseHeader("Location")) return finish(xhr);
+    if (xhr.status === 200) ranges = parseRanges(xhr.getResponseHeader("Upload-Ranges"));
+    else token = null;
+    emit("resumed", { file: file.name, ranges });
+  }
+  if (!token) {
+    const xhr = await withRetries("start", () => request("POST", `${base}/new/${encodeURIComponent(file.name)}`,
+      { "Upload-Length": String(file.size) }), note);
+    if (xhr.status !== 201) throw new Error(xhr.responseText.trim() || `status ${xhr.status}`);
+    token = xhr.getResponseHeader("Location").split("/").pop();
+    localStorage.setItem(key, token);
+  }
+  for (const [first, last] of ranges) acked.bytes += last - first + 1;
+  const pending = missing(ranges, file.size);
+  if (!pending.length) pending.push([file.size - 1, file.size - 1]);  // all there: have it verified
+  let result = null;
+  const worker = async () => {
+    while (pending.length && !result) {
+      const [first, last] = pending.shift();
+      const buffer = await file.slice(first, last + 1).arrayBuffer();
+      const headers = { "Content-Range": `bytes ${first}-${last}/${file.size}` };
+      if (window.isSecureContext) headers["Content-Digest"] = await digestField(buffer);
+      const xhr = await withRetries(`bytes ${first}-${last}`, () => {
+        inflight.set(first, 0);
+        return request("PUT", `${base}/uploads/${token}`, headers, buffer, (n) => { inflight.set(first, n); draw(); });
+      }, note);
+      inflight.delete(first);
+      emit("chunk", { file: file.name, first, last, status: xhr.status });
+      if (xhr.status === 202) { acked.bytes += last - first + 1; draw(); continue; }
+      if (xhr.status === 200 || xhr.status === 201) { acked.bytes += last - first + 1; result = xhr; continue; }
+      throw new Error(xhr.responseText.trim() || `status ${xhr.status}`);
+    }
+  };
+  await Promise.all(Array.from({ length: PARALLEL }, worker));
+  if (!result) throw new Error("the upload ended without being stored; pick the file again");
+  localStorage.removeItem(key);
+  return finish(result);
+
+  function finish(xhr) {
+    if (xhr.status !== 200 && xhr.status !== 201) throw new Error(xhr.responseText.trim() || `status ${xhr.status}`);
+    localStorage.removeItem(key);
+    const url = xhr.getResponseHeader("Location");
+    const sha = url.split("?")[0].split("/").pop();
+    ui.bar.value = ui.bar.max;
+    draw();
+    ui.figures.textContent = `Stored, ${size(file.size)}. SHA-256 ${sha}`;
+    showStored(ui, file, url);
+    emit("stored", { file: file.name, url, sha256: sha });
+  }
+}
+
+function addFiles(files) {
+  if (!all.started) all.started = performance.now();
+  $("overall").hidden = false;
+  for (const file of files) {
+    all.total += file.size;
+    const ui = { bar: element("progress", { max: Math.max(file.size, 1), value: 0 }),
+      figures: element("div", { className: "figures", textContent: "waiting" }), extra: element("div") };
+    $("files").append(element("li", {}, element("div", { className: "name", textContent: file.name }),
+      ui.bar, ui.figures, ui.extra));
+    $("overall-bar").max = all.total;
+    sendFile(file, ui).catch((error) => {
+      ui.figures.textContent = `Failed: ${error.message}`;
+      ui.figures.className = "figures error";
+      emit("failed", { file: file.name, reason: error.message });
+    }).finally(showStatus);
+  }
+}
+
+const drop = $("drop");
+$("pick").addEventListener("change", (e) => { addFiles([...e.target.files]); e.target.value = ""; });
+drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+drop.addEventListener("drop", (e) => { e.preventDefault(); drop.classList.remove("over");
+  addFiles([...e.dataTransfer.files]); });
+showStatus();
+setInterval(showStatus, 10000);
+"""
+
+_PAGE_BODY = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="referrer" content="no-referrer">
+<title>file-relay</title>
+<style>{style}</style>
+</head>
+<body>
+<main>
+<h1>file-relay</h1>
+<p id="status" aria-live="polite"></p>
+<label id="drop" class="drop" for="pick">
+  <p>Drop files here, or</p>
+  <span class="button">Choose files</span>
+  <input id="pick" type="file" multiple>
+  <p class="figures">Each file is stored under its SHA-256, sent in chunks that resume after a reload.</p>
+</label>
+<section id="overall" class="overall" hidden aria-live="polite">
+  <progress id="overall-bar" max="1" value="0" aria-label="All files"></progress>
+  <div id="overall-figures" class="figures"></div>
+</section>
+<ul id="files"></ul>
+</main>
+<script>{script}</script>
+</body>
+</html>
+"""
+
+
+@functools.cache
+def _page() -> tuple[bytes, str]:
+    """The page and its Content-Security-Policy, which admits only its own inline style
+    and script (by their hashes) and requests to the relay itself."""
+
+    def source_hash(text: str) -> str:
+        return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
+
+    policy = (
+        f"default-src 'none'; style-src {source_hash(_PAGE_STYLE)}; script-src {source_hash(_PAGE_SCRIPT)}; "
+        "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
+    return _PAGE_BODY.format(style=_PAGE_STYLE, script=_PAGE_SCRIPT).encode(), policy
+
+
+def _wants_page(environ: dict, query) -> bool:
+    """Whether a GET of the relay's URL comes from a browser (it asks for HTML first)."""
+    if query.get("format"):
+        return query.get("format") == "html"
+    accept = environ.get("HTTP_ACCEPT", "")
+    return accept.split(",")[0].split(";")[0].strip().lower() in ("text/html", "application/xhtml+xml")
+
+
 def _wants_prometheus(environ: dict, query) -> bool:
     if query.get("format"):
         return query.get("format") == "prometheus"
@@ -4034,6 +4356,16 @@ class RelayHandler:
     def status(self):
         if self.request.method == "HEAD":  # a cheap check of the server ID, without the scan
             return self.response_class(None, 200, {"Content-Type": "application/json"})
+        if _wants_page(self.request.environ, self.request.query):
+            page, policy = _page()
+            headers = {
+                "Content-Type": "text/html; charset=utf-8",
+                "Content-Security-Policy": policy,
+                "Referrer-Policy": "no-referrer",
+                "X-Content-Type-Options": "nosniff",
+                "Cache-Control": "no-store",
+            }
+            return self.response_class(page, 200, headers)
         report = _status_report(self.config, self.storage.usage(), self.state)
         if _wants_prometheus(self.request.environ, self.request.query):
             text_type = "text/plain; version=0.0.4; charset=utf-8"

@@ -1,0 +1,177 @@
+"""The page at the relay's URL, in headless Chromium (Debian's, driven by playwright)."""
+
+import hashlib
+import os
+import shutil
+import subprocess
+import urllib.parse
+
+import pytest
+import requests
+from conftest import ROOT, SERVER_ID, blob, wait_until
+
+SCREENSHOT = ROOT / "tests" / "page.png"  # the README shows it
+
+
+def file_sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while block := file.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def random_file(path, size: int, seed: int):
+    """A file of *size* pseudo-random bytes, written in pieces; its SHA-256."""
+    digest = hashlib.sha256()
+    with open(path, "wb") as file:
+        for piece in range(0, size, 8 << 20):
+            data, _ = blob(min(8 << 20, size - piece), seed=seed * 1000 + piece // (8 << 20))
+            digest.update(data)
+            file.write(data)
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("chromium is not installed (.ci/run installs Debian's)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (tests/requirements.txt)")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, headless=True)
+        yield browser
+        browser.close()
+
+
+def events(page, kind: str) -> list:
+    return page.evaluate("kind => (window.relayEvents || []).filter(e => e.type === kind)", kind)
+
+
+def wait_for_event(page, kind: str, timeout: float, count: int = 1) -> list:
+    def seen():
+        failed = events(page, "failed")
+        assert not failed, failed
+        found = events(page, kind)
+        return found if len(found) >= count else None
+
+    return wait_until(seen, timeout, message=f"the page to report {count} {kind} event(s)")
+
+
+def test_browsers_get_the_page_and_every_other_client_the_json(app):
+    page = app.get(f"/{SERVER_ID}", headers={"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"})
+    assert page.content_type == "text/html"
+    policy = page.headers["Content-Security-Policy"]
+    assert "default-src 'none'" in policy and "connect-src 'self'" in policy
+    assert page.headers["Referrer-Policy"] == "no-referrer"
+    assert SERVER_ID not in page.text  # the page finds it in its own URL, and writes it nowhere
+    assert "http" not in page.text.replace("http://www.w3.org", "")  # nothing from other hosts
+    for accept in (None, "*/*", "application/json"):
+        status = app.get(f"/{SERVER_ID}", headers={"Accept": accept} if accept else {})
+        assert status.content_type == "application/json"
+        assert "stored_objects" in status.json
+    app.get("/wrong-id", headers={"Accept": "text/html"}, status=403)
+
+
+def test_a_300_mb_file_sent_through_the_page_is_stored_and_downloads_under_its_name(live, files, browser, tmp_path):
+    relay = live()
+    source = tmp_path / "holiday photos.tar"
+    oid = random_file(source, 300_000_000, seed=1)
+    context = browser.new_context(accept_downloads=True)
+    try:
+        page = context.new_page()
+        page.goto(relay.url())
+        wait_until(lambda: "free" in page.inner_text("#status"), 10, message="the status line")
+        page.set_input_files("#pick", str(source))
+        stored = wait_for_event(page, "stored", 180)[0]
+        assert stored["sha256"] == oid
+        assert stored["url"] == relay.url(oid) + "?name=" + urllib.parse.quote("holiday photos.tar", safe="")
+        assert file_sha256(files / oid) == oid and (files / oid).stat().st_size == 300_000_000
+        progress = [event["sent"] for event in events(page, "progress")]
+        assert len(progress) > 10 and progress[-1] == 300_000_000
+        chunks = events(page, "chunk")
+        assert sum(e["last"] - e["first"] + 1 for e in chunks) == 300_000_000  # each byte sent once
+        text = page.inner_text("#files")
+        assert f"SHA-256 {oid}" in text
+        assert f"curl -fo 'holiday photos.tar' '{stored['url']}'" in text
+        assert f"python3 file_relay.py get '{stored['url']}' -o 'holiday photos.tar'" in text
+        page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+        if os.environ.get("RELAY_SCREENSHOT"):
+            shutil.copy(tmp_path / "page.png", SCREENSHOT)
+        with page.expect_download(timeout=60_000) as download_info:
+            page.get_by_role("link", name="Download holiday photos.tar").click()
+        download = download_info.value
+        assert download.suggested_filename == "holiday photos.tar"
+        saved = tmp_path / "saved"
+        download.save_as(saved)
+        assert file_sha256(saved) == oid
+    finally:
+        context.close()
+
+
+def test_after_a_relay_restart_and_a_reload_only_the_missing_chunks_are_sent(live, files, browser, tmp_path):
+    relay = live()
+    port = relay.address[1]
+    source = tmp_path / "big.bin"
+    size = 120_000_000
+    oid = random_file(source, size, seed=2)
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.goto(relay.url())
+        throttle = context.new_cdp_session(page)
+        throttle.send("Network.enable")
+        conditions = {"offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": 20_000_000}
+        throttle.send("Network.emulateNetworkConditions", conditions)
+        page.set_input_files("#pick", str(source))
+        wait_for_event(page, "chunk", 60, count=3)
+        relay.kill()
+        page.goto("about:blank")  # the old page and its retries are gone
+        relay = live(bind=f"127.0.0.1:{port}")
+        page.goto(relay.url())
+        token = page.evaluate("Object.values(localStorage)")[0]
+        head = requests.head(relay.url() + f"/uploads/{token}", timeout=10)
+        acknowledged = [tuple(map(int, r.split("-"))) for r in head.headers["Upload-Ranges"].split(",")]
+        assert 0 < sum(last - first + 1 for first, last in acknowledged) < size
+        page.set_input_files("#pick", str(source))
+        assert wait_for_event(page, "stored", 120)[0]["sha256"] == oid
+        resumed = events(page, "resumed")
+        assert [tuple(r) for r in resumed[0]["ranges"]] == acknowledged
+        for chunk in events(page, "chunk"):
+            assert not any(first <= chunk["first"] and chunk["last"] <= last for first, last in acknowledged), chunk
+        assert file_sha256(files / oid) == oid
+    finally:
+        context.close()
+
+
+def test_a_download_link_opened_while_its_upload_arrives_saves_the_file_under_its_name(live, browser, tmp_path):
+    relay = live()
+    data, oid = blob(6 << 20, seed=3)
+    source = tmp_path / "source"
+    source.write_bytes(data)
+    sender = subprocess.Popen(
+        ["curl", "-fsS", "--limit-rate", "2M", "-T", str(source), relay.url(oid)], stdout=subprocess.DEVNULL
+    )
+    context = browser.new_context(accept_downloads=True)
+    try:
+        wait_until(
+            lambda: requests.head(relay.url(oid), timeout=5).headers.get("Upload-Incomplete"), 10, message="upload"
+        )
+        page = context.new_page()
+        page.goto(relay.url())
+        url = relay.url(oid) + "?name=report%20v2.pdf"
+        with page.expect_download(timeout=60_000) as download_info:
+            page.evaluate(
+                "url => { const a = document.createElement('a'); a.href = url; document.body.append(a); a.click(); }",
+                url,
+            )
+        download = download_info.value
+        saved = tmp_path / "saved"
+        download.save_as(saved)
+        assert sender.poll() is None or sender.returncode == 0  # it was still arriving when the download began
+        assert download.suggested_filename == "report v2.pdf"
+        assert saved.read_bytes() == data
+    finally:
+        context.close()
+        sender.wait(60)
+    assert sender.returncode == 0
