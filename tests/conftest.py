@@ -129,6 +129,19 @@ def module_live(tmp_path_factory):
     kill_all()
 
 
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's headless Chromium, driven by playwright (which downloads no browser of its own)."""
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("chromium is not installed (.ci/run installs Debian's)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (tests/requirements.txt)")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, headless=True)
+        yield browser
+        browser.close()
+
+
 @pytest.fixture
 def small_filesystem(tmp_path):
     """Mount a tmpfs of a given size (a real filesystem that fills up); skip if we can't."""

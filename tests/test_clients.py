@@ -692,18 +692,6 @@ BROWSER_UPLOAD_AND_RANGE = """async ([putUrl, getUrl, bodyUrl]) => {
 }"""
 
 
-@pytest.fixture(scope="module")
-def browser():
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        pytest.skip("chromium is not installed (.ci/run installs Debian's)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (tests/requirements.txt)")
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium, headless=True)
-        yield browser
-        browser.close()
-
-
 def in_a_page(browser, page_server, script: str, arguments: list, tls):
     context = browser.new_context(ignore_https_errors=bool(tls))
     try:

@@ -6,7 +6,6 @@ import shutil
 import subprocess
 import urllib.parse
 
-import pytest
 import requests
 from conftest import ROOT, SERVER_ID, blob, wait_until
 
@@ -30,18 +29,6 @@ def random_file(path, size: int, seed: int):
             digest.update(data)
             file.write(data)
     return digest.hexdigest()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        pytest.skip("chromium is not installed (.ci/run installs Debian's)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (tests/requirements.txt)")
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium, headless=True)
-        yield browser
-        browser.close()
 
 
 def events(page, kind: str) -> list:

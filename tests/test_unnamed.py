@@ -200,9 +200,12 @@ def test_chunks_in_parallel_on_several_workers(live, files):
 
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         answers = list(pool.map(send, range(0, len(data), 1 << 20)))
-    assert sorted(a.status_code for a in answers) == [201] + [202] * 5
-    final = next(a for a in answers if a.status_code == 201)
-    assert final.headers["Location"] == relay.url(oid) + "?name=x.bin"
+    statuses = [a.status_code for a in answers]
+    # Chunks that end together: one completes the object (201), one that waited for that
+    # verdict is told it is stored (200), the others were acknowledged as they came (202).
+    assert statuses.count(201) == 1 and set(statuses) <= {200, 201, 202}, statuses
+    for final in (a for a in answers if a.status_code in (200, 201)):
+        assert final.headers["Location"] == relay.url(oid) + "?name=x.bin"
     assert (files / oid).read_bytes() == data
 
 
