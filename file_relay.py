@@ -338,24 +338,6 @@ def _files_directory(text: str) -> Path:
     return path
 
 
-def _storage_url(text: str) -> str:
-    """s3://BUCKET[/PREFIX], or empty for the files directory."""
-    if not text:
-        return ""
-    if not text.startswith("s3://"):
-        raise ValueError("must be s3://BUCKET[/PREFIX]")
-    bucket = text[len("s3://") :].split("/", 1)[0]
-    if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", bucket):
-        raise ValueError(f"{bucket!r} is not a bucket name")
-    return text
-
-
-def _endpoint_url(text: str) -> str:
-    if text and not re.fullmatch(r"https?://[^/\s]+/?", text):
-        raise ValueError("must be http(s)://HOST[:PORT]")
-    return text.rstrip("/")
-
-
 def _server_id(text: str) -> str:
     if not SERVER_ID_RE.fullmatch(text):
         raise ValueError("use only letters, digits and - . _ ~ (it goes into URLs unescaped)")
@@ -504,26 +486,6 @@ OPTIONS = (
         "RELAY_FILES_DIRECTORY",
         "where files are stored (created if missing)",
         _files_directory,
-    ),
-    Option(
-        "storage",
-        "str",
-        "",
-        ("--storage",),
-        "RELAY_STORAGE",
-        "s3://BUCKET[/PREFIX]: keep files in an S3-compatible object store instead of --files-directory",
-        _storage_url,
-        unset="the files directory",
-    ),
-    Option(
-        "s3_endpoint",
-        "str",
-        "",
-        ("--s3-endpoint",),
-        "RELAY_S3_ENDPOINT",
-        "the object store's URL (default: AWS's, or the AWS configuration's)",
-        _endpoint_url,
-        unset="AWS's",
     ),
     Option("workers", "int", 2, ("--workers",), "RELAY_WORKERS", "worker processes", _positive_int(64)),
     Option(
@@ -2822,85 +2784,8 @@ class UploadReader(_Reader):
         self.partial.close()
 
 
-# ---------------------------------------------------------------------------
-# S3 storage
-#
-# --storage s3://BUCKET/PREFIX: an S3-compatible object store (AWS S3, MinIO, Ceph RGW,
-# SeaweedFS, R2) reached at --s3-endpoint with the standard AWS credential sources. Its
-# client (boto3, requirements-s3.txt) is imported only here, only when it is used. So far
-# the relay checks such a configuration at start (reachable, credentials accepted, bucket
-# there, writable under the prefix) and then refuses to serve: the object routes on S3
-# are not written yet.
-# ---------------------------------------------------------------------------
-
-# Options whose meaning is a local filesystem's.
-_S3_REFUSED_OPTIONS = {
-    "min_free": "--min-free keeps free space on a filesystem; an object store has none to keep",
-    "purge_on_exit": "--purge-on-exit would remove the files of every relay sharing the bucket",
-}
-
-
-def parse_storage_url(url: str) -> tuple[str, str]:
-    """(bucket, key prefix ending in '/' or empty) of s3://BUCKET[/PREFIX]."""
-    bucket, _, prefix = url[len("s3://") :].partition("/")
-    prefix = prefix.strip("/")
-    return bucket, f"{prefix}/" if prefix else ""
-
-
-def s3_option_problem(config: RelayConfig) -> str | None:
-    """Why options given with an S3 storage make no sense there, or None."""
-    defaults = RelayConfig(server_id=config.server_id)
-    for name, reason in _S3_REFUSED_OPTIONS.items():
-        if getattr(config, name) != getattr(defaults, name):
-            return reason
-    return None
-
-
-def probe_s3_storage(config: RelayConfig) -> str | None:
-    """One line saying why the object store of *config* cannot be used, or None: it is
-    reached, accepts the credentials, has the bucket, and lets the relay create and
-    remove a key under the prefix."""
-    try:
-        import boto3
-        import botocore.config
-        import botocore.exceptions
-    except ImportError:
-        return "--storage s3:// needs boto3: pip install -r requirements-s3.txt"
-    bucket, prefix = parse_storage_url(config.storage)
-    where = config.s3_endpoint or "the AWS endpoint"
-    settings = botocore.config.Config(
-        connect_timeout=5,
-        read_timeout=20,
-        retries={"max_attempts": 2, "mode": "standard"},
-        s3={"addressing_style": "path"},
-    )
-    try:
-        client = boto3.client("s3", endpoint_url=config.s3_endpoint or None, config=settings)
-        client.head_bucket(Bucket=bucket)
-        probe = f"{prefix}.relay-probe-{secrets.token_hex(8)}"
-        client.put_object(Bucket=bucket, Key=probe, Body=b"", IfNoneMatch="*")
-        client.delete_object(Bucket=bucket, Key=probe)
-    except botocore.exceptions.NoCredentialsError:
-        return "no AWS credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or ~/.aws/credentials)"
-    except botocore.exceptions.ClientError as exc:
-        code = str(exc.response.get("Error", {}).get("Code", ""))
-        operation = exc.operation_name
-        if code in ("404", "NoSuchBucket"):
-            return f"bucket {bucket!r} does not exist at {where}"
-        if operation == "HeadBucket" and code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-            return f"{where} refused the credentials for bucket {bucket!r} ({code})"
-        if code in ("403", "AccessDenied"):
-            return f"no permission to write to s3://{bucket}/{prefix} at {where}"
-        return f"{where} answered {operation} with {code or 'an error'}"
-    except botocore.exceptions.BotoCoreError as exc:
-        return f"cannot reach the object store at {where}: {exc}"
-    return None
-
-
 def open_storage(config: RelayConfig) -> Storage:
-    """The storage *config* asks for: the files directory (S3 is not served yet)."""
-    if config.storage:
-        raise StorageError("the S3 backend does not serve objects yet")
+    """The storage *config* asks for: the files directory (the only backend so far)."""
     return Store(config)
 
 
@@ -6403,9 +6288,6 @@ def main(argv: list[str] | None = None) -> int:
         word = args.server_id_positional
         parser.error(f"{word!r} is a client command, not a server ID; to use it as one: --server-id {word}")
     config = config_from_args(args, parser)
-    if config.storage:
-        problem = s3_option_problem(config) or probe_s3_storage(config)
-        parser.error(f"storage: {problem or 'the S3 backend does not serve objects yet (issue 18)'}")
     try:
         probe_files_directory(config.files_directory)
     except OSError as exc:

@@ -53,7 +53,7 @@ class Seaweed:
         ports = _free_ports(12)
         names = ("s3", "s3.grpc", "master", "master.grpc", "filer", "filer.grpc", "volume", "volume.grpc")
         names += ("admin", "admin.grpc", "debug", "s3.debug")
-        self.ports = dict(zip(names, ports, strict=True))
+        self.ports = dict(zip(names, ports))
         self.endpoint = f"http://127.0.0.1:{self.ports['s3']}"
         self.env = {
             "AWS_ACCESS_KEY_ID": ACCESS_KEY,

@@ -12,7 +12,6 @@ ORDER = [
     "Small helpers",
     "Options",
     "Storage",
-    "S3 storage",
     "Shared counters",
     "gunicorn and Bottle",
     "Web application",
