@@ -5101,10 +5101,14 @@ def serve(config: RelayConfig, *, generated_id: bool = False) -> int:
 # ---------------------------------------------------------------------------
 # Client: `file_relay.py send` and `file_relay.py get`, standard library only
 #
-# send: hash the file; HEAD its object URL and skip it if stored; otherwise PUT it whole
-#       (If-None-Match: *) when it fits in one chunk, else in Content-Range chunks, each
-#       with its Content-Digest, several at once with --parallel. After any failure, HEAD
-#       again and send only what the relay's Upload-Ranges lack.
+# send: a file that fits in a chunk: read it into memory and hash it; HEAD its object URL
+#       and skip it if stored, else PUT it whole (If-None-Match: *). A larger one: read it
+#       once, hashing it, into Content-Range chunks of a name-less resumable upload (POST
+#       /new/NAME), each with its Content-Digest, several at once with --parallel, each
+#       retried from memory; then compare the relay's name for it with the hash, and
+#       delete it on a mismatch. A record under ~/.cache/file-relay/send lets a rerun
+#       resume the upload, or skip a file sent before. --hash-first, or a relay that
+#       cannot name uploads: hash first, then send to the verified form.
 # get:  download to .<name>.part beside the target, hashing while writing; resume with
 #       Range (also into an upload still in progress); move into place only once the
 #       SHA-256 in the URL matches. Never write through a .part that is not a regular
@@ -5135,6 +5139,7 @@ class ClientOptions:
     # nothing until a chunk is complete, and the relay cuts it after --idle-timeout.
     chunk_size: int = 16 << 20
     parallel: int = 1  # send: chunks in flight at once
+    hash_first: bool = False  # send: hash a large file before sending it, so that receivers can follow it
     max_days: float | None = None  # send: ask the relay to drop the object this many days after upload
     max_downloads: int | None = None  # send: ask the relay to drop the object after this many downloads
     timeout: float = 60.0  # seconds for a connect, and for any read or write to make progress
@@ -5536,9 +5541,11 @@ def _hash_file(fd: int, size: int, console: _Console, label: str) -> str:
 
 
 class _Upload:
-    """Sends one file to the relay: nothing if it is stored, one PUT if it fits in a chunk,
-    else chunks (several at once with --parallel). After every failure it asks the relay
-    (HEAD) what it has, and sends only the rest."""
+    """Sends one file to the relay by its SHA-256, hashed first: nothing if it is stored,
+    one PUT if it fits in a chunk, else chunks (several at once with --parallel). After
+    every failure it asks the relay (HEAD) what it has, and sends only the rest. A file
+    that fits in a chunk is read once, into memory; a larger one is read to be hashed,
+    then again to be sent."""
 
     def __init__(self, session: _Session, file: str):
         self.session = session
@@ -5549,6 +5556,7 @@ class _Upload:
         self.fd = -1
         self.size = 0
         self.oid = ""
+        self.data: bytes | None = None  # the whole file, when it fits in a chunk
         self.meter: _Meter | None = None
         self.sent = 0  # bytes put on the wire by this run, retries included
         self.sent_lock = threading.Lock()
@@ -5580,14 +5588,23 @@ class _Upload:
             with file:
                 self.fd = file.fileno()
                 self.size = os.fstat(self.fd).st_size
-                self.oid = _hash_file(self.fd, self.size, self.console, self.label)
-                self._send()
+                self._transfer()
                 return self.session.address.object_url(self.oid)
         finally:
             for connection in self.connections:
                 connection.close()
             if self.meter is not None:
                 self.meter.close()
+
+    def _transfer(self) -> None:
+        if self.size <= self.options.chunk_size:
+            self.data = b"".join(self._read(0, self.size, lambda: BLOCK_SIZE))
+            self.oid = hashlib.sha256(self.data).hexdigest()
+        else:
+            self.oid = _hash_file(self.fd, self.size, self.console, self.label)
+            url = _named_url(self.session.address.object_url(self.oid), self.label)
+            self.console.note(f"{self.label}: receivers can start now, and follow the upload: {url}")
+        self._send()
 
     def _send(self) -> None:
         started = time.monotonic()
@@ -5647,6 +5664,13 @@ class _Upload:
     def _read(self, first: int, length: int, block_size):
         """The file's bytes first..first+length-1, in blocks of block_size() at most."""
         position, end = first, first + length
+        if self.data is not None:
+            view = memoryview(self.data)
+            while position < end:
+                block = view[position : min(end, position + block_size())]
+                position += len(block)
+                yield block
+            return
         while position < end:
             try:
                 block = os.pread(self.fd, min(block_size(), end - position), position)
@@ -5752,6 +5776,388 @@ class _Upload:
         raise _refusal(response, text)
 
 
+class _NoNamedUploads(Exception):
+    """The relay's storage cannot name uploads (501): send hashes first instead."""
+
+
+def send_records_directory() -> Path:
+    """Where send keeps its records: under $XDG_CACHE_HOME, else ~/.cache."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "file-relay" / "send"
+
+
+class _SendRecords:
+    """What send remembers of a file it sent to a relay, so that a rerun reads nothing it
+    need not: the token of an upload in progress (to resume it), or the SHA-256 the relay
+    named the file by (to skip it). One small JSON file per version of a file, named by a
+    hash of the relay's address, the file's path, inode, size, and modification and
+    change times; the address itself is never written. A record lost or unwritable costs only a read, so
+    failures to read or write one are ignored."""
+
+    MAX_AGE = 30 * 86400  # seconds: records older than this are pruned
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.pruned = False
+
+    @staticmethod
+    def key(address: RelayAddress, path: str, info: os.stat_result) -> str:
+        version = [address.origin, address.path, os.path.realpath(path), info.st_dev, info.st_ino]
+        version += [info.st_size, info.st_mtime_ns, info.st_ctime_ns]
+        return hashlib.sha256(json.dumps(version).encode()).hexdigest()
+
+    def load(self, key: str) -> dict:
+        try:
+            with open(self.directory / key, "rb") as file:
+                record = json.loads(file.read(4096))
+        except (OSError, ValueError):
+            return {}
+        return record if isinstance(record, dict) else {}
+
+    def save(self, key: str, record: dict) -> None:
+        staging = self.directory / f".{key}.{secrets.token_hex(4)}"
+        try:
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            with open(os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as file:
+                json.dump(record, file)
+            os.replace(staging, self.directory / key)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(staging)
+        self._prune()
+
+    def forget(self, key: str) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(self.directory / key)
+
+    def _prune(self) -> None:
+        if self.pruned:
+            return
+        self.pruned = True
+        cutoff = time.time() - self.MAX_AGE
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(self.directory):
+                with contextlib.suppress(OSError):
+                    if entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                        os.unlink(entry.path)
+
+
+class _Handoff:
+    """Chunks passed from the one thread that reads a file to the threads that send them,
+    a chunk at a time, and how the senders ended."""
+
+    def __init__(self):
+        self.chunks: queue.Queue = queue.Queue(maxsize=1)
+        self.stop = threading.Event()  # a sender failed, or the reader did: stop sending
+        self.read = threading.Event()  # the reader has handed over every chunk
+        self.lock = threading.Lock()
+        self.error: BaseException | None = None
+        self.named: tuple[str, bool] | None = None  # (object ID, created) from the answer that named it
+
+    def give(self, chunk) -> bool:
+        """Hand *chunk* to a sender, once one is free; False if sending has stopped."""
+        while not self.stop.is_set():
+            with contextlib.suppress(queue.Full):
+                self.chunks.put(chunk, timeout=0.2)
+                return True
+        return False
+
+    def take(self):
+        """The next chunk to send, or None when there are no more or sending has stopped."""
+        while not self.stop.is_set():
+            try:
+                return self.chunks.get(timeout=0.2)
+            except queue.Empty:
+                if self.read.is_set():
+                    return None
+        return None
+
+    def fail(self, error: BaseException) -> None:
+        with self.lock:
+            self.error = self.error or error
+        self.stop.set()
+
+
+class _OnePassUpload(_Upload):
+    """Sends one file reading it once. A file that fits in a chunk goes as _Upload sends
+    it (from memory); a larger one goes to the relay's name-less resumable form: one
+    thread reads the file from start to end, hashing all of it, and hands each chunk the
+    relay lacks to the senders, which send it with its Content-Digest and retry it from
+    memory. The relay names the object; send compares that name with its own hash, and
+    deletes the object and fails on a mismatch, or if the file changed meanwhile."""
+
+    def __init__(self, session: _Session, file: str, records: _SendRecords):
+        super().__init__(session, file)
+        self.records = records
+        self.key = ""
+        self.version: os.stat_result | None = None
+        self.uploads = f"{session.address.path}/uploads"
+
+    def _transfer(self) -> None:
+        self.version = os.fstat(self.fd)
+        self.key = self.records.key(self.session.address, self.file, self.version)
+        record = self.records.load(self.key)
+        known = parse_object_id(str(record.get("sha256", "")))
+        if known and self._retrying(lambda: self._stored(known)):
+            self.oid = known
+            self.console.note(f"{self.label}: already on the relay, nothing to send")
+            return
+        if self.size <= self.options.chunk_size or self.options.hash_first:
+            super()._transfer()
+        else:
+            try:
+                self._send_once(record.get("token"))
+            except _NoNamedUploads:
+                super()._transfer()
+        self.records.save(self.key, {"sha256": self.oid})
+
+    def _retrying(self, attempt):
+        """attempt()'s result, tried again after each _Retry as the policy allows."""
+        while True:
+            try:
+                return attempt()
+            except _Retry as exc:
+                self.policy.wait(exc)
+
+    def _stored(self, oid: str) -> bool:
+        connection = self.connections[0]
+        response = connection.request("HEAD", f"{self.session.address.path}/{oid}")
+        text = connection.read_text(response)
+        if response.status not in (200, 404):
+            raise _refusal(response, text)
+        return response.status == 200 and response.getheader("Upload-Incomplete") is None
+
+    # -- the one pass ------------------------------------------------------------
+
+    def _send_once(self, token) -> None:
+        started = time.monotonic()
+        state = self._retrying(lambda: self._upload_state(token)) if isinstance(token, str) else None
+        if isinstance(state, str):  # an earlier run completed it, but never heard so
+            self.oid = state
+            self._check_named(_hash_file(self.fd, self.size, self.console, self.label), created=False)
+            return
+        if state is None:
+            token = self._retrying(self._start)
+            self.records.save(self.key, {"token": token})
+            state = []
+        received = sum(last - first + 1 for first, last in state)
+        if received:
+            self.console.note(f"{self.label}: the relay has {received} of {self.size} bytes; resuming")
+        self.meter = self.console.meter(self.label, self.size, received)
+        digest, named = self._pass(token, state)
+        if named is None:  # every chunk was acknowledged, yet no answer named the object
+            named = self._retrying(lambda: self._finish(token))
+        self.meter.close()
+        self.oid, created = named
+        self._check_named(digest, created)
+        elapsed = time.monotonic() - started
+        rate = f"{format_size(self.sent / max(elapsed, 1e-6))}/s"
+        sent = f"{format_size(self.sent)}" + (f" of {format_size(self.size)}" if self.sent != self.size else "")
+        verdict = "stored and verified" if created else "the relay already had it"
+        self.console.note(f"{self.label}: {verdict}; sent {sent} in {elapsed:.1f} s ({rate})")
+
+    def _start(self) -> str:
+        """POST /new/NAME: the token of a new resumable upload of the file."""
+        name = "" if download_name_problem(self.label) else urllib.parse.quote(self.label, safe="")
+        connection = self.connections[0]
+        headers = {**self.headers, "Upload-Length": str(self.size), "Content-Length": "0"}
+        response = connection.request("POST", f"{self.session.address.path}/new/{name}", headers)
+        text = connection.read_text(response)
+        if response.status == 501:
+            raise _NoNamedUploads(text)
+        if response.status != 201:
+            raise _refusal(response, text)
+        token = urllib.parse.urlsplit(response.getheader("Location") or "").path.rsplit("/", 1)[-1]
+        if not re.fullmatch(r"[A-Za-z0-9_-]{16,128}", token):
+            raise ClientError(f"the relay answered 201 but named no upload: {text}")
+        return token
+
+    def _upload_state(self, token: str):
+        """What the relay has of upload *token*: None if nothing, the object's ID once it
+        was stored, else the byte ranges received."""
+        connection = self.connections[0]
+        response = connection.request("HEAD", f"{self.uploads}/{token}")
+        text = connection.read_text(response)
+        if response.status == 501:
+            raise _NoNamedUploads(text)
+        if response.status == 404:
+            return None
+        if response.status != 200:
+            raise _refusal(response, text)
+        if response.getheader("Upload-Incomplete") is None:
+            oid = self._named(response, text)[0]
+            return oid
+        length = response.getheader("Upload-Length")
+        if length != str(self.size):
+            return None  # not an upload of this file: start afresh
+        return _parse_ranges(response.getheader("Upload-Ranges"))
+
+    def _named(self, response, text: str) -> tuple[str, bool]:
+        """(the object ID in an answer's Location, whether this request created it)."""
+        oid = parse_object_id(urllib.parse.urlsplit(response.getheader("Location") or "").path.rsplit("/", 1)[-1])
+        if oid is None:
+            raise ClientError(f"the relay answered {response.status} but named no object: {text}")
+        return oid, response.status == 201
+
+    def _finish(self, token: str) -> tuple[str, bool]:
+        """Ask where the upload stands; with every byte received but the object not stored
+        (its finisher failed), send the last byte again to make the relay store it."""
+        state = self._upload_state(token)
+        if state is None:
+            raise ClientError("the relay no longer has this upload (cancelled, or expired unfinished)")
+        if isinstance(state, str):
+            return state, True
+        if _missing(state, self.size):
+            raise ClientError("the relay lost bytes it had acknowledged; send the file again")
+        last_byte = os.pread(self.fd, 1, self.size - 1)
+        named = self._put_piece(self.connections[0], token, self.size - 1, last_byte, True)
+        if named is None:
+            raise _Retry("every byte was sent, but the relay has not stored the object yet")
+        return named
+
+    def _pass(self, token: str, ranges: list) -> tuple[str, tuple[str, bool] | None]:
+        """Read the file once, start to end: hash it all and hand the chunks missing from
+        *ranges* to --parallel senders. Returns (the file's SHA-256, the object's ID and
+        whether it was created if an answer named it)."""
+        have = [(first, min(last, self.size - 1)) for first, last in merge_ranges(ranges) if first < self.size]
+        missing = _split(_missing(have, self.size), self.options.chunk_size)
+        pieces = sorted([(first, last, False) for first, last in have] + [(f, la, True) for f, la in missing])
+        hasher = hashlib.sha256()
+        handoff = _Handoff()
+        senders = [
+            threading.Thread(target=self._sender, args=(connection, token, handoff), daemon=True)
+            for connection in self.connections
+        ]
+        for sender in senders:
+            sender.start()
+        try:
+            left = len(missing)
+            for first, last, send in pieces:
+                if not send:
+                    for block in self._read(first, last - first + 1, lambda: BLOCK_SIZE):
+                        hasher.update(block)
+                    continue
+                left -= 1
+                data = self._read_chunk(first, last - first + 1, hasher)
+                if not handoff.give((first, data, left < self.options.parallel)):
+                    break
+        except BaseException:
+            handoff.stop.set()  # the senders finish the chunk in hand and end
+            raise
+        handoff.read.set()
+        for sender in senders:
+            sender.join()
+        if handoff.error is not None:
+            raise handoff.error
+        return hasher.hexdigest(), handoff.named
+
+    def _sender(self, connection: _Connection, token: str, handoff: _Handoff) -> None:
+        while (chunk := handoff.take()) is not None:
+            try:
+                named = self._put_piece(connection, token, *chunk)
+            except BaseException as exc:
+                handoff.fail(exc)
+                return
+            if named is not None:
+                handoff.named = named
+
+    def _read_chunk(self, first: int, length: int, hasher) -> bytearray:
+        """Bytes first..first+length-1 of the file, read into memory and hashed as read."""
+        data = bytearray(length)
+        view = memoryview(data)
+        done = 0
+        try:
+            while done < length:
+                count = os.preadv(self.fd, [view[done : done + BLOCK_SIZE]], first + done)
+                if not count:
+                    raise ClientError(f"{self.file} shrank while it was being sent (did the file change?)")
+                hasher.update(view[done : done + count])
+                done += count
+        except OSError as exc:
+            raise ClientError(f"cannot read {self.file}: {exc.strerror}", EXIT_LOCAL) from None
+        return data
+
+    def _from_memory(self, data, counted: list):
+        """*data* as a request body: rate-limited blocks, counted as they go out."""
+        limiter, view = self.session.limiter, memoryview(data)
+        position = 0
+        while position < len(view):
+            block = view[position : position + limiter.block(_SEND_BLOCK)]
+            limiter.take(len(block))
+            yield block
+            position += len(block)
+            counted[0] += len(block)
+            self.meter.add(len(block))
+            with self.sent_lock:
+                self.sent += len(block)
+
+    def _put_piece(self, connection: _Connection, token: str, first: int, data, final: bool):
+        """Send *data* as bytes first.. of upload *token*, again after each failure worth
+        retrying: None while the object is incomplete, else (its ID, whether this request
+        created it)."""
+        last = first + len(data) - 1
+        headers = {
+            **self.headers,
+            "Content-Length": str(len(data)),
+            "Content-Range": f"bytes {first}-{last}/{self.size}",
+            "Content-Digest": sha256_field(hashlib.sha256(data).digest()),
+        }
+        wait = self.size / _VERIFY_RATE if final else 0.0  # completing it, the relay hashes it all
+        policy = _RetryPolicy(self.options.retry_for, self.console, self.label)
+        counted = [0]
+
+        def body():
+            self.meter.add(-counted[0])  # what an earlier attempt sent is sent again
+            counted[0] = 0
+            return self._from_memory(data, counted)
+
+        while True:
+            try:
+                response = connection.request("PUT", f"{self.uploads}/{token}", headers, body, wait=wait)
+                text = connection.read_text(response)
+                if response.status == 202:
+                    return None
+                if response.status in (200, 201):
+                    return self._named(response, text)
+                if response.status == 400 and "Content-Digest" in text:
+                    raise _Retry(f"bytes {first}-{last} arrived damaged")  # the relay did not keep them
+                if response.status == 404:
+                    self.records.forget(self.key)
+                    raise ClientError("the relay no longer has this upload (cancelled, or expired unfinished)")
+                if response.status == 409 and _retry_after(response) is None:
+                    self.records.forget(self.key)
+                    raise ClientError(f"the relay refused bytes {first}-{last}: {text}")
+                raise _refusal(response, text)
+            except _Retry as exc:
+                policy.wait(exc)
+
+    def _check_named(self, digest: str, created: bool) -> None:
+        """Fail, and delete what this run stored, unless the relay named the object by the
+        file's own SHA-256 and the file did not change while it was read."""
+        now = os.fstat(self.fd)
+        before = self.version
+        changed = (now.st_size, now.st_mtime_ns, now.st_ino) != (before.st_size, before.st_mtime_ns, before.st_ino)
+        if not changed and digest == self.oid:
+            return
+        self.records.forget(self.key)
+        if created:
+            self._retrying(lambda: self._delete(self.oid))
+        kept = "deleted it" if created else "kept its copy, which it had before"
+        if changed:
+            raise ClientError(f"{self.label} changed while it was being sent (did the file change?); the relay {kept}")
+        raise ClientError(
+            f"the relay named what it received {self.oid}, but the file hashes to {digest}: damaged on the way, "
+            f"or changed since an earlier run sent part of it; the relay {kept}"
+        )
+
+    def _delete(self, oid: str) -> None:
+        connection = self.connections[0]
+        response = connection.request("DELETE", f"{self.session.address.path}/{oid}")
+        text = connection.read_text(response)
+        if response.status not in (200, 404):
+            raise _refusal(response, text)
+
+
 def _named_url(url: str, name: str) -> str:
     """The object *url* with the sender's file *name*, where the relay accepts it."""
     return url if download_name_problem(name) else f"{url}?name={urllib.parse.quote(name, safe='')}"
@@ -5800,10 +6206,11 @@ def send_files(
     except ClientError as exc:
         console.error(str(exc))
         return exc.exit_code
+    records = _SendRecords(send_records_directory())
     status = EXIT_OK
     for file in files:
         try:
-            url = _Upload(session, file).run()
+            url = _OnePassUpload(session, file, records).run()
         except ClientError as exc:
             console.error(f"{file}: {exc}")
             status = status or exc.exit_code
@@ -6069,11 +6476,15 @@ RELAY_SERVER_ID. Object URLs carry the relay's secret: whoever sees one can fetc
 
 
 _SEND_DESCRIPTION = """\
-Send files to a relay. Each file is hashed, skipped if the relay has it, and uploaded:
-in one request if it fits in a chunk, else in chunks that survive failures (after any
-failure the relay is asked what it has, and only the rest is sent). Then its object URL
-and the commands that receive it are printed on stdout. Progress goes to stderr when it
-is a terminal.
+Send files to a relay, reading each once. A file that fits in a chunk is read into
+memory, hashed, skipped if the relay has it, and uploaded in one request. A larger one
+is hashed while it goes out in chunks that survive failures (after any failure only
+what the relay lacks is sent again, from memory or, after a rerun, from the file); the
+relay names it by the SHA-256 of what it received, and send deletes it and fails unless
+that is the file's own. A rerun after a success sends nothing: send remembers, under
+$XDG_CACHE_HOME/file-relay/send (~/.cache), what it sent. Then each object URL and the
+commands that receive it are printed on stdout. Progress goes to stderr when it is a
+terminal.
 """
 
 _GET_DESCRIPTION = """\
@@ -6128,6 +6539,12 @@ def build_client_parser(command: str) -> argparse.ArgumentParser:
             default=ClientOptions.parallel,
             metavar="N",
             help=f"chunks in flight at once (default {ClientOptions.parallel})",
+        )
+        parser.add_argument(
+            "--hash-first",
+            action="store_true",
+            help="hash a file larger than a chunk before sending it (reading it twice) and show its URL at once, "
+            "so that receivers can start and follow the upload",
         )
     else:
         parser.add_argument(
@@ -6209,6 +6626,7 @@ def client_main(command: str, argv: list[str]) -> int:
         parallel=getattr(args, "parallel", ClientOptions.parallel),
         max_days=getattr(args, "max_days", None),
         max_downloads=getattr(args, "max_downloads", None),
+        hash_first=getattr(args, "hash_first", False),
         timeout=args.timeout,
         retry_for=args.retry_for,
         limit_rate=args.limit_rate,

@@ -45,6 +45,13 @@ def trickle_until_cut_off(connections, deadline: float, cut_off: set | None = No
     return cut_off
 
 
+@pytest.fixture(autouse=True)
+def send_records(tmp_path, monkeypatch) -> Path:
+    """Where `send` keeps its records in this test (clients it starts inherit it)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "file-relay" / "send"
+
+
 @pytest.fixture
 def files(tmp_path) -> Path:
     return tmp_path / "files"

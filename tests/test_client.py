@@ -24,12 +24,13 @@ CHUNK = 256 << 10
 ACCESS_RE = re.compile(r'"(\w+) /\*\*\*/(\w*)[^"]*" (\d+) (\d+) (\d+)')
 
 
-def accesses(relay, oid: str, method=None) -> list:
-    """(method, status, bytes out, bytes in) of each logged request for *oid*."""
+def accesses(relay, oid: str | None, method=None) -> list:
+    """(method, status, bytes out, bytes in) of each logged request for *oid* (or the first
+    path segment after the server ID: "new", "uploads"; None: any)."""
     found = []
     for line in relay.log().splitlines():
         match = ACCESS_RE.search(line)
-        if match and match[2] == oid and method in (None, match[1]):
+        if match and oid in (None, match[2]) and method in (None, match[1]):
             found.append((match[1], int(match[3]), int(match[4]), int(match[5])))
     return found
 
@@ -59,6 +60,18 @@ def range_markers(files, oid: str) -> list:
         return [name for name in os.listdir(files / ".relay" / "partial" / oid) if name.startswith("range-")]
     except FileNotFoundError:
         return []
+
+
+def unnamed_uploads(files) -> list:
+    """The partial uploads the relay names (send's larger files), as (token, range markers)."""
+    found = []
+    for partial in (files / ".relay" / "partial").glob("new-*"):
+        found.append((partial.name.removeprefix("new-"), [p for p in os.listdir(partial) if p.startswith("range-")]))
+    return found
+
+
+def unnamed_markers(files) -> list:
+    return [marker for _, markers in unnamed_uploads(files) for marker in markers]
 
 
 class ClientProcess:
@@ -145,7 +158,8 @@ def test_a_multi_chunk_file_round_trips(live, tmp_path, files):
     data, oid = blob(12 * CHUNK + 1000)
     source = write(tmp_path / "big.bin", data)
     assert client("send", relay.url(), source, "--chunk-size", "256K") == 0
-    puts = logged(relay, oid, "PUT", lambda found: len(found) == 13)
+    assert [(m, s) for m, s, _, _ in accesses(relay, "new")] == [("POST", 201)]  # the relay names it
+    puts = logged(relay, "uploads", "PUT", lambda found: len(found) == 13)
     assert [status for _, status, _, _ in puts] == [202] * 12 + [201]
     assert sum(received for _, _, _, received in puts) == len(data)  # every byte once
     assert (files / oid).read_bytes() == data
@@ -161,20 +175,28 @@ def test_an_empty_file_round_trips(live, tmp_path):
     assert (tmp_path / "copy").read_bytes() == b""
 
 
-def test_a_file_the_relay_has_is_not_sent_again(live, tmp_path, capsys):
+@pytest.mark.parametrize("size", [3 * CHUNK, CHUNK // 2], ids=["in-chunks", "in-one-put"])
+def test_a_file_the_relay_has_is_not_sent_again(live, tmp_path, capsys, send_records, size):
     relay = live()
-    data, oid = blob(3 * CHUNK)
+    data, oid = blob(size)
     source = write(tmp_path / "f", data)
     assert client("send", relay.url(), source, "--chunk-size", "256K") == 0
-    sent = len(logged(relay, oid, "PUT", lambda found: found and found[-1][1] == 201))
+    sent = len(logged(relay, None, "PUT", lambda found: found and found[-1][1] == 201))
     capsys.readouterr()
     assert client("send", relay.url(), source, "--chunk-size", "256K") == 0
     output = capsys.readouterr()
     assert "already on the relay" in output.err and relay.url(oid) in output.out
     assert client("send", "--quiet", relay.url(), source) == 0
     assert capsys.readouterr() == (relay.url(oid) + "?name=f\n", "")  # only the URL, for scripts
-    logged(relay, oid, "HEAD", lambda found: len(found) == 3)
-    assert len(accesses(relay, oid, "PUT")) == sent
+    logged(relay, oid, "HEAD", lambda found: len(found) == (3 if size <= CHUNK else 2))
+    assert len(accesses(relay, None, "PUT")) == sent
+
+    # A copy with other metadata has no record: it is read (once) and the relay answers it has it.
+    copy = write(tmp_path / "copy", data)
+    assert client("send", relay.url(), copy, "--chunk-size", "256K") == 0
+    assert "already" in capsys.readouterr().err
+    assert len(os.listdir(send_records)) == 2
+    assert all(SERVER_ID not in path.read_text() for path in send_records.iterdir())
 
 
 def test_send_passes_the_limits_asked_for(live, tmp_path, http):
@@ -227,18 +249,20 @@ def test_a_send_killed_midway_and_rerun_sends_only_what_is_missing(live, tmp_pat
     data, oid = blob(16 * CHUNK)
     source = write(tmp_path / "f", data)
     sender = spawn("send", relay.url(), source, "--chunk-size", "256K", "--limit-rate", "3M")
-    wait_until(lambda: len(range_markers(files, oid)) >= 4, message="four chunks on the relay")
+    wait_until(lambda: len(unnamed_markers(files)) >= 4, message="four chunks on the relay")
     sender.kill()
     # The relay finishes (and logs) the killed sender's last request on its own time.
     wait_until(lambda: requests.get(relay.url()).json()["uploads_in_progress"] == 0, message="the last chunk")
     assert not (files / oid).exists()
-    head = requests.head(relay.url(oid))
+    [(token, _)] = unnamed_uploads(files)
+    head = requests.head(f"{relay.url()}/uploads/{token}")
     acknowledged = sum(b - a + 1 for a, b in file_relay._parse_ranges(head.headers["Upload-Ranges"]))
     assert 4 * CHUNK <= acknowledged < len(data)
-    before = len(accesses(relay, oid, "PUT"))
+    before = len(accesses(relay, "uploads", "PUT"))
 
     assert client("send", relay.url(), source, "--chunk-size", "256K") == 0
-    puts = logged(relay, oid, "PUT", lambda found: found and found[-1][1] == 201)
+    assert [m for m, _, _, _ in accesses(relay, "new")] == ["POST"]  # the rerun resumed the same upload
+    puts = logged(relay, "uploads", "PUT", lambda found: found and found[-1][1] == 201)
     # Only the rerun's answered chunks: the killed request's line (a 400) may come late.
     resent = sum(received for _, status, _, received in puts[before:] if status in (200, 201, 202))
     assert 0 < resent <= len(data) - acknowledged
@@ -268,7 +292,7 @@ def test_a_relay_restarted_during_send_is_survived_by_retries(live, tmp_path, fi
     port = relay.address[1]
     data, oid = blob(16 * CHUNK)
     sender = spawn("send", relay.url(), write(tmp_path / "f", data), "--chunk-size", "256K", "--limit-rate", "3M")
-    wait_until(lambda: len(range_markers(files, oid)) >= 3, message="three chunks on the relay")
+    wait_until(lambda: len(unnamed_markers(files)) >= 3, message="three chunks on the relay")
     relay.kill()
     live(bind=f"127.0.0.1:{port}", name="restarted")
     assert sender.wait(30) == 0, sender.err
@@ -283,8 +307,10 @@ def test_get_waits_for_an_upload_and_follows_it_in_progress(live, tmp_path, file
     target = tmp_path / "copy"
     getter = spawn("get", relay.url(oid), "-o", target, "--wait", "20")
     wait_until(lambda: requests.get(relay.url()).json()["waiting_readers"], message="the get to wait for the upload")
-    sender = spawn("send", relay.url(), write(tmp_path / "f", data), "--chunk-size", "256K", "--limit-rate", "4M")
+    source = write(tmp_path / "f", data)
+    sender = spawn("send", relay.url(), source, "--chunk-size", "256K", "--limit-rate", "4M", "--hash-first")
     wait_until(lambda: range_markers(files, oid), message="the upload to start")
+    assert f"receivers can start now, and follow the upload: {relay.url(oid)}?name=f" in sender.err
     assert getter.running()  # it is following the upload, which is not finished
     assert sender.wait(30) == 0, sender.err
     assert getter.wait(30) == 0, getter.err
@@ -344,6 +370,93 @@ def test_a_relay_that_stays_down_makes_the_client_give_up_with_status_3(tmp_path
     assert not (tmp_path / "out").exists()
 
 
+# -- reading a file once -----------------------------------------------------------
+
+READ_COUNTER = """
+import atexit, runpy, sys
+def report():
+    counts = dict(line.split(": ") for line in open("/proc/self/io").read().splitlines())
+    print("rchar", counts["rchar"], file=sys.stderr)
+atexit.register(report)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/io"), reason="needs Linux's /proc/self/io to count bytes read")
+def test_send_reads_a_large_file_once(live, tmp_path, files):
+    relay = live()
+    data, oid = blob(40 << 20)
+    source = write(tmp_path / "big", data)
+    counter = write(tmp_path / "count_reads.py", READ_COUNTER.encode())
+
+    def bytes_read(*options) -> int:
+        argv = [sys.executable, counter, ROOT / "file_relay.py", "send", relay.url(), source, "--chunk-size", "4M"]
+        result = subprocess.run([*map(str, argv), *options], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert (files / oid).read_bytes() == data
+        return int(re.search(r"rchar (\d+)", result.stderr)[1])
+
+    once = bytes_read("--parallel", "2")
+    assert len(data) <= once < 1.2 * len(data)  # the rest is Python reading its modules
+    assert requests.delete(relay.url(oid)).status_code == 200
+    assert bytes_read("--hash-first") > 2 * len(data)  # what the count would show for two reads
+
+
+def test_a_resumed_upload_of_other_bytes_is_deleted_and_sent_again(live, tmp_path, files, send_records, capsys):
+    relay = live()
+    data, oid = blob(8 * CHUNK)
+    other, _ = blob(8 * CHUNK, seed=1)
+    source = write(tmp_path / "f", data)
+    # An upload in progress holding other bytes in the same ranges, and a record that
+    # (wrongly) says it is this file's: as if the file had changed behind send's back.
+    started = requests.post(f"{relay.url()}/new/f", headers={"Upload-Length": str(len(data))})
+    token = started.headers["Location"].rsplit("/", 1)[1]
+    digest = file_relay.sha256_field(bytes.fromhex(sha256(other[: 4 * CHUNK])))
+    chunk = {"Content-Range": f"bytes 0-{4 * CHUNK - 1}/{len(data)}", "Content-Digest": digest}
+    assert requests.put(started.headers["Location"], data=other[: 4 * CHUNK], headers=chunk).status_code == 202
+    address = file_relay.parse_relay_url(relay.url())
+    key = file_relay._SendRecords.key(address, str(source), os.stat(source))
+    file_relay._SendRecords(send_records).save(key, {"token": token})
+
+    assert client("send", relay.url(), source, "--chunk-size", "256K") == file_relay.EXIT_FAILED
+    assert "but the file hashes to " + oid in capsys.readouterr().err
+    assert [name for name in os.listdir(files) if name != ".relay"] == []  # the mixture is deleted
+    assert client("send", relay.url(), source, "--chunk-size", "256K") == 0  # afresh: the record is gone
+    assert (files / oid).read_bytes() == data
+
+
+class _WithoutUnnamedUploads(file_relay.Store):
+    """The files directory without the capability to name uploads, as a backend may lack it."""
+
+    put_unnamed = start_unnamed = put_unnamed_chunk = unnamed_progress = cancel_unnamed = None
+
+
+def test_a_relay_that_cannot_name_uploads_gets_the_file_hashed_first(make_config, tmp_path, files, capsys):
+    from socketserver import ThreadingMixIn
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+    class Server(ThreadingMixIn, WSGIServer):
+        daemon_threads = True
+
+    class QuietHandler(WSGIRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    config = make_config()
+    app = file_relay.make_app(config, storage=_WithoutUnnamedUploads(config))
+    server = make_server("127.0.0.1", 0, app, server_class=Server, handler_class=QuietHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/{SERVER_ID}"
+        data, oid = blob(4 * CHUNK)
+        assert client("send", url, write(tmp_path / "f", data), "--chunk-size", "256K") == 0
+    finally:
+        server.shutdown()
+    assert (files / oid).read_bytes() == data
+    assert f"{url}/{oid}?name=f" in capsys.readouterr().out
+
+
 # -- verification --------------------------------------------------------------
 
 
@@ -365,13 +478,14 @@ def test_a_file_changed_while_it_is_sent_fails_and_the_relay_keeps_nothing(live,
     data, oid = blob(16 * CHUNK)
     source = write(tmp_path / "f", data)
     sender = spawn("send", relay.url(), source, "--chunk-size", "256K", "--limit-rate", "3M")
-    wait_until(lambda: len(range_markers(files, oid)) >= 2, message="two chunks on the relay")
+    wait_until(lambda: len(unnamed_markers(files)) >= 2, message="two chunks on the relay")
     with open(source, "r+b") as changing:
         changing.seek(len(data) - 10)  # in the last chunk, not sent yet
         changing.write(b"x" * 10)
     assert sender.wait(30) == file_relay.EXIT_FAILED
     assert "did the file change" in sender.err and sender.out == ""
-    assert not (files / oid).exists() and not (files / ".relay" / "partial" / oid).exists()
+    assert [name for name in os.listdir(files) if name != ".relay"] == []  # what it stored is deleted
+    assert unnamed_uploads(files) == []
 
 
 @pytest.mark.parametrize("leftover", [b"garbage", b"garbage" * 100_000], ids=["shorter", "longer"])
@@ -509,15 +623,15 @@ def test_parallel_chunks_are_in_flight_at_once(live, tmp_path, files, monkeypatc
     data, oid = blob(16 * CHUNK)
     together = threading.Barrier(4, timeout=10)  # broken unless four chunks are in flight at once
     calls = []
-    put_chunk = file_relay._Upload._put_chunk
+    put_piece = file_relay._OnePassUpload._put_piece
 
-    def observed(self, connection, first, last, final):
+    def observed(self, connection, token, first, data, final):
         calls.append(first)
         if len(calls) <= 4:
             together.wait()
-        return put_chunk(self, connection, first, last, final)
+        return put_piece(self, connection, token, first, data, final)
 
-    monkeypatch.setattr(file_relay._Upload, "_put_chunk", observed)
+    monkeypatch.setattr(file_relay._OnePassUpload, "_put_piece", observed)
     source = write(tmp_path / "f", data)
     assert client("send", relay.url(), source, "--chunk-size", "256K", "--parallel", "4") == 0
     assert sorted(calls) == list(range(0, len(data), CHUNK))
