@@ -69,6 +69,24 @@ def last_chunk(store):
     )
 
 
+def token_file(files: Path) -> Path:
+    """Where the test leaves the token of the name-less upload the driver completes."""
+    return files.with_name(files.name + ".token")
+
+
+def put_unnamed(store):
+    data, _ = content()
+    named = store.put_unnamed(_blocks(data), len(data), file_relay.Limits(max_downloads=2))
+    return [named.oid, named.stored.value]
+
+
+def last_unnamed_chunk(store):
+    data, _ = content()
+    token = token_file(store.root).read_text()
+    outcome = store.put_unnamed_chunk(token, HALF, SIZE - 1, SIZE, _blocks(data[HALF:]), _digest(data[HALF:]))
+    return [outcome.oid, outcome.stored.value]
+
+
 def delete(store):
     return store.delete(content()[1])
 
@@ -94,6 +112,8 @@ OPERATIONS = {
     "put-unsized": put_unsized,
     "first-chunk": first_chunk,
     "last-chunk": last_chunk,
+    "put-unnamed": put_unnamed,
+    "last-unnamed-chunk": last_unnamed_chunk,
     "delete": delete,
     "download": download,
     "sweep": sweep,

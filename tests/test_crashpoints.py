@@ -1,7 +1,8 @@
 """Every crash point: each storage operation killed at each of its file-system calls.
 
 For each operation (plain PUT, PUT of unknown length, a first chunk, the completing
-chunk, DELETE, a counted download, the sweep), tests/crash_driver.py runs it once under
+chunk, a name-less PUT, the completing chunk of a name-less upload, DELETE, a counted
+download, the sweep), tests/crash_driver.py runs it once under
 strace to list its file-system calls, then once per call with the process killed by
 SIGKILL on entering exactly that call (`-e inject=SYSCALL:signal=SIGKILL:when=N`). After
 each kill the relay restarts (a fresh store and its startup sweep) and must hold:
@@ -112,6 +113,11 @@ def set_up(files: Path, operation: str) -> None:
         )
     if operation in ("delete", "download"):
         assert store.put_stream(OID, [DATA], len(DATA), file_relay.Limits(max_downloads=2))
+    if operation == "last-unnamed-chunk":
+        token = store.start_unnamed(len(DATA), file_relay.Limits(max_downloads=2), "data.bin")
+        progress = store.put_unnamed_chunk(token, 0, half - 1, len(DATA), [DATA[:half]], None)
+        assert file_relay.status_of(progress) == 202
+        crash_driver.token_file(files).write_text(token)
     if operation == "sweep":
         assert store.put_stream(OID, [DATA], len(DATA), file_relay.Limits())
         age(files / OID, 3 * 3600)  # expired (the relay's --ttl is 2 hours)
@@ -160,6 +166,22 @@ def check_recovered(files: Path, operation: str, where: str) -> None:
             )
         status = file_relay.status_of(store.put_chunk(OID, half, len(DATA) - 1, len(DATA), [DATA[half:]], None, limits))
         assert status in (200, 201), f"{where}: the retried last chunk got {status}"
+        assert store.lookup(OID).max_downloads == 2, f"{where}: limits {store.lookup(OID)}"
+    elif operation == "put-unnamed":
+        named = store.put_unnamed([DATA], len(DATA), limits)
+        assert named.oid == OID and store.lookup(OID).max_downloads == 2, f"{where}: {named}, {store.lookup(OID)}"
+    elif operation == "last-unnamed-chunk":
+        token = crash_driver.token_file(files).read_text()
+        state = store.unnamed_progress(token)
+        if OID in stored:  # completed before the kill: the sender must be able to learn its name
+            named = isinstance(state, file_relay.Named) and state.oid == OID
+            whole = isinstance(state, file_relay.Progress) and state.ranges == [(0, len(DATA) - 1)]
+            assert named or whole, f"{where}: the upload says {state}"  # whole: any chunk again names it
+        else:
+            kept = state is not None and any(first == 0 and last >= half - 1 for first, last in state.ranges)
+            assert kept, f"{where}: the acknowledged chunk is lost: {state}"
+        named = store.put_unnamed_chunk(token, half, len(DATA) - 1, len(DATA), [DATA[half:]], None)
+        assert named.oid == OID and store.unnamed_progress(token).oid == OID, f"{where}: {named}"
         assert store.lookup(OID).max_downloads == 2, f"{where}: limits {store.lookup(OID)}"
     elif operation == "delete":
         store.delete(OID)
