@@ -1,11 +1,19 @@
-"""The page at the relay's URL, in headless Chromium (Debian's, driven by playwright)."""
+"""The page at the relay's URL, in headless Chromium (Debian's, driven by playwright) and in
+headless Firefox ESR (Debian's, driven over WebDriver BiDi)."""
 
+import contextlib
 import hashlib
+import itertools
+import json
 import os
+import re
 import shutil
 import subprocess
+import threading
+import time
 import urllib.parse
 
+import pytest
 import requests
 from conftest import ROOT, SERVER_ID, blob, wait_until
 
@@ -162,3 +170,122 @@ def test_a_download_link_opened_while_its_upload_arrives_saves_the_file_under_it
         context.close()
         sender.wait(60)
     assert sender.returncode == 0
+
+
+# -- Firefox, over WebDriver BiDi ------------------------------------------------------
+
+
+def launch_firefox(executable: str, profile, downloads) -> tuple[subprocess.Popen, str]:
+    """Debian's Firefox ESR, headless, with its WebDriver BiDi server (which it speaks
+    itself: playwright's Firefox wants commands this release lacks): the process and the
+    server's address. Downloads go to *downloads* without a question."""
+    prefs = {
+        "browser.download.dir": str(downloads),
+        "browser.download.folderList": 2,
+        "browser.download.useDownloadDir": True,
+        "browser.download.always_ask_before_handling_new_types": False,
+        "browser.download.alwaysOpenPanel": False,
+    }
+    lines = [f"user_pref({json.dumps(name)}, {json.dumps(value)});\n" for name, value in prefs.items()]
+    (profile / "user.js").write_text("".join(lines))
+    command = [executable, "--headless", "--no-remote", "--profile", str(profile), "--remote-debugging-port", "0"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (line := process.stderr.readline()):
+        if found := re.search(r"WebDriver BiDi listening on (ws://\S+)", line):
+            threading.Thread(target=process.stderr.read, daemon=True).start()  # keep its pipe drained
+            return process, found[1]
+    process.kill()
+    process.wait()
+    raise AssertionError("Firefox did not start its WebDriver BiDi server")
+
+
+class Firefox:
+    """A page in Firefox, driven over a WebDriver BiDi session."""
+
+    def __init__(self, socket):
+        self.socket = socket
+        self.ids = itertools.count(1)
+        self.call("session.new", capabilities={})
+        self.context = self.call("browsingContext.getTree")["contexts"][0]["context"]
+
+    def call(self, method: str, **params):
+        number = next(self.ids)
+        self.socket.send(json.dumps({"id": number, "method": method, "params": params}))
+        while True:
+            message = json.loads(self.socket.recv(timeout=60))
+            if message.get("id") == number:
+                assert message.get("type") != "error", message
+                return message["result"]
+
+    def goto(self, url: str) -> None:
+        self.call("browsingContext.navigate", context=self.context, url=url, wait="complete")
+
+    def evaluate(self, expression: str):
+        """The value of a JavaScript expression, passed through JSON."""
+        result = self.call(
+            "script.evaluate",
+            expression=f"JSON.stringify({expression}) ?? 'null'",
+            target={"context": self.context},
+            awaitPromise=True,
+        )
+        assert result["type"] == "success", result
+        return json.loads(result["result"]["value"])
+
+    def set_input_files(self, selector: str, path) -> None:
+        node = self.call(
+            "script.evaluate",
+            expression=f"document.querySelector({json.dumps(selector)})",
+            target={"context": self.context},
+            awaitPromise=False,
+        )["result"]
+        self.call("input.setFiles", context=self.context, element={"sharedId": node["sharedId"]}, files=[str(path)])
+
+
+@pytest.fixture
+def firefox(tmp_path):
+    executable = shutil.which("firefox-esr") or shutil.which("firefox")
+    if executable is None:
+        pytest.skip("Firefox is not installed (.ci/run installs Debian's firefox-esr)")
+    client = pytest.importorskip(
+        "websockets.sync.client", reason="websockets is not installed (tests/requirements.txt)"
+    )
+    (tmp_path / "profile").mkdir()
+    (tmp_path / "downloads").mkdir()
+    process, address = launch_firefox(executable, tmp_path / "profile", tmp_path / "downloads")
+    try:
+        with client.connect(f"{address}/session", max_size=None) as socket:
+            browser = Firefox(socket)
+            yield browser
+            with contextlib.suppress(Exception):
+                browser.call("browser.close")
+        process.wait(20)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_in_firefox_a_file_sent_through_the_page_is_stored_and_downloads_under_its_name(live, files, firefox, tmp_path):
+    relay = live()
+    source = tmp_path / "notes 2026.bin"
+    oid = random_file(source, 40_000_000, seed=4)
+    firefox.goto(relay.url())
+    wait_until(lambda: "free" in firefox.evaluate("document.querySelector('#status').innerText"), 10, message="status")
+    firefox.set_input_files("#pick", source)
+
+    def outcome():
+        found = firefox.evaluate("(window.relayEvents || []).filter(e => e.type === 'stored' || e.type === 'failed')")
+        assert not [event for event in found if event["type"] == "failed"], found
+        return found
+
+    stored = wait_until(outcome, 120, message="the page to store the file")[0]
+    assert stored["sha256"] == oid and file_sha256(files / oid) == oid
+    chunks = firefox.evaluate("window.relayEvents.filter(e => e.type === 'chunk')")
+    assert len(chunks) > 1 and sum(e["last"] - e["first"] + 1 for e in chunks) == 40_000_000  # each byte once
+    link = "[...document.querySelectorAll('a')].find(a => a.textContent === 'Download notes 2026.bin')"
+    firefox.evaluate(f"{link}.click()")
+    downloads = tmp_path / "downloads"
+    saved = downloads / "notes 2026.bin"
+    wait_until(lambda: saved.exists() and not list(downloads.glob("*.part")), 60, message="the download")
+    assert os.listdir(downloads) == ["notes 2026.bin"] and file_sha256(saved) == oid
