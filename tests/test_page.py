@@ -172,6 +172,40 @@ def test_a_download_link_opened_while_its_upload_arrives_saves_the_file_under_it
     assert sender.returncode == 0
 
 
+def test_the_page_is_usable_from_the_keyboard(live, files, browser, tmp_path):
+    relay = live()
+    data, oid = blob(3 << 20, seed=5)
+    source = tmp_path / "typed.bin"
+    source.write_bytes(data)
+    context = browser.new_context(permissions=["clipboard-read", "clipboard-write"])
+    try:
+        page = context.new_page()
+        page.goto(relay.url())
+        page.keyboard.press("Tab")
+        assert page.evaluate("document.activeElement.id") == "pick"  # the first stop: choosing files
+        with page.expect_file_chooser() as chooser:
+            page.keyboard.press("Space")
+        chooser.value.set_files(str(source))
+        stored = wait_for_event(page, "stored", 60)[0]
+        assert stored["sha256"] == oid and (files / oid).read_bytes() == data
+
+        def tab_to(text: str) -> None:
+            for _ in range(20):
+                page.keyboard.press("Tab")
+                if page.evaluate("document.activeElement.textContent") == text:
+                    return
+            raise AssertionError(f"Tab never reached {text!r}")
+
+        tab_to("Download typed.bin")
+        assert page.evaluate("document.activeElement.href") == stored["url"]
+        tab_to("Copy link")
+        page.keyboard.press("Enter")
+        wait_until(lambda: page.evaluate("document.activeElement.textContent") == "Copied", 5, message="the copy")
+        assert page.evaluate("navigator.clipboard.readText()") == stored["url"]
+    finally:
+        context.close()
+
+
 # -- Firefox, over WebDriver BiDi ------------------------------------------------------
 
 
