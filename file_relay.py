@@ -951,8 +951,8 @@ class _BackgroundHasher:
     block handed over stays untouched until hashed if its buffer is reused no sooner
     than three blocks later (the socket reader's ring of four buffers)."""
 
-    def __init__(self):
-        self._hash = hashlib.sha256()
+    def __init__(self, hashed=None):
+        self._hash = hashed if hashed is not None else hashlib.sha256()
         self._blocks: queue.Queue = queue.Queue(maxsize=2)
         self._thread = threading.Thread(target=self._run, name="sha256", daemon=True)
         self._thread.start()
@@ -1874,13 +1874,16 @@ class Store:
                 raise Conflict(
                     f"this upload would be in more than {_MAX_FRAGMENTS} pieces: send the missing ranges first"
                 )
-            prefix = self._prefix_hashes.continuing(partial, first)
-            with _disk_full_is_no_space():
-                self._receive_chunk(partial, first, last, body, digest, prefix, recorded)
-                os.fdatasync(partial.fd)
-                partial.record(first, last)
-            if prefix is not None:
-                self._prefix_hashes.extended(partial, first, last + 1, prefix)
+            prefix, hashed_to = self._prefix_hashes.continuing(partial, first, recorded)
+            try:
+                with _disk_full_is_no_space():
+                    self._receive_chunk(partial, first, last, body, digest, prefix, recorded)
+                    os.fdatasync(partial.fd)
+                    partial.record(first, last)
+            finally:
+                hashed = prefix.finish() if prefix is not None else None
+            if hashed is not None:
+                self._prefix_hashes.extended(partial, hashed_to, last + 1, hashed)
             ranges = partial.ranges()
             if contiguous_prefix(ranges) >= total:
                 return self._finish_chunks(partial, expected)
@@ -1913,7 +1916,8 @@ class Store:
     def _receive_chunk(self, partial: _Partial, first, last, body, digest: bytes | None, prefix, recorded) -> None:
         """Write a chunk's bytes at their offsets. Bytes of ranges already acknowledged
         are compared instead of written: a retried chunk is fine, a different one is not.
-        *prefix*, if given, is the running hash of the object up to *first*: it goes on."""
+        *prefix*, if given, is the running hash of the object up to *first* (a
+        _BackgroundHasher): it goes on."""
         hasher = hashlib.sha256() if digest is not None else None
         position = first
         for block in body:
@@ -2475,14 +2479,17 @@ class Store:
 
 
 class _PrefixHashes:
-    """Running SHA-256 of chunked uploads whose chunks came in order to this process.
+    """Running SHA-256 of chunked uploads whose chunks came in order.
 
-    Each chunk that starts where the hashed prefix ends carries the hash on (once it is
-    durably recorded, so a failed chunk changes nothing), and the request that completes
-    the object hashes only what the chain did not cover, instead of the whole object
-    again. Entries are keyed by the attempt's token, never reused, so a cancelled
-    attempt's hash cannot pass for a later one's. hashlib's state cannot leave the
-    process: chunks arriving at other workers, out of order or after a restart just
+    Each chunk that starts at or after the end of the prefix hashed in this process, with
+    every byte between acknowledged (by this process or another), carries the hash on:
+    the bytes between are read back and hashed first, then the chunk's own as they
+    arrive, on a thread of their own. The hash is kept once the chunk is durably
+    recorded, so a failed chunk changes nothing, and the request that completes the
+    object hashes only what the chain did not cover, instead of the whole object again.
+    Entries are keyed by the attempt's token, never reused, so a cancelled attempt's hash
+    cannot pass for a later one's. hashlib's state cannot leave the process: with
+    several workers each keeps its own chain; chunks out of order, or after a restart,
     leave more to hash at the end.
     """
 
@@ -2492,19 +2499,29 @@ class _PrefixHashes:
         self._lock = threading.Lock()
         self._hashes: dict = {}  # attempt token -> (hash of bytes 0..end-1, end)
 
-    def continuing(self, partial: _Partial, first: int):
-        """A copy of the running hash if a chunk at *first* continues it, else None."""
-        if partial.attempt is None:
-            return None
+    def continuing(self, partial: _Partial, first: int, recorded: list):
+        """(a _BackgroundHasher of the object's bytes up to *first*, where this process's
+        hash ended) if a chunk at *first* can carry it on, else (None, 0)."""
+        if partial.attempt is None or contiguous_prefix(recorded) < first:
+            return None, 0
         with self._lock:
             hashed, end = self._hashes.get(partial.attempt, (None, 0))
-        if first != end:
-            return None
-        return hashed.copy() if hashed is not None else hashlib.sha256()
+        if end > first:
+            return None, 0
+        prefix = _BackgroundHasher(hashed.copy() if hashed is not None else None)
+        position = end
+        for block in _blocks_at(partial.fd, end, first):  # acknowledged: they do not change
+            prefix.update(block)
+            position += len(block)
+        if position != first:  # shorter than acknowledged: nothing to carry on
+            prefix.finish()
+            return None, 0
+        return prefix, end
 
-    def extended(self, partial: _Partial, first: int, end: int, hashed) -> None:
+    def extended(self, partial: _Partial, start: int, end: int, hashed) -> None:
+        """*hashed* covers bytes 0..end-1, carried on from this process's hash to *start*."""
         with self._lock:
-            if self._hashes.get(partial.attempt, (None, 0))[1] == first:
+            if self._hashes.get(partial.attempt, (None, 0))[1] == start:
                 self._hashes.pop(partial.attempt, None)
                 self._hashes[partial.attempt] = (hashed, end)
                 while len(self._hashes) > self._LIMIT:

@@ -309,3 +309,37 @@ def test_content_digest_helper_round_trips():
     assert field == "sha-256=:" + base64.b64encode(digest).decode() + ":"
     assert file_relay.parse_digest_field(f"md5=:xyz:, {field}") == digest
     assert file_relay.parse_digest_field("md5=:xyz:") is None
+
+
+def _bytes_read() -> int:
+    with open("/proc/self/io") as counts:
+        return int(next(line for line in counts if line.startswith("rchar:")).split()[1])
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/io"), reason="needs Linux's /proc/self/io to count bytes read")
+@pytest.mark.parametrize("named", [True, False], ids=["by-hash", "name-less"])
+def test_chunks_in_order_alternating_between_workers_leave_the_last_one_little_to_hash(make_config, named):
+    """Two stores over one directory stand for two workers, each with its own running hash:
+    the one that completes the object has hashed the other's chunks as they came, and
+    reads back only the chunk before its own; the name is the content's."""
+    chunk = 256 << 10
+    data, oid = blob(8 * chunk)
+    config = make_config()
+    workers = [file_relay.Store(config), file_relay.Store(config)]
+    for store in workers:
+        store.prepare()
+    token = None if named else workers[0].start_unnamed(len(data), file_relay.Limits(), None)
+    for index, (first, last, body) in enumerate(chunks_of(data, chunk)):
+        store = workers[index % 2]
+        before = _bytes_read()
+        if named:
+            outcome = store.put_chunk(oid, first, last, len(data), [body], None, file_relay.Limits())
+        else:
+            outcome = store.put_unnamed_chunk(token, first, last, len(data), [body], None)
+        read = _bytes_read() - before
+    assert read < 2 * chunk  # the other worker's last chunk, and the upload's small files
+    if named:
+        assert outcome is file_relay.Stored.CREATED
+    else:
+        assert outcome.oid == oid and outcome.stored is file_relay.Stored.CREATED
+    assert sha256((config.files_directory / oid).read_bytes()) == oid
