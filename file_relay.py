@@ -5574,6 +5574,7 @@ class _Upload:
         self.size = 0
         self.oid = ""
         self.data: bytes | None = None  # the whole file, when it fits in a chunk
+        self.created = False  # whether this run stored the object
         self.meter: _Meter | None = None
         self.sent = 0  # bytes put on the wire by this run, retries included
         self.sent_lock = threading.Lock()
@@ -5650,6 +5651,7 @@ class _Upload:
             except _Retry as exc:
                 self.policy.wait(exc)
         self.meter.close()
+        self.created = created
         elapsed = time.monotonic() - started
         if created:
             rate = f"{format_size(self.sent / max(elapsed, 1e-6))}/s"
@@ -5909,6 +5911,7 @@ class _OnePassUpload(_Upload):
         self.key = ""
         self.version: os.stat_result | None = None
         self.uploads = f"{session.address.path}/uploads"
+        self.summary = ""  # the note on a one-pass upload, once its name is checked
 
     def _transfer(self) -> None:
         self.version = os.fstat(self.fd)
@@ -5919,13 +5922,18 @@ class _OnePassUpload(_Upload):
             self.oid = known
             self.console.note(f"{self.label}: already on the relay, nothing to send")
             return
-        if self.size <= self.options.chunk_size or self.options.hash_first:
-            super()._transfer()
-        else:
-            try:
-                self._send_once(record.get("token"))
-            except _NoNamedUploads:
+        try:
+            if self.size <= self.options.chunk_size or self.options.hash_first:
                 super()._transfer()
+                digest = self.oid  # of the bytes read, and sent to the name they hash to
+            else:
+                digest = self._send_once(record.get("token"))
+        except _NoNamedUploads:
+            super()._transfer()
+            digest = self.oid
+        self._check_named(digest, self.created)
+        if self.summary:
+            self.console.note(self.summary)
         self.records.save(self.key, {"sha256": self.oid})
 
     def _retrying(self, attempt):
@@ -5946,13 +5954,14 @@ class _OnePassUpload(_Upload):
 
     # -- the one pass ------------------------------------------------------------
 
-    def _send_once(self, token) -> None:
+    def _send_once(self, token) -> str:
+        """Send the file in one pass, resuming upload *token* if the relay has it; the
+        SHA-256 of the file as read (self.oid is the relay's name for it)."""
         started = time.monotonic()
         state = self._retrying(lambda: self._upload_state(token)) if isinstance(token, str) else None
         if isinstance(state, str):  # an earlier run completed it, but never heard so
             self.oid = state
-            self._check_named(_hash_file(self.fd, self.size, self.console, self.label), created=False)
-            return
+            return _hash_file(self.fd, self.size, self.console, self.label)
         if state is None:
             token = self._retrying(self._start)
             self.records.save(self.key, {"token": token})
@@ -5965,13 +5974,13 @@ class _OnePassUpload(_Upload):
         if named is None:  # every chunk was acknowledged, yet no answer named the object
             named = self._retrying(lambda: self._finish(token))
         self.meter.close()
-        self.oid, created = named
-        self._check_named(digest, created)
+        self.oid, self.created = named
         elapsed = time.monotonic() - started
         rate = f"{format_size(self.sent / max(elapsed, 1e-6))}/s"
         sent = f"{format_size(self.sent)}" + (f" of {format_size(self.size)}" if self.sent != self.size else "")
-        verdict = "stored and verified" if created else "the relay already had it"
-        self.console.note(f"{self.label}: {verdict}; sent {sent} in {elapsed:.1f} s ({rate})")
+        verdict = "stored and verified" if self.created else "the relay already had it"
+        self.summary = f"{self.label}: {verdict}; sent {sent} in {elapsed:.1f} s ({rate})"
+        return digest
 
     def _start(self) -> str:
         """POST /new/NAME: the token of a new resumable upload of the file."""

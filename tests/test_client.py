@@ -488,6 +488,20 @@ def test_a_file_changed_while_it_is_sent_fails_and_the_relay_keeps_nothing(live,
     assert unnamed_uploads(files) == []
 
 
+def test_a_small_file_changed_while_it_is_sent_fails_and_the_relay_keeps_nothing(live, tmp_path, files, spawn):
+    relay = live()
+    data, oid = blob(4 * CHUNK)  # one PUT, from memory
+    source = write(tmp_path / "f", data)
+    sender = spawn("send", relay.url(), source, "--limit-rate", "1M")
+    partial = files / ".relay" / "partial" / oid
+    wait_until(lambda: partial.exists(), message="the upload to start")
+    with open(source, "r+b") as changing:
+        changing.write(b"x" * 10)
+    assert sender.wait(30) == file_relay.EXIT_FAILED
+    assert "did the file change" in sender.err and sender.out == ""
+    assert [name for name in os.listdir(files) if name != ".relay"] == []  # stored, then deleted
+
+
 @pytest.mark.parametrize("leftover", [b"garbage", b"garbage" * 100_000], ids=["shorter", "longer"])
 def test_a_foreign_partial_download_is_replaced_not_trusted(live, tmp_path, http, leftover, capsys):
     relay = live()
