@@ -83,7 +83,7 @@ from pathlib import Path
 
 __version__ = "1.0.0"
 
-BLOCK_SIZE = 1 << 20  # unit of body reads, file writes and streamed reads
+BLOCK_SIZE = 128 << 10  # unit of body reads, file writes and streamed reads
 OBJECT_ID_RE = re.compile(r"[0-9a-fA-F]{64}")
 LONGEST_TTL = 100 * 366 * 86400.0  # seconds: no object outlives a century (HTTP dates end at 9999)
 WEAK_SERVER_ID_LENGTH = 16  # shorter given IDs get a warning: they can be guessed
