@@ -2115,6 +2115,8 @@ class Store:
         named = self._unnamed_result(token) if partial is None else None
         if named is None and partial is None:
             raise NotFound("no such upload: it was cancelled, or expired unfinished")
+        if named is not None and not self.is_stored(named.oid):
+            raise NotFound(f"this upload was stored as {named.oid}, which is gone since: start a new upload")
         if named is not None:  # finished before, or meanwhile
             for _ in body:
                 pass
@@ -2125,7 +2127,10 @@ class Store:
         if not _UNNAMED_TOKEN_RE.fullmatch(token):
             return None
         # The finisher records the outcome before it removes the upload: look in that order.
-        return self.progress(_UNNAMED_KEY + token) or self._unnamed_result(token)
+        outcome = self.progress(_UNNAMED_KEY + token) or self._unnamed_result(token)
+        if isinstance(outcome, Named) and not self.is_stored(outcome.oid):
+            return None  # stored, and gone since (expired, used up, deleted)
+        return outcome
 
     def cancel_unnamed(self, token: str) -> bool:
         if not _UNNAMED_TOKEN_RE.fullmatch(token):
@@ -4513,6 +4518,8 @@ class RelayHandler:
             length_text = environ.get("HTTP_UPLOAD_LENGTH", "").strip()
             if not _DIGITS_RE.fullmatch(length_text):
                 raise RelayError(400, "Upload-Length must give the file's size in bytes")
+            if int(length_text) == 0:
+                raise RelayError(400, "an empty file has no chunks: PUT it to /new/ instead")
             token = storage.start_unnamed(int(length_text), _parse_limits(environ, self.config), name)
         except (RelayError, StorageError) as exc:
             return self._refuse(exc)
@@ -4556,7 +4563,7 @@ class RelayHandler:
         except (RelayError, StorageError) as exc:
             return self._refuse(exc, close=False)
         if outcome is None:
-            return self._reply(404, "no such upload: it was cancelled, or expired unfinished")
+            return self._reply(404, "no such upload: it was cancelled, expired unfinished, or its object is gone")
         if isinstance(outcome, Progress):
             ranges = format_ranges(outcome.ranges)
             return self._reply(
@@ -5694,9 +5701,9 @@ class _Upload:
             try:
                 block = os.pread(self.fd, min(block_size(), end - position), position)
             except OSError as exc:
-                raise ClientError(f"cannot read {self.file}: {exc.strerror}", EXIT_LOCAL) from None
+                raise ClientError(f"cannot read it: {exc.strerror}", EXIT_LOCAL) from None
             if not block:
-                raise ClientError(f"{self.file} shrank while it was being sent")
+                raise ClientError("it shrank while it was being sent (did the file change?)")
             position += len(block)
             yield block
 
@@ -5795,6 +5802,9 @@ class _Upload:
         raise _refusal(response, text)
 
 
+_TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{16,128}")  # what send takes for the token of a relay's upload
+
+
 class _NoNamedUploads(Exception):
     """The relay's storage cannot name uploads (501): send hashes first instead."""
 
@@ -5863,33 +5873,44 @@ class _SendRecords:
 
 class _Handoff:
     """Chunks passed from the one thread that reads a file to the threads that send them,
-    a chunk at a time, and how the senders ended."""
+    a chunk at a time, and how the senders ended. The reader ends the handoff with one
+    None per sender, behind its last chunk."""
 
-    def __init__(self):
+    def __init__(self, poll: float = 0.2):
         self.chunks: queue.Queue = queue.Queue(maxsize=1)
+        self.poll = poll  # seconds between looks at the stop flag while waiting
         self.stop = threading.Event()  # a sender failed, or the reader did: stop sending
-        self.read = threading.Event()  # the reader has handed over every chunk
         self.lock = threading.Lock()
         self.error: BaseException | None = None
-        self.named: tuple[str, bool] | None = None  # (object ID, created) from the answer that named it
+        self.named: tuple[str, bool] | None = None  # (object ID, whether an answer created it)
 
     def give(self, chunk) -> bool:
         """Hand *chunk* to a sender, once one is free; False if sending has stopped."""
         while not self.stop.is_set():
             with contextlib.suppress(queue.Full):
-                self.chunks.put(chunk, timeout=0.2)
+                self.chunks.put(chunk, timeout=self.poll)
                 return True
         return False
+
+    def end(self, senders: int) -> None:
+        """No more chunks: each of the *senders* takes a None once the chunks are taken."""
+        for _ in range(senders):
+            if not self.give(None):
+                return
 
     def take(self):
         """The next chunk to send, or None when there are no more or sending has stopped."""
         while not self.stop.is_set():
-            try:
-                return self.chunks.get(timeout=0.2)
-            except queue.Empty:
-                if self.read.is_set():
-                    return None
+            with contextlib.suppress(queue.Empty):
+                return self.chunks.get(timeout=self.poll)
         return None
+
+    def answered(self, named: tuple[str, bool]) -> None:
+        """An answer named the object: created if any answer said it created it (two
+        chunks that complete it together get 201 and 200)."""
+        with self.lock:
+            created = named[1] or (self.named is not None and self.named[1])
+            self.named = (named[0], created)
 
     def fail(self, error: BaseException) -> None:
         with self.lock:
@@ -5915,9 +5936,13 @@ class _OnePassUpload(_Upload):
 
     def _transfer(self) -> None:
         self.version = os.fstat(self.fd)
+        if not stat.S_ISREG(self.version.st_mode):
+            raise ClientError(f"{self.label} is not a regular file: send a file, not a pipe or device", EXIT_LOCAL)
         self.key = self.records.key(self.session.address, self.file, self.version)
         record = self.records.load(self.key)
         known = parse_object_id(str(record.get("sha256", "")))
+        token = record.get("token")
+        token = token if isinstance(token, str) and _TOKEN_RE.fullmatch(token) else None
         if known and self._retrying(lambda: self._stored(known)):
             self.oid = known
             self.console.note(f"{self.label}: already on the relay, nothing to send")
@@ -5927,7 +5952,7 @@ class _OnePassUpload(_Upload):
                 super()._transfer()
                 digest = self.oid  # of the bytes read, and sent to the name they hash to
             else:
-                digest = self._send_once(record.get("token"))
+                digest = self._send_once(token)
         except _NoNamedUploads:
             super()._transfer()
             digest = self.oid
@@ -5961,6 +5986,7 @@ class _OnePassUpload(_Upload):
         state = self._retrying(lambda: self._upload_state(token)) if isinstance(token, str) else None
         if isinstance(state, str):  # an earlier run completed it, but never heard so
             self.oid = state
+            self.summary = f"{self.label}: an earlier run stored it; nothing to send"
             return _hash_file(self.fd, self.size, self.console, self.label)
         if state is None:
             token = self._retrying(self._start)
@@ -5970,9 +5996,14 @@ class _OnePassUpload(_Upload):
         if received:
             self.console.note(f"{self.label}: the relay has {received} of {self.size} bytes; resuming")
         self.meter = self.console.meter(self.label, self.size, received)
-        digest, named = self._pass(token, state)
-        if named is None:  # every chunk was acknowledged, yet no answer named the object
-            named = self._retrying(lambda: self._finish(token))
+        try:
+            digest, named = self._pass(token, state)
+            if named is None:  # every chunk was acknowledged, yet no answer named the object
+                named = self._retrying(lambda: self._finish(token))
+        except ClientError as exc:
+            if exc.exit_code != EXIT_NETWORK:  # this upload cannot be completed: drop it
+                self._cancel(token)
+            raise
         self.meter.close()
         self.oid, self.created = named
         elapsed = time.monotonic() - started
@@ -5994,7 +6025,7 @@ class _OnePassUpload(_Upload):
         if response.status != 201:
             raise _refusal(response, text)
         token = urllib.parse.urlsplit(response.getheader("Location") or "").path.rsplit("/", 1)[-1]
-        if not re.fullmatch(r"[A-Za-z0-9_-]{16,128}", token):
+        if not _TOKEN_RE.fullmatch(token):
             raise ClientError(f"the relay answered 201 but named no upload: {text}")
         return token
 
@@ -6010,9 +6041,8 @@ class _OnePassUpload(_Upload):
             return None
         if response.status != 200:
             raise _refusal(response, text)
-        if response.getheader("Upload-Incomplete") is None:
-            oid = self._named(response, text)[0]
-            return oid
+        if response.getheader("Upload-Incomplete") in (None, "?0"):
+            return self._named(response, text)[0]
         length = response.getheader("Upload-Length")
         if length != str(self.size):
             return None  # not an upload of this file: start afresh
@@ -6067,10 +6097,15 @@ class _OnePassUpload(_Upload):
                 data = self._read_chunk(first, last - first + 1, hasher)
                 if not handoff.give((first, data, left < self.options.parallel)):
                     break
-        except BaseException:
+        except ClientError:
             handoff.stop.set()  # the senders finish the chunk in hand and end
+            for sender in senders:
+                sender.join()
             raise
-        handoff.read.set()
+        except BaseException:
+            handoff.stop.set()
+            raise
+        handoff.end(len(senders))
         for sender in senders:
             sender.join()
         if handoff.error is not None:
@@ -6085,7 +6120,7 @@ class _OnePassUpload(_Upload):
                 handoff.fail(exc)
                 return
             if named is not None:
-                handoff.named = named
+                handoff.answered(named)
 
     def _read_chunk(self, first: int, length: int, hasher) -> bytearray:
         """Bytes first..first+length-1 of the file, read into memory and hashed as read."""
@@ -6096,11 +6131,11 @@ class _OnePassUpload(_Upload):
             while done < length:
                 count = os.preadv(self.fd, [view[done : done + BLOCK_SIZE]], first + done)
                 if not count:
-                    raise ClientError(f"{self.file} shrank while it was being sent (did the file change?)")
+                    raise ClientError("it shrank while it was being sent (did the file change?)")
                 hasher.update(view[done : done + count])
                 done += count
         except OSError as exc:
-            raise ClientError(f"cannot read {self.file}: {exc.strerror}", EXIT_LOCAL) from None
+            raise ClientError(f"cannot read it: {exc.strerror}", EXIT_LOCAL) from None
         return data
 
     def _from_memory(self, data, counted: list):
@@ -6160,9 +6195,13 @@ class _OnePassUpload(_Upload):
     def _check_named(self, digest: str, created: bool) -> None:
         """Fail, and delete what this run stored, unless the relay named the object by the
         file's own SHA-256 and the file did not change while it was read."""
-        now = os.fstat(self.fd)
-        before = self.version
-        changed = (now.st_size, now.st_mtime_ns, now.st_ino) != (before.st_size, before.st_mtime_ns, before.st_ino)
+        now, before = os.fstat(self.fd), self.version
+        changed = (now.st_size, now.st_mtime_ns, now.st_ctime_ns) != (
+            before.st_size,
+            before.st_mtime_ns,
+            before.st_ctime_ns,
+        )
+        changed = changed or self._longer_than_read()
         if not changed and digest == self.oid:
             return
         self.records.forget(self.key)
@@ -6175,6 +6214,24 @@ class _OnePassUpload(_Upload):
             f"the relay named what it received {self.oid}, but the file hashes to {digest}: damaged on the way, "
             f"or changed since an earlier run sent part of it; the relay {kept}"
         )
+
+    def _cancel(self, token: str) -> None:
+        """Cancel upload *token* on the relay, if it can be done at once, and forget it."""
+        self.records.forget(self.key)
+        connection = _Connection(self.session)
+        try:
+            with contextlib.suppress(_Retry, ClientError):
+                connection.read_text(connection.request("DELETE", f"{self.uploads}/{token}"))
+        finally:
+            connection.close()
+
+    def _longer_than_read(self) -> bool:
+        """Whether the file has bytes past its size as read (a file whose size the system
+        does not keep, or one that grew without saying so)."""
+        try:
+            return bool(os.pread(self.fd, 1, self.size))
+        except OSError:
+            return False
 
     def _delete(self, oid: str) -> None:
         connection = self.connections[0]

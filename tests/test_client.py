@@ -473,15 +473,19 @@ def test_a_tampered_stored_file_makes_get_fail_and_leaves_no_file(live, tmp_path
     assert os.listdir(tmp_path / "received") == []  # no output, no temporary file
 
 
-def test_a_file_changed_while_it_is_sent_fails_and_the_relay_keeps_nothing(live, tmp_path, files, spawn):
+@pytest.mark.parametrize("disguised", [False, True], ids=["plainly", "mtime-restored"])
+def test_a_file_changed_while_it_is_sent_fails_and_the_relay_keeps_nothing(live, tmp_path, files, spawn, disguised):
     relay = live()
     data, oid = blob(16 * CHUNK)
     source = write(tmp_path / "f", data)
+    before = os.stat(source)
     sender = spawn("send", relay.url(), source, "--chunk-size", "256K", "--limit-rate", "3M")
     wait_until(lambda: len(unnamed_markers(files)) >= 2, message="two chunks on the relay")
     with open(source, "r+b") as changing:
         changing.seek(len(data) - 10)  # in the last chunk, not sent yet
         changing.write(b"x" * 10)
+    if disguised:  # as `touch -r` would: the same size and modification time
+        os.utime(source, ns=(before.st_atime_ns, before.st_mtime_ns))
     assert sender.wait(30) == file_relay.EXIT_FAILED
     assert "did the file change" in sender.err and sender.out == ""
     assert [name for name in os.listdir(files) if name != ".relay"] == []  # what it stored is deleted
@@ -500,6 +504,62 @@ def test_a_small_file_changed_while_it_is_sent_fails_and_the_relay_keeps_nothing
     assert sender.wait(30) == file_relay.EXIT_FAILED
     assert "did the file change" in sender.err and sender.out == ""
     assert [name for name in os.listdir(files) if name != ".relay"] == []  # stored, then deleted
+
+
+def test_a_file_that_shrinks_while_it_is_sent_fails_and_its_upload_is_cancelled(live, tmp_path, files, spawn):
+    relay = live()
+    data, _ = blob(16 * CHUNK)
+    source = write(tmp_path / "f", data)
+    sender = spawn("send", relay.url(), source, "--chunk-size", "256K", "--limit-rate", "3M")
+    wait_until(lambda: len(unnamed_markers(files)) >= 2, message="two chunks on the relay")
+    os.truncate(source, 4 * CHUNK)
+    assert sender.wait(30) == file_relay.EXIT_FAILED
+    assert f"{source}: it shrank while it was being sent" in sender.err
+    wait_until(lambda: unnamed_uploads(files) == [], message="the upload to be cancelled")
+    assert [name for name in os.listdir(files) if name != ".relay"] == []
+
+
+@pytest.mark.parametrize("source", ["/dev/stdin", "/proc/self/status"], ids=["pipe", "proc"])
+def test_what_is_not_a_plain_file_is_refused_and_nothing_stored(live, files, source):
+    relay = live()
+    reader, writer = os.pipe()
+    os.write(writer, b"piped bytes\n")
+    os.close(writer)
+    argv = [sys.executable, ROOT / "file_relay.py", "send", relay.url(), source]
+    result = subprocess.run(list(map(str, argv)), stdin=reader, capture_output=True, text=True, timeout=30)
+    os.close(reader)
+    assert result.returncode == file_relay.EXIT_LOCAL if source == "/dev/stdin" else file_relay.EXIT_FAILED
+    assert ("not a regular file" if source == "/dev/stdin" else "did the file change") in result.stderr
+    assert result.stdout == "" and [name for name in os.listdir(files) if name != ".relay"] == []
+
+
+def test_an_upload_an_earlier_run_finished_unheard_is_not_sent_again(live, tmp_path, send_records, capsys):
+    relay = live()
+    data, oid = blob(8 * CHUNK)
+    source = write(tmp_path / "f", data)
+    started = requests.post(f"{relay.url()}/new/f", headers={"Upload-Length": str(len(data))})
+    token = started.headers["Location"].rsplit("/", 1)[1]
+    whole = {"Content-Range": f"bytes 0-{len(data) - 1}/{len(data)}"}
+    assert requests.put(started.headers["Location"], data=data, headers=whole).status_code == 201
+    address = file_relay.parse_relay_url(relay.url())
+    key = file_relay._SendRecords.key(address, str(source), os.stat(source))
+    file_relay._SendRecords(send_records).save(key, {"token": token})  # as a run killed before the answer left it
+    sent = len(accesses(relay, "uploads", "PUT"))
+
+    assert client("send", relay.url(), source, "--chunk-size", "256K") == 0
+    assert "an earlier run stored it; nothing to send" in capsys.readouterr().err
+    assert len(accesses(relay, "uploads", "PUT")) == sent and len(accesses(relay, "new")) == 1
+
+
+def test_a_record_with_a_token_that_is_not_one_is_ignored(live, tmp_path, send_records, files):
+    relay = live()
+    data, oid = blob(8 * CHUNK)
+    source = write(tmp_path / "f", data)
+    address = file_relay.parse_relay_url(relay.url())
+    key = file_relay._SendRecords.key(address, str(source), os.stat(source))
+    file_relay._SendRecords(send_records).save(key, {"token": "a b"})
+    assert client("send", relay.url(), source, "--chunk-size", "256K", "--retry-for", "5") == 0
+    assert (files / oid).read_bytes() == data
 
 
 @pytest.mark.parametrize("leftover", [b"garbage", b"garbage" * 100_000], ids=["shorter", "longer"])
@@ -722,3 +782,32 @@ def test_https_needs_the_ca_certificate_or_insecure(live, tmp_path, certificate,
     assert client("send", relay.url(), source, "--cacert", cert, "--chunk-size", "256K") == 0
     assert client("get", relay.url(oid), "-o", tmp_path / "copy", "--insecure") == 0
     assert (tmp_path / "copy").read_bytes() == data
+
+
+# -- the one-pass upload's handoff -----------------------------------------------------
+
+
+def test_the_handoff_gives_every_chunk_to_some_sender_however_threads_interleave():
+    """The reader hands over its last chunk just as a sender finds the queue empty: that
+    chunk must still be taken (thread switches forced as often as the interpreter can)."""
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for _ in range(1000):
+            handoff = file_relay._Handoff(poll=0.0005)  # a sender's wait times out all the time
+            taken = []
+            sender = threading.Thread(target=lambda: taken.extend(iter(handoff.take, None)))  # noqa: B023
+            sender.start()
+            assert handoff.give("the only chunk")
+            handoff.end(senders=1)
+            sender.join(10)
+            assert taken == ["the only chunk"]
+    finally:
+        sys.setswitchinterval(interval)
+
+
+def test_the_handoff_remembers_that_an_answer_created_the_object():
+    handoff = file_relay._Handoff()
+    handoff.answered(("f" * 64, True))  # two chunks completed it together: 201, then 200
+    handoff.answered(("f" * 64, False))
+    assert handoff.named == ("f" * 64, True)

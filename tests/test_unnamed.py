@@ -148,6 +148,24 @@ def test_bad_starts_and_chunks_are_refused_clearly(app):
     app.head(f"/{SERVER_ID}/uploads/not-a-token", status=404)
 
 
+def test_an_empty_resumable_upload_is_refused_for_the_plain_form(app, files):
+    response = start(app, 0, status=400)
+    assert "PUT it" in response.text
+    assert list((files / ".relay" / "partial").iterdir()) == []
+
+
+def test_a_finished_upload_whose_object_is_gone_names_nothing(app, files):
+    data, oid = blob(1000, seed=9)
+    started = app.post(NEW + "once", headers={"Upload-Length": str(len(data)), "Max-Downloads": "1"}, status=201)
+    upload = path_of(started.headers["Location"])
+    assert send_chunk(app, upload, 0, data, len(data), status=201).headers["Location"].endswith(f"/{oid}?name=once")
+    assert app.head(upload, status=200).headers["Location"].endswith(f"/{oid}?name=once")
+    assert app.get(object_url(oid)).body == data  # its one download: the object is gone
+    app.head(upload, status=404)
+    response = send_chunk(app, upload, 0, b"other bytes", 11, status=404)  # not 200 "already stored"
+    assert oid in response.text and not (files / oid).exists()
+
+
 def test_a_cancelled_upload_is_gone(app, files):
     data, _ = blob(1000, seed=8)
     upload = path_of(start(app, len(data)).headers["Location"])
