@@ -5969,12 +5969,17 @@ class _OnePassUpload(_Upload):
             except _Retry as exc:
                 self.policy.wait(exc)
 
-    def _stored(self, oid: str) -> bool:
+    def _on_object(self, method: str, oid: str):
+        """A HEAD or DELETE of object *oid*: its response (200 or 404), body read."""
         connection = self.connections[0]
-        response = connection.request("HEAD", f"{self.session.address.path}/{oid}")
+        response = connection.request(method, f"{self.session.address.path}/{oid}")
         text = connection.read_text(response)
         if response.status not in (200, 404):
             raise _refusal(response, text)
+        return response
+
+    def _stored(self, oid: str) -> bool:
+        response = self._on_object("HEAD", oid)
         return response.status == 200 and response.getheader("Upload-Incomplete") is None
 
     # -- the one pass ------------------------------------------------------------
@@ -6206,7 +6211,7 @@ class _OnePassUpload(_Upload):
             return
         self.records.forget(self.key)
         if created:
-            self._retrying(lambda: self._delete(self.oid))
+            self._retrying(lambda: self._on_object("DELETE", self.oid))
         kept = "deleted it" if created else "kept its copy, which it had before"
         if changed:
             raise ClientError(f"{self.label} changed while it was being sent (did the file change?); the relay {kept}")
@@ -6232,13 +6237,6 @@ class _OnePassUpload(_Upload):
             return bool(os.pread(self.fd, 1, self.size))
         except OSError:
             return False
-
-    def _delete(self, oid: str) -> None:
-        connection = self.connections[0]
-        response = connection.request("DELETE", f"{self.session.address.path}/{oid}")
-        text = connection.read_text(response)
-        if response.status not in (200, 404):
-            raise _refusal(response, text)
 
 
 def _named_url(url: str, name: str) -> str:
