@@ -544,11 +544,14 @@ def test_an_upload_an_earlier_run_finished_unheard_is_not_sent_again(live, tmp_p
     address = file_relay.parse_relay_url(relay.url())
     key = file_relay._SendRecords.key(address, str(source), os.stat(source))
     file_relay._SendRecords(send_records).save(key, {"token": token})  # as a run killed before the answer left it
-    sent = len(accesses(relay, "uploads", "PUT"))
+    logged(relay, "uploads", "PUT", lambda found: len(found) == 1)
 
     assert client("send", relay.url(), source, "--chunk-size", "256K") == 0
     assert "an earlier run stored it; nothing to send" in capsys.readouterr().err
-    assert len(accesses(relay, "uploads", "PUT")) == sent and len(accesses(relay, "new")) == 1
+    # A request after the run, once logged, shows that the run's own requests were logged too.
+    assert requests.head(relay.url("0" * 64)).status_code == 404
+    logged(relay, "0" * 64, "HEAD", lambda found: len(found) == 1)
+    assert len(accesses(relay, "uploads", "PUT")) == 1 and len(accesses(relay, "new")) == 1
 
 
 def test_a_record_with_a_token_that_is_not_one_is_ignored(live, tmp_path, send_records, files):
