@@ -3840,8 +3840,9 @@ def _preferred_wait(header: str | None) -> int | None:
 
 # The page a browser gets at the relay's URL: HTML, CSS and JavaScript served from here,
 # no build step, no framework, nothing from other hosts. It sends each file in chunks to
-# the name-less resumable form, and keeps only the upload's token (never the server ID)
-# in localStorage, to resume after a reload.
+# the name-less resumable form, and keeps only the upload's token and the digests of its
+# acknowledged chunks (never the server ID) in localStorage, to resume after a reload
+# with the same file and no other.
 _PAGE_STYLE = r"""
 :root { color-scheme: light dark; --accent: #2f6fdf; --muted: #6b7280; --line: #d0d5dd; }
 * { box-sizing: border-box; }
@@ -3930,7 +3931,25 @@ function request(method, url, headers, body, onProgress) {
 }
 
 function retryable(xhr) {
-  return xhr.status >= 500 || xhr.status === 408 || (xhr.status === 409 && xhr.getResponseHeader("Retry-After"));
+  return [500, 502, 503, 504, 408].includes(xhr.status) ||
+    (xhr.status === 409 && Boolean(xhr.getResponseHeader("Retry-After")));
+}
+
+// The name the relay is given for a file: none where the relay would refuse it (as
+// download_name_problem does), so that the file is still sent.
+function sentName(name) {
+  if (["", ".", ".."].includes(name) || /[\/\\\p{Cc}\p{Cf}\p{Zl}\p{Zp}]/u.test(name)) return "";
+  if (new TextEncoder().encode(name).length > 255 || (name.isWellFormed && !name.isWellFormed())) return "";
+  return encodeURIComponent(name);
+}
+
+// What localStorage holds of an upload: its token and the Content-Digest of each
+// acknowledged chunk ("first-last" -> digest), or null.
+function loadRecord(key) {
+  try {
+    const record = JSON.parse(localStorage.getItem(key));
+    return record && typeof record.token === "string" ? { digests: {}, ...record } : null;
+  } catch (e) { return null; }
 }
 
 async function withRetries(what, attempt, note) {
@@ -4019,51 +4038,104 @@ async function sendFile(file, ui) {
     $("overall-figures").textContent = figures(all.done, all.total, all.started);
     emit("progress", { file: file.name, sent, total: file.size });
   };
+  const newUrl = `${base}/new/${sentName(file.name)}`;
   if (file.size === 0) {
-    const xhr = await withRetries("upload", () =>
-      request("PUT", `${base}/new/${encodeURIComponent(file.name)}`, {}, new Blob([])), note);
+    const xhr = await withRetries("upload", () => request("PUT", newUrl, {}, new Blob([])), note);
     return finish(xhr);
   }
-  let token = localStorage.getItem(key), ranges = [];
-  if (token) {
-    const xhr = await withRetries("status", () => request("HEAD", `${base}/uploads/${token}`), note);
-    if (xhr.status === 200 && xhr.getResponseHeader("Location")) return finish(xhr);
-    if (xhr.status === 200) ranges = parseRanges(xhr.getResponseHeader("Upload-Ranges"));
-    else token = null;
-    emit("resumed", { file: file.name, ranges });
+  let record = loadRecord(key), ranges = [];
+  if (record) {
+    const xhr = await withRetries("status", () => request("HEAD", `${base}/uploads/${record.token}`), note);
+    if (xhr.status === 200 && xhr.getResponseHeader("Location") && await sameFile(record, [[0, file.size - 1]]))
+      return finish(xhr);
+    if (xhr.status === 200 && !xhr.getResponseHeader("Location")) {
+      ranges = parseRanges(xhr.getResponseHeader("Upload-Ranges"));
+      if (!await sameFile(record, ranges)) ranges = await startAfresh(record);
+    } else {
+      record = null;
+    }
+    if (record) emit("resumed", { file: file.name, ranges });
   }
-  if (!token) {
-    const xhr = await withRetries("start", () => request("POST", `${base}/new/${encodeURIComponent(file.name)}`,
-      { "Upload-Length": String(file.size) }), note);
-    if (xhr.status !== 201) throw new Error(xhr.responseText.trim() || `status ${xhr.status}`);
-    token = xhr.getResponseHeader("Location").split("/").pop();
-    localStorage.setItem(key, token);
-  }
-  for (const [first, last] of ranges) acked.bytes += last - first + 1;
+  if (!record) record = await start();
+  // Acknowledged bytes with no recorded digest (the page left before their answer came)
+  // are sent again: the relay compares them with what it holds.
+  const acknowledged = ranges;
+  ranges = recordedSpans(record).filter(([first, last]) => acknowledged.some(([a, b]) => a <= first && last <= b));
+  const unrecorded = total(acknowledged) > total(ranges);
+  acked.bytes = total(ranges);
   const pending = missing(ranges, file.size);
   if (!pending.length) pending.push([file.size - 1, file.size - 1]);  // all there: have it verified
-  let result = null;
+  let result = null, changed = false;
   const worker = async () => {
-    while (pending.length && !result) {
+    while (pending.length && !result && !changed) {
       const [first, last] = pending.shift();
       const buffer = await file.slice(first, last + 1).arrayBuffer();
       const headers = { "Content-Range": `bytes ${first}-${last}/${file.size}` };
       if (window.isSecureContext) headers["Content-Digest"] = await digestField(buffer);
+      const token = record.token;
       const xhr = await withRetries(`bytes ${first}-${last}`, () => {
         inflight.set(first, 0);
         return request("PUT", `${base}/uploads/${token}`, headers, buffer, (n) => { inflight.set(first, n); draw(); });
       }, note);
       inflight.delete(first);
       emit("chunk", { file: file.name, first, last, status: xhr.status });
-      if (xhr.status === 202) { acked.bytes += last - first + 1; draw(); continue; }
-      if (xhr.status === 200 || xhr.status === 201) { acked.bytes += last - first + 1; result = xhr; continue; }
+      if ([200, 201, 202].includes(xhr.status)) {
+        acked.bytes += last - first + 1;
+        if (headers["Content-Digest"]) {
+          record.digests[`${first}-${last}`] = headers["Content-Digest"];
+          localStorage.setItem(key, JSON.stringify(record));
+        }
+        if (xhr.status === 202) draw();
+        else result = xhr;
+        continue;
+      }
+      if (xhr.status === 409 && unrecorded) { changed = true; continue; }
       throw new Error(xhr.responseText.trim() || `status ${xhr.status}`);
     }
   };
   await Promise.all(Array.from({ length: PARALLEL }, worker));
+  if (changed) {
+    await startAfresh(record);
+    localStorage.removeItem(key);
+    return sendFile(file, ui);
+  }
   if (!result) throw new Error("the upload ended without being stored; pick the file again");
-  localStorage.removeItem(key);
   return finish(result);
+
+  async function start() {
+    const xhr = await withRetries("start", () => request("POST", newUrl, { "Upload-Length": String(file.size) }), note);
+    if (xhr.status !== 201) throw new Error(xhr.responseText.trim() || `status ${xhr.status}`);
+    const fresh = { token: xhr.getResponseHeader("Location").split("/").pop(), digests: {} };
+    localStorage.setItem(key, JSON.stringify(fresh));
+    return fresh;
+  }
+
+  // Whether each recorded chunk inside *ranges* still digests as it did when it was
+  // acknowledged: another file with the same name, size and time must not be spliced in.
+  async function sameFile(old, ranges) {
+    for (const [span, digest] of Object.entries(old.digests)) {
+      const [first, last] = span.split("-").map(Number);
+      if (!ranges.some(([a, b]) => a <= first && last <= b)) continue;
+      if (!window.isSecureContext) return false;
+      if (await digestField(await file.slice(first, last + 1).arrayBuffer()) !== digest) return false;
+    }
+    return true;
+  }
+
+  // Cancel the upload of a file that changed since; nothing of it is resumed.
+  async function startAfresh(old) {
+    await withRetries("cancel", () => request("DELETE", `${base}/uploads/${old.token}`), note);
+    emit("changed", { file: file.name });
+    localStorage.removeItem(key);
+    record = null;
+    return [];
+  }
+
+  function recordedSpans(old) {
+    return Object.keys(old.digests).map((span) => span.split("-").map(Number)).sort((x, y) => x[0] - y[0]);
+  }
+
+  function total(spans) { return spans.reduce((sum, [first, last]) => sum + last - first + 1, 0); }
 
   function finish(xhr) {
     if (xhr.status !== 200 && xhr.status !== 201) throw new Error(xhr.responseText.trim() || `status ${xhr.status}`);

@@ -124,7 +124,9 @@ def test_after_a_relay_restart_and_a_reload_only_the_missing_chunks_are_sent(liv
         page.goto("about:blank")  # the old page and its retries are gone
         relay = live(bind=f"127.0.0.1:{port}")
         page.goto(relay.url())
-        token = page.evaluate("Object.values(localStorage)")[0]
+        [record] = [json.loads(value) for value in page.evaluate("Object.values(localStorage)")]
+        token = record["token"]
+        recorded = [tuple(map(int, span.split("-"))) for span in record["digests"]]
         head = requests.head(relay.url() + f"/uploads/{token}", timeout=10)
         acknowledged = [tuple(map(int, r.split("-"))) for r in head.headers["Upload-Ranges"].split(",")]
         assert 0 < sum(last - first + 1 for first, last in acknowledged) < size
@@ -132,9 +134,84 @@ def test_after_a_relay_restart_and_a_reload_only_the_missing_chunks_are_sent(liv
         assert wait_for_event(page, "stored", 120)[0]["sha256"] == oid
         resumed = events(page, "resumed")
         assert [tuple(r) for r in resumed[0]["ranges"]] == acknowledged
+        # Only bytes the relay had not acknowledged, or whose answer never reached the page.
         for chunk in events(page, "chunk"):
-            assert not any(first <= chunk["first"] and chunk["last"] <= last for first, last in acknowledged), chunk
+            assert not any(first <= chunk["first"] and chunk["last"] <= last for first, last in recorded), chunk
+        assert sum(last - first + 1 for first, last in recorded) > 0
+        assert not events(page, "changed")
         assert file_sha256(files / oid) == oid
+    finally:
+        context.close()
+
+
+def throttled_page(context, url, bytes_per_second: int):
+    page = context.new_page()
+    page.goto(url)
+    throttle = context.new_cdp_session(page)
+    throttle.send("Network.enable")
+    conditions = {"offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": bytes_per_second}
+    throttle.send("Network.emulateNetworkConditions", conditions)
+    return page
+
+
+def test_another_file_with_the_same_name_size_and_time_is_not_spliced_into_an_upload(live, files, browser, tmp_path):
+    relay = live()
+    size = 64 << 20
+    first, second = tmp_path / "a" / "photo.raw", tmp_path / "b" / "photo.raw"
+    first.parent.mkdir()
+    second.parent.mkdir()
+    random_file(first, size, seed=4)
+    oid = random_file(second, size, seed=5)
+    stamp = os.stat(first).st_mtime_ns
+    os.utime(second, ns=(stamp, stamp))
+    context = browser.new_context()
+    try:
+        page = throttled_page(context, relay.url(), 5_000_000)
+        page.set_input_files("#pick", str(first))
+        wait_for_event(page, "chunk", 60)
+        page.goto("about:blank")  # the first upload is left half done
+        page.goto(relay.url())
+        [old] = [json.loads(value)["token"] for value in page.evaluate("Object.values(localStorage)")]
+        page.set_input_files("#pick", str(second))
+        assert wait_for_event(page, "stored", 120)[0]["sha256"] == oid
+        assert events(page, "changed") and not events(page, "resumed")
+        assert file_sha256(files / oid) == oid
+        # The first file's upload was cancelled, not left to expire.
+        assert requests.head(relay.url() + f"/uploads/{old}", timeout=10).status_code == 404
+    finally:
+        context.close()
+
+
+def test_a_relay_out_of_space_fails_the_file_at_once(live, browser, tmp_path):
+    relay = live("--max-disk", "2M")
+    source = tmp_path / "big.bin"
+    random_file(source, 3_000_000, seed=6)
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.goto(relay.url())
+        page.set_input_files("#pick", str(source))
+        failed = wait_until(lambda: events(page, "failed"), 30, message="the page to give up")
+        assert "space" in failed[0]["reason"] or "disk" in failed[0]["reason"], failed
+        assert "retrying" not in page.inner_text("#files")
+    finally:
+        context.close()
+
+
+def test_a_file_whose_name_the_relay_refuses_is_sent_without_it(live, files, browser, tmp_path):
+    relay = live()
+    source = tmp_path / "back\\slash.txt"
+    data, oid = blob(100_000, seed=7)
+    source.write_bytes(data)
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.goto(relay.url())
+        page.set_input_files("#pick", str(source))
+        stored = wait_for_event(page, "stored", 30)[0]
+        assert stored["url"] == relay.url(oid)
+        assert (files / oid).read_bytes() == data
+        assert page.get_by_role("link", name="Download back\\slash.txt").get_attribute("download") == "back\\slash.txt"
     finally:
         context.close()
 
