@@ -3794,10 +3794,15 @@ def _download_name(environ: dict) -> str | None:
     return names[0]
 
 
-def _sent_file_name(filename: str | None) -> str | None:
-    """The file name a name-less upload's URL ends with (curl -T appends it), checked."""
+def _sent_file_name(filename: str | None, environ: dict) -> str | None:
+    """The file name a name-less upload's URL ends with (curl -T appends it), checked;
+    Bottle drops bytes that are not UTF-8 from the path, so its raw form is checked too."""
     if not filename:
         return None
+    try:
+        environ.get("bottle.raw_path", "").encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        raise RelayError(400, "name must be UTF-8") from None
     problem = download_name_problem(filename)
     if problem:
         raise RelayError(400, problem)
@@ -4558,7 +4563,7 @@ class RelayHandler:
         exchange = environ["file_relay.exchange"]
         try:
             storage = self._unnamed_storage()
-            name = _sent_file_name(filename)
+            name = _sent_file_name(filename, environ)
             if environ.get("HTTP_CONTENT_RANGE"):
                 raise RelayError(400, "to send a name-less upload in chunks, start it with POST to the same URL")
             if self.state.draining:
@@ -4584,7 +4589,7 @@ class RelayHandler:
         environ = self.request.environ
         try:
             storage = self._unnamed_storage()
-            name = _sent_file_name(filename)
+            name = _sent_file_name(filename, environ)
             if self.state.draining:
                 raise RelayError(503, "the relay is shutting down", retry_after=5)
             length_text = environ.get("HTTP_UPLOAD_LENGTH", "").strip()
@@ -4854,7 +4859,7 @@ def make_app(config: RelayConfig, state: SharedState | None = None, storage: Sto
     app.install(handler.check_server_id)
     app.get("/<server_id>", callback=handler.status)  # Bottle routes HEAD to GET routes
     app.delete("/<server_id>", callback=handler.shutdown)
-    for path in ("/<server_id>/new", "/<server_id>/new/", "/<server_id>/new/<filename>"):
+    for path in ("/<server_id>/new", "/<server_id>/new/", "/<server_id>/new/<filename:path>"):
         app.put(path, callback=handler.put_unnamed)
         app.post(path, callback=handler.start_unnamed)
     app.put("/<server_id>/uploads/<token>", callback=handler.put_unnamed_chunk)

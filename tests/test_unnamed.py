@@ -69,11 +69,23 @@ def test_a_mistyped_hash_on_the_verified_form_is_still_refused(app, files):
     assert not any(p.name == oid for p in files.iterdir())
 
 
-@pytest.mark.parametrize("name", ["a/b", "..", "x" * 300, "bad\x01name"])
-def test_a_bad_file_name_is_400_and_stores_nothing(app, files, name):
-    quoted = urllib.parse.quote(name, safe="")
-    response = app.put(NEW + quoted, b"data", status="*", expect_errors=True)
-    assert response.status_int in (400, 404)
+@pytest.mark.parametrize(
+    ("quoted", "reason"),
+    [
+        ("a%2Fb", "name must not hold a path"),
+        ("a%5Cb", "name must not hold a path"),
+        ("..", "not empty, '.' or '..'"),
+        ("x" * 300, "at most 255 bytes"),
+        ("bad%01name", "control characters"),
+        ("%FFab", "name must be UTF-8"),
+    ],
+)
+@pytest.mark.parametrize("method", ["PUT", "POST"])
+def test_a_bad_file_name_is_400_with_its_reason_and_stores_nothing(app, files, quoted, reason, method):
+    headers = {"Upload-Length": "4"} if method == "POST" else {}
+    response = app.request(NEW + quoted, method=method, body=b"data", headers=headers, expect_errors=True)
+    assert response.status_int == 400 and reason in response.text, response.text
+    assert len(response.text.strip().splitlines()) == 1
     assert not any(p.is_file() for p in files.iterdir())
 
 
