@@ -819,6 +819,7 @@ _SPACE = 0  # byte of .relay/lock
 _DOWNLOAD_SLOTS = 256  # most concurrent counted downloads of one limited object
 _OBJECT_LOCK_STRIDE = 512  # lock bytes per object name: its mutex, then its download slots
 _SPACE_CHECK_INTERVAL = 64 << 20  # bytes between free-space checks of an upload of unknown size
+_LOG_UNSAFE_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # kept out of log lines, as %XX
 _POLL_MIN, _POLL_MAX = 0.005, 0.1  # seconds between looks at an upload being followed
 _FLUSH_INTERVAL = 0.25  # seconds between flushes of a plain upload's data as it arrives
 _LOCK_PATIENCE = 10.0  # seconds a request waits for a mutex before it is told to retry
@@ -3565,7 +3566,8 @@ def _redacted_path(environ: dict) -> str:
     if len(segments) > 1 and segments[1]:
         segments[1] = "***"
     query = environ.get("QUERY_STRING")
-    return "/".join(segments) + (f"?{query}" if query else "")
+    text = "/".join(segments) + (f"?{query}" if query else "")
+    return _LOG_UNSAFE_RE.sub(lambda match: f"%{ord(match[0]):02X}", text)
 
 
 def _client_address(environ: dict, trusted_proxies: tuple) -> str:
@@ -3812,9 +3814,12 @@ def _sent_file_name(filename: str | None, environ: dict) -> str | None:
 def _content_digest(environ: dict) -> bytes | None:
     digest_field = environ.get("HTTP_CONTENT_DIGEST")
     try:
-        return parse_digest_field(digest_field) if digest_field else None
+        digest = parse_digest_field(digest_field) if digest_field else None
     except ValueError as exc:
         raise RelayError(400, f"Content-Digest: {exc}") from None
+    if digest_field and digest is None:
+        raise RelayError(400, "Content-Digest: only sha-256 is checked, and this one has none")
+    return digest
 
 
 def _public_url(environ: dict, path: str) -> str:
@@ -4859,7 +4864,7 @@ def make_app(config: RelayConfig, state: SharedState | None = None, storage: Sto
     app.install(handler.check_server_id)
     app.get("/<server_id>", callback=handler.status)  # Bottle routes HEAD to GET routes
     app.delete("/<server_id>", callback=handler.shutdown)
-    for path in ("/<server_id>/new", "/<server_id>/new/", "/<server_id>/new/<filename:path>"):
+    for path in ("/<server_id>/new", "/<server_id>/new/", "/<server_id>/new/<filename:re:[\\s\\S]+>"):
         app.put(path, callback=handler.put_unnamed)
         app.post(path, callback=handler.start_unnamed)
     app.put("/<server_id>/uploads/<token>", callback=handler.put_unnamed_chunk)

@@ -7,7 +7,8 @@ import subprocess
 import urllib.parse
 
 import pytest
-from conftest import SERVER_ID, blob, object_url, sha256
+import requests
+from conftest import SERVER_ID, blob, object_url, sha256, wait_until
 
 import file_relay
 
@@ -78,6 +79,7 @@ def test_a_mistyped_hash_on_the_verified_form_is_still_refused(app, files):
         ("x" * 300, "at most 255 bytes"),
         ("bad%01name", "control characters"),
         ("%FFab", "name must be UTF-8"),
+        ("x%0Ay", "control characters"),
     ],
 )
 @pytest.mark.parametrize("method", ["PUT", "POST"])
@@ -137,6 +139,24 @@ def test_a_chunk_with_a_wrong_content_digest_is_refused_and_not_recorded(app, fi
     send_chunk(app, upload, 0, data[:100_000], len(data), status=202)
     send_chunk(app, upload, 100_000, data[100_000:], len(data), status=201)
     assert (files / oid).read_bytes() == data
+
+
+@pytest.mark.parametrize("field", ["sha-512=:AAAA:", "md5=:AAAA:", "nonsense"])
+def test_a_content_digest_that_names_no_sha_256_is_refused_not_ignored(app, files, field):
+    data, _ = blob(100_000, seed=8)
+    upload = path_of(start(app, len(data)).headers["Location"])
+    headers = {"Content-Range": f"bytes 0-99999/{len(data)}", "Content-Digest": field}
+    response = app.put(upload, data, headers=headers, status=400, expect_errors=True)
+    assert "only sha-256 is checked" in response.text
+    assert app.head(upload).headers.get("Upload-Ranges", "") == ""
+
+
+def test_a_request_path_cannot_forge_a_line_in_the_log(live):
+    relay = live()
+    response = requests.put(relay.url() + "/new/x%0Aforged%20line%0D%0Aanother", data=b"data", timeout=10)
+    assert response.status_code == 400
+    wait_until(lambda: "x%0Aforged" in relay.log(), 10, message="the access line")
+    assert not any(line.startswith(("forged", "another")) for line in relay.log().splitlines())
 
 
 def test_chunks_without_digests_are_accepted_and_named_by_what_arrived(app, files):
