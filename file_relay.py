@@ -3883,11 +3883,11 @@ code { display: block; font-size: .85rem; padding: .3rem .5rem; margin: .3rem 0;
 _PAGE_SCRIPT = r"""
 "use strict";
 const base = location.pathname.replace(/\/+$/, "");
-const CHUNK = 8 << 20, PARALLEL = 4, MOST_BACKOFF = 30000;
+const CHUNK = 8 << 20, PARALLEL = 4, MOST_BACKOFF = 30000, RECORD_INTERVAL = 2000, RECORD_DAYS = 7;
 const events = [];
 window.relayEvents = events;
 const $ = (id) => document.getElementById(id);
-const all = { total: 0, done: 0, started: 0 };
+const all = { total: 0, done: 0, started: 0, active: 0 };
 
 function emit(type, detail) { events.push({ type, time: performance.now(), ...detail }); }
 
@@ -3960,6 +3960,24 @@ function loadRecord(key) {
     const record = JSON.parse(localStorage.getItem(key));
     return record && typeof record.token === "string" ? { digests: {}, ...record } : null;
   } catch (e) { return null; }
+}
+
+// Written at most every few seconds (a lost write only means chunks sent again), and
+// never a reason to stop: a full localStorage costs the resume, not the upload.
+const lastSaved = new Map();
+function saveRecord(key, record, now = false) {
+  if (!now && performance.now() - (lastSaved.get(key) || 0) < RECORD_INTERVAL) return;
+  lastSaved.set(key, performance.now());
+  try { localStorage.setItem(key, JSON.stringify({ ...record, saved: Date.now() })); } catch (e) { /* full */ }
+}
+
+// Records of uploads not resumed for RECORD_DAYS are dropped: the relay has let them go.
+function sweepRecords() {
+  for (const key of Object.keys(localStorage)) {
+    if (!key.startsWith("file-relay:")) continue;
+    const record = loadRecord(key);
+    if (!record || !(Date.now() - (record.saved || 0) < RECORD_DAYS * 86400000)) localStorage.removeItem(key);
+  }
 }
 
 async function withRetries(what, attempt, note) {
@@ -4035,19 +4053,25 @@ function showStored(ui, file, url) {
 
 async function sendFile(file, ui) {
   const key = `file-relay:${file.name}:${file.size}:${file.lastModified}`;
-  const note = (text) => { ui.figures.textContent = text; };
   const acked = { bytes: 0 }, inflight = new Map();
   const started = performance.now();
+  let failure = null;
+  const note = (text) => { if (!failure) ui.figures.textContent = text; };
   const draw = () => {
+    if (failure) return;
     let sent = acked.bytes;
     for (const value of inflight.values()) sent += value;
     ui.bar.value = sent;
     ui.figures.textContent = figures(sent, file.size, started);
-    all.done = [...document.querySelectorAll("li progress")].reduce((sum, bar) => sum + bar.value, 0);
-    $("overall-bar").value = all.done;
-    $("overall-figures").textContent = figures(all.done, all.total, all.started);
+    drawOverall();
     emit("progress", { file: file.name, sent, total: file.size });
   };
+  const fail = (text) => { failure = failure || new Error(text); throw failure; };
+  try {
+    await file.slice(0, 1).arrayBuffer();
+  } catch (e) {
+    fail("this cannot be read as a file (a folder? pick the files in it, or an archive of it)");
+  }
   const newUrl = `${base}/new/${sentName(file.name)}`;
   if (file.size === 0) {
     const xhr = await withRetries("upload", () => request("PUT", newUrl, {}, new Blob([])), note);
@@ -4056,9 +4080,12 @@ async function sendFile(file, ui) {
   let record = loadRecord(key), ranges = [];
   if (record) {
     const xhr = await withRetries("status", () => request("HEAD", `${base}/uploads/${record.token}`), note);
-    if (xhr.status === 200 && xhr.getResponseHeader("Location") && await sameFile(record, [[0, file.size - 1]]))
-      return finish(xhr);
-    if (xhr.status === 200 && !xhr.getResponseHeader("Location")) {
+    if (xhr.status === 200 && xhr.getResponseHeader("Location")) {
+      // Stored already: only if every byte of it is known to be this file's.
+      const whole = [[0, file.size - 1]];
+      if (total(recordedSpans(record)) === file.size && await sameFile(record, whole)) return finish(xhr);
+      record = null;
+    } else if (xhr.status === 200) {
       ranges = parseRanges(xhr.getResponseHeader("Upload-Ranges"));
       if (!await sameFile(record, ranges)) ranges = await startAfresh(record);
     } else {
@@ -4066,7 +4093,7 @@ async function sendFile(file, ui) {
     }
     if (record) emit("resumed", { file: file.name, ranges });
   }
-  if (!record) record = await start();
+  if (!record) { ranges = []; record = await start(); }
   // Acknowledged bytes with no recorded digest (the page left before their answer came)
   // are sent again: the relay compares them with what it holds.
   const acknowledged = ranges;
@@ -4074,15 +4101,15 @@ async function sendFile(file, ui) {
   const unrecorded = total(acknowledged) > total(ranges);
   acked.bytes = total(ranges);
   const pending = missing(ranges, file.size);
-  if (!pending.length) pending.push([file.size - 1, file.size - 1]);  // all there: have it verified
+  // The chunk that completes the upload goes last, once the file is seen unchanged.
+  const closing = pending.length ? pending.pop() : [file.size - 1, file.size - 1];
   let result = null, changed = false;
-  const worker = async () => {
-    while (pending.length && !result && !changed) {
-      const [first, last] = pending.shift();
-      const buffer = await file.slice(first, last + 1).arrayBuffer();
-      const headers = { "Content-Range": `bytes ${first}-${last}/${file.size}` };
-      if (window.isSecureContext) headers["Content-Digest"] = await digestField(buffer);
-      const token = record.token;
+  const sendChunk = async (first, last) => {
+    const buffer = await file.slice(first, last + 1).arrayBuffer();
+    const headers = { "Content-Range": `bytes ${first}-${last}/${file.size}` };
+    if (window.isSecureContext) headers["Content-Digest"] = await digestField(buffer);
+    const token = record.token;
+    for (let damaged = 0; ; damaged++) {
       const xhr = await withRetries(`bytes ${first}-${last}`, () => {
         inflight.set(first, 0);
         return request("PUT", `${base}/uploads/${token}`, headers, buffer, (n) => { inflight.set(first, n); draw(); });
@@ -4090,44 +4117,63 @@ async function sendFile(file, ui) {
       inflight.delete(first);
       emit("chunk", { file: file.name, first, last, status: xhr.status });
       if ([200, 201, 202].includes(xhr.status)) {
-        acked.bytes += last - first + 1;
-        if (headers["Content-Digest"]) {
-          record.digests[`${first}-${last}`] = headers["Content-Digest"];
-          localStorage.setItem(key, JSON.stringify(record));
-        }
-        if (xhr.status === 202) draw();
-        else result = xhr;
-        continue;
+        acked.bytes = Math.min(file.size, acked.bytes + last - first + 1);
+        if (headers["Content-Digest"]) record.digests[`${first}-${last}`] = headers["Content-Digest"];
+        saveRecord(key, record);
+        draw();
+        return xhr;
       }
-      if (xhr.status === 409 && unrecorded) { changed = true; continue; }
-      throw new Error(xhr.responseText.trim() || `status ${xhr.status}`);
+      // Damaged on the way: the relay kept nothing of it; send it again.
+      if (xhr.status === 400 && /Content-Digest/.test(xhr.responseText) && damaged < 3) continue;
+      if (xhr.status === 409 && unrecorded) { changed = true; return null; }
+      fail(xhr.responseText.trim() || `status ${xhr.status}`);
+    }
+  };
+  const worker = async () => {
+    while (pending.length && !failure && !changed) {
+      const [first, last] = pending.shift();
+      const xhr = await sendChunk(first, last);
+      if (xhr && xhr.status !== 202) result = xhr;
     }
   };
   await Promise.all(Array.from({ length: PARALLEL }, worker));
+  if (failure) throw failure;
+  if (!changed && !result) {
+    if (!await sameFile(record, [[0, file.size - 1]], true)) {
+      await startAfresh(record);
+      fail("the file changed while it was sent; nothing of it was stored: pick it again");
+    }
+    result = await sendChunk(...closing);
+  }
+  saveRecord(key, record, true);
   if (changed) {
     await startAfresh(record);
-    localStorage.removeItem(key);
     return sendFile(file, ui);
   }
-  if (!result) throw new Error("the upload ended without being stored; pick the file again");
+  if (!result || result.status === 202) fail("the upload ended without being stored; pick the file again");
   return finish(result);
 
   async function start() {
     const xhr = await withRetries("start", () => request("POST", newUrl, { "Upload-Length": String(file.size) }), note);
-    if (xhr.status !== 201) throw new Error(xhr.responseText.trim() || `status ${xhr.status}`);
+    if (xhr.status !== 201) fail(xhr.responseText.trim() || `status ${xhr.status}`);
     const fresh = { token: xhr.getResponseHeader("Location").split("/").pop(), digests: {} };
-    localStorage.setItem(key, JSON.stringify(fresh));
+    saveRecord(key, fresh, true);
     return fresh;
   }
 
   // Whether each recorded chunk inside *ranges* still digests as it did when it was
   // acknowledged: another file with the same name, size and time must not be spliced in.
-  async function sameFile(old, ranges) {
+  async function sameFile(old, ranges, closing = false) {
+    let checked = 0;
     for (const [span, digest] of Object.entries(old.digests)) {
       const [first, last] = span.split("-").map(Number);
       if (!ranges.some(([a, b]) => a <= first && last <= b)) continue;
       if (!window.isSecureContext) return false;
+      const percent = Math.floor((100 * checked) / file.size);
+      note(closing ? `Checking that the file did not change while it was sent (${percent}%)`
+        : "Checking that this is the file sent before");
       if (await digestField(await file.slice(first, last + 1).arrayBuffer()) !== digest) return false;
+      checked += last - first + 1;
     }
     return true;
   }
@@ -4148,11 +4194,12 @@ async function sendFile(file, ui) {
   function total(spans) { return spans.reduce((sum, [first, last]) => sum + last - first + 1, 0); }
 
   function finish(xhr) {
-    if (xhr.status !== 200 && xhr.status !== 201) throw new Error(xhr.responseText.trim() || `status ${xhr.status}`);
+    if (xhr.status !== 200 && xhr.status !== 201) fail(xhr.responseText.trim() || `status ${xhr.status}`);
     localStorage.removeItem(key);
     const url = xhr.getResponseHeader("Location");
     const sha = url.split("?")[0].split("/").pop();
-    ui.bar.value = ui.bar.max;
+    acked.bytes = file.size;
+    inflight.clear();
     draw();
     ui.figures.textContent = `Stored, ${size(file.size)}. SHA-256 ${sha}`;
     showStored(ui, file, url);
@@ -4160,21 +4207,41 @@ async function sendFile(file, ui) {
   }
 }
 
-function addFiles(files) {
-  if (!all.started) all.started = performance.now();
+function drawOverall() {
+  all.done = [...document.querySelectorAll("li progress.batch")].reduce((sum, bar) => sum + bar.value, 0);
+  $("overall-bar").max = Math.max(all.total, 1);
+  $("overall-bar").value = all.done;
+  $("overall-figures").textContent = figures(all.done, all.total, all.started);
+}
+
+function addFiles(files, folders = []) {
   $("overall").hidden = false;
+  for (const name of folders) {
+    const figures = element("div", { className: "figures error",
+      textContent: "Failed: a folder cannot be sent; pick the files in it, or an archive of it" });
+    $("files").append(element("li", {}, element("div", { className: "name", textContent: name }), figures));
+    emit("failed", { file: name, reason: figures.textContent });
+  }
   for (const file of files) {
+    if (!all.active) {  // a new batch: its rate counts from now
+      all.started = performance.now();
+      all.total = all.done = 0;
+      for (const bar of document.querySelectorAll("li progress.batch")) bar.classList.remove("batch");
+    }
+    all.active++;
     all.total += file.size;
-    const ui = { bar: element("progress", { max: Math.max(file.size, 1), value: 0 }),
+    const ui = { bar: element("progress", { max: Math.max(file.size, 1), value: 0, className: "batch" }),
       figures: element("div", { className: "figures", textContent: "waiting" }), extra: element("div") };
     $("files").append(element("li", {}, element("div", { className: "name", textContent: file.name }),
       ui.bar, ui.figures, ui.extra));
-    $("overall-bar").max = all.total;
+    drawOverall();
     sendFile(file, ui).catch((error) => {
+      all.total -= file.size;  // a failed file leaves the overall figures
+      ui.bar.classList.remove("batch");
       ui.figures.textContent = `Failed: ${error.message}`;
       ui.figures.className = "figures error";
       emit("failed", { file: file.name, reason: error.message });
-    }).finally(showStatus);
+    }).finally(() => { all.active--; drawOverall(); showStatus(); });
   }
 }
 
@@ -4182,8 +4249,18 @@ const drop = $("drop");
 $("pick").addEventListener("change", (e) => { addFiles([...e.target.files]); e.target.value = ""; });
 drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
 drop.addEventListener("dragleave", () => drop.classList.remove("over"));
-drop.addEventListener("drop", (e) => { e.preventDefault(); drop.classList.remove("over");
-  addFiles([...e.dataTransfer.files]); });
+drop.addEventListener("drop", (e) => {
+  e.preventDefault();
+  drop.classList.remove("over");
+  const files = [], folders = [];
+  for (const item of e.dataTransfer.items) {
+    const entry = item.webkitGetAsEntry && item.webkitGetAsEntry();
+    if (entry && entry.isDirectory) folders.push(entry.name);
+    else if (item.kind === "file") files.push(item.getAsFile());
+  }
+  addFiles(files.filter(Boolean), folders);
+});
+sweepRecords();
 showStatus();
 setInterval(showStatus, 10000);
 """
