@@ -550,6 +550,33 @@ OPTIONS = (
         _seconds,
     ),
     Option(
+        "pipe_buffer",
+        "int",
+        64 << 20,
+        ("--pipe-buffer",),
+        "RELAY_PIPE_BUFFER",
+        "bytes a pipe (PUT ...?pipe) holds at most: its sender waits while the slowest receiver is this far behind",
+        _positive_size,
+    ),
+    Option(
+        "max_pipes",
+        "int",
+        8,
+        ("--max-pipes",),
+        "RELAY_MAX_PIPES",
+        "pipes at once; a sender beyond them gets 503 with Retry-After",
+        _positive_int(1024),
+    ),
+    Option(
+        "pipe_wait",
+        "float",
+        300.0,
+        ("--pipe-wait",),
+        "RELAY_PIPE_WAIT",
+        "seconds a pipe's sender waits for its receivers, unless it asks for its own ?wait=",
+        _seconds,
+    ),
+    Option(
         "get_wait_timeout",  # unless the GET asks for its own wait
         "float",
         5.0,
@@ -1281,6 +1308,20 @@ class UnnamedUploads(typing.Protocol):
         """Cancel the upload *token* in progress; False if there is none."""
 
 
+@typing.runtime_checkable
+class Pipes(typing.Protocol):
+    """A storage that passes an object from a sender to receivers without storing it,
+    verified, holding at most --pipe-buffer bytes of it (see PipeSender, PipeReader)."""
+
+    def open_pipe(self, oid: str, length: int | None, receivers: int) -> PipeSender:
+        """Begin a pipe of *oid* that waits for *receivers*. Raises Conflict (a pipe of it
+        is in progress, or an upload), Overloaded (--max-pipes), NoSpace (its buffer)."""
+
+    def join_pipe(self, oid: str, *, receive: bool = True) -> PipeReader | None:
+        """A receiver of the pipe of *oid* (or, not *receive*, a look at it), None if there
+        is none. Raises Conflict once its first bytes have left the buffer."""
+
+
 class _Partial:
     """One upload attempt, held through open descriptors of its directory and data file.
 
@@ -1416,12 +1457,13 @@ class Store:
         self.retired = self.root / ".relay" / "retired"
         self.unnamed = self.root / ".relay" / "unnamed"  # how resumable uploads the relay named ended
         self.ledger_path = self.root / ".relay" / "usage"
+        self.pipes = self.root / ".relay" / "pipes"
         self._prefix_hashes = _PrefixHashes()
 
     def prepare(self) -> None:
         """Create the directories (private to the relay's user) if they are missing."""
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        for path in (self.root / ".relay", self.partials, self.meta, self.retired, self.unnamed):
+        for path in (self.root / ".relay", self.partials, self.meta, self.retired, self.unnamed, self.pipes):
             path.mkdir(mode=0o700, exist_ok=True)
         self.lock_path.touch(mode=0o600, exist_ok=True)
         if not self.ledger_path.exists():
@@ -2298,6 +2340,94 @@ class Store:
         finally:
             partial.close()
 
+    # -- pipes ---------------------------------------------------------------
+
+    def _pipe_names(self, *, everything: bool = False) -> list[str]:
+        try:
+            return [name for name in os.listdir(self.pipes) if everything or not name.startswith(".")]
+        except FileNotFoundError:
+            return []
+
+    def _live_pipes(self) -> list[str]:
+        """The names of the pipes whose sender is alive."""
+        live = []
+        for name in self._pipe_names():
+            with contextlib.suppress(FileNotFoundError):
+                fd = os.open(self.pipes / name, os.O_RDONLY | _NO_SURPRISES)
+                try:
+                    if _lock_held(fd, _PIPE_SENDER):
+                        live.append(name)
+                finally:
+                    os.close(fd)
+        return live
+
+    def open_pipe(self, oid: str, length: int | None, receivers: int) -> PipeSender:
+        self.check_size(length or 0)
+        progress = self.progress(oid)
+        if progress is not None and progress.active:
+            raise Conflict("an upload of this object is in progress: receive it with GET")
+        wanted = self.config.pipe_buffer if length is None else min(self.config.pipe_buffer, max(1, length))
+        capacity = -(-wanted // mmap.PAGESIZE) * mmap.PAGESIZE
+        with self._space_lock():
+            live = self._live_pipes()
+            if oid in live:
+                raise Conflict("a pipe of this object is in progress: receive it with GET")
+            if len(live) >= self.config.max_pipes:
+                limit = self.config.max_pipes
+                raise Overloaded(f"the relay carries {limit} pipes at once, its limit", retry_after=10)
+            self._check_space(_PIPE_DATA_AT + capacity)
+            staging = self.pipes / f".new-{secrets.token_hex(8)}"
+            fd = os.open(staging, os.O_RDWR | os.O_EXCL | _CREATE, 0o600)
+            pipe = None
+            try:
+                _lock(fd, fcntl.F_WRLCK, _PIPE_SENDER)
+                with _disk_full_is_no_space():
+                    os.posix_fallocate(fd, 0, _PIPE_DATA_AT + capacity)  # never a SIGBUS for a full disk
+                pipe = _PipeFile.initialise(fd, length, capacity, receivers)
+                os.rename(staging, self.pipes / oid)
+            except BaseException:
+                _unlink_if_present(staging)
+                pipe.close() if pipe is not None else os.close(fd)
+                raise
+        return PipeSender(self, oid, self.pipes / oid, pipe)
+
+    def join_pipe(self, oid: str, *, receive: bool = True) -> PipeReader | None:
+        try:
+            fd = os.open(self.pipes / oid, os.O_RDWR | _NO_SURPRISES)
+        except FileNotFoundError:
+            return None
+        try:
+            pipe = _PipeFile(fd)
+        except (ValueError, OSError):
+            os.close(fd)
+            return None
+        try:
+            with pipe.mutex():
+                state = pipe.state
+                over = state in (PipeState.FAILED, PipeState.CLOSED)
+                if over or (state is not PipeState.VERIFIED and not pipe.sender_alive()):
+                    slot = -1
+                elif pipe.claimed > pipe.capacity:
+                    raise Conflict(
+                        "too late: this pipe's first bytes have left the relay's buffer"
+                        " (start receivers before the sender, or ask it to wait for more with ?receivers=N)"
+                    )
+                else:
+                    slot = None
+                if receive and slot is None:
+                    slot = next((index for index, (status, _) in enumerate(pipe.slots()) if not status), None)
+                    if slot is None:
+                        raise Overloaded(f"this pipe has its most receivers ({_PIPE_SLOTS})", retry_after=10)
+                    _lock(fd, fcntl.F_WRLCK, _PIPE_RECEIVERS + slot)
+                    pipe.set_slot(slot, _Receiver.ACTIVE, 0)
+            if slot == -1:  # over, or its sender died before it verified
+                pipe.close()
+                return None
+            return PipeReader(pipe, slot)
+        except BaseException:
+            pipe.close()
+            raise
+
     # -- space ---------------------------------------------------------------
 
     def _check_space(self, needed: int) -> int:
@@ -2312,7 +2442,7 @@ class Store:
         quota = self.config.max_disk
         if quota is None:
             return available - needed
-        below_quota = quota - usage["stored_bytes"] - usage["reserved_bytes"] - needed
+        below_quota = quota - usage["stored_bytes"] - usage["reserved_bytes"] - usage["pipe_buffer_bytes"] - needed
         if below_quota < 0:
             raise NoSpace(f"over the relay's disk quota of {format_size(quota)} ({quota} bytes)")
         return min(available - needed, below_quota)
@@ -2333,6 +2463,11 @@ class Store:
                 allocated += on_disk
                 reserved += max(info["length"] or 0, on_disk)
         stored_count, stored_bytes, _ = self._ledger()
+        pipe_count = pipe_bytes = 0
+        for name in self._pipe_names(everything=True):
+            with contextlib.suppress(FileNotFoundError):
+                pipe_bytes += os.lstat(self.pipes / name).st_blocks * 512
+                pipe_count += not name.startswith(".")
         disk = shutil.disk_usage(self.root)
         return {
             "stored_count": stored_count,
@@ -2340,6 +2475,8 @@ class Store:
             "partial_count": partial_count,
             "reserved_bytes": reserved,
             "partial_allocated_bytes": allocated,
+            "pipe_count": pipe_count,
+            "pipe_buffer_bytes": pipe_bytes,
             "disk_total_bytes": disk.total,
             "disk_used_bytes": disk.used,
             "disk_free_bytes": disk.free,
@@ -2383,6 +2520,7 @@ class Store:
         removed["leftovers"] += self._sweep_meta(now)
         for name in os.listdir(self.retired):
             self._unlink_if_unread(self.retired / name)
+        removed["leftovers"] += self._sweep_pipes(now)
         for name in os.listdir(self.unnamed):
             with contextlib.suppress(FileNotFoundError):
                 ttl = 60 if name.startswith(".") else self.config.partial_ttl
@@ -2390,6 +2528,27 @@ class Store:
                     os.unlink(self.unnamed / name)
                     removed["leftovers"] += 1
         self._recount()
+        return removed
+
+    def _sweep_pipes(self, now: float) -> int:
+        """Remove the files of pipes whose sender is gone (a crash), and of pipes being
+        created for over a minute; how many."""
+        removed = 0
+        for name in self._pipe_names(everything=True):
+            path = self.pipes / name
+            with contextlib.suppress(FileNotFoundError):
+                fd = os.open(path, os.O_RDONLY | _NO_SURPRISES)
+                try:
+                    young = name.startswith(".") and now - os.fstat(fd).st_mtime < 60
+                    if young or _lock_held(fd, _PIPE_SENDER):
+                        continue
+                    named = os.stat(path)
+                    ours = os.fstat(fd)
+                    if (named.st_dev, named.st_ino) == (ours.st_dev, ours.st_ino):
+                        os.unlink(path)
+                        removed += 1
+                finally:
+                    os.close(fd)
         return removed
 
     def _sweep_partial(self, oid: str, now: float) -> bool:
@@ -2805,6 +2964,318 @@ class UploadReader(_Reader):
             self._drop_reader()
         self._fd = -1
         self.partial.close()
+
+
+# -- pipes: verified transfers that are never stored ------------------------------
+#
+# A pipe's file (.relay/pipes/<sha256>) is a header page, then a ring of at most
+# --pipe-buffer bytes, allocated when the pipe begins and mapped by the sender and by
+# each receiver, in any worker. The header holds the pipe's state, its length, how many
+# bytes the sender has written into the ring and may be writing, and one slot per
+# receiver: its status and how far it has read. The sender writes only where every
+# receiver has read, so it stops reading its socket (TCP backpressure) while the
+# slowest one is a ring behind. OFD locks on the file: the sender's byte says it lives,
+# each receiver holds its slot's byte, and the mutex byte makes a receiver's joining and
+# the sender's claim on ring space one decision.
+
+_PIPE_HEADER = struct.Struct("8sqqqqqq")  # magic, state, length (-1: unknown), capacity, wanted, claimed, written
+_PIPE_MAGIC = b"relaypip"
+_PIPE_SLOT = struct.Struct("qq")  # status, position
+_PIPE_SLOTS = 64  # receivers of one pipe, at most
+_PIPE_SLOTS_AT = 128  # offset of the slots in the header
+_PIPE_DATA_AT = max(mmap.PAGESIZE, 4096)  # offset of the ring
+_PIPE_MUTEX = 1 << 62  # lock bytes of a pipe's file, beyond any data
+_PIPE_SENDER = _PIPE_MUTEX + 1
+_PIPE_RECEIVERS = _PIPE_MUTEX + 16  # one byte per slot
+_PIPE_READ = 4 * BLOCK_SIZE  # bytes a receiver hands over at a time, at most
+_PIPE_POLL_MIN, _PIPE_POLL_MAX = 0.001, 0.02  # seconds between looks at a pipe
+
+
+class PipeState(enum.IntEnum):
+    WAITING = 0  # for its receivers: no bytes flow yet
+    FLOWING = 1
+    VERIFIED = 2  # every byte is in the ring and hashed to the name: receivers may finish
+    FAILED = 3  # mismatch, aborted or stalled sender: every receiver is cut off
+    CLOSED = 4  # over: every receiver finished or left
+
+
+class _Receiver(enum.IntEnum):
+    FREE = 0
+    ACTIVE = 1
+    DONE = 2  # got every byte
+    GONE = 3  # left (or was cut off) before the end
+
+
+class PipeAbandoned(StorageError):
+    """Every receiver of a pipe left before the end."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PipeOutcome:
+    """How a pipe ended that verified: its size, and how many of the receivers that
+    joined it got every byte."""
+
+    size: int
+    delivered: int
+    receivers: int
+
+
+class _PipeFile:
+    """A pipe's file, opened and mapped: its header's fields and its ring."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.map = mmap.mmap(fd, 0)
+        try:
+            magic, _, _, capacity = _PIPE_HEADER.unpack_from(self.map)[:4]
+            if magic != _PIPE_MAGIC or len(self.map) != _PIPE_DATA_AT + capacity:
+                raise ValueError("not a pipe's file")
+        except (ValueError, struct.error):
+            self.map.close()
+            raise
+        self.capacity = capacity
+
+    @classmethod
+    def initialise(cls, fd: int, length: int | None, capacity: int, wanted: int) -> _PipeFile:
+        header = _PIPE_HEADER.pack(
+            _PIPE_MAGIC, PipeState.WAITING, -1 if length is None else length, capacity, wanted, 0, 0
+        )
+        _write_all(fd, header, 0)
+        return cls(fd)
+
+    def _field(self, index: int) -> int:
+        return struct.unpack_from("q", self.map, 8 + 8 * (index - 1))[0]
+
+    def _set_field(self, index: int, value: int) -> None:
+        struct.pack_into("q", self.map, 8 + 8 * (index - 1), value)
+
+    state = property(lambda self: PipeState(self._field(1)), lambda self, value: self._set_field(1, value))
+    length = property(lambda self: None if self._field(2) < 0 else self._field(2))
+    wanted = property(lambda self: self._field(4))
+    claimed = property(lambda self: self._field(5), lambda self, value: self._set_field(5, value))
+    written = property(lambda self: self._field(6), lambda self, value: self._set_field(6, value))
+
+    def slot(self, index: int) -> tuple[_Receiver, int]:
+        status, position = _PIPE_SLOT.unpack_from(self.map, _PIPE_SLOTS_AT + index * _PIPE_SLOT.size)
+        return _Receiver(status), position
+
+    def set_slot(self, index: int, status: _Receiver, position: int) -> None:
+        _PIPE_SLOT.pack_into(self.map, _PIPE_SLOTS_AT + index * _PIPE_SLOT.size, status, position)
+
+    def set_position(self, index: int, position: int) -> None:
+        struct.pack_into("q", self.map, _PIPE_SLOTS_AT + index * _PIPE_SLOT.size + 8, position)
+
+    def slots(self) -> list[tuple[_Receiver, int]]:
+        return [self.slot(index) for index in range(_PIPE_SLOTS)]
+
+    def receiver_alive(self, index: int) -> bool:
+        return _lock_held(self.fd, _PIPE_RECEIVERS + index)
+
+    def sender_alive(self) -> bool:
+        return _lock_held(self.fd, _PIPE_SENDER)
+
+    @contextlib.contextmanager
+    def mutex(self):
+        _lock(self.fd, fcntl.F_WRLCK, _PIPE_MUTEX, wait=True)
+        try:
+            yield
+        finally:
+            _unlock(self.fd, _PIPE_MUTEX)
+
+    def write(self, position: int, data) -> None:
+        """Put *data* (at most the ring's size) into the ring at stream *position*."""
+        at = position % self.capacity
+        first = min(len(data), self.capacity - at)
+        self.map[_PIPE_DATA_AT + at : _PIPE_DATA_AT + at + first] = data[:first]
+        if first < len(data):
+            self.map[_PIPE_DATA_AT : _PIPE_DATA_AT + len(data) - first] = data[first:]
+
+    def read(self, position: int, size: int) -> bytes:
+        """The *size* bytes at stream *position*, which are still in the ring."""
+        at = position % self.capacity
+        first = min(size, self.capacity - at)
+        data = self.map[_PIPE_DATA_AT + at : _PIPE_DATA_AT + at + first]
+        if first < size:
+            data += self.map[_PIPE_DATA_AT : _PIPE_DATA_AT + size - first]
+        return data
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            self.map.close()
+            os.close(self.fd)
+            self.fd = -1
+
+
+class PipeSender:
+    """The sending side of a pipe (Store.open_pipe): wait for the receivers, send the body
+    through the ring as fast as the slowest receiver takes it, verify, wait for the
+    receivers to finish. close() ends it, and a pipe that did not verify fails: every
+    receiver still reading is cut off."""
+
+    def __init__(self, store: Store, oid: str, path: Path, pipe: _PipeFile):
+        self.store = store
+        self.oid = oid
+        self.path = path
+        self.pipe = pipe
+
+    def wait_for_receivers(self, seconds: float, pause) -> bool:
+        """Wait up to *seconds* until as many receivers as the sender asked for have
+        joined; whether they have. *pause*(seconds) waits between looks (and may raise)."""
+        deadline = time.monotonic() + seconds
+        delays = _delays(0.01, 0.25)
+        while True:
+            with self.pipe.mutex():
+                if self._active() >= self.pipe.wanted:
+                    self.pipe.state = PipeState.FLOWING
+                    return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            pause(min(next(delays), left))
+
+    def _active(self) -> int:
+        """Receivers reading now (a receiver whose worker died is marked gone)."""
+        active = 0
+        for index, (status, position) in enumerate(self.pipe.slots()):
+            if status is _Receiver.ACTIVE:
+                if self.pipe.receiver_alive(index):
+                    active += 1
+                else:
+                    self.pipe.set_slot(index, _Receiver.GONE, position)
+        return active
+
+    def send(self, body, length: int | None, pause) -> PipeOutcome:
+        """Pass *body*'s blocks through the ring, hashing them; once the whole has hashed
+        to the name, let the receivers finish and wait for them. Raises Mismatch,
+        PipeAbandoned (every receiver left), TooLarge (an unsized body over the limit)."""
+        hasher = hashlib.sha256()
+        written = 0
+        limit = self.store.config.max_file_size
+        for block in body:
+            if length is None and limit is not None and written + len(block) > limit:
+                raise TooLarge(f"larger than the relay's limit of {format_size(limit)} ({limit} bytes)")
+            offset = 0
+            while offset < len(block):
+                piece = block[offset : offset + self._room(written, pause)]
+                self.pipe.write(written, piece)
+                hasher.update(piece)
+                written += len(piece)
+                offset += len(piece)
+                self.pipe.written = written
+        if hasher.hexdigest() != self.oid:
+            raise Mismatch(f"content hash {hasher.hexdigest()} does not match the name {self.oid}")
+        with self.pipe.mutex():
+            self.pipe.state = PipeState.VERIFIED
+        delays = _delays(_PIPE_POLL_MIN, _PIPE_POLL_MAX)
+        while True:
+            with self.pipe.mutex():
+                if not self._active():
+                    self.pipe.state = PipeState.CLOSED
+                    slots = [status for status, _ in self.pipe.slots() if status is not _Receiver.FREE]
+                    return PipeOutcome(written, slots.count(_Receiver.DONE), len(slots))
+            pause(next(delays))
+
+    def _room(self, written: int, pause) -> int:
+        """Bytes the sender may write at stream position *written*, waiting until there
+        are some: the ring's size past where the slowest receiver has read."""
+        pipe = self.pipe
+        delays = None
+        while True:
+            joinable = pipe.claimed <= pipe.capacity  # receivers may still join: decide under the mutex
+            with pipe.mutex() if joinable else contextlib.nullcontext():
+                positions = [position for status, position in pipe.slots() if status is _Receiver.ACTIVE]
+                room = (min(positions) if positions else written) + pipe.capacity - written
+                if room > 0 and positions:
+                    pipe.claimed = written + min(room, BLOCK_SIZE)
+                    return min(room, BLOCK_SIZE)
+                if not positions or not self._active():
+                    raise PipeAbandoned("every receiver left before the end")
+            delays = delays or _delays(_PIPE_POLL_MIN, _PIPE_POLL_MAX)
+            pause(next(delays))
+
+    def close(self) -> None:
+        """End the pipe: one that did not verify fails; its file goes (receivers that
+        hold it finish or are cut off)."""
+        pipe = self.pipe
+        if pipe.fd < 0:
+            return
+        try:
+            with pipe.mutex():
+                if pipe.state not in (PipeState.VERIFIED, PipeState.CLOSED):
+                    pipe.state = PipeState.FAILED
+            with contextlib.suppress(FileNotFoundError):
+                named, ours = os.stat(self.path), os.fstat(pipe.fd)
+                if (named.st_dev, named.st_ino) == (ours.st_dev, ours.st_ino):  # ours is open: not reused
+                    os.unlink(self.path)
+        finally:
+            pipe.close()
+
+
+class PipeReader:
+    """A receiver of a pipe (Store.join_pipe): a Reader of the bytes as they pass, the
+    last one held back until the whole has verified. read() raises UploadFailed when the
+    pipe fails or its sender goes."""
+
+    object = None
+    max_downloads = None
+    ticket = None
+
+    def __init__(self, pipe: _PipeFile, slot: int | None):
+        self.pipe = pipe
+        self.slot = slot  # None: a look at the pipe (HEAD), not a receiver
+        self.length = pipe.length
+        self.position = 0
+        self.finished = False
+        self.pause = time.sleep
+
+    @property
+    def sent(self) -> int:
+        return self.position
+
+    def progress(self) -> Progress:
+        written = self.pipe.written
+        return Progress("pipe", self.length, [(0, written - 1)] if written else [], True)
+
+    def select(self, first: int, last: int) -> None:
+        raise Conflict("a pipe is sent whole, from its first byte")
+
+    def read(self, size: int = -1) -> bytes:
+        """The next bytes to pass (up to _PIPE_READ), waiting for them; b"" at the end."""
+        pipe = self.pipe
+        delays = _delays(_PIPE_POLL_MIN, _PIPE_POLL_MAX)
+        while True:
+            state = pipe.state
+            verified = state in (PipeState.VERIFIED, PipeState.CLOSED)
+            written = pipe.written
+            end = written if verified else written - 1
+            if self.position < end:
+                size = min(end - self.position, _PIPE_READ)
+                data = pipe.read(self.position, size)
+                self.position += size
+                pipe.set_position(self.slot, self.position)
+                return data
+            if verified:
+                self.finished = True
+                pipe.set_slot(self.slot, _Receiver.DONE, self.position)
+                return b""
+            if state is PipeState.FAILED:
+                raise UploadFailed("the pipe failed: its content did not verify, or its sender stopped")
+            if not pipe.sender_alive():
+                raise UploadFailed("the pipe's sender went away")
+            self.pause(next(delays))
+
+    def close(self) -> None:
+        pipe = self.pipe
+        if pipe.fd < 0:
+            return
+        try:
+            if self.slot is not None:
+                status, position = pipe.slot(self.slot)
+                if status is not _Receiver.DONE:
+                    pipe.set_slot(self.slot, _Receiver.GONE, position)
+                _unlock(pipe.fd, _PIPE_RECEIVERS + self.slot)
+        finally:
+            pipe.close()
 
 
 def open_storage(config: RelayConfig) -> Storage:
@@ -4345,7 +4816,7 @@ def _object_headers(obj: StoredObject) -> dict:
 def _upload_headers(progress: Progress) -> dict:
     """The headers of GET and HEAD of an upload in progress, but its Content-Length."""
     headers = {"Content-Type": "application/octet-stream", **_progress_headers(progress)}
-    if progress.length is not None:
+    if progress.length is not None and progress.mode != "pipe":
         headers["Accept-Ranges"] = "bytes"
     return headers
 
@@ -4580,6 +5051,8 @@ class RelayHandler:
 
     def put_object(self, oid_text):
         oid = self._object_id(oid_text)
+        if "pipe" in self.request.query:
+            return self.put_pipe(oid)
         exchange = self.request.environ["file_relay.exchange"]
         try:
             length, chunk, limits, digest = self._upload_request(oid)
@@ -4631,6 +5104,67 @@ class RelayHandler:
         headers.pop("Content-Type", None)
         size = f" ({obj.size} bytes)" if obj else ""
         return self._reply(status_of(outcome), f"{outcome.value} {oid}{size}", headers)
+
+    # -- pipes: PUT ...?pipe[&receivers=N] --------------------------------------
+
+    def put_pipe(self, oid: str):
+        """Pass the body to the receivers (GETs of the same name) without storing it:
+        200 once it verified and at least one receiver got every byte."""
+        environ = self.request.environ
+        exchange = environ["file_relay.exchange"]
+        try:
+            if not isinstance(self.storage, Pipes):
+                raise RelayError(501, "this relay's storage cannot pipe: PUT without ?pipe")
+            if self.storage.is_stored(oid):
+                return self._reply(
+                    200, f"already stored {oid}: nothing to pipe, receivers get the stored object", close=True
+                )
+            if self.state.draining:
+                raise RelayError(503, "the relay is shutting down", retry_after=5)
+            if environ.get("HTTP_CONTENT_RANGE"):
+                raise RelayError(400, "a pipe is sent whole, in one request: no Content-Range")
+            receivers = self.request.query.get("receivers", "1")
+            if not _DIGITS_RE.fullmatch(receivers) or not 1 <= int(receivers) <= _PIPE_SLOTS:
+                raise RelayError(400, f"receivers must be a number of receivers from 1 to {_PIPE_SLOTS}")
+            length = _declared_length(environ)
+            self.storage.check_size(length or 0)
+            wait = self._wait(self.config.pipe_wait)
+            pipe = self.storage.open_pipe(oid, length, int(receivers))
+        except (RelayError, StorageError) as exc:
+            return self._refuse(exc)
+        peer = _client_socket(environ)
+
+        def pause(seconds: float) -> None:
+            if _hangs_up_within(peer, seconds):
+                raise ClientGone("the sender hung up")
+
+        try:
+            with self.state.active("uploads_active"):
+                if not pipe.wait_for_receivers(wait, self._unless_draining(pause)):
+                    reason = f"no receiver came within {wait:g} s: start them (GET of this URL), then send again"
+                    raise RelayError(504, reason)
+                outcome = pipe.send(_request_body(environ, length, exchange), length, pause)
+        except (RelayError, StorageError) as exc:
+            return self._refuse(exc)
+        except ClientGone as exc:
+            exchange.note = str(exc)
+            return self._reply(exc.status, str(exc), close=True)
+        finally:
+            pipe.close()
+        counts = {"X-Pipe-Delivered": str(outcome.delivered), "X-Pipe-Receivers": str(outcome.receivers)}
+        summary = f"{outcome.delivered} of {outcome.receivers} receivers got every byte"
+        exchange.note = summary
+        if not outcome.delivered:
+            return self._reply(502, f"{oid} ({outcome.size} bytes) verified, but {summary}", counts)
+        return self._reply(200, f"piped {oid} ({outcome.size} bytes): verified; {summary}", counts)
+
+    def _unless_draining(self, pause):
+        def paused(seconds: float) -> None:
+            if self.state.draining:
+                raise RelayError(503, "the relay is shutting down", retry_after=5)
+            pause(seconds)
+
+        return paused
 
     # -- uploads the relay names ----------------------------------------------
 
@@ -4794,8 +5328,9 @@ class RelayHandler:
             environ["file_relay.exchange"].note = str(exc)
             return self._reply(400, str(exc), close=True)
 
-    def _wait(self) -> float:
-        """How long a GET waits for an upload to start: ?wait=, a Prefer: wait=, or the default."""
+    def _wait(self, default: float | None = None) -> float:
+        """How long a GET waits for an upload to start (a pipe's sender, for its
+        receivers): ?wait=, a Prefer: wait=, or the default."""
         environ = self.request.environ
         preferred = _preferred_wait(environ.get("HTTP_PREFER"))
         if "wait" in self.request.query:
@@ -4807,15 +5342,18 @@ class RelayHandler:
             wait = min(preferred, self.config.max_get_wait)
             environ["file_relay.preference_applied"] = f"wait={wait:g}"
             return wait
-        return self.config.get_wait_timeout
+        return self.config.get_wait_timeout if default is None else default
 
     def _find(self, oid: str, *, unsized_ok: bool):
-        """A reader of the stored object or of its upload, _UNSIZED_UPLOAD for an upload of
-        unknown length that may not be followed, or None."""
+        """A reader of the stored object, of its pipe or of its upload, _UNSIZED_UPLOAD for
+        one of unknown length that may not be followed, or None."""
         reader = self.storage.open(oid)
         if reader is not None:
             return reader
-        reader = self.storage.follow(oid)
+        if isinstance(self.storage, Pipes):
+            reader = self.storage.join_pipe(oid, receive=self.request.method != "HEAD")
+        if reader is None:
+            reader = self.storage.follow(oid)
         if reader is not None and reader.length is None and not unsized_ok:
             reader.close()
             return _UNSIZED_UPLOAD
@@ -4885,6 +5423,8 @@ class RelayHandler:
         """206 if the request's Range applies (and narrow *reader* and *headers* to it), else
         200. Raises RelayError(416) for a range that is not there."""
         environ = self.request.environ
+        if reader.object is None and reader.progress().mode == "pipe":
+            return 200  # a pipe is sent whole: its receivers cannot ask for a part of it
         size = reader.object.size if reader.object is not None else reader.length
         if_range = environ.get("HTTP_IF_RANGE")
         if if_range is not None and "ETag" in headers and if_range.strip() != headers["ETag"]:
@@ -4973,6 +5513,7 @@ def _status_report(config: RelayConfig, usage: dict, state: SharedState) -> dict
         "stored_objects": usage["stored_count"],
         "stored_bytes": usage["stored_bytes"],
         "partial_uploads": usage["partial_count"],
+        "pipes_in_progress": usage["pipe_count"],
         "uploads_in_progress": totals["uploads_active"],
         "downloads_in_progress": totals["downloads_active"],
         "waiting_readers": totals["waiting_readers"],
@@ -4992,6 +5533,8 @@ def _status_report(config: RelayConfig, usage: dict, state: SharedState) -> dict
             "partial_ttl": config.partial_ttl,
             "get_wait_timeout": config.get_wait_timeout,
             "waiting_readers_per_worker": config.waiting_reader_limit,
+            "pipe_buffer": config.pipe_buffer,
+            "max_pipes": config.max_pipes,
         },
         "draining": state.draining,
     }
