@@ -3156,7 +3156,7 @@ class PipeSender:
                 raise TooLarge(f"larger than the relay's limit of {format_size(limit)} ({limit} bytes)")
             offset = 0
             while offset < len(block):
-                piece = block[offset : offset + self._room(written, pause)]
+                piece = block[offset : offset + self._room(written, len(block) - offset, pause)]
                 self.pipe.write(written, piece)
                 hasher.update(piece)
                 written += len(piece)
@@ -3175,9 +3175,9 @@ class PipeSender:
                     return PipeOutcome(written, slots.count(_Receiver.DONE), len(slots))
             pause(next(delays))
 
-    def _room(self, written: int, pause) -> int:
-        """Bytes the sender may write at stream position *written*, waiting until there
-        are some: the ring's size past where the slowest receiver has read."""
+    def _room(self, written: int, wanted: int, pause) -> int:
+        """Bytes (up to *wanted*) the sender may write at stream position *written*, waiting
+        until there are some: the ring's size past where the slowest receiver has read."""
         pipe = self.pipe
         delays = None
         while True:
@@ -3186,8 +3186,9 @@ class PipeSender:
                 positions = [position for status, position in pipe.slots() if status is _Receiver.ACTIVE]
                 room = (min(positions) if positions else written) + pipe.capacity - written
                 if room > 0 and positions:
-                    pipe.claimed = written + min(room, BLOCK_SIZE)
-                    return min(room, BLOCK_SIZE)
+                    room = min(room, wanted, BLOCK_SIZE)
+                    pipe.claimed = written + room
+                    return room
                 if not positions or not self._active():
                     raise PipeAbandoned("every receiver left before the end")
             delays = delays or _delays(_PIPE_POLL_MIN, _PIPE_POLL_MAX)
@@ -3943,6 +3944,7 @@ _REFUSALS = {
     Mismatch: 400,
     WrongLength: 400,
     Overloaded: 503,
+    PipeAbandoned: 502,  # no receiver is left to pass the content to
     StorageError: 500,  # a kind no table entry names: the relay's own fault
 }
 _OUTCOMES = {Stored.CREATED: 201, Stored.ALREADY: 200}
@@ -5866,6 +5868,9 @@ class ClientOptions:
     chunk_size: int = 16 << 20
     parallel: int = 1  # send: chunks in flight at once
     hash_first: bool = False  # send: hash a large file before sending it, so that receivers can follow it
+    pipe: bool = False  # send: through the relay to receivers that are waiting, never stored (?pipe)
+    receivers: int = 1  # send --pipe: receivers the relay waits for before bytes flow
+    pipe_wait: float | None = None  # send --pipe: seconds the relay waits for them (None: the relay's --pipe-wait)
     max_days: float | None = None  # send: ask the relay to drop the object this many days after upload
     max_downloads: int | None = None  # send: ask the relay to drop the object after this many downloads
     timeout: float = 60.0  # seconds for a connect, and for any read or write to make progress
@@ -6182,18 +6187,20 @@ class _Connection:
             self.conn.close()
             self.conn = None
 
-    def request(self, method: str, path: str, headers: dict | None = None, body=None, *, wait: float = 0.0):
+    def request(
+        self, method: str, path: str, headers: dict | None = None, body=None, *, wait: float = 0.0, body_wait=0.0
+    ):
         """Send a request and return its response, body unread. *body* is a function
         returning the body's blocks, so that a request on a kept-alive connection the relay
         has closed meanwhile can be sent again at once. *wait*: extra seconds the relay may
-        take before it answers."""
+        take before it answers; *body_wait*, before it reads the body (a pipe's receivers)."""
         headers = {"User-Agent": f"file-relay/{__version__}", **(headers or {})}
         for attempt in (1, 2):
             if self.conn is None:
                 self.conn = self.session.connect()
             reused = self.conn.sock is not None
             try:
-                return self._exchange(method, path, headers, body, wait)
+                return self._exchange(method, path, headers, body, wait, body_wait)
             except ssl.SSLCertVerificationError as exc:
                 self.close()
                 raise ClientError(
@@ -6212,13 +6219,14 @@ class _Connection:
                 raise
         raise AssertionError("unreachable")
 
-    def _exchange(self, method: str, path: str, headers: dict, body, wait: float):
+    def _exchange(self, method: str, path: str, headers: dict, body, wait: float, body_wait: float):
         conn = self.conn
         conn.putrequest(method, path, skip_accept_encoding=True)
         for name, value in headers.items():
             conn.putheader(name, value)
         conn.endheaders()
         sock = conn.sock
+        sock.settimeout(self.session.options.timeout + body_wait)
         broken = None
         if body is not None:
             try:
@@ -6504,6 +6512,51 @@ class _Upload:
         raise _refusal(response, text)
 
 
+class _PipeUpload(_Upload):
+    """Sends one file through a pipe (send --pipe): hashed first, its URL announced so
+    that receivers can start, then one PUT ?pipe that the relay answers once the receivers
+    have it all. A pipe cannot resume: only a refusal before any byte passed is retried."""
+
+    def __init__(self, session: _Session, file: str, announce):
+        super().__init__(session, file)
+        self.announce = announce  # called with the object URL once it is known
+
+    def _transfer(self) -> None:
+        self.oid = _hash_file(self.fd, self.size, self.console, self.label)
+        self.announce(self.session.address.object_url(self.oid))
+        query = f"?pipe&receivers={self.options.receivers}"
+        if self.options.pipe_wait is not None:
+            query += f"&wait={self.options.pipe_wait:g}"
+        wait = self.options.pipe_wait if self.options.pipe_wait is not None else _LONGEST_PIPE_WAIT
+        headers = {**self.headers, "Content-Length": str(self.size)}
+        connection = self.connections[0]
+        started = time.monotonic()
+        while True:
+            self.meter = self.console.meter(self.label, self.size)
+            try:
+                response = connection.request(
+                    "PUT", self.path + query, headers, lambda: self._blocks(0, self.size), wait=wait, body_wait=wait
+                )
+                text = connection.read_text(response)
+            except _Retry as exc:
+                if self.sent:
+                    raise ClientError(f"the pipe broke: {exc}; its receivers were cut off", EXIT_NETWORK) from None
+                self.policy.wait(exc)
+                continue
+            finally:
+                self.meter.close()
+            if response.status == 503 and not self.sent:
+                self.policy.wait(_Retry(f"{response.status}: {text}", _retry_after(response)))
+                continue
+            break
+        if response.status != 200:
+            raise ClientError(f"the relay refused the pipe: {response.status} {text}")
+        elapsed = time.monotonic() - started
+        delivered = text.rpartition("verified; ")[2] or text
+        self.console.note(f"{self.label}: piped and verified in {elapsed:.1f} s; {delivered}")
+
+
+_LONGEST_PIPE_WAIT = 600.0  # seconds a sender may be kept waiting by a relay's default --pipe-wait
 _TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{16,128}")  # what send takes for the token of a relay's upload
 
 
@@ -6991,8 +7044,18 @@ def send_files(
         return exc.exit_code
     records = _SendRecords(send_records_directory())
     status = EXIT_OK
+
+    def announce(url: str, name: str) -> None:
+        url = _named_url(url, name)
+        lines = [url] if options.quiet else [f"{url}  {name}", *(f"  {line}" for line in _receive_commands(url, name))]
+        print("\n".join(lines), file=out, flush=True)
+
     for file in files:
+        name = Path(file).name
         try:
+            if options.pipe:
+                _PipeUpload(session, file, lambda url, name=name: announce(url, name)).run()
+                continue
             url = _OnePassUpload(session, file, records).run()
         except ClientError as exc:
             console.error(f"{file}: {exc}")
@@ -7000,10 +7063,7 @@ def send_files(
             if exc.exit_code == EXIT_NETWORK:
                 break
             continue
-        name = Path(file).name
-        url = _named_url(url, name)
-        lines = [url] if options.quiet else [f"{url}  {name}", *(f"  {line}" for line in _receive_commands(url, name))]
-        print("\n".join(lines), file=out, flush=True)
+        announce(url, name)
     return status
 
 
@@ -7329,6 +7389,26 @@ def build_client_parser(command: str) -> argparse.ArgumentParser:
             help="hash a file larger than a chunk before sending it (reading it twice) and show its URL at once, "
             "so that receivers can start and follow the upload",
         )
+        parser.add_argument(
+            "--pipe",
+            action="store_true",
+            help="pass the file through the relay to receivers without storing it (for files larger than its "
+            "disk): hashed first, its URL shown; succeeds once receivers got every byte, verified",
+        )
+        parser.add_argument(
+            "--receivers",
+            type=_option_type(_positive_int(64), "receivers"),
+            default=ClientOptions.receivers,
+            metavar="N",
+            help="with --pipe: receivers the relay waits for before bytes flow (default 1)",
+        )
+        parser.add_argument(
+            "--wait",
+            dest="pipe_wait",
+            type=_option_type(_seconds, "wait"),
+            metavar="SECONDS",
+            help="with --pipe: how long the relay waits for the receivers (default: the relay's --pipe-wait)",
+        )
     else:
         parser.add_argument(
             "object_url",
@@ -7410,6 +7490,9 @@ def client_main(command: str, argv: list[str]) -> int:
         max_days=getattr(args, "max_days", None),
         max_downloads=getattr(args, "max_downloads", None),
         hash_first=getattr(args, "hash_first", False),
+        pipe=getattr(args, "pipe", False),
+        receivers=getattr(args, "receivers", 1),
+        pipe_wait=getattr(args, "pipe_wait", None),
         timeout=args.timeout,
         retry_for=args.retry_for,
         limit_rate=args.limit_rate,

@@ -1,0 +1,680 @@
+"""Pipes: PUT /<sid>/<sha256>?pipe passes a body to the GETs of its name without storing
+it, verified, through a bounded buffer. Live relays, real curl and raw sockets; the
+pipe's state is read from its real file where a test must know it."""
+
+import concurrent.futures
+import hashlib
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+import requests
+from conftest import ROOT, SERVER_ID, Paced, blob, sha256, wait_until
+
+import file_relay
+
+EMPTY = hashlib.sha256(b"").hexdigest()
+
+
+def pipe_url(relay, oid: str, receivers: int | None = None, wait: float | None = None) -> str:
+    url = relay.url(oid) + "?pipe"
+    if receivers is not None:
+        url += f"&receivers={receivers}"
+    if wait is not None:
+        url += f"&wait={wait:g}"
+    return url
+
+
+def pipe_state(files, oid: str) -> str | None:
+    """The state in the pipe's file (PipeState's name), or None if there is none."""
+    try:
+        with open(files / ".relay" / "pipes" / oid, "rb") as file:
+            header = file.read(file_relay._PIPE_HEADER.size)
+    except FileNotFoundError:
+        return None
+    return file_relay.PipeState(struct.unpack_from("q", header, 8)[0]).name
+
+
+def pipe_written(files, oid: str) -> int:
+    try:
+        with open(files / ".relay" / "pipes" / oid, "rb") as file:
+            header = file.read(file_relay._PIPE_HEADER.size)
+    except FileNotFoundError:
+        return -1
+    return file_relay._PIPE_HEADER.unpack(header)[6]
+
+
+def assert_nothing_kept(files) -> None:
+    """Nothing of a pipe is stored: no object, no partial upload, no pipe file."""
+    objects = [path.name for path in files.iterdir() if len(path.name) == 64]
+    assert objects == []
+    assert list((files / ".relay" / "partial").iterdir()) == []
+    assert list((files / ".relay" / "pipes").iterdir()) == []
+
+
+class Receiver:
+    """A GET on a raw socket, its body hashed as it arrives, in a thread: it knows its
+    local port (to find the worker serving it), and can be paused or dropped."""
+
+    def __init__(self, relay, oid: str, wait: float = 30, method: str = "GET"):
+        self.sock = socket.create_connection(relay.address, timeout=60)
+        self.port = self.sock.getsockname()[1]
+        request = f"{method} /{SERVER_ID}/{oid}?wait={wait:g} HTTP/1.1\r\nHost: x\r\n\r\n"
+        self.sock.sendall(request.encode())
+        self.head = b""
+        self.status = None
+        self.length = None
+        self.received = 0
+        self.hasher = hashlib.sha256()
+        self.ended = None  # "complete" (every byte of Content-Length), "cut" (closed early)
+        self.reading = threading.Event()
+        self.reading.set()
+        self.method = method
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            rest = b""
+            while b"\r\n\r\n" not in rest:
+                data = self.sock.recv(65536)
+                if not data:
+                    self.ended = "cut"
+                    return
+                rest += data
+            self.head, _, rest = rest.partition(b"\r\n\r\n")
+            lines = self.head.decode("latin-1").split("\r\n")
+            self.status = int(lines[0].split()[1])
+            headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+            self.length = int(headers["content-length"]) if "content-length" in headers else None
+            if self.method == "HEAD" or self.status != 200:
+                self.body = rest
+                self.ended = "complete"
+                return
+            self._take(rest)
+            while self.received < self.length:
+                self.reading.wait()
+                data = self.sock.recv(1 << 20)
+                if not data:
+                    self.ended = "cut"
+                    return
+                self._take(data)
+            self.ended = "complete"
+        except OSError:
+            self.ended = "cut"
+        finally:
+            self.sock.close()
+
+    def _take(self, data: bytes) -> None:
+        self.received += len(data)
+        self.hasher.update(data)
+
+    def result(self, timeout: float = 60) -> "Receiver":
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the receiver did not end"
+        return self
+
+    def verified(self, oid: str) -> bool:
+        return self.ended == "complete" and self.received == self.length and self.hasher.hexdigest() == oid
+
+    def drop(self) -> None:
+        self.sock.shutdown(socket.SHUT_RDWR)
+
+
+def curl_receiver(url: str, path, *extra) -> subprocess.Popen:
+    return subprocess.Popen(
+        ["curl", "-sS", "-o", str(path), "-w", "%{http_code} %{size_download}", *extra, url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def waiting_readers(relay, count: int) -> None:
+    wait_until(lambda: requests.get(relay.url()).json()["waiting_readers"] == count, message=f"{count} waiting")
+
+
+def send(pool, url: str, body, **kwargs) -> concurrent.futures.Future:
+    return pool.submit(lambda: requests.put(url, data=body, timeout=120, **kwargs))
+
+
+def raw_sender(relay, oid: str, length: int, query: str = "pipe") -> socket.socket:
+    sock = socket.create_connection(relay.address, timeout=30)
+    head = f"PUT /{SERVER_ID}/{oid}?{query} HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n"
+    sock.sendall(head.encode())
+    return sock
+
+
+def answer_of(sock: socket.socket) -> bytes:
+    received = b""
+    with sock:
+        while data := sock.recv(65536):
+            received += data
+            if b"\r\n\r\n" in received and received.endswith(b"\n"):
+                break
+    return received
+
+
+# -- the pipe's promise: verified, paced, whole --------------------------------------
+
+
+def test_three_receivers_one_throttled_all_verify_and_the_sender_is_paced(live, tmp_path, files):
+    relay = live("--pipe-buffer", "1M")
+    data, oid = blob(24 << 20)
+    receivers = [curl_receiver(relay.url(oid) + "?wait=30", tmp_path / f"r{n}") for n in range(2)]
+    slow = curl_receiver(relay.url(oid) + "?wait=30", tmp_path / "slow", "--limit-rate", "4M")
+    waiting_readers(relay, 3)
+    started = time.monotonic()
+    answer = requests.put(pipe_url(relay, oid, receivers=3), data=data, timeout=120)
+    took = time.monotonic() - started
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["X-Pipe-Delivered"] == answer.headers["X-Pipe-Receivers"] == "3"
+    assert "verified; 3 of 3 receivers got every byte" in answer.text
+    assert took > 4  # 24 MiB at 4 MiB/s to the slowest: the sender waited for it
+    for process, name in [*zip(receivers, ("r0", "r1"), strict=True), (slow, "slow")]:
+        out, err = process.communicate(timeout=60)
+        assert process.returncode == 0 and out == f"200 {len(data)}", err
+        assert sha256((tmp_path / name).read_bytes()) == oid
+    assert_nothing_kept(files)
+
+
+def test_a_mismatch_cuts_every_receiver_before_its_last_byte(live, tmp_path, files):
+    relay = live("--pipe-buffer", "1M")
+    data, oid = blob(4 << 20)
+    tampered = data[:-1] + bytes([data[-1] ^ 1])  # only the very last byte differs
+    receivers = [curl_receiver(relay.url(oid) + "?wait=30", tmp_path / f"r{n}") for n in range(2)]
+    waiting_readers(relay, 2)
+    answer = requests.put(pipe_url(relay, oid, receivers=2), data=tampered, timeout=60)
+    assert answer.status_code == 400 and "does not match" in answer.text
+    for n, process in enumerate(receivers):
+        out, err = process.communicate(timeout=30)
+        assert process.returncode == 18, (out, err)  # CURLE_PARTIAL_FILE: never a complete-looking body
+        assert (tmp_path / f"r{n}").stat().st_size == len(data) - 1
+    assert_nothing_kept(files)
+
+
+def test_a_sender_that_aborts_cuts_every_receiver(live, files):
+    relay = live("--pipe-buffer", "1M")
+    data, oid = blob(8 << 20)
+    receivers = [Receiver(relay, oid) for _ in range(2)]
+    waiting_readers(relay, 2)
+    sock = raw_sender(relay, oid, len(data), "pipe&receivers=2")
+    sock.sendall(data[: 3 << 20])
+    wait_until(lambda: all(r.received >= 1 << 20 for r in receivers), message="bytes reaching the receivers")
+    sock.close()
+    for receiver in receivers:
+        assert receiver.result().ended == "cut" and receiver.received < len(data)
+    wait_until(lambda: pipe_state(files, oid) is None, message="the pipe's file to go")
+    assert_nothing_kept(files)
+
+
+def test_a_stalled_sender_is_cut_after_the_idle_timeout_and_so_are_its_receivers(live, files):
+    relay = live("--pipe-buffer", "1M", "--idle-timeout", "1")
+    data, oid = blob(4 << 20)
+    receiver = Receiver(relay, oid)
+    waiting_readers(relay, 1)
+    sock = raw_sender(relay, oid, len(data))
+    sock.sendall(data[:200_000])  # then silence, the connection left open
+    assert receiver.result().ended == "cut" and receiver.received < 200_000
+    assert answer_of(sock).startswith(b"HTTP/1.1 408")
+    assert_nothing_kept(files)
+
+
+def test_a_receiver_that_drops_does_not_stop_the_others(live, files):
+    relay = live("--pipe-buffer", "1M")
+    data, oid = blob(16 << 20)
+    staying, leaving = Receiver(relay, oid), Receiver(relay, oid)
+    waiting_readers(relay, 2)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        body = Paced(data, seconds=2, pieces=32)
+        answer = send(pool, pipe_url(relay, oid, receivers=2), body)
+        wait_until(lambda: leaving.received > 2 << 20, message="the leaving receiver's first bytes")
+        leaving.drop()
+        assert answer.result().status_code == 200, answer.result().text
+    assert answer.result().headers["X-Pipe-Delivered"] == "1"
+    assert "1 of 2 receivers got every byte" in answer.result().text
+    assert staying.result().verified(oid)
+    assert leaving.result().ended == "cut"
+    assert_nothing_kept(files)
+
+
+def test_a_pipe_whose_every_receiver_drops_fails_the_sender(live, files):
+    relay = live("--pipe-buffer", "1M")
+    data, oid = blob(16 << 20)
+    receiver = Receiver(relay, oid)
+    waiting_readers(relay, 1)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        answer = send(pool, pipe_url(relay, oid), Paced(data, seconds=2, pieces=32))
+        wait_until(lambda: receiver.received > 2 << 20, message="the receiver's first bytes")
+        receiver.drop()
+        assert answer.result().status_code == 502
+    assert "every receiver left" in answer.result().text
+    assert_nothing_kept(files)
+
+
+# -- edges: late, early, none, empty, stored ----------------------------------------
+
+
+def test_a_receiver_after_the_first_bytes_left_the_buffer_gets_409(live, files):
+    relay = live("--pipe-buffer", "1M")
+    data, oid = blob(8 << 20)
+    first = Receiver(relay, oid)
+    waiting_readers(relay, 1)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        body = Paced(data, seconds=2, pieces=32)
+        answer = send(pool, pipe_url(relay, oid), body)
+        wait_until(lambda: pipe_written(files, oid) > 2 << 20, message="the ring to wrap")
+        late = requests.get(relay.url(oid), timeout=30)
+        head = requests.head(relay.url(oid), timeout=30)
+        assert answer.result().status_code == 200
+    assert late.status_code == 409 and "too late" in late.text
+    assert head.status_code == 409
+    assert first.result().verified(oid)
+    assert_nothing_kept(files)
+
+
+def test_a_receiver_arriving_while_the_verified_content_is_handed_over_gets_it_all(live, files):
+    relay = live("--pipe-buffer", "32M")
+    data, oid = blob(16 << 20)  # all of it fits in the buffer
+    first = Receiver(relay, oid)
+    first.reading.clear()  # takes its headers, then stops reading: the hand-over lasts
+    waiting_readers(relay, 1)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        answer = send(pool, pipe_url(relay, oid), data)
+        wait_until(lambda: pipe_state(files, oid) == "VERIFIED", message="the content to verify")
+        late = Receiver(relay, oid, wait=0)
+        assert late.result().verified(oid), (late.head, late.status, late.received, late.ended)
+        assert not answer.done()  # the sender waits for the first receiver
+        first.reading.set()
+        assert answer.result().status_code == 200
+    assert answer.result().headers["X-Pipe-Delivered"] == answer.result().headers["X-Pipe-Receivers"] == "2"
+    assert first.result().verified(oid)
+    assert_nothing_kept(files)
+
+
+def test_a_receiver_started_during_the_pipe_within_the_buffer_joins_it(live, files):
+    relay = live("--pipe-buffer", "8M")
+    data, oid = blob(6 << 20)
+    first = Receiver(relay, oid)
+    waiting_readers(relay, 1)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        body = Paced(data, seconds=2, pieces=16)
+        answer = send(pool, pipe_url(relay, oid), body)
+        wait_until(lambda: pipe_written(files, oid) > 1 << 20, message="the first bytes to pass")
+        second = Receiver(relay, oid, wait=0)
+        assert answer.result().status_code == 200
+    assert first.result().verified(oid) and second.result().verified(oid)
+    assert answer.result().headers["X-Pipe-Delivered"] == "2"
+
+
+def test_a_sender_with_no_receiver_is_refused_after_its_wait(live, files):
+    relay = live()
+    data, oid = blob(1 << 20)
+    started = time.monotonic()
+    answer = requests.put(pipe_url(relay, oid, wait=1), data=data, timeout=30)
+    assert answer.status_code == 504 and "no receiver came within 1 s" in answer.text
+    assert time.monotonic() - started < 10
+    assert_nothing_kept(files)
+
+
+def test_the_sender_waits_for_as_many_receivers_as_it_asked_for(live, files):
+    relay = live("--pipe-buffer", "1M")
+    data, oid = blob(2 << 20)
+    first = Receiver(relay, oid)
+    waiting_readers(relay, 1)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        answer = send(pool, pipe_url(relay, oid, receivers=2), data)
+        wait_until(lambda: pipe_state(files, oid) == "WAITING", message="the pipe to wait")
+        assert pipe_written(files, oid) == 0 and first.received == 0  # no byte flows for one of two
+        second = Receiver(relay, oid)
+        assert answer.result().status_code == 200
+    assert first.result().verified(oid) and second.result().verified(oid)
+
+
+def test_an_empty_pipe(live, files):
+    relay = live()
+    receiver = Receiver(relay, EMPTY)
+    waiting_readers(relay, 1)
+    answer = requests.put(pipe_url(relay, EMPTY), data=b"", timeout=30)
+    assert answer.status_code == 200 and "(0 bytes)" in answer.text
+    assert receiver.result().status == 200 and receiver.verified(EMPTY)
+    assert_nothing_kept(files)
+
+
+def test_an_empty_pipe_under_a_wrong_name_cuts_its_receiver(live, files):
+    relay = live()
+    _, oid = blob(10)
+    receiver = Receiver(relay, oid)
+    waiting_readers(relay, 1)
+    answer = requests.put(pipe_url(relay, oid), data=b"", timeout=30)
+    assert answer.status_code == 400
+    assert receiver.result().ended == "cut" and receiver.status is None  # not even a status line
+    assert_nothing_kept(files)
+
+
+def test_a_stored_name_is_not_piped(live, files):
+    relay = live()
+    data, oid = blob(1 << 20)
+    assert requests.put(relay.url(oid), data=data, timeout=30).status_code == 201
+    sock = raw_sender(relay, oid, len(data))  # sends no body: the answer comes first
+    answer = answer_of(sock)
+    assert answer.startswith(b"HTTP/1.1 200") and b"already stored" in answer
+    assert requests.get(relay.url(oid), timeout=30).content == data
+    assert list((files / ".relay" / "pipes").iterdir()) == []
+
+
+def test_head_of_a_pipe_in_progress_describes_it_as_get_would(live, files):
+    relay = live("--pipe-buffer", "8M")
+    data, oid = blob(4 << 20)
+    first = Receiver(relay, oid)
+    first.reading.clear()
+    waiting_readers(relay, 1)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        answer = send(pool, pipe_url(relay, oid), data)
+        wait_until(lambda: pipe_state(files, oid) is not None, message="the pipe")
+        head = requests.head(relay.url(oid), timeout=30)
+        assert head.status_code == 200 and head.content == b""
+        assert head.headers["Content-Length"] == str(len(data))
+        assert head.headers["Content-Type"] == "application/octet-stream"
+        assert first.head and f"Content-Length: {len(data)}".encode() in first.head
+        first.reading.set()
+        assert answer.result().status_code == 200
+    assert answer.result().headers["X-Pipe-Receivers"] == "1"  # HEAD is not a receiver
+    assert first.result().verified(oid)
+
+
+def test_a_range_request_gets_the_whole_pipe(live):
+    relay = live()
+    data, oid = blob(1 << 20)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        reader = pool.submit(lambda: requests.get(relay.url(oid) + "?wait=30", headers={"Range": "bytes=10-"}))
+        waiting_readers(relay, 1)
+        assert requests.put(pipe_url(relay, oid), data=data, timeout=30).status_code == 200
+        assert reader.result().status_code == 200 and reader.result().content == data
+
+
+# -- limits ------------------------------------------------------------------------
+
+
+def test_a_content_length_beyond_any_size_is_413_as_for_a_plain_put(live):
+    relay = live()
+    _, oid = blob(10)
+    for query in ("pipe", "pipe&receivers=2", None):
+        for length in (2**63, 2**64 + 5, file_relay._MAX_OBJECT_SIZE + 1):
+            sock = socket.create_connection(relay.address, timeout=30)
+            path = f"/{SERVER_ID}/{oid}" + (f"?{query}" if query else "")
+            sock.sendall(f"PUT {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n".encode())
+            assert answer_of(sock).startswith(b"HTTP/1.1 413"), (query, length)
+
+
+def test_bad_receiver_counts_are_400(live):
+    relay = live()
+    _, oid = blob(10)
+    for count in ("0", "65", "x", "-1", "²"):
+        answer = requests.put(relay.url(oid) + f"?pipe&receivers={count}", data=b"x" * 10, timeout=30)
+        assert answer.status_code == 400 and "receivers" in answer.text
+
+
+def test_pipes_beyond_max_pipes_get_503_with_retry_after(live, files):
+    relay = live("--max-pipes", "1")
+    data, oid = blob(1 << 20)
+    other, other_oid = blob(1 << 20, seed=1)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        first = send(pool, pipe_url(relay, oid, wait=30), data)
+        wait_until(lambda: pipe_state(files, oid) == "WAITING", message="the first pipe")
+        refused = requests.put(pipe_url(relay, other_oid), data=other, timeout=30)
+        assert refused.status_code == 503 and refused.headers["Retry-After"]
+        assert "pipes at once" in refused.text
+        assert requests.get(relay.url()).json()["pipes_in_progress"] == 1
+        receiver = Receiver(relay, oid)
+        assert first.result().status_code == 200
+    assert receiver.result().verified(oid)
+    assert requests.put(pipe_url(relay, other_oid, wait=0.5), data=other, timeout=30).status_code == 504
+
+
+def test_only_the_buffer_counts_against_max_disk(live, files):
+    relay = live("--max-disk", "2M", "--pipe-buffer", "1M")
+    data, oid = blob(8 << 20)  # four times the quota
+    receiver = Receiver(relay, oid)
+    waiting_readers(relay, 1)
+    assert requests.put(pipe_url(relay, oid), data=data, timeout=60).status_code == 200
+    assert receiver.result().verified(oid)
+    too_big = live("--max-disk", "2M", "--pipe-buffer", "3M", name="small-quota", files_dir=files.parent / "other")
+    answer = requests.put(pipe_url(too_big, oid), data=data, timeout=60)
+    assert answer.status_code == 507 and "quota" in answer.text
+
+
+def test_a_pipe_holds_its_buffer_against_other_uploads(live, files):
+    relay = live("--max-disk", "3M", "--pipe-buffer", "2M")
+    data, oid = blob(4 << 20)
+    small, small_oid = blob(1536 << 10, seed=1)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        answer = send(pool, pipe_url(relay, oid, wait=30), data)
+        wait_until(lambda: pipe_state(files, oid) == "WAITING", message="the pipe")
+        refused = requests.put(relay.url(small_oid), data=small, timeout=30)
+        assert refused.status_code == 507
+        receiver = Receiver(relay, oid)
+        assert answer.result().status_code == 200
+    assert receiver.result().verified(oid)
+    assert requests.put(relay.url(small_oid), data=small, timeout=30).status_code == 201
+
+
+# -- workers, crashes, shutdown --------------------------------------------------------
+
+
+def _socket_inode(local_port: int, remote_port: int) -> str | None:
+    """The inode of the relay's end of a loopback TCP connection, from /proc/net/tcp."""
+    for line in open("/proc/net/tcp").read().splitlines()[1:]:
+        fields = line.split()
+        local, remote = fields[1], fields[2]
+        if int(local.split(":")[1], 16) == local_port and int(remote.split(":")[1], 16) == remote_port:
+            return fields[9]
+    return None
+
+
+def worker_of(relay, client_port: int) -> int | None:
+    """The worker serving the connection from *client_port*."""
+    inode = _socket_inode(relay.address[1], client_port)
+    for pid in relay.worker_pids():
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == f"socket:[{inode}]":
+                    return pid
+        except FileNotFoundError:
+            continue
+    return None
+
+
+def receivers_on_both_workers(relay, oid: str) -> list:
+    """Receivers, added one at a time until both workers serve some."""
+    receivers = []
+    for _ in range(24):
+        receivers.append(Receiver(relay, oid, wait=60))
+        waiting_readers(relay, len(receivers))
+        workers = {worker_of(relay, receiver.port) for receiver in receivers}
+        if len(workers - {None}) == 2:
+            return receivers
+    raise AssertionError("every receiver went to one worker")
+
+
+def test_receivers_on_both_workers_all_verify(live, files):
+    relay = live("--workers", "2", "--pipe-buffer", "1M")
+    data, oid = blob(16 << 20)
+    receivers = receivers_on_both_workers(relay, oid)
+    answer = requests.put(pipe_url(relay, oid, receivers=len(receivers)), data=data, timeout=120)
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["X-Pipe-Delivered"] == str(len(receivers))
+    assert all(receiver.result().verified(oid) for receiver in receivers)
+    assert_nothing_kept(files)
+
+
+def test_killing_the_senders_worker_cuts_the_receivers_on_the_other(live, files):
+    relay = live("--workers", "2", "--pipe-buffer", "1M", "--sweep-interval", "1")
+    data, oid = blob(16 << 20)
+    receivers = receivers_on_both_workers(relay, oid)
+    sock = raw_sender(relay, oid, len(data), f"pipe&receivers={len(receivers)}")
+    sock.sendall(data[: 4 << 20])
+    wait_until(lambda: all(r.received >= 1 << 20 for r in receivers), message="bytes reaching every receiver")
+    sender_worker = worker_of(relay, sock.getsockname()[1])
+    os.kill(sender_worker, signal.SIGKILL)
+    for receiver in receivers:
+        assert receiver.result().ended == "cut" and receiver.received < len(data)
+    sock.close()
+    wait_until(lambda: pipe_state(files, oid) is None, timeout=20, message="the sweep to remove the pipe's file")
+    assert_nothing_kept(files)
+    receiver = Receiver(relay, oid)  # the name can be piped again
+    waiting_readers(relay, 1)
+    assert requests.put(pipe_url(relay, oid), data=data, timeout=60).status_code == 200
+    assert receiver.result().verified(oid)
+
+
+def test_killing_a_receivers_worker_leaves_the_others_to_finish(live, files):
+    relay = live("--workers", "2", "--pipe-buffer", "1M")
+    data, oid = blob(16 << 20)
+    receivers = receivers_on_both_workers(relay, oid)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        body = Paced(data, seconds=3, pieces=48)
+        answer = send(pool, pipe_url(relay, oid, receivers=len(receivers)), body)
+        wait_until(lambda: all(r.received >= 1 << 20 for r in receivers), message="bytes reaching every receiver")
+        sender_worker = worker_of(relay, _sender_port(relay, receivers))
+        victim = next(worker_of(relay, r.port) for r in receivers if worker_of(relay, r.port) != sender_worker)
+        doomed = [r for r in receivers if worker_of(relay, r.port) == victim]
+        os.kill(victim, signal.SIGKILL)
+        assert answer.result().status_code == 200, answer.result().text
+    survivors = [r for r in receivers if r not in doomed]
+    assert answer.result().headers["X-Pipe-Delivered"] == str(len(survivors))
+    assert all(r.result().verified(oid) for r in survivors)
+    assert all(r.result().ended == "cut" for r in doomed)
+    assert_nothing_kept(files)
+
+
+def _sender_port(relay, receivers) -> int:
+    """The client port of the one connection to the relay that is no receiver's."""
+    ports = {r.port for r in receivers}
+    relay_port = f"{relay.address[1]:04X}"
+    for line in open("/proc/net/tcp").read().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "01" and fields[1].endswith(f":{relay_port}"):
+            port = int(fields[2].split(":")[1], 16)
+            if port not in ports:
+                return port
+    raise AssertionError("no sender connection")
+
+
+def test_shutdown_during_a_pipe_lets_it_finish_and_refuses_new_ones(live, files):
+    relay = live("--pipe-buffer", "1M")
+    data, oid = blob(8 << 20)
+    other, other_oid = blob(1 << 20, seed=1)
+    receiver = Receiver(relay, oid)
+    waiting_readers(relay, 1)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        waiting = send(pool, pipe_url(relay, other_oid, wait=30), other)
+        wait_until(lambda: pipe_state(files, other_oid) == "WAITING", message="the waiting pipe")
+        body = Paced(data, seconds=2, pieces=32)
+        answer = send(pool, pipe_url(relay, oid), body)
+        wait_until(lambda: pipe_written(files, oid) > 1 << 20, message="the pipe to flow")
+        assert requests.delete(relay.url(), timeout=30).status_code == 200
+        assert waiting.result().status_code == 503  # no byte of it had passed: told to retry
+        assert answer.result().status_code == 200
+    assert receiver.result().verified(oid)
+    assert relay.wait_exit(30) == 0
+    assert_nothing_kept(files)
+
+
+# -- the built-in client ---------------------------------------------------------------
+
+
+def test_send_pipe_and_get(live, tmp_path, files):
+    relay = live("--pipe-buffer", "1M")
+    data, oid = blob(6 << 20)
+    source = tmp_path / "data.bin"
+    source.write_bytes(data)
+    client = [sys.executable, str(ROOT / "file_relay.py")]
+    getter = subprocess.Popen(
+        [*client, "get", relay.url(oid) + "?wait=60", "-o", str(tmp_path / "got.bin")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    waiting_readers(relay, 1)
+    sender = subprocess.run([*client, "send", "--pipe", relay.url(), str(source)], capture_output=True, text=True)
+    assert sender.returncode == 0, sender.stderr
+    assert "1 of 1 receivers got every byte" in sender.stderr + sender.stdout
+    out, err = getter.communicate(timeout=60)
+    assert getter.returncode == 0, err
+    assert (tmp_path / "got.bin").read_bytes() == data
+    assert_nothing_kept(files)
+
+
+def test_send_pipe_with_no_receiver_fails_clearly(live, tmp_path, files):
+    relay = live()
+    source = tmp_path / "data.bin"
+    source.write_bytes(os.urandom(1000))
+    client = [sys.executable, str(ROOT / "file_relay.py")]
+    sender = subprocess.run(
+        [*client, "send", "--pipe", "--wait", "1", relay.url(), str(source)], capture_output=True, text=True
+    )
+    assert sender.returncode != 0
+    assert "no receiver came" in sender.stderr
+    assert_nothing_kept(files)
+
+
+# -- 4 GiB through a 64 MiB disk ---------------------------------------------------------
+
+
+def _rss_kib(pids) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            for line in open(f"/proc/{pid}/status"):
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except FileNotFoundError:
+            pass
+    return total
+
+
+def test_four_gib_through_a_64_mib_files_directory(live, tmp_path, small_filesystem):
+    """One sender, three receivers (one throttled): every one verifies, the sender is
+    paced by the slowest, and the relay's memory stays flat. Prints its figures."""
+    files = small_filesystem("64M")
+    relay = live("--pipe-buffer", "16M", "--workers", "1", files_dir=files)
+    size = 4 << 30
+    block = os.urandom(1 << 20)
+    digest = hashlib.sha256()
+    for _ in range(size >> 20):
+        digest.update(block)
+    oid = digest.hexdigest()
+    fast = [curl_receiver(relay.url(oid) + "?wait=60", os.devnull) for _ in range(2)]
+    slow = curl_receiver(relay.url(oid) + "?wait=60", os.devnull, "--limit-rate", "150M")
+    waiting_readers(relay, 3)
+    pids = [relay.process.pid, *relay.worker_pids()]
+    rss = []
+
+    class Body:  # a length, so requests sends Content-Length
+        def __len__(self):
+            return size
+
+        def __iter__(self):
+            for n in range(size >> 20):
+                if n % 256 == 0:
+                    rss.append(_rss_kib(pids))
+                yield block
+
+    started = time.monotonic()
+    answer = requests.put(pipe_url(relay, oid, receivers=3), data=Body(), timeout=600)
+    took = time.monotonic() - started
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["X-Pipe-Delivered"] == "3"
+    for process in [*fast, slow]:
+        out, err = process.communicate(timeout=60)
+        assert process.returncode == 0 and out == f"200 {size}", err
+    assert took > size / (150 << 20) * 0.9  # paced by the throttled receiver
+    assert max(rss) - min(rss[1:] or rss) < 64 << 10, rss  # flat: no growth with the bytes passed
+    print(f"4 GiB pipe, 3 receivers (one at 150 MiB/s): {took:.1f} s, relay RSS {min(rss)}..{max(rss)} KiB")
+    assert list((files / ".relay" / "pipes").iterdir()) == []
