@@ -13,6 +13,7 @@ import hashlib
 import json
 import random
 import sys
+import time
 from pathlib import Path
 
 import file_relay
@@ -20,6 +21,7 @@ import file_relay
 SIZE = 1 << 20
 HALF = SIZE // 2
 BLOCK = 256 << 10
+PIPE_BUFFER = 256 << 10  # a pipe's ring: a quarter of the content, so that it wraps
 
 
 def content(seed: int = 0) -> tuple[bytes, str]:
@@ -30,7 +32,7 @@ def content(seed: int = 0) -> tuple[bytes, str]:
 def config(files: Path) -> file_relay.RelayConfig:
     """The relay's settings, the same in the driver and in the test that checks on it."""
     return file_relay.RelayConfig(
-        server_id="crash-point-driver-id", files_directory=files, ttl=7200.0, max_disk=1 << 30
+        server_id="crash-point-driver-id", files_directory=files, ttl=7200.0, max_disk=1 << 30, pipe_buffer=PIPE_BUFFER
     )
 
 
@@ -120,13 +122,29 @@ OPERATIONS = {
 }
 
 
+def pipe(store):
+    """The sending side of a pipe, to one receiver (which the test runs)."""
+    data, oid = content()
+    sender = store.open_pipe(oid, len(data), 1)
+    try:
+        if not sender.wait_for_receivers(30, time.sleep):
+            return "no receiver"
+        outcome = sender.send(_blocks(data), len(data), time.sleep)
+        return [outcome.delivered, outcome.receivers]
+    finally:
+        sender.close()
+
+
+PIPE_OPERATIONS = {"pipe": pipe}  # need a receiver: tests/test_pipe_crashpoints.py
+
+
 def main() -> None:
     files, operation = Path(sys.argv[1]), sys.argv[2]
     store = file_relay.Store(config(files))
     store.prepare()
     print("ready", flush=True)
     sys.stdin.readline()
-    result = OPERATIONS[operation](store)
+    result = {**OPERATIONS, **PIPE_OPERATIONS}[operation](store)
     print(json.dumps(result), flush=True)
 
 
