@@ -24,6 +24,8 @@ Scenarios (``--only``, comma-separated):
   stream       a GET started before the upload; end-to-end time (upload start to
                download end), relay against piping-server, and against the relay's
                upload alone
+  pipe         a GET started before a PUT ?pipe (nothing stored, verified); end-to-end
+               time, relay against piping-server
   stream-pairs N sender/receiver pairs at once, each its own file, the GET started
                first; aggregate MB/s (bytes delivered over the time until the last pair
                ended), relay against piping-server, every download verified
@@ -83,9 +85,20 @@ SERVER_ID = "bench-relay-server-id-0123456789"
 BLOCK = 1 << 20
 MB = 1e6  # rates are MB/s, as curl and disk tools print them
 MiB = 1 << 20
-SCENARIOS = ("reference", "transfer", "concurrency", "stream", "stream-pairs", "chunked", "client")
+SCENARIOS = ("reference", "transfer", "concurrency", "stream", "stream-pairs", "pipe", "chunked", "client")
 # The issue's table, in its order: rows are shown sorted by their scenario's place here.
-ROW_ORDER = ("reference", "upload", "download", "concurrency", "stream", "stream-pairs", "memory", "chunked", "client")
+ROW_ORDER = (
+    "reference",
+    "upload",
+    "download",
+    "concurrency",
+    "stream",
+    "stream-pairs",
+    "pipe",
+    "memory",
+    "chunked",
+    "client",
+)
 ALIASES = {"upload": "transfer", "download": "transfer", "rss": "transfer", "memory": "transfer"}
 WRITE_OUT = "%{http_code} %{time_total} %{size_upload} %{size_download}"
 SAMPLE_INTERVAL = 0.05  # seconds between memory samples
@@ -101,6 +114,7 @@ class Defaults:
     sizes: str = "1G,4G"
     runs: int = 3
     stream_size: str = "1G,4G"
+    pipe_size: str = "1G"
     chunked_size: str = "1G,4G"
     chunk_size: str = "64M"
     clients: int = 16
@@ -115,6 +129,7 @@ QUICK = Defaults(
     sizes="16M,64M",
     runs=2,
     stream_size="64M",
+    pipe_size="64M",
     chunked_size="64M",
     chunk_size="8M",
     clients=16,
@@ -131,6 +146,7 @@ TARGETS = {
     "download": (">=", 0.95),
     "stream": ("<=", 1.0),  # relay's end-to-end time / piping-server's
     "stream-pairs": (">=", 1.0),
+    "pipe": ("<=", 1.0),  # relay's end-to-end time through a pipe / piping-server's
     "chunked": (">=", 0.8),
     "concurrency": (">=", 0.8),
     "memory": ("<=", 64.0),  # MiB, peak PSS of the relay's process tree
@@ -355,6 +371,10 @@ class Server:
         """Where a receiver GETs an object that is not sent yet."""
         return self.object_url(name)
 
+    def pipe_url(self, name: str) -> str:
+        """Where a sender PUTs what goes to the receivers without being stored."""
+        return self.object_url(name)
+
     def receiver_waiting(self, name: str) -> bool:
         """Whether a receiver of *name* is waiting (the streaming scenarios' start signal)."""
         raise NotImplementedError
@@ -434,6 +454,9 @@ class Relay(Server):
 
     def receiver_url(self, name: str) -> str:
         return f"{self.base}/{name}?wait=120"
+
+    def pipe_url(self, name: str) -> str:
+        return f"{self.base}/{name}?pipe"
 
     def receiver_waiting(self, name: str) -> bool:
         return self.status()["waiting_readers"] >= 1
@@ -988,7 +1011,9 @@ def scenario_transfer(bench: Bench) -> None:
         results.notes.append(f"relay's peak PSS by transfer size: {figures}")
 
 
-def _streamed(server: Server, path: Path, name: str, size: int, output: str = os.devnull) -> tuple[float, float]:
+def _streamed(
+    server: Server, path: Path, name: str, size: int, output: str = os.devnull, *, pipe: bool = False
+) -> tuple[float, float]:
     """A receiver's GET started first, then the upload once the server has it waiting:
     (end-to-end seconds, from the upload's start to the download's end; how long the
     download ended after the upload's response)."""
@@ -1002,7 +1027,11 @@ def _streamed(server: Server, path: Path, name: str, size: int, output: str = os
     try:
         wait_until(lambda: server.receiver_waiting(name), 10, f"the receiver to wait at {server.name}")
         started = time.monotonic()
-        _put(server, path, name, size)
+        if pipe:
+            transfer = curl(server.pipe_url(name), upload=path, size=size)
+            transfer.check((200,), size, f"{server.name} PUT {format_size(size)} to a pipe")
+        else:
+            _put(server, path, name, size)
         uploaded = time.monotonic()
         out, err = reader.communicate(timeout=60 + size / WORST_RATE)
         finished = time.monotonic()
@@ -1054,6 +1083,34 @@ def _stream_size(bench: Bench, size: int) -> None:
         bench.results.paired("stream", f"stream {label}: end-to-end", "s", relayed, "piping-server", piped, "stream")
     bench.results.paired("stream", f"stream {label}: end-to-end", "s", relayed, "relay upload alone", alone, note=note)
     bench.results.memory(f"stream {label}", peaks, "piping-server" if bench.piping else "")
+
+
+def scenario_pipe(bench: Bench) -> None:
+    """A receiver waiting before the sender starts, through the relay's pipe (verified,
+    nothing stored) and through piping-server (neither hashes nor stores): end-to-end
+    time and peak memory of each, side by side in every run."""
+    for size in bench.args.pipe_size:
+        path, oid = bench.data.file(size)
+        label = format_size(size)
+        end_to_end = {server.name: [] for server in bench.streamers()}
+        peaks = Peaks()
+        for run in range(bench.args.runs):
+            for server in bench.streamers():
+                server.clear(oid)
+                bench.recycle_pages(size)
+                with Watch(server.process.pid) as watch:
+                    seconds, _ = _streamed(server, path, oid, size, pipe=True)
+                peaks.add(server.name, watch)
+                end_to_end[server.name].append(seconds)
+            if bench.relay.stored_path(oid).exists():
+                raise BenchError("the relay stored a pipe's content")
+            piping = f", piping-server {end_to_end['piping-server'][-1]:.2f} s" if bench.piping else ""
+            bench.log(f"pipe {label} run {run + 1}: relay {end_to_end['relay'][-1]:.2f} s{piping}")
+        reference = "piping-server" if bench.piping else ""
+        relayed, piped = end_to_end["relay"], end_to_end.get(reference, [])
+        note = "the relay hashes and verifies, piping-server does not; neither stores"
+        bench.results.paired("pipe", f"pipe {label}: end-to-end", "s", relayed, reference, piped, "pipe", note)
+        bench.results.memory(f"pipe {label}", peaks, reference)
 
 
 def scenario_stream_pairs(bench: Bench) -> None:
@@ -1311,6 +1368,7 @@ SCENARIO_FUNCTIONS = {
     "chunked": scenario_chunked,
     "concurrency": scenario_concurrency,
     "stream-pairs": scenario_stream_pairs,
+    "pipe": scenario_pipe,
     "client": scenario_client,
 }
 
@@ -1343,6 +1401,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--runs", type=int, help=f"runs per figure (default {defaults.runs})")
     parser.add_argument("--only", type=_scenarios, default=list(SCENARIOS), help=f"scenarios: {','.join(SCENARIOS)}")
     parser.add_argument("--stream-size", help=f"objects streamed, comma-separated (default {defaults.stream_size})")
+    parser.add_argument("--pipe-size", help=f"objects piped, comma-separated (default {defaults.pipe_size})")
     parser.add_argument("--chunked-size", help=f"objects sent in chunks (default {defaults.chunked_size})")
     parser.add_argument("--chunk-size", help=f"chunk of the chunked upload (default {defaults.chunk_size})")
     parser.add_argument("--clients", type=int, help=f"concurrent clients (default {defaults.clients})")
@@ -1389,13 +1448,13 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpar
         if getattr(args, field.name) is None:
             setattr(args, field.name, getattr(defaults, field.name))
     try:
-        for name in ("sizes", "stream_size", "chunked_size", "send_size"):  # lists
+        for name in ("sizes", "stream_size", "pipe_size", "chunked_size", "send_size"):  # lists
             setattr(args, name, sorted(set(parse_sizes(getattr(args, name)))))
         for name in ("chunk_size", "client_size", "pair_size", "reference_size"):
             setattr(args, name, parse_size(getattr(args, name)))
     except argparse.ArgumentTypeError as exc:
         parser.error(str(exc))
-    lists = (args.sizes, args.stream_size, args.chunked_size, args.send_size)
+    lists = (args.sizes, args.stream_size, args.pipe_size, args.chunked_size, args.send_size)
     if not all(lists) or min(min(sizes) for sizes in lists) < 1 or min(args.runs, args.clients, args.pairs) < 1:
         parser.error("sizes, runs, clients and pairs must be positive")
     if args.chunk_size < 1 or args.chunk_size > min(args.chunked_size):
@@ -1411,6 +1470,8 @@ def space_needed(args: argparse.Namespace) -> int:
         data.update(args.sizes)
     if "stream" in chosen:
         data.update(args.stream_size)
+    if "pipe" in chosen:
+        data.update(args.pipe_size)
     if "chunked" in chosen:
         data.update(args.chunked_size)
     if "client" in chosen:
@@ -1449,7 +1510,7 @@ def main(argv: list[str] | None = None) -> int:
     if skip_nginx:
         results.notes.append(skip_nginx)
         print(f"note: {skip_nginx}", file=sys.stderr)
-    streaming = {"stream", "stream-pairs"} & set(args.only)
+    streaming = {"stream", "stream-pairs", "pipe"} & set(args.only)
     skip_piping = "--no-piping-server given" if args.no_piping_server else piping_unavailable()
     if streaming and skip_piping:
         results.notes.append(skip_piping)
