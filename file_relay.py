@@ -396,7 +396,7 @@ def _as_typed(value, parse) -> str | None:
     """A default as it would be typed on the command line (None: no default to show)."""
     if value is None or value is dataclasses.MISSING or isinstance(value, bool):
         return None
-    if parse is parse_size:
+    if parse in (parse_size, _positive_size):
         return typed_size(value)
     if isinstance(value, float) and value.is_integer():
         return str(int(value))

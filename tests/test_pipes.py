@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 
+import pytest
 import requests
 from conftest import ROOT, SERVER_ID, Paced, blob, sha256, wait_until
 
@@ -258,6 +259,33 @@ def test_a_pipe_whose_every_receiver_drops_fails_the_sender(live, files):
         receiver.drop()
         assert answer.result().status_code == 502
     assert "every receiver left" in answer.result().text
+    assert_nothing_kept(files)
+
+
+def test_a_pipe_of_unknown_length_reaches_its_receivers_chunked(live, files):
+    relay = live("--pipe-buffer", "1M")
+    data, oid = blob(6 << 20)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        reader = pool.submit(lambda: requests.get(relay.url(oid) + "?wait=30", timeout=60))
+        waiting_readers(relay, 1)
+        answer = requests.put(pipe_url(relay, oid), data=iter(Paced(data, seconds=1, pieces=24)), timeout=60)
+        assert answer.status_code == 200, answer.text
+        got = reader.result()
+    assert got.status_code == 200 and got.headers.get("Transfer-Encoding") == "chunked"
+    assert got.content == data
+    assert_nothing_kept(files)
+
+
+def test_a_pipe_of_unknown_length_that_does_not_verify_never_ends_its_chunked_body(live, files):
+    relay = live("--pipe-buffer", "1M")
+    data, oid = blob(2 << 20)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        reader = pool.submit(lambda: requests.get(relay.url(oid) + "?wait=30", timeout=60))
+        waiting_readers(relay, 1)
+        answer = requests.put(pipe_url(relay, oid), data=iter(Paced(data + b"x", seconds=1, pieces=8)), timeout=60)
+        assert answer.status_code == 400
+        with pytest.raises(requests.exceptions.ChunkedEncodingError):
+            reader.result()
     assert_nothing_kept(files)
 
 
