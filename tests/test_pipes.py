@@ -248,6 +248,23 @@ def test_a_receiver_that_drops_does_not_stop_the_others(live, files):
     assert_nothing_kept(files)
 
 
+def test_a_receiver_that_stops_reading_is_dropped_after_the_idle_timeout(live, files):
+    relay = live("--pipe-buffer", "1M", "--idle-timeout", "2")
+    data, oid = blob(32 << 20)  # far more than the buffer and both sockets' buffers hold
+    reading, stuck = Receiver(relay, oid), Receiver(relay, oid)
+    stuck.reading.clear()  # its connection stays open, unread
+    waiting_readers(relay, 2)
+    started = time.monotonic()
+    answer = requests.put(pipe_url(relay, oid, receivers=2), data=data, timeout=60)
+    assert answer.status_code == 200, answer.text
+    assert "1 of 2 receivers got every byte" in answer.text
+    assert time.monotonic() - started < 30
+    assert reading.result().verified(oid)
+    stuck.reading.set()
+    assert stuck.result().ended == "cut"
+    assert_nothing_kept(files)
+
+
 def test_a_pipe_whose_every_receiver_drops_fails_the_sender(live, files):
     relay = live("--pipe-buffer", "1M")
     data, oid = blob(16 << 20)
