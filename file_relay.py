@@ -4,6 +4,7 @@
 Start a relay on a host both machines can reach, then move files with plain curl:
 
     PUT    /<server_id>/<sha256>   upload; stored only if the content hashes to the name
+    PUT    /<server_id>/<sha256>?pipe   pass it to the GETs of the name, verified, never stored
     GET    /<server_id>/<sha256>   download (also HEAD and Range); follows an upload in progress
     DELETE /<server_id>/<sha256>   remove a file (or cancel its partial upload)
     GET    /<server_id>            status (JSON, or Prometheus text)
@@ -24,11 +25,13 @@ several workers (and several relays on one directory) behave like one.
 
 Architecture: bannered sections, each using only those above it. Constants and helpers;
 storage: the Storage protocol, the one seam (readers, named refusals such as NotFound or
-Busy, outcomes such as Stored.CREATED), and Store, its backend over a local directory;
-the counters shared by the workers; every use of gunicorn's and Bottle's internals; the
-web application: RelayHandler's routes over any Storage, whose refusals one table
-(_REFUSALS) maps to HTTP statuses; logging; the server (gunicorn embedded, a draining
-master); then the client and the command line, which reach a relay only over HTTP.
+Busy, outcomes such as Stored.CREATED), and Store, its backend over a local directory,
+with its pipes (the Pipes capability: a bounded ring in a file the workers map, passed
+from a sender to its receivers and never stored); the counters shared by the workers;
+every use of gunicorn's and Bottle's internals; the web application: RelayHandler's
+routes over any Storage, whose refusals one table (_REFUSALS) maps to HTTP statuses;
+logging; the server (gunicorn embedded, a draining master); then the client and the
+command line, which reach a relay only over HTTP.
 Storage knows nothing of HTTP, the web layer nothing of files, descriptors or paths.
 
 The relay runs on Linux (it relies on open-file-description locks). The built-in client
@@ -761,6 +764,8 @@ class RelayConfig:
 # <files-directory>/.relay/retired/<sha256>.<token>  removed objects that another host may
 #                                                 still be reading, unlinked once none is
 # <files-directory>/.relay/usage                  a ledger of stored objects: count, bytes
+# <files-directory>/.relay/pipes/<sha256>         a pipe in progress: its header and ring (see
+#                                                 "pipes" below); .new-* being created
 # <files-directory>/.relay/lock                   lock bytes, below
 #
 # Coordination uses open-file-description (OFD) locks, which the kernel drops when a

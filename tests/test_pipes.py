@@ -679,16 +679,19 @@ def test_send_pipe_with_no_receiver_fails_clearly(live, tmp_path, files):
 # -- 4 GiB through a 64 MiB disk ---------------------------------------------------------
 
 
-def _memory_kib(pids) -> tuple[int, int]:
-    """(resident, of which anonymous: not the mapped ring) KiB of the processes *pids*."""
-    resident = anonymous = 0
+def _memory_kib(pids) -> tuple[int, int, int]:
+    """KiB resident in the processes *pids*: (all, anonymous, shared memory: the mapped
+    ring on a tmpfs)."""
+    resident = anonymous = shared = 0
     for pid in pids:
         for line in open(f"/proc/{pid}/status"):
             if line.startswith("VmRSS:"):
                 resident += int(line.split()[1])
             elif line.startswith("RssAnon:"):
                 anonymous += int(line.split()[1])
-    return resident, anonymous
+            elif line.startswith("RssShmem:"):
+                shared += int(line.split()[1])
+    return resident, anonymous, shared
 
 
 def test_four_gib_through_a_64_mib_files_directory(live, tmp_path, small_filesystem):
@@ -727,12 +730,14 @@ def test_four_gib_through_a_64_mib_files_directory(live, tmp_path, small_filesys
         out, err = process.communicate(timeout=60)
         assert process.returncode == 0 and out == f"200 {size}", err
     assert took > size / (150 << 20) * 0.9  # paced by the throttled receiver
-    flowing = [anonymous for _, anonymous in rss[2:]]  # once the first 512 MiB have passed
+    flowing = [anonymous for _, anonymous, _ in rss[2:]]  # once the first 512 MiB have passed
     assert max(flowing) - min(flowing) < 8 << 10, rss  # flat: no growth with the bytes passed
-    resident = [resident for resident, _ in rss]
+    resident = [resident for resident, _, _ in rss]
+    shared = max(shared for _, _, shared in rss)
     print(
         f"4 GiB pipe, 3 receivers (one at 150 MiB/s): {took:.1f} s ({size / took / (1 << 20):.0f} MiB/s);"
-        f" relay (master and worker) RSS {min(resident) >> 10}..{max(resident) >> 10} MiB,"
-        f" anonymous {min(flowing) >> 10}..{max(flowing) >> 10} MiB"
+        f" relay (master and worker) RSS {resident[0] >> 10} MiB before, {min(resident[2:]) >> 10}"
+        f"..{max(resident) >> 10} MiB while bytes passed: anonymous {min(flowing) >> 10}..{max(flowing) >> 10} MiB,"
+        f" shared memory (the ring) {shared >> 10} MiB"
     )
     assert list((files / ".relay" / "pipes").iterdir()) == []
