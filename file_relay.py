@@ -3166,10 +3166,10 @@ class PipeSender:
                 hasher.update(piece)
                 written += len(piece)
                 offset += len(piece)
-                self.pipe.written = written
         if hasher.hexdigest() != self.oid:
             raise Mismatch(f"content hash {hasher.hexdigest()} does not match the name {self.oid}")
         with self.pipe.mutex():
+            self.pipe.written = written
             self.pipe.state = PipeState.VERIFIED
         delays = _delays(_PIPE_POLL_MIN, _PIPE_POLL_MAX)
         while True:
@@ -3182,12 +3182,17 @@ class PipeSender:
 
     def _room(self, written: int, wanted: int, pause) -> int:
         """Bytes (up to *wanted*) the sender may write at stream position *written*, waiting
-        until there are some: the ring's size past where the slowest receiver has read."""
+        until there are some: the ring's size past where the slowest receiver has read.
+        What was written before *written* is published to the receivers meanwhile.
+
+        The header is read and written only under the mutex, by the sender and by each
+        receiver: taking it orders the ring's bytes and the positions that say they may be
+        read or overwritten, whatever the processor's memory model."""
         pipe = self.pipe
         delays = None
         while True:
-            joinable = pipe.claimed <= pipe.capacity  # receivers may still join: decide under the mutex
-            with pipe.mutex() if joinable else contextlib.nullcontext():
+            with pipe.mutex():
+                pipe.written = written
                 positions = [position for status, position in pipe.slots() if status is _Receiver.ACTIVE]
                 room = (min(positions) if positions else written) + pipe.capacity - written
                 if room > 0 and positions:
@@ -3250,20 +3255,21 @@ class PipeReader:
         pipe = self.pipe
         delays = _delays(_PIPE_POLL_MIN, _PIPE_POLL_MAX)
         while True:
-            state = pipe.state
-            verified = state in (PipeState.VERIFIED, PipeState.CLOSED)
-            written = pipe.written
+            with pipe.mutex():  # see PipeSender._room
+                pipe.set_position(self.slot, self.position)  # the bytes returned before are sent
+                state = pipe.state
+                written = pipe.written
+                verified = state in (PipeState.VERIFIED, PipeState.CLOSED)
+                if verified and self.position == written:
+                    self.finished = True
+                    pipe.set_slot(self.slot, _Receiver.DONE, self.position)
+                    return b""
             end = written if verified else written - 1
             if self.position < end:
                 size = min(end - self.position, _PIPE_READ)
                 data = pipe.read(self.position, size)
                 self.position += size
-                pipe.set_position(self.slot, self.position)
                 return data
-            if verified:
-                self.finished = True
-                pipe.set_slot(self.slot, _Receiver.DONE, self.position)
-                return b""
             if state is PipeState.FAILED:
                 raise UploadFailed("the pipe failed: its content did not verify, or its sender stopped")
             if not pipe.sender_alive():
@@ -3276,9 +3282,9 @@ class PipeReader:
             return
         try:
             if self.slot is not None:
-                status, position = pipe.slot(self.slot)
-                if status is not _Receiver.DONE:
-                    pipe.set_slot(self.slot, _Receiver.GONE, position)
+                with pipe.mutex():
+                    if pipe.slot(self.slot)[0] is not _Receiver.DONE:
+                        pipe.set_slot(self.slot, _Receiver.GONE, self.position)
                 _unlock(pipe.fd, _PIPE_RECEIVERS + self.slot)
         finally:
             pipe.close()

@@ -170,7 +170,7 @@ def answer_of(sock: socket.socket) -> bytes:
 
 def test_three_receivers_one_throttled_all_verify_and_the_sender_is_paced(live, tmp_path, files):
     relay = live("--pipe-buffer", "1M")
-    data, oid = blob(24 << 20)
+    data, oid = blob(32 << 20)
     receivers = [curl_receiver(relay.url(oid) + "?wait=30", tmp_path / f"r{n}") for n in range(2)]
     slow = curl_receiver(relay.url(oid) + "?wait=30", tmp_path / "slow", "--limit-rate", "4M")
     waiting_readers(relay, 3)
@@ -180,7 +180,9 @@ def test_three_receivers_one_throttled_all_verify_and_the_sender_is_paced(live, 
     assert answer.status_code == 200, answer.text
     assert answer.headers["X-Pipe-Delivered"] == answer.headers["X-Pipe-Receivers"] == "3"
     assert "verified; 3 of 3 receivers got every byte" in answer.text
-    assert took > 4  # 24 MiB at 4 MiB/s to the slowest: the sender waited for it
+    # 32 MiB at 4 MiB/s to the slowest: the sender waited for it (all but what the ring
+    # and the sockets' buffers, a few MiB on loopback, held when it was answered)
+    assert took > 4
     for process, name in [*zip(receivers, ("r0", "r1"), strict=True), (slow, "slow")]:
         out, err = process.communicate(timeout=60)
         assert process.returncode == 0 and out == f"200 {len(data)}", err
@@ -199,7 +201,7 @@ def test_a_mismatch_cuts_every_receiver_before_its_last_byte(live, tmp_path, fil
     for n, process in enumerate(receivers):
         out, err = process.communicate(timeout=30)
         assert process.returncode == 18, (out, err)  # CURLE_PARTIAL_FILE: never a complete-looking body
-        assert (tmp_path / f"r{n}").stat().st_size == len(data) - 1
+        assert 0 < (tmp_path / f"r{n}").stat().st_size < len(data)
     assert_nothing_kept(files)
 
 
