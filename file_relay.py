@@ -2988,6 +2988,7 @@ _PIPE_MAGIC = b"relaypip"
 _PIPE_SLOT = struct.Struct("qq")  # status, position
 _PIPE_SLOTS = 64  # receivers of one pipe, at most
 _PIPE_SLOTS_AT = 128  # offset of the slots in the header
+_PIPE_ALL_SLOTS = struct.Struct(f"{2 * _PIPE_SLOTS}q")
 _PIPE_DATA_AT = max(mmap.PAGESIZE, 4096)  # offset of the ring
 _PIPE_MUTEX = 1 << 62  # lock bytes of a pipe's file, beyond any data
 _PIPE_SENDER = _PIPE_MUTEX + 1
@@ -3009,6 +3010,9 @@ class _Receiver(enum.IntEnum):
     ACTIVE = 1
     DONE = 2  # got every byte
     GONE = 3  # left (or was cut off) before the end
+
+
+_ACTIVE = int(_Receiver.ACTIVE)  # compared once a block for each slot: a plain int
 
 
 class PipeAbandoned(StorageError):
@@ -3070,8 +3074,10 @@ class _PipeFile:
     def set_position(self, index: int, position: int) -> None:
         struct.pack_into("q", self.map, _PIPE_SLOTS_AT + index * _PIPE_SLOT.size + 8, position)
 
-    def slots(self) -> list[tuple[_Receiver, int]]:
-        return [self.slot(index) for index in range(_PIPE_SLOTS)]
+    def slots(self) -> list[tuple[int, int]]:
+        """Every slot's (status, position), read at once: the sender looks once a block."""
+        values = _PIPE_ALL_SLOTS.unpack_from(self.map, _PIPE_SLOTS_AT)
+        return list(zip(values[::2], values[1::2], strict=True))
 
     def receiver_alive(self, index: int) -> bool:
         return _lock_held(self.fd, _PIPE_RECEIVERS + index)
@@ -3142,7 +3148,7 @@ class PipeSender:
         """Receivers reading now (a receiver whose worker died is marked gone)."""
         active = 0
         for index, (status, position) in enumerate(self.pipe.slots()):
-            if status is _Receiver.ACTIVE:
+            if status == _Receiver.ACTIVE:
                 if self.pipe.receiver_alive(index):
                     active += 1
                 else:
@@ -3159,15 +3165,16 @@ class PipeSender:
         for block in body:
             if length is None and limit is not None and written + len(block) > limit:
                 raise TooLarge(f"larger than the relay's limit of {format_size(limit)} ({limit} bytes)")
+            hasher.update(block)
             offset = 0
             while offset < len(block):
                 piece = block[offset : offset + self._room(written, len(block) - offset, pause)]
                 self.pipe.write(written, piece)
-                hasher.update(piece)
                 written += len(piece)
                 offset += len(piece)
-        if hasher.hexdigest() != self.oid:
-            raise Mismatch(f"content hash {hasher.hexdigest()} does not match the name {self.oid}")
+        digest = hasher.hexdigest()
+        if digest != self.oid:
+            raise Mismatch(f"content hash {digest} does not match the name {self.oid}")
         with self.pipe.mutex():
             self.pipe.written = written
             self.pipe.state = PipeState.VERIFIED
@@ -3176,7 +3183,7 @@ class PipeSender:
             with self.pipe.mutex():
                 if not self._active():
                     self.pipe.state = PipeState.CLOSED
-                    slots = [status for status, _ in self.pipe.slots() if status is not _Receiver.FREE]
+                    slots = [status for status, _ in self.pipe.slots() if status != _Receiver.FREE]
                     return PipeOutcome(written, slots.count(_Receiver.DONE), len(slots))
             pause(next(delays))
 
@@ -3193,7 +3200,7 @@ class PipeSender:
         while True:
             with pipe.mutex():
                 pipe.written = written
-                positions = [position for status, position in pipe.slots() if status is _Receiver.ACTIVE]
+                positions = [position for status, position in pipe.slots() if status == _ACTIVE]
                 room = (min(positions) if positions else written) + pipe.capacity - written
                 if room > 0 and positions:
                     room = min(room, wanted, BLOCK_SIZE)
