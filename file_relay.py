@@ -2392,7 +2392,10 @@ class Store:
                 os.rename(staging, self.pipes / oid)
             except BaseException:
                 _unlink_if_present(staging)
-                pipe.close() if pipe is not None else os.close(fd)
+                if pipe is not None:
+                    pipe.close()
+                else:
+                    os.close(fd)
                 raise
         return PipeSender(self, oid, self.pipes / oid, pipe)
 
@@ -2994,6 +2997,7 @@ _PIPE_MUTEX = 1 << 62  # lock bytes of a pipe's file, beyond any data
 _PIPE_SENDER = _PIPE_MUTEX + 1
 _PIPE_RECEIVERS = _PIPE_MUTEX + 16  # one byte per slot
 _PIPE_READ = 4 * BLOCK_SIZE  # bytes a receiver hands over at a time, at most
+_PIPE_CLAIM = 8 * BLOCK_SIZE  # bytes the sender writes between two looks at the receivers, at most
 _PIPE_POLL_MIN, _PIPE_POLL_MAX = 0.001, 0.02  # seconds between looks at a pipe
 
 
@@ -3128,6 +3132,7 @@ class PipeSender:
         self.oid = oid
         self.path = path
         self.pipe = pipe
+        self.allowed = 0  # the stream position the sender may write up to before it asks again
 
     def wait_for_receivers(self, seconds: float, pause) -> bool:
         """Wait up to *seconds* until as many receivers as the sender asked for have
@@ -3168,7 +3173,9 @@ class PipeSender:
             hasher.update(block)
             offset = 0
             while offset < len(block):
-                piece = block[offset : offset + self._room(written, len(block) - offset, pause)]
+                if written >= self.allowed:
+                    self._room(written, length, pause)
+                piece = block[offset : offset + self.allowed - written]
                 self.pipe.write(written, piece)
                 written += len(piece)
                 offset += len(piece)
@@ -3187,10 +3194,11 @@ class PipeSender:
                     return PipeOutcome(written, slots.count(_Receiver.DONE), len(slots))
             pause(next(delays))
 
-    def _room(self, written: int, wanted: int, pause) -> int:
-        """Bytes (up to *wanted*) the sender may write at stream position *written*, waiting
-        until there are some: the ring's size past where the slowest receiver has read.
-        What was written before *written* is published to the receivers meanwhile.
+    def _room(self, written: int, length: int | None, pause) -> None:
+        """Let the sender write past stream position *written* (up to .allowed, at most
+        _PIPE_CLAIM further, and never past *length*), waiting until the slowest receiver
+        has read far enough for that; what was written before *written* is published to
+        the receivers meanwhile.
 
         The header is read and written only under the mutex, by the sender and by each
         receiver: taking it orders the ring's bytes and the positions that say they may be
@@ -3203,9 +3211,9 @@ class PipeSender:
                 positions = [position for status, position in pipe.slots() if status == _ACTIVE]
                 room = (min(positions) if positions else written) + pipe.capacity - written
                 if room > 0 and positions:
-                    room = min(room, wanted, BLOCK_SIZE)
-                    pipe.claimed = written + room
-                    return room
+                    room = min(room, _PIPE_CLAIM, (length - written) if length is not None else _PIPE_CLAIM)
+                    pipe.claimed = self.allowed = written + max(1, room)
+                    return
                 if not positions or not self._active():
                     raise PipeAbandoned("every receiver left before the end")
             delays = delays or _delays(_PIPE_POLL_MIN, _PIPE_POLL_MAX)
