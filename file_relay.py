@@ -5379,7 +5379,10 @@ class RelayHandler:
         if reader is not None:
             return reader
         if isinstance(self.storage, Pipes):
-            reader = self.storage.join_pipe(oid, receive=self.request.method != "HEAD")
+            reader = self.storage.join_pipe(oid, receive=False)  # a look first: joining takes a slot
+            if reader is not None and self.request.method != "HEAD" and (reader.length is not None or unsized_ok):
+                reader.close()
+                reader = self.storage.join_pipe(oid)
         if reader is None:
             reader = self.storage.follow(oid)
         if reader is not None and reader.length is None and not unsized_ok:

@@ -309,6 +309,24 @@ def test_a_pipe_of_unknown_length_that_does_not_verify_never_ends_its_chunked_bo
     assert_nothing_kept(files)
 
 
+def test_an_http10_receiver_of_a_pipe_of_unknown_length_is_told_to_retry_and_takes_no_place(live, files):
+    relay = live("--pipe-buffer", "1M")
+    data, oid = blob(2 << 20)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        answer = pool.submit(
+            lambda: requests.put(pipe_url(relay, oid, wait=30), data=iter(Paced(data, seconds=1, pieces=8)), timeout=60)
+        )
+        wait_until(lambda: pipe_state(files, oid) == "WAITING", message="the pipe")
+        for _ in range(file_relay._PIPE_SLOTS + 1):  # more than a pipe has places for
+            sock = socket.create_connection(relay.address, timeout=30)
+            sock.sendall(f"GET /{SERVER_ID}/{oid}?wait=0 HTTP/1.0\r\n\r\n".encode())
+            assert answer_of(sock).startswith(b"HTTP/1.0 503")
+        receiver = requests.get(relay.url(oid), timeout=60)  # HTTP/1.1: chunked
+        assert answer.result().status_code == 200, answer.result().text
+    assert answer.result().headers["X-Pipe-Receivers"] == "1"
+    assert receiver.status_code == 200 and receiver.content == data
+
+
 # -- edges: late, early, none, empty, stored ----------------------------------------
 
 
