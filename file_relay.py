@@ -2423,7 +2423,9 @@ class Store:
                 else:
                     slot = None
                 if receive and slot is None:
-                    slot = next((index for index, (status, _) in enumerate(pipe.slots()) if not status), None)
+                    # Before bytes flow, a receiver that left never was one: its place is free.
+                    free = (_Receiver.FREE, _Receiver.GONE) if state is PipeState.WAITING else (_Receiver.FREE,)
+                    slot = next((index for index, (status, _) in enumerate(pipe.slots()) if status in free), None)
                     if slot is None:
                         raise Overloaded(f"this pipe has its most receivers ({_PIPE_SLOTS})", retry_after=10)
                     _lock(fd, fcntl.F_WRLCK, _PIPE_RECEIVERS + slot)

@@ -51,6 +51,14 @@ def pipe_written(files, oid: str) -> int:
     return file_relay._PIPE_HEADER.unpack(header)[6]
 
 
+def pipe_slots_taken(files, oid: str) -> int:
+    """Receivers in the pipe's file reading now."""
+    with open(files / ".relay" / "pipes" / oid, "rb") as file:
+        header = file.read(file_relay._PIPE_DATA_AT)
+    slots = file_relay._PIPE_ALL_SLOTS.unpack_from(header, file_relay._PIPE_SLOTS_AT)
+    return sum(1 for status in slots[::2] if status == file_relay._Receiver.ACTIVE)
+
+
 def assert_nothing_kept(files) -> None:
     """Nothing of a pipe is stored: no object, no partial upload, no pipe file."""
     objects = [path.name for path in files.iterdir() if len(path.name) == 64]
@@ -404,6 +412,24 @@ def test_the_sender_waits_for_as_many_receivers_as_it_asked_for(live, files):
         second = Receiver(relay, oid)
         assert answer.result().status_code == 200
     assert first.result().verified(oid) and second.result().verified(oid)
+
+
+def test_receivers_that_leave_before_bytes_flow_leave_their_places(live, files):
+    relay = live()
+    data, oid = blob(1 << 20)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        answer = send(pool, pipe_url(relay, oid, receivers=2, wait=60), data)
+        wait_until(lambda: pipe_state(files, oid) == "WAITING", message="the pipe")
+        for _ in range(file_relay._PIPE_SLOTS + 1):  # each joins, then hangs up
+            receiver = Receiver(relay, oid, wait=0)
+            wait_until(lambda: pipe_slots_taken(files, oid), message="the receiver to join")
+            receiver.drop()
+            assert receiver.result().ended == "cut"
+            wait_until(lambda: not pipe_slots_taken(files, oid), message="the receiver to leave")
+        staying = [Receiver(relay, oid) for _ in range(2)]
+        assert answer.result().status_code == 200, answer.result().text
+    assert answer.result().headers["X-Pipe-Delivered"] == answer.result().headers["X-Pipe-Receivers"] == "2"
+    assert all(receiver.result().verified(oid) for receiver in staying)
 
 
 def test_an_empty_pipe(live, files):
