@@ -6580,6 +6580,10 @@ class _PipeUpload(_Upload):
                 self.policy.wait(_Retry(f"{response.status}: {text}", _retry_after(response)))
                 continue
             break
+        if response.status in (200, 201) and response.getheader("X-Pipe-Delivered") is None:
+            # stored rather than piped: it was on the relay already, or the relay knows no pipes
+            self.console.note(f"{self.label}: not piped, the relay has it stored: {text}")
+            return
         if response.status != 200:
             raise ClientError(f"the relay refused the pipe: {response.status} {text}")
         elapsed = time.monotonic() - started

@@ -710,6 +710,19 @@ def test_send_pipe_and_get(live, tmp_path, files):
     assert_nothing_kept(files)
 
 
+def test_send_pipe_of_a_stored_file_sends_nothing(live, tmp_path):
+    relay = live()
+    data, oid = blob(100_000)
+    assert requests.put(relay.url(oid), data=data, timeout=30).status_code == 201
+    source = tmp_path / "data.bin"
+    source.write_bytes(data)
+    client = [sys.executable, str(ROOT / "file_relay.py")]
+    sender = subprocess.run([*client, "send", "--pipe", relay.url(), str(source)], capture_output=True, text=True)
+    assert sender.returncode == 0, sender.stderr
+    assert "not piped, the relay has it stored" in sender.stderr
+    assert relay.url(oid) in sender.stdout
+
+
 def test_send_pipe_with_no_receiver_fails_clearly(live, tmp_path, files):
     relay = live()
     source = tmp_path / "data.bin"
