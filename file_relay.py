@@ -1858,7 +1858,7 @@ class Store:
         if length is not None:
             self.check_size(length)
         partial = self._create_partial(key, "stream", length, limits)
-        hasher = _BackgroundHasher()
+        hasher = _BackgroundHasher()  # each block on a thread of its own, while it goes into the ring
         flusher = _Flusher(partial.fd)
         try:
             received = 0
@@ -3166,22 +3166,24 @@ class PipeSender:
         """Pass *body*'s blocks through the ring, hashing them; once the whole has hashed
         to the name, let the receivers finish and wait for them. Raises Mismatch,
         PipeAbandoned (every receiver left), TooLarge (an unsized body over the limit)."""
-        hasher = hashlib.sha256()
+        hasher = _BackgroundHasher()  # each block on a thread of its own, while it goes into the ring
         written = 0
         limit = self.store.config.max_file_size
-        for block in body:
-            if length is None and limit is not None and written + len(block) > limit:
-                raise TooLarge(f"larger than the relay's limit of {format_size(limit)} ({limit} bytes)")
-            hasher.update(block)
-            offset = 0
-            while offset < len(block):
-                if written >= self.allowed:
-                    self._room(written, length, pause)
-                piece = block[offset : offset + self.allowed - written]
-                self.pipe.write(written, piece)
-                written += len(piece)
-                offset += len(piece)
-        digest = hasher.hexdigest()
+        try:
+            for block in body:
+                if length is None and limit is not None and written + len(block) > limit:
+                    raise TooLarge(f"larger than the relay's limit of {format_size(limit)} ({limit} bytes)")
+                hasher.update(block)
+                offset = 0
+                while offset < len(block):
+                    if written >= self.allowed:
+                        self._room(written, length, pause)
+                    piece = block[offset : offset + self.allowed - written]
+                    self.pipe.write(written, piece)
+                    written += len(piece)
+                    offset += len(piece)
+        finally:
+            digest = hasher.finish().hexdigest()
         if digest != self.oid:
             raise Mismatch(f"content hash {digest} does not match the name {self.oid}")
         with self.pipe.mutex():
