@@ -146,10 +146,11 @@ def parse_digest_field(value: str) -> bytes | None:
 
     Raises ValueError when the sha-256 member is present but malformed.
     """
-    for member in value.split(","):
-        name, _, rest = member.strip().partition("=")
-        if name.strip().lower() != "sha-256":
-            continue
+    members = [member.strip().partition("=") for member in value.split(",")]
+    members = [rest for name, _, rest in members if name.strip().lower() == "sha-256"]
+    if len(members) > 1:
+        raise ValueError("more than one sha-256 digest")
+    for rest in members:
         rest = rest.strip()
         if len(rest) < 2 or rest[0] != ":" or rest[-1] != ":":
             raise ValueError("sha-256 digest must be a byte sequence (:base64:)")
@@ -1294,8 +1295,9 @@ class UnnamedUploads(typing.Protocol):
     """A capability a Storage may have: uploads it names by the SHA-256 of what it
     received, whole or in chunks. A resumable one is known by a token until it ends."""
 
-    def put_unnamed(self, body, length: int | None, limits: Limits) -> Named:
-        """Store an object from *body*'s blocks, under the hash of what arrived."""
+    def put_unnamed(self, body, length: int | None, limits: Limits, expected: str | None = None) -> Named:
+        """Store an object from *body*'s blocks, under the hash of what arrived (which
+        must be *expected*, the sender's digest, if given: Mismatch otherwise)."""
 
     def start_unnamed(self, length: int, limits: Limits, name: str | None) -> str:
         """Begin a resumable upload of *length* bytes: its token."""
@@ -2143,8 +2145,11 @@ class Store:
 
     # -- uploads the relay names -------------------------------------------
 
-    def put_unnamed(self, body, length: int | None, limits: Limits) -> Named:
-        return self._receive_whole(_UNNAMED_KEY + secrets.token_hex(16), None, body, length, limits)
+    def put_unnamed(self, body, length: int | None, limits: Limits, expected: str | None = None) -> Named:
+        try:
+            return self._receive_whole(_UNNAMED_KEY + secrets.token_hex(16), expected, body, length, limits)
+        except Mismatch as exc:
+            raise Mismatch(str(exc).replace("does not match its name", "does not match its digest")) from None
 
     def start_unnamed(self, length: int, limits: Limits, name: str | None) -> str:
         self.check_size(length)
@@ -2166,10 +2171,30 @@ class Store:
         if named is not None and not self.is_stored(named.oid):
             raise NotFound(f"this upload was stored as {named.oid}, which is gone since: start a new upload")
         if named is not None:  # finished before, or meanwhile
-            for _ in body:
-                pass
+            self._compare_with_stored(named.oid, first, last, total, body)
             return dataclasses.replace(named, stored=Stored.ALREADY)
         return self._write_chunk(partial, None, first, last, total, body, digest)
+
+    def _compare_with_stored(self, oid: str, first: int, last: int, total: int, body) -> None:
+        """Read a chunk sent to an upload stored already, comparing it with the object's
+        bytes: Conflict if it is not part of that object."""
+        try:
+            fd = os.open(self._object_path(oid), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise NotFound(f"this upload was stored as {oid}, which is gone since: start a new upload") from None
+        try:
+            size = os.fstat(fd).st_size
+            if size != total:
+                raise Conflict(f"this upload is {size} bytes long, not {total}")
+            position = first
+            for block in body:
+                if position + len(block) > last + 1:
+                    raise WrongLength(f"body is longer than its Content-Range ({last - first + 1} bytes)")
+                if os.pread(fd, len(block), position) != block:
+                    raise Conflict(f"bytes {first}-{last} differ from those stored as {oid}")
+                position += len(block)
+        finally:
+            os.close(fd)
 
     def unnamed_progress(self, token: str) -> Progress | Named | None:
         if not _UNNAMED_TOKEN_RE.fullmatch(token):
@@ -4314,15 +4339,23 @@ def _sent_file_name(filename: str | None, environ: dict) -> str | None:
     return filename
 
 
-def _content_digest(environ: dict) -> bytes | None:
-    digest_field = environ.get("HTTP_CONTENT_DIGEST")
+def _content_digest(environ: dict, field: str = "Content-Digest") -> bytes | None:
+    digest_field = environ.get("HTTP_" + field.upper().replace("-", "_"))
     try:
         digest = parse_digest_field(digest_field) if digest_field else None
     except ValueError as exc:
-        raise RelayError(400, f"Content-Digest: {exc}") from None
+        raise RelayError(400, f"{field}: {exc}") from None
     if digest_field and digest is None:
-        raise RelayError(400, "Content-Digest: only sha-256 is checked, and this one has none")
+        raise RelayError(400, f"{field}: only sha-256 is checked, and this one has none")
     return digest
+
+
+def _whole_body_digest(environ: dict) -> str | None:
+    """The SHA-256 (hex) a whole upload's Content-Digest or Repr-Digest gives, if any."""
+    given = {digest for field in ("Content-Digest", "Repr-Digest") if (digest := _content_digest(environ, field))}
+    if len(given) > 1:
+        raise RelayError(400, "Content-Digest and Repr-Digest give different SHA-256 digests")
+    return given.pop().hex() if given else None
 
 
 def _public_url(environ: dict, path: str) -> str:
@@ -5218,13 +5251,14 @@ class RelayHandler:
                 raise RelayError(503, "the relay is shutting down", retry_after=5)
             length = _declared_length(environ)
             limits = _parse_limits(environ, self.config)
+            expected = _whole_body_digest(environ)
             storage.check_size(length or 0)
         except (RelayError, StorageError) as exc:
             return self._refuse(exc)
         body = _request_body(environ, length, exchange)
         try:
             with self.state.active("uploads_active"):
-                named = storage.put_unnamed(body, length, limits)
+                named = storage.put_unnamed(body, length, limits, expected)
         except (RelayError, StorageError) as exc:
             return self._refuse(exc)
         except ClientGone as exc:

@@ -272,3 +272,42 @@ def test_curl_dash_t_to_new_slash(live, files, tmp_path):
     assert answer.stdout.splitlines()[1] == f"stored {oid} ({len(data)} bytes)"
     got = subprocess.run(["curl", "-fsS", url], capture_output=True, check=True).stdout
     assert got == data
+
+
+def test_a_chunk_sent_to_a_finished_upload_must_be_part_of_what_was_stored(app, files):
+    data, oid = blob(100_000, seed=11)
+    upload = path_of(start(app, len(data)).headers["Location"])
+    send_chunk(app, upload, 0, data, len(data), status=201)
+    assert "already stored" in send_chunk(app, upload, 0, data, len(data), status=200).text
+    assert send_chunk(app, upload, 1000, data[1000:2000], len(data), status=200)
+    other = bytearray(data)
+    other[5] ^= 1
+    refused = send_chunk(app, upload, 0, bytes(other), len(data), status=409)
+    assert f"differ from those stored as {oid}" in refused.text
+    refused = send_chunk(app, upload, 0, data[:1000], 1000, status=409)
+    assert "100000 bytes long, not 1000" in refused.text
+    assert (files / oid).read_bytes() == data
+
+
+@pytest.mark.parametrize("field", ["Content-Digest", "Repr-Digest"])
+def test_a_whole_name_less_upload_with_a_digest_is_checked_against_it(app, files, field):
+    data, oid = blob(100_000, seed=12)
+    damaged = bytearray(data)
+    damaged[7] ^= 1
+    refused = app.put(NEW + "x.txt", bytes(damaged), headers={field: content_digest(data)}, status=400)
+    assert f"does not match its digest: expected sha256 {oid}" in refused.text
+    assert not any(p.is_file() for p in files.iterdir())
+    stored = app.put(NEW + "x.txt", data, headers={field: content_digest(data)}, status=201)
+    assert stored.headers["Location"].endswith(f"/{oid}?name=x.txt")
+
+
+def test_two_sha_256_digests_in_one_field_are_refused(app, files):
+    data, _ = blob(1000, seed=13)
+    upload = path_of(start(app, len(data)).headers["Location"])
+    wrong = content_digest(b"other")
+    for field in (f"{content_digest(data)}, {wrong}", f"{wrong}, {content_digest(data)}"):
+        headers = {"Content-Range": f"bytes 0-999/{len(data)}", "Content-Digest": field}
+        refused = app.put(upload, data, headers=headers, status=400, expect_errors=True)
+        assert "more than one sha-256 digest" in refused.text
+    both = {"Content-Digest": content_digest(data), "Repr-Digest": content_digest(b"other")}
+    assert "give different" in app.put(NEW, data, headers=both, status=400).text
