@@ -4500,12 +4500,21 @@ function loadRecord(key) {
 
 // Written at most every few seconds (a lost write only means chunks sent again), and
 // never a reason to stop: a full localStorage costs the resume, not the upload.
-const lastSaved = new Map();
+const lastSaved = new Map(), unsaved = new Map();
 function saveRecord(key, record, now = false) {
+  unsaved.set(key, record);
   if (!now && performance.now() - (lastSaved.get(key) || 0) < RECORD_INTERVAL) return;
   lastSaved.set(key, performance.now());
+  unsaved.delete(key);
   try { localStorage.setItem(key, JSON.stringify({ ...record, saved: Date.now() })); } catch (e) { /* full */ }
 }
+
+function forgetRecord(key) {
+  unsaved.delete(key);
+  localStorage.removeItem(key);
+}
+
+addEventListener("pagehide", () => { for (const [key, record] of unsaved) saveRecord(key, record, true); });
 
 // Records of uploads not resumed for RECORD_DAYS are dropped: the relay has let them go.
 function sweepRecords() {
@@ -4552,6 +4561,19 @@ function parseRanges(text) {
 function digestField(buffer) {
   return crypto.subtle.digest("SHA-256", buffer).then((hash) =>
     `sha-256=:${btoa(String.fromCharCode(...new Uint8Array(hash)))}:`);
+}
+
+// What the page remembers of a chunk it sent, to know the file again: its Content-Digest
+// where WebCrypto exists, else (plain HTTP) a 64-bit checksum, which finds a changed or
+// different file (not a forged one: the relay does not see it).
+async function fingerprint(buffer) {
+  if (window.isSecureContext) return digestField(buffer);
+  const words = new Uint32Array(buffer, 0, buffer.byteLength >>> 2);
+  let a = 0x811c9dc5, b = 0x9747b28c;
+  const mix = (w) => { a = Math.imul(a ^ w, 0x01000193); b = Math.imul(b + w, 0x5bd1e995) ^ (b >>> 15); };
+  for (let i = 0; i < words.length; i++) mix(words[i]);
+  for (const byte of new Uint8Array(buffer, words.length * 4)) mix(byte);
+  return `sum=${(a >>> 0).toString(16)}.${(b >>> 0).toString(16)}`;
 }
 
 function quote(text) { return `'${text.replace(/'/g, "'\\''")}'`; }
@@ -4634,6 +4656,8 @@ async function sendFile(file, ui) {
   // are sent again: the relay compares them with what it holds.
   const acknowledged = ranges;
   ranges = recordedSpans(record).filter(([first, last]) => acknowledged.some(([a, b]) => a <= first && last <= b));
+  const spans = ranges.map(([first, last]) => `${first}-${last}`);
+  record.digests = Object.fromEntries(spans.map((span) => [span, record.digests[span]]));
   const unrecorded = total(acknowledged) > total(ranges);
   acked.bytes = total(ranges);
   const pending = missing(ranges, file.size);
@@ -4641,9 +4665,13 @@ async function sendFile(file, ui) {
   const closing = pending.length ? pending.pop() : [file.size - 1, file.size - 1];
   let result = null, changed = false;
   const sendChunk = async (first, last) => {
-    const buffer = await file.slice(first, last + 1).arrayBuffer();
+    const buffer = await readChunk(first, last);
     const headers = { "Content-Range": `bytes ${first}-${last}/${file.size}` };
-    if (window.isSecureContext) headers["Content-Digest"] = await digestField(buffer);
+    const known = await fingerprint(buffer);
+    if (window.isSecureContext) headers["Content-Digest"] = known;
+    // Remembered before it is sent: a resume trusts only chunks the relay acknowledges.
+    record.digests[`${first}-${last}`] = known;
+    if (first === closing[0]) saveRecord(key, record, true);
     const token = record.token;
     for (let damaged = 0; ; damaged++) {
       const xhr = await withRetries(`bytes ${first}-${last}`, () => {
@@ -4654,7 +4682,6 @@ async function sendFile(file, ui) {
       emit("chunk", { file: file.name, first, last, status: xhr.status });
       if ([200, 201, 202].includes(xhr.status)) {
         acked.bytes = Math.min(file.size, acked.bytes + last - first + 1);
-        if (headers["Content-Digest"]) record.digests[`${first}-${last}`] = headers["Content-Digest"];
         saveRecord(key, record);
         draw();
         return xhr;
@@ -4672,14 +4699,20 @@ async function sendFile(file, ui) {
       if (xhr && xhr.status !== 202) result = xhr;
     }
   };
-  await Promise.all(Array.from({ length: PARALLEL }, worker));
-  if (failure) throw failure;
-  if (!changed && !result) {
-    if (!await sameFile(record, [[0, file.size - 1]], true)) {
-      await startAfresh(record);
-      fail("the file changed while it was sent; nothing of it was stored: pick it again");
+  try {
+    await Promise.all(Array.from({ length: PARALLEL }, worker));
+    if (!changed && !result) {
+      if (!await sameFile(record, [[0, file.size - 1]], true)) {
+        const reason = "the file changed while it was sent; nothing of it was stored: pick it again";
+        failure = Object.assign(new Error(reason), { unreadable: true });
+        throw failure;
+      }
+      result = await sendChunk(...closing);
     }
-    result = await sendChunk(...closing);
+  } catch (error) {
+    failure = failure || error;
+    if (failure.unreadable) await startAfresh(record);
+    throw failure;
   }
   saveRecord(key, record, true);
   if (changed) {
@@ -4688,6 +4721,17 @@ async function sendFile(file, ui) {
   }
   if (!result || result.status === 202) fail("the upload ended without being stored; pick the file again");
   return finish(result);
+
+  async function readChunk(first, last) {
+    try {
+      return await file.slice(first, last + 1).arrayBuffer();
+    } catch (e) {
+      failure = failure || Object.assign(new Error(
+        "the file changed or was removed while it was sent (the browser cannot read it again); pick it again"),
+      { unreadable: true });
+      throw failure;
+    }
+  }
 
   async function start() {
     const xhr = await withRetries("start", () => request("POST", newUrl, { "Upload-Length": String(file.size) }), note);
@@ -4704,11 +4748,10 @@ async function sendFile(file, ui) {
     for (const [span, digest] of Object.entries(old.digests)) {
       const [first, last] = span.split("-").map(Number);
       if (!ranges.some(([a, b]) => a <= first && last <= b)) continue;
-      if (!window.isSecureContext) return false;
       const percent = Math.floor((100 * checked) / file.size);
       note(closing ? `Checking that the file did not change while it was sent (${percent}%)`
         : "Checking that this is the file sent before");
-      if (await digestField(await file.slice(first, last + 1).arrayBuffer()) !== digest) return false;
+      if (await fingerprint(await readChunk(first, last)) !== digest) return false;
       checked += last - first + 1;
     }
     return true;
@@ -4718,7 +4761,7 @@ async function sendFile(file, ui) {
   async function startAfresh(old) {
     await withRetries("cancel", () => request("DELETE", `${base}/uploads/${old.token}`), note);
     emit("changed", { file: file.name });
-    localStorage.removeItem(key);
+    forgetRecord(key);
     record = null;
     return [];
   }
@@ -4731,7 +4774,7 @@ async function sendFile(file, ui) {
 
   function finish(xhr) {
     if (xhr.status !== 200 && xhr.status !== 201) fail(xhr.responseText.trim() || `status ${xhr.status}`);
-    localStorage.removeItem(key);
+    forgetRecord(key);
     const url = xhr.getResponseHeader("Location");
     const sha = url.split("?")[0].split("/").pop();
     acked.bytes = file.size;

@@ -53,6 +53,18 @@ def wait_for_event(page, kind: str, timeout: float, count: int = 1) -> list:
     return wait_until(seen, timeout, message=f"the page to report {count} {kind} event(s)")
 
 
+def while_routing(page, predicate, timeout: float, what: str):
+    """wait_until *predicate* holds, while the page runs: playwright calls route handlers
+    only while the test is inside one of its calls, so each look makes one."""
+
+    def look():
+        failed = events(page, "failed")
+        assert not failed, failed
+        return predicate()
+
+    return wait_until(look, timeout, message=what)
+
+
 def test_browsers_get_the_page_and_every_other_client_the_json(app):
     page = app.get(f"/{SERVER_ID}", headers={"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"})
     assert page.content_type == "text/html"
@@ -430,7 +442,7 @@ def test_a_finished_upload_whose_answer_was_lost_is_not_taken_for_another_file(l
         page.goto(relay.url())
         page.route("**/uploads/*", lose_the_answer)
         page.set_input_files("#pick", str(first))
-        wait_until(lambda: answered or events(page, "failed"), 30, message="the relay to store X")
+        while_routing(page, lambda: answered, 30, "the relay to store X")
         assert answered == [201] and (files / sha256_of(first)).exists()
         page.unroute("**/uploads/*")
         page.reload()
@@ -465,7 +477,7 @@ def test_a_file_changed_while_it_is_sent_is_not_stored(live, files, browser, tmp
         page.route("**/uploads/*", hold_the_second_chunk)
         page.set_input_files("#pick", str(source))
         wait_for_event(page, "chunk", 60)
-        wait_until(lambda: held, 10, message="the second chunk held")
+        while_routing(page, lambda: held, 10, "the second chunk held")
         stamp = os.stat(source).st_mtime_ns
         with open(source, "r+b") as file:  # the part already sent, rewritten in place; size and time kept
             file.write(blob(1 << 20, seed=9)[0])
@@ -602,5 +614,92 @@ def test_the_overall_figures_count_the_current_files_only(live, browser, tmp_pat
         page.set_input_files("#pick", str(large))
         wait_for_event(page, "stored", 30, count=2)
         assert page.inner_text("#overall-figures").startswith("5.0 MB of 5.0 MB (100%)")
+    finally:
+        context.close()
+
+
+def test_a_file_touched_while_it_is_sent_fails_plainly_and_its_upload_is_cancelled(live, files, browser, tmp_path):
+    relay = live()
+    source = tmp_path / "draft.bin"
+    random_file(source, 48 << 20, seed=15)
+    context = browser.new_context()
+    try:
+        page = throttled_page(context, relay.url(), 8_000_000)
+        page.set_input_files("#pick", str(source))
+        wait_for_event(page, "chunk", 60)
+        os.utime(source)  # edited: Chromium will not read it again
+        failed = wait_until(lambda: events(page, "failed"), 60, message="the page to fail the file")
+        assert "changed or was removed while it was sent" in failed[0]["reason"]
+        wait_until(
+            lambda: requests.get(relay.url(), timeout=5).json()["uploads_in_progress"] == 0, 30, message="the cancel"
+        )
+        page.wait_for_timeout(2000)  # chunks that were in flight end meanwhile
+        assert "Failed: the file changed or was removed" in page.inner_text("#files")
+        assert not any(p.is_file() for p in files.iterdir())
+    finally:
+        context.close()
+
+
+def test_on_plain_http_a_file_changed_while_it_is_sent_is_not_stored(live, files, browser, tmp_path):
+    relay = live()
+    plain = browser.browser_type.launch(
+        executable_path=shutil.which("chromium"), args=["--host-resolver-rules=MAP relay.test 127.0.0.1"]
+    )
+    source = tmp_path / "log.bin"
+    random_file(source, 24 << 20, seed=16)
+    held = []
+
+    def hold_the_second_chunk(route):
+        if route.request.headers.get("content-range", "").startswith("bytes 8388608-"):
+            held.append(route)
+        else:
+            route.continue_()
+
+    try:
+        page = plain.new_page()
+        page.goto(f"http://relay.test:{relay.address[1]}/{SERVER_ID}")
+        assert page.evaluate("window.isSecureContext") is False
+        page.route("**/uploads/*", hold_the_second_chunk)
+        page.set_input_files("#pick", str(source))
+        wait_for_event(page, "chunk", 60)
+        while_routing(page, lambda: held, 10, "the second chunk held")
+        stamp = os.stat(source).st_mtime_ns
+        with open(source, "r+b") as file:
+            file.write(blob(1 << 20, seed=17)[0])
+        os.utime(source, ns=(stamp, stamp))
+        held[0].continue_()
+        failed = wait_until(lambda: events(page, "failed"), 60, message="the page to fail the file")
+        assert "changed while it was sent" in failed[0]["reason"]
+        assert not any(p.is_file() for p in files.iterdir())
+    finally:
+        plain.close()
+
+
+def test_a_lost_answer_to_the_completing_chunk_costs_no_bytes_after_a_reload(live, files, browser, tmp_path):
+    relay = live()
+    source = tmp_path / "done.bin"
+    oid = random_file(source, 24 << 20, seed=18)
+    answered = []
+
+    def lose_the_last_answer(route):
+        if route.request.headers.get("content-range", "").startswith("bytes 16777216-"):
+            answered.append(route.fetch().status)
+            route.abort()
+        else:
+            route.continue_()
+
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.goto(relay.url())
+        page.route("**/uploads/*", lose_the_last_answer)
+        page.set_input_files("#pick", str(source))
+        while_routing(page, lambda: answered, 60, "the completing chunk")
+        assert answered[0] == 201 and file_sha256(files / oid) == oid
+        page.unroute("**/uploads/*")
+        page.reload()
+        page.set_input_files("#pick", str(source))
+        assert wait_for_event(page, "stored", 30)[0]["sha256"] == oid
+        assert not events(page, "chunk")  # known from its recorded digests: nothing sent again
     finally:
         context.close()
