@@ -4609,7 +4609,7 @@ function showStored(ui, file, url) {
     element("code", { textContent: curl }), element("code", { textContent: get }));
 }
 
-async function sendFile(file, ui) {
+async function sendFile(file, ui, fresh = 0) {
   const key = `file-relay:${file.name}:${file.size}:${file.lastModified}`;
   const acked = { bytes: 0 }, inflight = new Map();
   const started = performance.now();
@@ -4658,7 +4658,6 @@ async function sendFile(file, ui) {
   ranges = recordedSpans(record).filter(([first, last]) => acknowledged.some(([a, b]) => a <= first && last <= b));
   const spans = ranges.map(([first, last]) => `${first}-${last}`);
   record.digests = Object.fromEntries(spans.map((span) => [span, record.digests[span]]));
-  const unrecorded = total(acknowledged) > total(ranges);
   acked.bytes = total(ranges);
   const pending = missing(ranges, file.size);
   // The chunk that completes the upload goes last, once the file is seen unchanged.
@@ -4688,7 +4687,9 @@ async function sendFile(file, ui) {
       }
       // Damaged on the way: the relay kept nothing of it; send it again.
       if (xhr.status === 400 && /Content-Digest/.test(xhr.responseText) && damaged < 3) continue;
-      if (xhr.status === 409 && unrecorded) { changed = true; return null; }
+      // The relay holds other bytes there (another tab's file, or this one before it
+      // changed): this file goes afresh, a few times at most.
+      if (xhr.status === 409 && fresh < 2) { changed = true; return null; }
       fail(xhr.responseText.trim() || `status ${xhr.status}`);
     }
   };
@@ -4717,7 +4718,7 @@ async function sendFile(file, ui) {
   saveRecord(key, record, true);
   if (changed) {
     await startAfresh(record);
-    return sendFile(file, ui);
+    return sendFile(file, ui, fresh + 1);
   }
   if (!result || result.status === 202) fail("the upload ended without being stored; pick the file again");
   return finish(result);

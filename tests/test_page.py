@@ -703,3 +703,42 @@ def test_a_lost_answer_to_the_completing_chunk_costs_no_bytes_after_a_reload(liv
         assert not events(page, "chunk")  # known from its recorded digests: nothing sent again
     finally:
         context.close()
+
+
+def test_two_tabs_with_two_files_of_one_name_size_and_time_each_store_their_own(live, files, browser, tmp_path):
+    relay = live()
+    first, second = tmp_path / "a" / "IMG_0001.JPG", tmp_path / "b" / "IMG_0001.JPG"
+    first.parent.mkdir()
+    second.parent.mkdir()
+    one, two = random_file(first, 20 << 20, seed=19), random_file(second, 20 << 20, seed=20)
+    for path in (first, second):
+        os.utime(path, (1_700_000_000, 1_700_000_000))
+    held, released = {}, set()
+
+    def hold(route):
+        tab = route.request.frame.page
+        if route.request.method == "PUT" and tab not in released:
+            held.setdefault(tab, []).append(route)
+        else:
+            route.continue_()
+
+    context = browser.new_context()
+    try:
+        context.route("**/uploads/*", hold)
+        tab_a, tab_b = context.new_page(), context.new_page()
+        for tab in (tab_a, tab_b):
+            tab.goto(relay.url())
+        tab_a.set_input_files("#pick", str(first))
+        while_routing(tab_a, lambda: held.get(tab_a), 30, "tab A's chunks")
+        tab_b.set_input_files("#pick", str(second))
+        while_routing(tab_b, lambda: held.get(tab_b), 30, "tab B's chunks")
+        for tab in (tab_a, tab_b):
+            released.add(tab)
+            for route in held.pop(tab):
+                route.continue_()
+            if tab is tab_a:
+                assert wait_for_event(tab_a, "stored", 60)[0]["sha256"] == one
+        assert wait_for_event(tab_b, "stored", 60)[0]["sha256"] == two
+        assert file_sha256(files / one) == one and file_sha256(files / two) == two
+    finally:
+        context.close()
