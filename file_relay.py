@@ -5287,6 +5287,8 @@ class RelayHandler:
         environ = self.request.environ
         exchange = environ["file_relay.exchange"]
         try:
+            if "pipe" in self.request.query:
+                raise RelayError(400, "a pipe needs the object's name: PUT /<sha256>?pipe")
             storage = self._unnamed_storage()
             name = _sent_file_name(filename, environ)
             if environ.get("HTTP_CONTENT_RANGE"):
@@ -5400,10 +5402,19 @@ class RelayHandler:
         oid = self._object_id(oid_text)
         try:
             if not self.storage.delete(oid):
+                if isinstance(self.storage, Pipes) and self._pipe_in_progress(oid):
+                    raise Conflict("a pipe of this object is in progress: its sender ends it by closing its connection")
                 raise NotFound("no such object")
         except (RelayError, StorageError) as exc:
             return self._refuse(exc, close=False)
         return self._reply(200, f"deleted {oid}")
+
+    def _pipe_in_progress(self, oid: str) -> bool:
+        reader = self.storage.join_pipe(oid, receive=False)
+        if reader is None:
+            return False
+        reader.close()
+        return True
 
     # -- downloads: GET and HEAD -------------------------------------------------
 
@@ -6345,7 +6356,7 @@ class _Connection:
                     conn.send(block)
             except OSError as exc:
                 broken = exc  # the relay may have refused early and closed: read its answer
-        sock.settimeout(self.session.options.timeout + wait)
+        sock.settimeout(None if math.isinf(wait) else self.session.options.timeout + wait)
         try:
             response = conn.getresponse()
         except (OSError, http.client.HTTPException):
@@ -6645,8 +6656,10 @@ class _PipeUpload(_Upload):
         while True:
             self.meter = self.console.meter(self.label, self.size)
             try:
+                # The relay answers once every receiver has the last byte or has left: a slow
+                # receiver may hold it for as long as it takes to read the ring.
                 response = connection.request(
-                    "PUT", self.path + query, headers, lambda: self._blocks(0, self.size), wait=wait, body_wait=wait
+                    "PUT", self.path + query, headers, lambda: self._blocks(0, self.size), wait=math.inf, body_wait=wait
                 )
                 text = connection.read_text(response)
             except _Retry as exc:
@@ -7513,7 +7526,6 @@ def build_client_parser(command: str) -> argparse.ArgumentParser:
         parser.add_argument(
             "--receivers",
             type=_option_type(_positive_int(64), "receivers"),
-            default=ClientOptions.receivers,
             metavar="N",
             help="with --pipe: receivers the relay waits for before bytes flow (default 1)",
         )
@@ -7599,6 +7611,8 @@ def client_main(command: str, argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "output", None) == "-":
         parser.error("-o - is not supported: the content is verified only once all of it has arrived")
+    if command == "send" and not args.pipe and (args.receivers is not None or args.pipe_wait is not None):
+        parser.error("--receivers and --wait go with --pipe")
     options = ClientOptions(
         chunk_size=getattr(args, "chunk_size", ClientOptions.chunk_size),
         parallel=getattr(args, "parallel", ClientOptions.parallel),
@@ -7606,7 +7620,7 @@ def client_main(command: str, argv: list[str]) -> int:
         max_downloads=getattr(args, "max_downloads", None),
         hash_first=getattr(args, "hash_first", False),
         pipe=getattr(args, "pipe", False),
-        receivers=getattr(args, "receivers", 1),
+        receivers=getattr(args, "receivers", None) or ClientOptions.receivers,
         pipe_wait=getattr(args, "pipe_wait", None),
         timeout=args.timeout,
         retry_for=args.retry_for,

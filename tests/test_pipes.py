@@ -710,6 +710,59 @@ def test_send_pipe_and_get(live, tmp_path, files):
     assert_nothing_kept(files)
 
 
+def test_send_pipe_waits_for_a_slow_receiver_to_drain_the_ring(live, tmp_path, files):
+    """The relay answers the sender once its receivers have the last byte: with a slow one,
+    well after the sender's last byte and its --timeout."""
+    relay = live("--pipe-buffer", "4M")
+    data, oid = blob(6 << 20, seed=21)
+    source = tmp_path / "data.bin"
+    source.write_bytes(data)
+    got = []
+
+    def read_slowly():  # 64 KiB every 0.1 s (curl's --limit-rate bursts after a wait)
+        with requests.get(relay.url(oid) + "?wait=60", stream=True, timeout=60) as answer:
+            for block in answer.iter_content(64 << 10):
+                got.append(block)
+                time.sleep(0.1)
+
+    receiver = threading.Thread(target=read_slowly)
+    receiver.start()
+    waiting_readers(relay, 1)
+    client = [sys.executable, str(ROOT / "file_relay.py")]
+    sender = subprocess.run(
+        [*client, "send", "--pipe", "--wait", "2", "--timeout", "2", relay.url(), str(source)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert sender.returncode == 0, sender.stderr
+    assert "1 of 1 receivers got every byte" in sender.stderr
+    receiver.join(60)
+    assert b"".join(got) == data
+
+
+def test_a_pipe_is_not_deleted_by_delete_nor_started_without_a_name(live, tmp_path, files):
+    relay = live()
+    data, oid = blob(1 << 20, seed=22)
+    sender = subprocess.Popen(
+        ["curl", "-sS", "-o", "/dev/null", "-T", "-", relay.url(oid) + "?pipe&wait=30"], stdin=subprocess.PIPE
+    )
+    wait_until(lambda: requests.head(relay.url(oid), timeout=5).status_code == 200, 30, message="the pipe")
+    refused = requests.delete(relay.url(oid), timeout=10)
+    assert refused.status_code == 409 and "a pipe of this object is in progress" in refused.text
+    sender.kill()
+    sender.wait(10)
+    unnamed = requests.put(relay.url() + "/new/x.bin?pipe", data=data, timeout=10)
+    assert unnamed.status_code == 400 and "a pipe needs the object's name" in unnamed.text
+    assert not any(p.is_file() for p in files.iterdir())
+    client = [sys.executable, str(ROOT / "file_relay.py")]
+    (tmp_path / "x").write_bytes(data)
+    alone = subprocess.run(
+        [*client, "send", "--receivers", "2", relay.url(), str(tmp_path / "x")], capture_output=True, text=True
+    )
+    assert alone.returncode == 2 and "--receivers and --wait go with --pipe" in alone.stderr
+
+
 def test_send_pipe_of_a_stored_file_sends_nothing(live, tmp_path):
     relay = live()
     data, oid = blob(100_000)
