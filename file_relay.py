@@ -3176,6 +3176,10 @@ class PipeSender:
                 return False
             pause(min(next(delays), left))
 
+    def receivers_present(self) -> int:
+        with self.pipe.mutex():
+            return self._active()
+
     def _active(self) -> int:
         """Receivers reading now (a receiver whose worker died is marked gone)."""
         active = 0
@@ -5250,7 +5254,10 @@ class RelayHandler:
         try:
             with self.state.active("uploads_active"):
                 if not pipe.wait_for_receivers(wait, self._unless_draining(pause)):
+                    came = pipe.receivers_present()
                     reason = f"no receiver came within {wait:g} s: start them (GET of this URL), then send again"
+                    if came:
+                        reason = f"{came} of {receivers} receivers came within {wait:g} s: start the others, then again"
                     raise RelayError(504, reason)
                 outcome = pipe.send(_request_body(environ, length, exchange), length, pause)
         except (RelayError, StorageError) as exc:

@@ -414,6 +414,17 @@ def test_the_sender_waits_for_as_many_receivers_as_it_asked_for(live, files):
     assert first.result().verified(oid) and second.result().verified(oid)
 
 
+def test_a_sender_short_of_receivers_is_told_how_many_came(live, files):
+    relay = live()
+    data, oid = blob(1 << 20)
+    first = Receiver(relay, oid)
+    waiting_readers(relay, 1)
+    answer = requests.put(pipe_url(relay, oid, receivers=2, wait=1), data=data, timeout=30)
+    assert answer.status_code == 504 and "1 of 2 receivers came within 1 s: start the others" in answer.text
+    assert not first.result().verified(oid)
+    assert_nothing_kept(files)
+
+
 def test_receivers_that_leave_before_bytes_flow_leave_their_places(live, files):
     relay = live()
     data, oid = blob(1 << 20)
