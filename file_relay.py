@@ -5257,7 +5257,7 @@ class RelayHandler:
                     came = pipe.receivers_present()
                     reason = f"no receiver came within {wait:g} s: start them (GET of this URL), then send again"
                     if came:
-                        reason = f"{came} of {receivers} receivers came within {wait:g} s: start the others, then again"
+                        reason = f"{came} of {receivers} receivers came within {wait:g} s: start the rest, send again"
                     raise RelayError(504, reason)
                 outcome = pipe.send(_request_body(environ, length, exchange), length, pause)
         except (RelayError, StorageError) as exc:
