@@ -342,6 +342,24 @@ def _files_directory(text: str) -> Path:
     return path
 
 
+def _storage_url(text: str) -> str:
+    """s3://BUCKET[/PREFIX], or empty for the files directory."""
+    if not text:
+        return ""
+    if not text.startswith("s3://"):
+        raise ValueError("must be s3://BUCKET[/PREFIX]")
+    bucket = text[len("s3://") :].split("/", 1)[0]
+    if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", bucket):
+        raise ValueError(f"{bucket!r} is not a bucket name")
+    return text
+
+
+def _endpoint_url(text: str) -> str:
+    if text and not re.fullmatch(r"https?://[^/\s]+/?", text):
+        raise ValueError("must be http(s)://HOST[:PORT]")
+    return text.rstrip("/")
+
+
 def _server_id(text: str) -> str:
     if not SERVER_ID_RE.fullmatch(text):
         raise ValueError("use only letters, digits and - . _ ~ (it goes into URLs unescaped)")
@@ -490,6 +508,26 @@ OPTIONS = (
         "RELAY_FILES_DIRECTORY",
         "where files are stored (created if missing)",
         _files_directory,
+    ),
+    Option(
+        "storage",
+        "str",
+        "",
+        ("--storage",),
+        "RELAY_STORAGE",
+        "s3://BUCKET[/PREFIX]: keep files in an S3-compatible object store instead of --files-directory",
+        _storage_url,
+        unset="the files directory",
+    ),
+    Option(
+        "s3_endpoint",
+        "str",
+        "",
+        ("--s3-endpoint",),
+        "RELAY_S3_ENDPOINT",
+        "the object store's URL (default: AWS's, or the AWS configuration's)",
+        _endpoint_url,
+        unset="AWS's",
     ),
     Option("workers", "int", 2, ("--workers",), "RELAY_WORKERS", "worker processes", _positive_int(64)),
     Option(
@@ -837,6 +875,17 @@ class Overloaded(StorageError):
 
     def __init__(self, reason: str, *, retry_after: int):
         super().__init__(reason, retry_after=retry_after)
+
+
+class Unavailable(StorageError):
+    """The storage cannot be reached or failed: the same request may succeed later."""
+
+    def __init__(self, reason: str, *, retry_after: int = 5):
+        super().__init__(reason, retry_after=retry_after)
+
+
+class NotSupported(StorageError):
+    """What this storage backend does not do (yet): sent again, it fails again."""
 
 
 class UploadFailed(Exception):
@@ -1240,7 +1289,8 @@ class Reader(typing.Protocol):
 class Storage(typing.Protocol):
     """What the web layer asks of storage, and all it knows of it. Refusals are
     StorageErrors (NotFound, Busy, Conflict, TooLarge, NoSpace, Mismatch, WrongLength,
-    Overloaded). Store, below, keeps objects in a local directory."""
+    Overloaded, Unavailable, NotSupported). Store, below, keeps objects in a local
+    directory; S3Store, in the next section, in an S3-compatible bucket."""
 
     def prepare(self) -> None:
         """Make ready to store (create what is missing)."""
@@ -3338,9 +3388,712 @@ class PipeReader:
             pipe.close()
 
 
+# ---------------------------------------------------------------------------
+# S3 storage
+#
+# --storage s3://BUCKET/PREFIX: an S3-compatible object store (AWS S3, MinIO, Ceph RGW,
+# SeaweedFS, R2) at --s3-endpoint, with the standard AWS credential sources. Its client
+# (boto3, requirements-s3.txt) is imported only here, when this backend is used. Any number
+# of relay processes on any hosts may share one bucket and prefix:
+#
+# PREFIX/objects/<sha256>            a verified object: created only where none is (If-None-Match: *
+#                                    on PutObject or CompleteMultipartUpload), never overwritten;
+#                                    its user metadata: the upload's token, ttl, max-downloads, and
+#                                    stored-at (a multipart upload's: when it began; lifetimes count
+#                                    from it)
+# PREFIX/downloads/<sha256>.<token>  the downloads of that upload of the object: JSON, changed only
+#                                    by compare-and-swap (If-Match on its ETag)
+# PREFIX/.probe-*                    written and removed at start (the permission to write)
+#
+# An upload is hashed as it arrives. A small one is sent in one PutObject once verified; a
+# larger one becomes a multipart upload under the object's key, its parts sent as they
+# arrive, completed only once the hash matched (else aborted): nothing is visible under the
+# name before. Not done on S3 yet, answered 501: resumable uploads in chunks, following an
+# upload in progress, uploads the relay names.
+# ---------------------------------------------------------------------------
+
+# Options whose meaning is a local filesystem's.
+_S3_REFUSED_OPTIONS = {
+    "files_directory": "--files-directory is where the files directory is; with --storage s3:// there is none",
+    "min_free": "--min-free keeps free space on a filesystem; an object store has none to keep (use --max-disk)",
+    "purge_on_exit": "--purge-on-exit would remove the files of every relay sharing the bucket",
+}
+_S3_PART_SIZE = 8 << 20  # bytes per part of a multipart upload of known length (at least)
+_S3_UNSIZED_PART_SIZE = 16 << 20  # of an upload of unknown length: 10,000 parts make 156 GiB
+_S3_MAX_PARTS = 10_000
+_S3_UNBOUNDED = 1 << 60  # the space reported for a store without --max-disk: it has no size to tell
+_S3_LEASE = 300.0  # seconds a counted download in flight holds its slot unless renewed
+_S3_FULL_CODES = ("XMinioStorageFull", "InsufficientStorage", "QuotaExceeded", "StorageFull")
+_S3_SWAP_ATTEMPTS = 64  # compare-and-swaps of one counter before the request is told to retry
+
+
+def parse_storage_url(url: str) -> tuple[str, str]:
+    """(bucket, key prefix ending in '/' or empty) of s3://BUCKET[/PREFIX]."""
+    bucket, _, prefix = url[len("s3://") :].partition("/")
+    prefix = prefix.strip("/")
+    return bucket, f"{prefix}/" if prefix else ""
+
+
+def s3_option_problem(config: RelayConfig) -> str | None:
+    """Why options given with an S3 storage make no sense there, or None."""
+    defaults = RelayConfig(server_id=config.server_id)
+    for name, reason in _S3_REFUSED_OPTIONS.items():
+        if getattr(config, name) != getattr(defaults, name):
+            return reason
+    return None
+
+
+def _s3_client(config: RelayConfig):
+    """A boto3 client of the store: the standard credential sources, bounded timeouts,
+    checksums only where the operation needs one (the relay verifies SHA-256 itself)."""
+    import boto3
+    import botocore.config
+
+    settings = botocore.config.Config(
+        connect_timeout=5,
+        read_timeout=60,
+        retries={"max_attempts": 3, "mode": "standard"},
+        s3={"addressing_style": "path" if config.s3_endpoint else "auto"},
+        max_pool_connections=64,
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+    )
+    return boto3.session.Session().client("s3", endpoint_url=config.s3_endpoint or None, config=settings)
+
+
+def _s3_status(exc) -> tuple[int, str]:
+    """The HTTP status and error code of a boto3 ClientError."""
+    response = getattr(exc, "response", {}) or {}
+    return response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0), str(response.get("Error", {}).get("Code", ""))
+
+
+def probe_s3_storage(config: RelayConfig) -> str | None:
+    """One line saying why the object store of *config* cannot be used, or None: it is
+    reached, accepts the credentials, has the bucket, lets the relay create and remove a
+    key under the prefix, and keeps create-only writes (a second If-None-Match: * put of
+    a key is refused)."""
+    try:
+        import botocore.exceptions
+    except ImportError:
+        return "--storage s3:// needs boto3: pip install -r requirements-s3.txt"
+    bucket, prefix = parse_storage_url(config.storage)
+    where = config.s3_endpoint or "the AWS endpoint"
+    probe = f"{prefix}.probe-{secrets.token_hex(8)}"
+    try:
+        client = _s3_client(config)
+        client.head_bucket(Bucket=bucket)
+        client.put_object(Bucket=bucket, Key=probe, Body=b"", IfNoneMatch="*")
+        try:
+            client.put_object(Bucket=bucket, Key=probe, Body=b"again", IfNoneMatch="*")
+            overwritten = True
+        except botocore.exceptions.ClientError as exc:
+            if _s3_status(exc)[0] != 412:
+                raise
+            overwritten = False
+        client.delete_object(Bucket=bucket, Key=probe)
+        if overwritten:
+            return f"{where} ignores If-None-Match: * on PutObject: the relay needs create-only writes"
+    except botocore.exceptions.NoCredentialsError:
+        return "no AWS credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or ~/.aws/credentials)"
+    except botocore.exceptions.ClientError as exc:
+        status, code = _s3_status(exc)
+        operation = exc.operation_name
+        if status == 404 or code == "NoSuchBucket":
+            return f"bucket {bucket!r} does not exist at {where}"
+        if operation == "HeadBucket" and (status in (400, 401, 403) or "Signature" in code or "AccessKey" in code):
+            return f"{where} refused the credentials for bucket {bucket!r} ({code or status})"
+        if status == 403 or code == "AccessDenied":
+            return f"no permission to write to s3://{bucket}/{prefix} at {where}"
+        return f"{where} answered {operation} with {code or status}"
+    except botocore.exceptions.BotoCoreError as exc:
+        return f"cannot reach the object store at {where}: {exc}"
+    return None
+
+
+class S3Store:
+    """Objects in an S3-compatible bucket under a prefix, shared by any number of relays.
+
+    Every decision is the store's: an object exists once a create-only write of it
+    succeeded, and a download budget changes only by compare-and-swap, so relays on
+    several hosts need nothing else in common. The store's failures are Unavailable
+    (NoSpace when it says it is full), never half-done work under an object's name."""
+
+    def __init__(self, config: RelayConfig):
+        self.config = config
+        self.bucket, self.prefix = parse_storage_url(config.storage)
+        self._client = None
+        self._client_pid = None
+        self._client_lock = threading.Lock()
+        self._reserved_lock = threading.Lock()
+        self._reserved = 0  # bytes of this process's uploads in progress
+
+    # -- the store ---------------------------------------------------------------
+
+    @property
+    def client(self):
+        """This process's client (one made before a fork is not used after it)."""
+        if self._client_pid != os.getpid():
+            with self._client_lock:
+                if self._client_pid != os.getpid():
+                    self._client = _s3_client(self.config)
+                    self._client_pid = os.getpid()
+        return self._client
+
+    def _call(self, doing: str, operation: str, *, absent=(), **kwargs):
+        """client.<operation>(Bucket=..., **kwargs), the store's failures as StorageErrors;
+        None if the store answered with a status in *absent*."""
+        import botocore.exceptions
+
+        try:
+            return getattr(self.client, operation)(Bucket=self.bucket, **kwargs)
+        except botocore.exceptions.ClientError as exc:
+            status, code = _s3_status(exc)
+            if status in absent:
+                return None
+            if status == 507 or code in _S3_FULL_CODES:
+                raise NoSpace(f"the object store is full ({code or status}) while trying to {doing}") from None
+            if status >= 500 or status in (408, 429) or code in ("SlowDown", "RequestTimeout"):
+                raise Unavailable(f"the object store failed to {doing} ({code or status})") from None
+            raise StorageError(f"the object store refused to {doing} ({code or status})") from None
+        except botocore.exceptions.BotoCoreError as exc:
+            raise Unavailable(f"the object store cannot be reached to {doing} ({exc.__class__.__name__})") from None
+
+    def _object_key(self, oid: str) -> str:
+        return f"{self.prefix}objects/{oid}"
+
+    def _counter_key(self, oid: str, token: str) -> str:
+        return f"{self.prefix}downloads/{oid}.{token}"
+
+    def _keys(self, under: str):
+        """(key, size) of every key under PREFIX/*under*."""
+        token = None
+        while True:
+            more = {"ContinuationToken": token} if token else {}
+            page = self._call("list objects", "list_objects_v2", Prefix=f"{self.prefix}{under}", **more)
+            for item in page.get("Contents", ()):
+                yield item["Key"], item["Size"]
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                return
+
+    def _multipart_uploads(self, key_prefix: str):
+        """(key, upload id, initiated at) of the multipart uploads in progress under *key_prefix*."""
+        markers: dict = {}
+        while True:
+            page = self._call("list uploads", "list_multipart_uploads", Prefix=key_prefix, **markers)
+            for upload in page.get("Uploads", ()):
+                yield upload["Key"], upload["UploadId"], upload["Initiated"].timestamp()
+            if not page.get("IsTruncated"):
+                return
+            markers = {"KeyMarker": page.get("NextKeyMarker", ""), "UploadIdMarker": page.get("NextUploadIdMarker", "")}
+
+    def prepare(self) -> None:
+        """Nothing to create: the bucket is the operator's (checked at start)."""
+
+    # -- objects -----------------------------------------------------------------
+
+    def _head(self, oid: str) -> tuple[StoredObject, str] | None:
+        """The stored object and the token of the upload that stored it, or None."""
+        head = self._call("look up an object", "head_object", absent=(404,), Key=self._object_key(oid))
+        if head is None:
+            return None
+        meta = head.get("Metadata", {})
+        token = meta.get("token", "")
+        stored_at = float(meta["stored-at"]) if meta.get("stored-at") else head["LastModified"].timestamp()
+        ttl = float(meta["ttl"]) if meta.get("ttl") else None
+        max_downloads = int(meta["max-downloads"]) if meta.get("max-downloads") else None
+        downloads = 0
+        if max_downloads is not None:
+            state, _ = self._read_counter(oid, token)
+            downloads = self._counted(state)
+        obj = StoredObject(
+            oid=oid,
+            size=head["ContentLength"],
+            stored_at=stored_at,
+            expires_at=None if ttl is None else stored_at + ttl,
+            max_downloads=max_downloads,
+            downloads=downloads,
+        )
+        return obj, token
+
+    @staticmethod
+    def _is_spent(obj: StoredObject, now: float) -> bool:
+        return Store._is_spent(obj, now)
+
+    def _found(self, oid: str) -> tuple[StoredObject, str] | None:
+        """_head(), but an object that expired or was used up is removed on sight."""
+        found = self._head(oid)
+        if found is None:
+            return None
+        obj, token = found
+        if self._is_spent(obj, time.time()):
+            if obj.expires_at is not None and obj.expires_at <= time.time():
+                self._remove(oid, token)
+                return None
+            state, _ = self._read_counter(oid, token)
+            if not self._live_leases(state, time.time()):  # its last downloads may still be going
+                self._remove(oid, token)
+                return None
+        return found
+
+    def _remove(self, oid: str, token: str | None = None) -> bool:
+        """Remove the object (only the upload *token* of it, if given); False if it was not there."""
+        found = self._head(oid)
+        if found is None or (token is not None and found[1] != token):
+            return False
+        self._call("remove an object", "delete_object", Key=self._object_key(oid))
+        return True
+
+    def lookup(self, oid: str) -> StoredObject | None:
+        found = self._found(oid)
+        return found[0] if found else None
+
+    def is_stored(self, oid: str) -> bool:
+        return self._found(oid) is not None
+
+    def open(self, oid: str) -> S3ObjectReader | None:
+        found = self._found(oid)
+        return S3ObjectReader(self, *found) if found else None
+
+    def _stream(self, oid: str, first: int, last: int):
+        """The body of bytes first..last of the object, as the store sends it."""
+        got = self._call(
+            "read an object", "get_object", absent=(404, 416), Key=self._object_key(oid), Range=f"bytes={first}-{last}"
+        )
+        if got is None:
+            raise UploadFailed("the object was removed while it was being read")
+        return got["Body"]
+
+    def follow(self, oid: str) -> None:
+        """None, unless an upload of the object in parts began somewhere and has not ended
+        (nor been swept as abandoned, --partial-ttl after it began): then NotSupported."""
+        key = self._object_key(oid)
+        began = [initiated for found, _, initiated in self._multipart_uploads(key) if found == key]
+        if began:
+            raise NotSupported(
+                f"an upload of this object began {http_date(min(began))} and has not ended; following an upload "
+                "in progress is not done on S3 yet: download it once it is stored"
+            )
+        return None
+
+    def progress(self, oid: str) -> None:
+        """Resumable uploads are not done on S3 yet: there is never one to report."""
+        return None
+
+    def delete(self, oid: str) -> bool:
+        """Remove the stored object (an upload in progress elsewhere is not cancelled)."""
+        return self._remove(oid)
+
+    # -- download budgets --------------------------------------------------------
+
+    def _read_counter(self, oid: str, token: str) -> tuple[dict, str | None]:
+        """The downloads of the upload *token* of the object, and the counter's ETag (None
+        if it has none yet: nothing counted)."""
+        got = self._call("read a download count", "get_object", absent=(404,), Key=self._counter_key(oid, token))
+        if got is None:
+            return {"completed": 0, "leases": {}}, None
+        try:
+            state = json.loads(got["Body"].read(64 << 10))
+        except (ValueError, OSError) as exc:
+            raise Unavailable(f"the object store sent a download count that does not read ({exc})") from None
+        return state, got["ETag"]
+
+    def _swap_counter(self, oid: str, token: str, state: dict, etag: str | None) -> bool:
+        """Replace the counter read with *etag* by *state*: False if it changed meanwhile."""
+        condition = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
+        body = json.dumps(state).encode()
+        # 412: changed meanwhile; 409: another swap in flight (AWS); 404: gone (AWS's If-Match)
+        done = self._call(
+            "count a download",
+            "put_object",
+            absent=(404, 409, 412),
+            Key=self._counter_key(oid, token),
+            Body=body,
+            **condition,
+        )
+        return done is not None
+
+    @staticmethod
+    def _live_leases(state: dict, now: float) -> dict:
+        return {lease: until for lease, until in state.get("leases", {}).items() if until > now}
+
+    @staticmethod
+    def _counted(state: dict) -> int:
+        """Downloads counted: those completed, in flight, or begun by a relay that stopped
+        renewing its lease (it died: counted, as a crash on a file system counts one)."""
+        return state.get("completed", 0) + len(state.get("leases", {}))
+
+    def _change_counter(self, oid: str, token: str, change) -> object:
+        """Apply change(state, now) -> (new state or None to leave it, result) by
+        compare-and-swap until it holds; the result."""
+        for _ in range(_S3_SWAP_ATTEMPTS):
+            state, etag = self._read_counter(oid, token)
+            now = time.time()
+            live = self._live_leases(state, now)
+            state = {"completed": state.get("completed", 0) + len(state.get("leases", {})) - len(live), "leases": live}
+            new, result = change(state, now)
+            if new is None or self._swap_counter(oid, token, new, etag):
+                return result
+            time.sleep(random.uniform(0.005, 0.05))
+        raise Busy("too many downloads of this object are being counted at once", retry_after=1)
+
+    def reserve_download(self, reader: S3ObjectReader) -> S3DownloadTicket | None:
+        """A lease on one counted download, if the object has a budget: counted at once and
+        given back if the download does not go through whole. NotFound once it is used up,
+        Busy while its remaining downloads are in flight."""
+        limit = reader.max_downloads
+        if limit is None:
+            return None
+        oid, token, lease = reader.oid, reader.token, secrets.token_hex(8)
+
+        def take(state: dict, now: float):
+            if state["completed"] >= limit:
+                return None, None
+            if state["completed"] + len(state["leases"]) >= limit:
+                return None, False
+            state["leases"][lease] = now + _S3_LEASE
+            return state, limit - state["completed"] - len(state["leases"])
+
+        remaining = self._change_counter(oid, token, take)
+        if remaining is None:
+            self._remove(oid, token)
+            raise NotFound("no such object")
+        if remaining is False:
+            raise Busy("the remaining downloads of this object are in progress", retry_after=5)
+        reader.ticket = S3DownloadTicket(self, oid, token, lease, limit, remaining)
+        return reader.ticket
+
+    # -- uploads -----------------------------------------------------------------
+
+    def check_size(self, size: int) -> None:
+        limit = self.config.max_file_size
+        if size > _S3_MAX_PARTS * _S3_UNSIZED_PART_SIZE * 64:
+            raise TooLarge("larger than any object the relay can store in S3")
+        if limit is not None and size > limit:
+            raise TooLarge(f"larger than the relay's limit of {format_size(limit)} ({limit} bytes)")
+
+    @contextlib.contextmanager
+    def _reservation(self, size: int):
+        """Hold *size* bytes of --max-disk for an upload: judged against what the prefix
+        holds and this process's uploads in progress. Yields a function that takes more
+        (for an upload of unknown length, as it grows)."""
+        held = 0
+
+        def take(more: int) -> None:
+            nonlocal held
+            limit = self.config.max_disk
+            if limit is not None and more > 0:
+                stored = sum(size for _, size in self._keys("objects/"))
+                with self._reserved_lock:
+                    if stored + self._reserved + more > limit:
+                        raise NoSpace(
+                            f"not enough space: the relay's quota of {format_size(limit)} holds "
+                            f"{format_size(stored + self._reserved)}"
+                        )
+                    self._reserved += more
+            else:
+                with self._reserved_lock:
+                    self._reserved += more
+            held += more
+
+        try:
+            take(size)
+            yield take
+        finally:
+            with self._reserved_lock:
+                self._reserved -= held
+
+    def put_stream(self, oid: str, body, length: int | None, limits: Limits) -> bool:
+        """Store a whole object sent in one request: True if this created it, False if it
+        was stored already (before, or by another upload meanwhile)."""
+        if self.is_stored(oid):
+            for _ in body:
+                pass
+            if not self.is_stored(oid):
+                raise Conflict("the stored copy expired or was removed while this upload arrived: send it again")
+            return False
+        if length is not None:
+            self.check_size(length)
+        with self._reservation(length or 0) as reserve_more:
+            return self._receive(oid, body, length, limits, reserve_more)
+
+    def _receive(self, oid: str, body, length: int | None, limits: Limits, reserve_more) -> bool:
+        key = self._object_key(oid)
+        metadata = {"token": secrets.token_hex(16)}
+        if limits.ttl is not None:
+            metadata["ttl"] = repr(limits.ttl)
+        if limits.max_downloads is not None:
+            metadata["max-downloads"] = str(limits.max_downloads)
+        part_size = _S3_UNSIZED_PART_SIZE if length is None else max(_S3_PART_SIZE, -(-length // _S3_MAX_PARTS))
+        hasher = _BackgroundHasher()
+        pending = bytearray()
+        parts: list[dict] = []
+        upload_id = None
+        received = 0
+        try:
+            for block in body:
+                received += len(block)
+                if length is None:
+                    self.check_size(received)
+                    reserve_more(len(block))
+                hasher.update(block)
+                pending += block
+                if len(pending) >= part_size:
+                    if upload_id is None:
+                        metadata["stored-at"] = repr(time.time())
+                        upload_id = self._call(
+                            "begin an upload", "create_multipart_upload", Key=key, Metadata=metadata
+                        )["UploadId"]
+                    part, pending = bytes(pending[:part_size]), pending[part_size:]
+                    parts.append(self._send_part(key, upload_id, len(parts) + 1, part))
+            if length is not None and received != length:
+                raise WrongLength(f"body has {received} bytes, Content-Length says {length}")
+            digest = hasher.finish()
+            Store._verify(oid, digest)
+            if upload_id is None:
+                metadata["stored-at"] = repr(time.time())
+                return self._put_whole(key, bytes(pending), metadata, digest.digest())
+            if pending or not parts:
+                parts.append(self._send_part(key, upload_id, len(parts) + 1, bytes(pending)))
+            completed = self._call(
+                "complete an upload",
+                "complete_multipart_upload",
+                absent=(409, 412),  # 412: stored meanwhile by another upload; 409: one in flight (AWS)
+                Key=key,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": parts},
+                IfNoneMatch="*",
+            )
+            if completed is None:
+                return False
+            upload_id = None
+            return True
+        finally:
+            hasher.finish()
+            if upload_id is not None:
+                with contextlib.suppress(StorageError):  # else the sweeper aborts it later
+                    self._call("abort an upload", "abort_multipart_upload", absent=(404,), Key=key, UploadId=upload_id)
+
+    def _send_part(self, key: str, upload_id: str, number: int, data: bytes) -> dict:
+        sent = self._call("store a part", "upload_part", Key=key, UploadId=upload_id, PartNumber=number, Body=data)
+        return {"PartNumber": number, "ETag": sent["ETag"]}
+
+    def _put_whole(self, key: str, data: bytes, metadata: dict, digest: bytes) -> bool:
+        """Create the object from *data*, verified by the store against its SHA-256 too:
+        False if it exists already."""
+        done = self._call(
+            "store an object",
+            "put_object",
+            absent=(409, 412),
+            Key=key,
+            Body=data,
+            Metadata=metadata,
+            IfNoneMatch="*",
+            ChecksumSHA256=base64.b64encode(digest).decode(),
+        )
+        return done is not None
+
+    def put_chunk(self, oid, first, last, total, body, digest, limits) -> Stored:
+        """Stored.ALREADY for a chunk of a stored object; else NotSupported (not done yet)."""
+        if not self.is_stored(oid):
+            raise NotSupported(
+                "uploads in chunks (Content-Range) are not done on S3 yet: send the whole file in one PUT"
+            )
+        for _ in body:
+            pass
+        return Stored.ALREADY
+
+    # -- housekeeping ------------------------------------------------------------
+
+    def usage(self) -> dict:
+        """Stored objects (listed), multipart uploads in progress (on any relay), bytes this
+        relay's uploads reserve, and --max-disk as the store's size (else 1 EiB: unknown)."""
+        stored_count = stored_bytes = 0
+        for _, size in self._keys("objects/"):
+            stored_count += 1
+            stored_bytes += size
+        partial_count = sum(1 for _ in self._multipart_uploads(f"{self.prefix}objects/"))
+        total = self.config.max_disk if self.config.max_disk is not None else _S3_UNBOUNDED
+        return {
+            "stored_count": stored_count,
+            "stored_bytes": stored_bytes,
+            "partial_count": partial_count,
+            "reserved_bytes": self._reserved,
+            "partial_allocated_bytes": 0,
+            "pipe_count": 0,  # no pipes on S3
+            "pipe_buffer_bytes": 0,
+            "disk_total_bytes": total,
+            "disk_used_bytes": min(total, stored_bytes + self._reserved),
+            "disk_free_bytes": max(0, total - stored_bytes - self._reserved),
+        }
+
+    def sweep(self, now: float | None = None) -> dict:
+        """Remove objects that expired or were used up, counters whose object is gone, and
+        multipart uploads begun longer than --partial-ttl ago (abandoned by a relay that
+        died). Safe on several hosts at once: each removal is judged on what the store
+        holds then, and removing what another host removed first is no harm."""
+        now = time.time() if now is None else now
+        removed = {"objects": 0, "partials": 0, "leftovers": 0}
+        for key, _ in list(self._keys("objects/")):
+            oid = key.rsplit("/", 1)[-1]
+            if not _is_object_name(oid):
+                continue
+            found = self._head(oid)
+            if found is not None and self._is_spent(found[0], now):
+                state, _ = self._read_counter(oid, found[1])
+                expired = found[0].expires_at is not None and found[0].expires_at <= now
+                if (expired or not self._live_leases(state, now)) and self._remove(oid, found[1]):
+                    removed["objects"] += 1
+        for key, _ in list(self._keys("downloads/")):
+            oid, _, token = key.rsplit("/", 1)[-1].partition(".")
+            found = self._head(oid) if _is_object_name(oid) else None
+            if found is None or found[1] != token:
+                self._call("remove a download count", "delete_object", Key=key)
+                removed["leftovers"] += 1
+        for key, upload_id, initiated in list(self._multipart_uploads(f"{self.prefix}objects/")):
+            if now - initiated > self.config.partial_ttl:
+                self._call("abort an upload", "abort_multipart_upload", absent=(404,), Key=key, UploadId=upload_id)
+                removed["partials"] += 1
+        return removed
+
+    def purge(self) -> None:
+        """Remove everything under the prefix (and abort its multipart uploads)."""
+        for key, upload_id, _ in list(self._multipart_uploads(self.prefix)):
+            self._call("abort an upload", "abort_multipart_upload", absent=(404,), Key=key, UploadId=upload_id)
+        for key, _ in list(self._keys("")):
+            self._call("remove an object", "delete_object", Key=key)
+
+
+class S3DownloadTicket:
+    """A counted download's lease on the object's counter: complete() when it went through
+    whole, release() when not (it is given back); renew() while it goes on."""
+
+    def __init__(self, store: S3Store, oid: str, token: str, lease: str, limit: int, remaining: int):
+        self.store = store
+        self.oid = oid
+        self.token = token
+        self.lease = lease
+        self.limit = limit
+        self.remaining = remaining  # downloads left once this one is through
+        self.renew_at = time.monotonic() + _S3_LEASE / 3
+        self.ended = False
+
+    def renew(self) -> None:
+        if time.monotonic() < self.renew_at or self.ended:
+            return
+        self.renew_at = time.monotonic() + _S3_LEASE / 3
+
+        def extend(state: dict, now: float):
+            if self.lease not in state["leases"]:
+                return None, None  # expired meanwhile: counted as done already
+            state["leases"][self.lease] = now + _S3_LEASE
+            return state, None
+
+        self.store._change_counter(self.oid, self.token, extend)
+
+    def complete(self) -> None:
+        """Count the download as done; remove the object once its budget is spent and none
+        of its downloads is in flight."""
+        self._end(whole=True)
+
+    def release(self) -> None:
+        self._end(whole=False)
+
+    def _end(self, *, whole: bool) -> None:
+        if self.ended:
+            return
+        self.ended = True
+
+        def end(state: dict, now: float):
+            if state["leases"].pop(self.lease, None) is not None and whole:
+                state["completed"] += 1
+            return state, state["completed"] >= self.limit and not state["leases"]
+
+        if self.store._change_counter(self.oid, self.token, end):
+            self.store._remove(self.oid, self.token)
+
+
+class S3ObjectReader:
+    """A stored object in the bucket, read with ranged GETs as the download goes (no
+    sendfile). A read that the store cuts off raises UploadFailed: the response is cut
+    off too, never passed off as complete."""
+
+    pause = staticmethod(time.sleep)  # a stored object's bytes are all there: never called
+    ticket: S3DownloadTicket | None = None
+
+    def __init__(self, store: S3Store, obj: StoredObject, token: str):
+        self.store = store
+        self.object = obj
+        self.oid = obj.oid
+        self.token = token
+        self.max_downloads = obj.max_downloads
+        self.start = self.position = 0
+        self.end = obj.size
+        self.finished = obj.size == 0
+        self._stream = None
+        self._closed = False
+
+    @property
+    def length(self) -> int:
+        return self.object.size
+
+    @property
+    def sent(self) -> int:
+        return self.position - self.start
+
+    def progress(self) -> None:
+        """No upload is in progress: the object is stored."""
+
+    def select(self, first: int, last: int) -> None:
+        self._close_stream()
+        self.start = self.position = first
+        self.end = last + 1
+        self.finished = False
+
+    def read(self, size: int = -1) -> bytes:
+        if self.position >= self.end:
+            self.finished = True
+            return b""
+        import botocore.exceptions
+        import urllib3.exceptions
+
+        wanted = min(max(size, BLOCK_SIZE), self.end - self.position)
+        try:
+            if self._stream is None:
+                self._stream = self.store._stream(self.oid, self.position, self.end - 1)
+            block = self._stream.read(wanted)
+        except (StorageError, botocore.exceptions.BotoCoreError, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise UploadFailed(f"the object store stopped sending the object ({exc.__class__.__name__})") from None
+        if not block:
+            raise UploadFailed("the object store ended the object early")
+        self.position += len(block)
+        if self.ticket is not None:
+            with contextlib.suppress(StorageError):
+                self.ticket.renew()
+        return block
+
+    def _close_stream(self) -> None:
+        if self._stream is not None:
+            with contextlib.suppress(Exception):
+                self._stream.close()
+            self._stream = None
+
+    def close(self) -> None:
+        """End the reader: a download it holds counts if every byte was delivered."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self.ticket is not None:
+                with contextlib.suppress(StorageError):  # a lease not given back counts once
+                    self.ticket.complete() if self.finished else self.ticket.release()
+        finally:
+            self._close_stream()
+
+
 def open_storage(config: RelayConfig) -> Storage:
-    """The storage *config* asks for: the files directory (the only backend so far)."""
-    return Store(config)
+    """The storage *config* asks for: an S3 bucket (--storage s3://...), else the files directory."""
+    return S3Store(config) if config.storage else Store(config)
 
 
 # ---------------------------------------------------------------------------
@@ -4004,6 +4757,8 @@ _REFUSALS = {
     WrongLength: 400,
     Overloaded: 503,
     PipeAbandoned: 502,  # no receiver is left to pass the content to
+    Unavailable: 503,  # with Retry-After
+    NotSupported: 501,
     StorageError: 500,  # a kind no table entry names: the relay's own fault
 }
 _OUTCOMES = {Stored.CREATED: 201, Stored.ALREADY: 200}
@@ -5913,7 +6668,7 @@ def serve(config: RelayConfig, *, generated_id: bool = False) -> int:
     storage = open_storage(config)
     storage.prepare()
     formatter = configure_logging(config).formatter
-    for warning in probe_files_directory(config.files_directory):
+    for warning in [] if config.storage else probe_files_directory(config.files_directory):
         log.warning("%s", warning)
     try:
         _log_swept("startup", storage.sweep())  # leftovers of a crash: partial plain uploads, trash
@@ -7708,12 +8463,17 @@ def main(argv: list[str] | None = None) -> int:
         word = args.server_id_positional
         parser.error(f"{word!r} is a client command, not a server ID; to use it as one: --server-id {word}")
     config = config_from_args(args, parser)
-    try:
-        probe_files_directory(config.files_directory)
-    except OSError as exc:
-        parser.error(f"files directory: {exc.strerror or exc}")
-    if config.purge_on_exit and (fstype := shared_filesystem(config.files_directory)):
-        parser.error(f"--purge-on-exit would remove the files of every relay sharing this {fstype} directory")
+    if config.storage:
+        problem = s3_option_problem(config) or probe_s3_storage(config)
+        if problem:
+            parser.error(f"storage: {problem}")
+    else:
+        try:
+            probe_files_directory(config.files_directory)
+        except OSError as exc:
+            parser.error(f"files directory: {exc.strerror or exc}")
+        if config.purge_on_exit and (fstype := shared_filesystem(config.files_directory)):
+            parser.error(f"--purge-on-exit would remove the files of every relay sharing this {fstype} directory")
     generated = not (args.server_id_positional or args.server_id)
     return serve(config, generated_id=True) if generated else serve(config)
 

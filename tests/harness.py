@@ -41,11 +41,12 @@ class RelayExited(AssertionError):
 
 class RelayProcess:
     """One relay: `start()` it, talk to `base` (scheme://127.0.0.1:PORT), stop it with
-    `signal()`, `stop()` (drain) or `kill()` (the whole process group, at once)."""
+    `signal()`, `stop()` (drain) or `kill()` (the whole process group, at once). With
+    *files* None it gets no --files-directory (its storage is in *args*)."""
 
     def __init__(
         self,
-        files: Path,
+        files: Path | None,
         log_path: Path,
         args=(),
         *,
@@ -69,7 +70,7 @@ class RelayProcess:
         command = [sys.executable, str(self.script)]
         if server_id is not None:
             command.append(server_id)
-        command += ["--bind", bind, "--files-directory", str(self.files), *self.args]
+        command += ["--bind", bind, *(["--files-directory", str(self.files)] if self.files else []), *self.args]
         self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as log, open(self.out_path or os.devnull, "ab") as out:
             self.process = subprocess.Popen(

@@ -12,6 +12,7 @@ ORDER = [
     "Small helpers",
     "Options",
     "Storage",
+    "S3 storage",
     "Shared counters",
     "gunicorn and Bottle",
     "Web application",

@@ -2,9 +2,20 @@
 `weed mini` on 127.0.0.1 (the seaweed fixture)."""
 
 import concurrent.futures
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import threading
 
 import botocore.exceptions
 import pytest
+import requests
+from conftest import blob
+from harness import SCRIPT, Paced, RelayProcess, wait_until
+
+import file_relay
 
 # -- the test server does what the backend relies on ------------------------------------
 
@@ -38,3 +49,250 @@ def test_the_test_server_lets_one_of_racing_compare_and_swaps_win(seaweed):
     assert won.count(True) == 1
     assert client.get_object(Bucket="relay", Key=key)["Body"].read() == str(won.index(True) + 1).encode()
     client.delete_object(Bucket="relay", Key=key)
+
+
+# -- start-up: a configuration that cannot work fails with one line ----------------------
+
+SERVER_ID = "s3-relay-secret-0123456789"
+
+
+def start(env: dict, *args, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run a relay that is expected to refuse to start."""
+    command = [sys.executable, str(SCRIPT), SERVER_ID, "--bind", "127.0.0.1:0", *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("file_relay.py: error: storage: "), result.stderr
+    assert "Traceback" not in result.stderr
+    return lines[-1]
+
+
+@pytest.fixture
+def relay_env(seaweed, tmp_path) -> dict:
+    """The environment of a relay on the test server, nothing of this machine's AWS setup."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("AWS_")}
+    return {**env, **seaweed.env, "HOME": str(tmp_path)}
+
+
+def test_wrong_credentials_fail_at_start(seaweed, relay_env, s3_storage_url):
+    env = {**relay_env, "AWS_SECRET_ACCESS_KEY": "not-the-secret-key-0000"}
+    line = one_line_error(start(env, "--storage", s3_storage_url, "--s3-endpoint", seaweed.endpoint))
+    assert "refused the credentials" in line
+
+
+def test_a_missing_bucket_fails_at_start(seaweed, relay_env):
+    line = one_line_error(start(relay_env, "--storage", "s3://no-such-bucket/x", "--s3-endpoint", seaweed.endpoint))
+    assert "bucket 'no-such-bucket' does not exist" in line
+
+
+def test_credentials_that_cannot_write_fail_at_start(seaweed, relay_env, s3_storage_url):
+    env = {**relay_env, "AWS_ACCESS_KEY_ID": "readonlykey", "AWS_SECRET_ACCESS_KEY": "readonlysecret0123"}
+    line = one_line_error(start(env, "--storage", s3_storage_url, "--s3-endpoint", seaweed.endpoint))
+    assert "no permission to write" in line
+
+
+def test_an_unreachable_endpoint_fails_at_start(relay_env, s3_storage_url):
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    line = one_line_error(start(relay_env, "--storage", s3_storage_url, "--s3-endpoint", f"http://127.0.0.1:{port}"))
+    assert "cannot reach the object store" in line
+
+
+def test_missing_credentials_fail_at_start(seaweed, relay_env, s3_storage_url):
+    env = {key: value for key, value in relay_env.items() if key not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    line = one_line_error(start(env, "--storage", s3_storage_url, "--s3-endpoint", seaweed.endpoint))
+    assert "no AWS credentials" in line
+
+
+@pytest.mark.parametrize(
+    ("option", "word"),
+    [("--min-free=1G", "--min-free"), ("--purge-on-exit", "--purge-on-exit"), ("--files-directory=/tmp/x", "--files")],
+)
+def test_options_without_meaning_on_s3_are_refused(relay_env, s3_storage_url, option, word):
+    line = one_line_error(start(relay_env, "--storage", s3_storage_url, option))
+    assert word in line
+
+
+@pytest.mark.parametrize("url", ["s3:/relay", "http://relay/x", "s3://Bad_Bucket/x"])
+def test_a_malformed_storage_url_is_refused(relay_env, url):
+    result = start(relay_env, "--storage", url)
+    assert result.returncode == 2 and "storage" in result.stderr and "Traceback" not in result.stderr
+
+
+# -- several hosts on one bucket ---------------------------------------------------------
+
+
+@pytest.fixture
+def s3_relays(seaweed, relay_env, s3_storage_url, tmp_path):
+    """start(count, *options) -> that many relay processes on one bucket and prefix, each
+    on its own port (as on hosts of their own); all killed at the end."""
+    relays = []
+
+    def start_relays(count: int = 3, *options, env: dict | None = None) -> list[RelayProcess]:
+        started = []
+        for _ in range(count):
+            name = f"host{len(relays)}"
+            args = ["--storage", s3_storage_url, "--s3-endpoint", seaweed.endpoint, "--get-wait-timeout=0", *options]
+            relay = RelayProcess(None, tmp_path / f"{name}.log", args, env={**relay_env, **(env or {})})
+            relays.append(relay)
+            started.append(relay.start(SERVER_ID))
+        return started
+
+    yield start_relays
+    for relay in relays:
+        relay.kill()
+
+
+def url(relay: RelayProcess, oid: str = "") -> str:
+    return f"{relay.base}/{SERVER_ID}" + (f"/{oid}" if oid else "")
+
+
+def keys_under(seaweed, s3_storage_url: str, what: str = "objects/") -> list[str]:
+    bucket, prefix = file_relay.parse_storage_url(s3_storage_url)
+    listed = seaweed.client().list_objects_v2(Bucket=bucket, Prefix=f"{prefix}{what}")
+    return sorted(item["Key"].rsplit("/", 1)[-1] for item in listed.get("Contents", ()))
+
+
+def multipart_uploads(seaweed, s3_storage_url: str) -> list[str]:
+    bucket, prefix = file_relay.parse_storage_url(s3_storage_url)
+    listed = seaweed.client().list_multipart_uploads(Bucket=bucket, Prefix=prefix)
+    return [upload["Key"] for upload in listed.get("Uploads", ())]
+
+
+def test_an_object_uploaded_on_one_host_downloads_from_the_others(s3_relays, seaweed, s3_storage_url):
+    a, b, c = s3_relays(3)
+    data, oid = blob(9 << 20)  # a multipart upload
+    small, small_oid = blob(1000, seed=1)  # one PutObject
+    assert requests.put(url(a, oid), data=data, timeout=60).status_code == 201
+    assert requests.put(url(a, small_oid), data=small, timeout=60).status_code == 201
+    for relay in (b, c):
+        got = requests.get(url(relay, oid), timeout=60)
+        assert got.status_code == 200 and got.content == data
+        assert got.headers["ETag"] == f'"{oid}"'
+        assert got.headers["Repr-Digest"] == file_relay.sha256_field(bytes.fromhex(oid))
+        assert requests.get(url(relay, small_oid), timeout=60).content == small
+        ranged = requests.get(url(relay, oid), headers={"Range": "bytes=8388600-8388700"}, timeout=60)
+        assert ranged.status_code == 206 and ranged.content == data[8388600:8388701]
+        assert ranged.headers["Content-Range"] == f"bytes 8388600-8388700/{len(data)}"
+        head = requests.head(url(relay, oid), timeout=60)
+        assert head.status_code == 200 and head.headers["Content-Length"] == str(len(data))
+        assert requests.get(url(relay, oid), headers={"If-None-Match": f'"{oid}"'}, timeout=60).status_code == 304
+        status = requests.get(url(relay), timeout=60).json()
+        assert (status["stored_objects"], status["stored_bytes"]) == (2, len(data) + len(small))
+    assert requests.put(url(b, oid), data=data, timeout=60).status_code == 200  # stored already, on any host
+    assert requests.delete(url(c, small_oid), timeout=60).status_code == 200
+    assert requests.get(url(a, small_oid), timeout=60).status_code == 404
+    assert keys_under(seaweed, s3_storage_url) == [oid] and multipart_uploads(seaweed, s3_storage_url) == []
+
+
+@pytest.mark.parametrize("size", [100_000, 9 << 20])
+def test_eight_uploads_of_one_object_over_three_hosts_store_it_once(s3_relays, seaweed, s3_storage_url, size):
+    relays = s3_relays(3)
+    data, oid = blob(size)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(
+            pool.map(lambda i: requests.put(url(relays[i % 3], oid), data=data, timeout=120).status_code, range(8))
+        )
+    assert sorted(answers) == [200] * 7 + [201], answers
+    assert keys_under(seaweed, s3_storage_url) == [oid]
+    assert multipart_uploads(seaweed, s3_storage_url) == []
+    assert requests.get(url(relays[1], oid), timeout=60).content == data
+
+
+def test_one_download_allowed_and_eight_at_once_across_hosts_make_exactly_one_whole_one(s3_relays):
+    relays = s3_relays(3)
+    data, oid = blob(2 << 20)
+    assert requests.put(url(relays[0], oid), data=data, headers={"Max-Downloads": "1"}, timeout=60).status_code == 201
+
+    def download(i: int) -> tuple[int, bool]:
+        got = requests.get(url(relays[i % 3], oid), timeout=60)
+        return got.status_code, got.content == data
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(download, range(8)))
+    assert [answer for answer in answers if answer[0] == 200] == [(200, True)], answers
+    assert {status for status, _ in answers} <= {200, 404, 409}, answers
+    for relay in relays:
+        assert requests.get(url(relay, oid), timeout=60).status_code == 404
+
+
+def test_a_download_cut_short_gives_its_slot_back_to_any_host(s3_relays):
+    a, b, _ = s3_relays(3)
+    data, oid = blob(4 << 20)
+    assert requests.put(url(a, oid), data=data, headers={"Max-Downloads": "1"}, timeout=60).status_code == 201
+    with requests.get(url(a, oid), stream=True, timeout=60) as cut_short:
+        assert cut_short.status_code == 200
+        cut_short.raw.read(1000)
+        assert requests.get(url(b, oid), timeout=60).status_code == 409  # the last one is in flight
+    got = wait_until(
+        lambda: (answer := requests.get(url(b, oid), timeout=60)).status_code != 409 and answer,
+        timeout=20,
+        message="the cut-short download to give its slot back",
+    )
+    assert got.status_code == 200 and got.content == data
+    assert requests.get(url(a, oid), timeout=60).status_code == 404
+
+
+def test_a_host_killed_mid_upload_leaves_nothing_under_the_name(s3_relays, seaweed, s3_storage_url):
+    a, b = s3_relays(2)
+    data, oid = blob(12 << 20)
+    body = Paced(data, seconds=6, pieces=24)
+
+    def send() -> None:
+        with contextlib.suppress(requests.RequestException):  # its relay is killed
+            requests.put(url(a, oid), data=body, timeout=60)
+
+    sending = threading.Thread(target=send)
+    sending.start()
+    wait_until(lambda: multipart_uploads(seaweed, s3_storage_url), timeout=30, message="the upload's first part")
+    following = requests.get(url(b, oid), timeout=60)
+    assert following.status_code == 501 and "following an upload in progress" in following.text
+    a.kill()
+    sending.join(60)
+    assert keys_under(seaweed, s3_storage_url) == []
+    assert requests.get(url(b, oid), timeout=60).status_code == 501  # its multipart upload is left
+    s3_relays(1, "--partial-ttl=1")  # whose start-up sweep aborts it as abandoned
+    assert multipart_uploads(seaweed, s3_storage_url) == []
+    assert requests.get(url(b, oid), timeout=60).status_code == 404
+    data_b = requests.put(url(b, oid), data=data, timeout=60)  # another host stores it whole
+    assert data_b.status_code == 201
+    assert requests.get(url(b, oid), timeout=60).content == data
+
+
+def test_a_chunk_or_a_name_less_upload_is_501_with_its_reason(s3_relays):
+    (a,) = s3_relays(1)
+    data, oid = blob(2000)
+    chunk = requests.put(url(a, oid), data=data[:1000], headers={"Content-Range": "bytes 0-999/2000"}, timeout=60)
+    assert chunk.status_code == 501 and "not done on S3 yet" in chunk.text and chunk.text.count("\n") == 1
+    unnamed = requests.put(f"{url(a)}/new/x.txt", data=data, timeout=60)
+    assert unnamed.status_code == 501 and unnamed.text.count("\n") == 1
+
+
+def test_racing_reservations_of_the_last_download_on_several_hosts_give_out_one(seaweed, s3_env, s3_storage_url):
+    """Eight stores (one per host, each with its own client) reserve the one download of
+    an object at the same moment: exactly one gets it, the others are told it is taken."""
+    config = file_relay.RelayConfig(server_id=SERVER_ID, storage=s3_storage_url, s3_endpoint=seaweed.endpoint)
+    stores = [file_relay.S3Store(config) for _ in range(8)]
+    data, oid = blob(1000)
+    assert stores[0].put_stream(oid, [data], len(data), file_relay.Limits(max_downloads=1))
+    readers = [store.open(oid) for store in stores]
+    together = threading.Barrier(len(readers))
+
+    def reserve(reader) -> bool:
+        together.wait(10)
+        try:
+            return reader.store.reserve_download(reader) is not None
+        except file_relay.Busy:
+            return False
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(len(readers)) as pool:
+            assert list(pool.map(reserve, readers)).count(True) == 1
+    finally:
+        for reader in readers:
+            reader.close()  # nothing was read: the one reserved is given back
+    assert stores[1].lookup(oid).remaining_downloads == 1
