@@ -5886,7 +5886,10 @@ class RelayHandler:
                 "Cache-Control": "no-store",
             }
             return self.response_class(page, 200, headers)
-        report = _status_report(self.config, self.storage.usage(), self.state)
+        try:
+            report = _status_report(self.config, self.storage.usage(), self.state)
+        except StorageError as exc:  # the storage cannot be reached
+            return self._refuse(exc, close=False)
         if _wants_prometheus(self.request.environ, self.request.query):
             text_type = "text/plain; version=0.0.4; charset=utf-8"
             return self.response_class(_prometheus_text(report), 200, {"Content-Type": text_type})

@@ -296,3 +296,66 @@ def test_racing_reservations_of_the_last_download_on_several_hosts_give_out_one(
         for reader in readers:
             reader.close()  # nothing was read: the one reserved is given back
     assert stores[1].lookup(oid).remaining_downloads == 1
+
+
+# -- the store failing ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def own_seaweed(tmp_path):
+    """A SeaweedFS of this test's own, to stop and start again."""
+    from seaweed import Seaweed
+
+    server = Seaweed(tmp_path / "own-seaweed").start()
+    yield server
+    server.stop()
+
+
+def own_relay(server, tmp_path, *options) -> RelayProcess:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("AWS_")}
+    args = ["--storage", "s3://relay/faults", "--s3-endpoint", server.endpoint, "--get-wait-timeout=0", *options]
+    relay = RelayProcess(None, tmp_path / "relay.log", args, env={**env, **server.env, "HOME": str(tmp_path)})
+    return relay.start(SERVER_ID)
+
+
+def test_the_store_stopped_mid_upload_gives_503_and_no_object(own_seaweed, tmp_path):
+    relay = own_relay(own_seaweed, tmp_path)
+    try:
+        data, oid = blob(24 << 20)
+        body = Paced(data, seconds=6, pieces=48)
+        answers = []
+        sending = threading.Thread(target=lambda: answers.append(requests.put(url(relay, oid), data=body, timeout=60)))
+        sending.start()
+        wait_until(lambda: multipart_uploads(own_seaweed, "s3://relay/faults"), timeout=30, message="a first part")
+        own_seaweed.stop()
+        sending.join(60)
+        assert answers and answers[0].status_code == 503, answers and answers[0].text
+        assert "object store" in answers[0].text and answers[0].headers["Retry-After"]
+        down = requests.get(url(relay, oid), timeout=60)
+        assert down.status_code == 503 and down.headers["Retry-After"] and "object store" in down.text
+        status = requests.get(url(relay), timeout=60)
+        assert status.status_code == 503 and "object store" in status.text
+        own_seaweed.start()
+        assert keys_under(own_seaweed, "s3://relay/faults") == []
+        assert requests.get(url(relay, oid), timeout=60).status_code in (404, 501)  # 501: the upload it began
+        assert requests.put(url(relay, oid), data=data, timeout=60).status_code == 201
+        assert requests.get(url(relay, oid), timeout=60).content == data
+    finally:
+        relay.kill()
+
+
+def test_the_store_stopped_mid_download_cuts_the_download_off(own_seaweed, tmp_path):
+    relay = own_relay(own_seaweed, tmp_path)
+    try:
+        data, oid = blob(32 << 20)
+        assert requests.put(url(relay, oid), data=data, timeout=60).status_code == 201
+        with requests.get(url(relay, oid), stream=True, timeout=60) as download:
+            assert download.status_code == 200 and download.headers["Content-Length"] == str(len(data))
+            received = download.raw.read(1 << 20)
+            own_seaweed.stop()
+            with pytest.raises(requests.RequestException):
+                for block in download.iter_content(1 << 16):
+                    received += block
+        assert len(received) < len(data) and data.startswith(received)
+    finally:
+        relay.kill()
