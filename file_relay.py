@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import concurrent.futures
 import contextlib
 import dataclasses
 import email.utils
@@ -3425,6 +3426,8 @@ _S3_UNBOUNDED = 1 << 60  # the space reported for a store without --max-disk: it
 _S3_LEASE = 300.0  # seconds a counted download in flight holds its slot unless renewed
 _S3_FULL_CODES = ("XMinioStorageFull", "InsufficientStorage", "QuotaExceeded", "StorageFull")
 _S3_SWAP_ATTEMPTS = 64  # compare-and-swaps of one counter before the request is told to retry
+_S3_PARTS_IN_FLIGHT = 2  # parts of one upload being sent at once while the next one arrives
+_S3_READ_SIZE = 1 << 20  # bytes a download asks of the store's response at once
 
 
 def parse_storage_url(url: str) -> tuple[str, str]:
@@ -3508,6 +3511,34 @@ def probe_s3_storage(config: RelayConfig) -> str | None:
     except botocore.exceptions.BotoCoreError as exc:
         return f"cannot reach the object store at {where}: {exc}"
     return None
+
+
+class _S3Parts:
+    """The parts of one multipart upload, each sent on a thread of its own as soon as it
+    is whole, while the body goes on arriving: at most _S3_PARTS_IN_FLIGHT at once (each
+    holds its bytes until the store has them). A part that failed fails the next send."""
+
+    def __init__(self, send_part):
+        self.send_part = send_part  # (number, bytes) -> {"PartNumber", "ETag"}
+        self.pool = concurrent.futures.ThreadPoolExecutor(_S3_PARTS_IN_FLIGHT, thread_name_prefix="s3-part")
+        self.sent: list = []  # futures, in part order
+        self.checked = 0  # how many of them are known to have succeeded
+
+    def send(self, data: bytes) -> None:
+        running = [future for future in self.sent[self.checked :] if not future.done()]
+        if len(running) >= _S3_PARTS_IN_FLIGHT:
+            concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+        while self.checked < len(self.sent) and self.sent[self.checked].done():
+            self.sent[self.checked].result()  # raises what the part's send raised
+            self.checked += 1
+        self.sent.append(self.pool.submit(self.send_part, len(self.sent) + 1, data))
+
+    def finish(self) -> list[dict]:
+        """Every part, once the store has it."""
+        return [future.result() for future in self.sent]
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 class S3Store:
@@ -3827,7 +3858,7 @@ class S3Store:
         part_size = _S3_UNSIZED_PART_SIZE if length is None else max(_S3_PART_SIZE, -(-length // _S3_MAX_PARTS))
         hasher = _BackgroundHasher()
         pending = bytearray()
-        parts: list[dict] = []
+        parts: _S3Parts | None = None
         upload_id = None
         received = 0
         try:
@@ -3844,8 +3875,9 @@ class S3Store:
                         upload_id = self._call(
                             "begin an upload", "create_multipart_upload", Key=key, Metadata=metadata
                         )["UploadId"]
+                        parts = _S3Parts(functools.partial(self._send_part, key, upload_id))
                     part, pending = bytes(pending[:part_size]), pending[part_size:]
-                    parts.append(self._send_part(key, upload_id, len(parts) + 1, part))
+                    parts.send(part)
             if length is not None and received != length:
                 raise WrongLength(f"body has {received} bytes, Content-Length says {length}")
             digest = hasher.finish()
@@ -3853,15 +3885,15 @@ class S3Store:
             if upload_id is None:
                 metadata["stored-at"] = repr(time.time())
                 return self._put_whole(key, bytes(pending), metadata, digest.digest())
-            if pending or not parts:
-                parts.append(self._send_part(key, upload_id, len(parts) + 1, bytes(pending)))
+            if pending:
+                parts.send(bytes(pending))
             completed = self._call(
                 "complete an upload",
                 "complete_multipart_upload",
                 absent=(409, 412),  # 412: stored meanwhile by another upload; 409: one in flight (AWS)
                 Key=key,
                 UploadId=upload_id,
-                MultipartUpload={"Parts": parts},
+                MultipartUpload={"Parts": parts.finish()},
                 IfNoneMatch="*",
             )
             if completed is None:
@@ -3870,6 +3902,8 @@ class S3Store:
             return True
         finally:
             hasher.finish()
+            if parts is not None:
+                parts.close()  # no part is sent after this
             if upload_id is not None:
                 with contextlib.suppress(StorageError):  # else the sweeper aborts it later
                     self._call("abort an upload", "abort_multipart_upload", absent=(404,), Key=key, UploadId=upload_id)
@@ -4057,7 +4091,7 @@ class S3ObjectReader:
         import botocore.exceptions
         import urllib3.exceptions
 
-        wanted = min(max(size, BLOCK_SIZE), self.end - self.position)
+        wanted = min(max(size, _S3_READ_SIZE), self.end - self.position)
         try:
             if self._stream is None:
                 self._stream = self.store._stream(self.oid, self.position, self.end - 1)

