@@ -359,3 +359,35 @@ def test_the_store_stopped_mid_download_cuts_the_download_off(own_seaweed, tmp_p
         assert len(received) < len(data) and data.startswith(received)
     finally:
         relay.kill()
+
+
+def test_nginx_in_front_of_three_hosts_on_one_bucket(s3_relays, tmp_path, certificate):
+    """deploy/nginx-file-relay.conf with the three relays as upstreams (round robin): no
+    request needs a particular host, so every route works whichever host it reaches."""
+    from test_deployment import Nginx, _nginx, https_session
+
+    nginx = _nginx()
+    if nginx is None:
+        pytest.skip("nginx is not installed")
+    relays = s3_relays(3)
+    proxy = Nginx(tmp_path, [relay.address[1] for relay in relays], certificate).start(nginx)
+    try:
+        base = f"https://127.0.0.1:{proxy.port}/{SERVER_ID}"
+        objects = [blob(size, seed=seed) for seed, size in enumerate((1000, 300_000, 9 << 20))]
+        with https_session(certificate[0]) as https:
+            for data, oid in objects:
+                assert https.put(f"{base}/{oid}", data=data).status_code == 201
+            for data, oid in objects * 2:
+                assert https.get(f"{base}/{oid}").content == data
+                ranged = https.get(f"{base}/{oid}", headers={"Range": "bytes=10-19"})
+                assert ranged.status_code == 206 and ranged.content == data[10:20]
+            once, once_oid = blob(5000, seed=9)
+            assert https.put(f"{base}/{once_oid}", data=once, headers={"Max-Downloads": "1"}).status_code == 201
+            assert https.get(f"{base}/{once_oid}").content == once
+            assert [https.get(f"{base}/{once_oid}").status_code for _ in range(3)] == [404] * 3
+            assert https.delete(f"{base}/{objects[0][1]}").status_code == 200
+            assert [https.head(f"{base}/{objects[0][1]}").status_code for _ in range(3)] == [404] * 3
+    finally:
+        proxy.stop()
+    served = [relay for relay in relays if f"GET /***/{objects[2][1]}" in relay.log()]
+    assert len(served) >= 2, "nginx sent every download to the same relay"
