@@ -3557,6 +3557,7 @@ class S3Store:
         self._client_lock = threading.Lock()
         self._reserved_lock = threading.Lock()
         self._reserved = 0  # bytes of this process's uploads in progress
+        self.lease_seconds = _S3_LEASE  # how long a counted download's slot outlives its last renewal
 
     # -- the store ---------------------------------------------------------------
 
@@ -3782,7 +3783,7 @@ class S3Store:
                 return None, None
             if state["completed"] + len(state["leases"]) >= limit:
                 return None, False
-            state["leases"][lease] = now + _S3_LEASE
+            state["leases"][lease] = now + self.lease_seconds
             return state, limit - state["completed"] - len(state["leases"])
 
         remaining = self._change_counter(oid, token, take)
@@ -4009,18 +4010,18 @@ class S3DownloadTicket:
         self.lease = lease
         self.limit = limit
         self.remaining = remaining  # downloads left once this one is through
-        self.renew_at = time.monotonic() + _S3_LEASE / 3
+        self.renew_at = time.monotonic() + store.lease_seconds / 3
         self.ended = False
 
     def renew(self) -> None:
         if time.monotonic() < self.renew_at or self.ended:
             return
-        self.renew_at = time.monotonic() + _S3_LEASE / 3
+        self.renew_at = time.monotonic() + self.store.lease_seconds / 3
 
         def extend(state: dict, now: float):
             if self.lease not in state["leases"]:
                 return None, None  # expired meanwhile: counted as done already
-            state["leases"][self.lease] = now + _S3_LEASE
+            state["leases"][self.lease] = now + self.store.lease_seconds
             return state, None
 
         self.store._change_counter(self.oid, self.token, extend)

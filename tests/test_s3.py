@@ -391,3 +391,55 @@ def test_nginx_in_front_of_three_hosts_on_one_bucket(s3_relays, tmp_path, certif
         proxy.stop()
     served = [relay for relay in relays if f"GET /***/{objects[2][1]}" in relay.log()]
     assert len(served) >= 2, "nginx sent every download to the same relay"
+
+
+def test_a_download_whose_host_died_counts_once_its_lease_runs_out(seaweed, s3_env, s3_storage_url):
+    """Host A reserves the one download of an object and dies (its reader is never
+    closed): the slot stays taken while its lease lasts, then counts as a download, as a
+    crash on a filesystem counts one, so the object is used up for every host."""
+    config = file_relay.RelayConfig(server_id=SERVER_ID, storage=s3_storage_url, s3_endpoint=seaweed.endpoint)
+    a, b = file_relay.S3Store(config), file_relay.S3Store(config)
+    a.lease_seconds = 1.0
+    data, oid = blob(1000)
+    assert a.put_stream(oid, [data], len(data), file_relay.Limits(max_downloads=1))
+    a.reserve_download(a.open(oid))  # and nothing more from A
+    reader = b.open(oid)
+
+    def reserved_or_used_up() -> str | None:
+        try:
+            b.reserve_download(reader)
+            return "reserved"
+        except file_relay.Busy:
+            return None  # A's lease still holds the slot
+        except file_relay.NotFound:
+            return "used up"
+
+    try:
+        assert reserved_or_used_up() is None
+        assert wait_until(reserved_or_used_up, timeout=10, message="the dead host's lease to run out") == "used up"
+    finally:
+        reader.close()
+    assert b.lookup(oid) is None and b.open(oid) is None
+
+
+def test_sweepers_on_several_hosts_at_once_remove_what_expired_and_nothing_else(seaweed, s3_env, s3_storage_url):
+    config = file_relay.RelayConfig(server_id=SERVER_ID, storage=s3_storage_url, s3_endpoint=seaweed.endpoint)
+    stores = [file_relay.S3Store(config) for _ in range(3)]
+    expiring = [blob(1000, seed=seed) for seed in range(6)]
+    for data, oid in expiring:
+        assert stores[0].put_stream(oid, [data], len(data), file_relay.Limits(ttl=0.5))
+    kept, kept_oid = blob(1000, seed=99)
+    assert stores[0].put_stream(kept_oid, [kept], len(kept), file_relay.Limits(ttl=3600))
+    latest = max(stores[0].lookup(oid).expires_at for _, oid in expiring)
+    now = latest + 0.1
+    together = threading.Barrier(len(stores))
+
+    def sweep(store) -> dict:
+        together.wait(10)
+        return store.sweep(now)
+
+    with concurrent.futures.ThreadPoolExecutor(len(stores)) as pool:
+        swept = list(pool.map(sweep, stores))
+    assert sum(result["objects"] for result in swept) >= len(expiring)
+    assert keys_under(seaweed, s3_storage_url) == [kept_oid]
+    assert stores[2].lookup(kept_oid).size == len(kept)
