@@ -3404,6 +3404,9 @@ class PipeReader:
 #                                    from it)
 # PREFIX/downloads/<sha256>.<token>  the downloads of that upload of the object: JSON, changed only
 #                                    by compare-and-swap (If-Match on its ETag)
+# PREFIX/segments/<sha256>/<length>/<first>-<last>.<token>   one chunk of an upload in chunks, stored
+#                                    once its bytes are (and match their Content-Digest)
+# PREFIX/claims/<key>                held while one upload completes <key> (see _complete_once)
 # PREFIX/.probe-*                    written and removed at start (the permission to write)
 #
 # An upload is hashed as it arrives. A small one is sent in one PutObject once verified; a
@@ -3426,6 +3429,8 @@ _S3_UNBOUNDED = 1 << 60  # the space reported for a store without --max-disk: it
 _S3_LEASE = 300.0  # seconds a counted download in flight holds its slot unless renewed
 _S3_FULL_CODES = ("XMinioStorageFull", "InsufficientStorage", "QuotaExceeded", "StorageFull")
 _S3_SWAP_ATTEMPTS = 64  # compare-and-swaps of one counter before the request is told to retry
+_S3_CLAIM_PATIENCE = 30.0  # seconds an upload waits for another's completion of the same key
+_S3_CLAIM_STALE = 120.0  # seconds after which a completion claim is its dead holder's
 _S3_PARTS_IN_FLIGHT = 2  # parts of one upload being sent at once while the next one arrives
 _S3_READ_SIZE = 1 << 20  # bytes a download asks of the store's response at once
 
@@ -3597,13 +3602,13 @@ class S3Store:
         return f"{self.prefix}downloads/{oid}.{token}"
 
     def _keys(self, under: str):
-        """(key, size) of every key under PREFIX/*under*."""
+        """(key, size, last modified) of every key under PREFIX/*under*."""
         token = None
         while True:
             more = {"ContinuationToken": token} if token else {}
             page = self._call("list objects", "list_objects_v2", Prefix=f"{self.prefix}{under}", **more)
             for item in page.get("Contents", ()):
-                yield item["Key"], item["Size"]
+                yield item["Key"], item["Size"], item["LastModified"].timestamp()
             token = page.get("NextContinuationToken")
             if not page.get("IsTruncated") or not token:
                 return
@@ -3696,25 +3701,39 @@ class S3Store:
             raise UploadFailed("the object was removed while it was being read")
         return got["Body"]
 
-    def follow(self, oid: str) -> None:
-        """None, unless an upload of the object in parts began somewhere and has not ended
-        (nor been swept as abandoned, --partial-ttl after it began): then NotSupported."""
+    def follow(self, oid: str) -> S3UploadReader | None:
+        """A reader of the upload of *oid* in chunks (its segments, then the object), or
+        None. NotSupported for an upload that cannot be followed yet: one with a download
+        budget, or a whole upload being sent in parts (by any host)."""
+        segments = self._segments(oid)
+        if segments:
+            head = self._call("look up a chunk", "head_object", absent=(404,), Key=segments[0][3])
+            if head is not None and head.get("Metadata", {}).get("max-downloads"):
+                raise NotSupported("following an upload with Max-Downloads is not done on S3 yet: retry once stored")
+            return S3UploadReader(self, oid, segments[0][2])
         key = self._object_key(oid)
         began = [initiated for found, _, initiated in self._multipart_uploads(key) if found == key]
         if began:
             raise NotSupported(
-                f"an upload of this object began {http_date(min(began))} and has not ended; following an upload "
-                "in progress is not done on S3 yet: download it once it is stored"
+                f"an upload of this object began {http_date(min(began))} and has not ended; following a whole "
+                "upload in progress is not done on S3 yet: download it once it is stored"
             )
         return None
 
-    def progress(self, oid: str) -> None:
-        """Resumable uploads are not done on S3 yet: there is never one to report."""
-        return None
+    def progress(self, oid: str) -> Progress | None:
+        """Where the upload of *oid* in chunks stands: the segments any host stored."""
+        segments = self._segments(oid)
+        if not segments:
+            return None
+        return Progress("chunks", segments[0][2], merge_ranges((first, last) for first, last, _, _ in segments), False)
 
     def delete(self, oid: str) -> bool:
-        """Remove the stored object (an upload in progress elsewhere is not cancelled)."""
-        return self._remove(oid)
+        """Remove the stored object and the segments of its upload in chunks (a whole
+        upload in progress elsewhere is not cancelled)."""
+        removed = self._remove(oid)
+        segments = self._segments(oid)
+        self._drop_segments(segments)
+        return removed or bool(segments)
 
     # -- download budgets --------------------------------------------------------
 
@@ -3815,7 +3834,7 @@ class S3Store:
             nonlocal held
             limit = self.config.max_disk
             if limit is not None and more > 0:
-                stored = sum(size for _, size in self._keys("objects/"))
+                stored = sum(size for under in ("objects/", "segments/") for _, size, _ in self._keys(under))
                 with self._reserved_lock:
                     if stored + self._reserved + more > limit:
                         raise NoSpace(
@@ -3849,13 +3868,22 @@ class S3Store:
         with self._reservation(length or 0) as reserve_more:
             return self._receive(oid, body, length, limits, reserve_more)
 
-    def _receive(self, oid: str, body, length: int | None, limits: Limits, reserve_more) -> bool:
-        key = self._object_key(oid)
-        metadata = {"token": secrets.token_hex(16)}
+    @staticmethod
+    def _limits_metadata(limits: Limits) -> dict:
+        metadata = {}
         if limits.ttl is not None:
             metadata["ttl"] = repr(limits.ttl)
         if limits.max_downloads is not None:
             metadata["max-downloads"] = str(limits.max_downloads)
+        return metadata
+
+    def _receive(self, oid: str, body, length: int | None, limits: Limits, reserve_more) -> bool:
+        metadata = {"token": secrets.token_hex(16), **self._limits_metadata(limits)}
+        return self._write_verified(self._object_key(oid), oid, body, length, metadata, reserve_more)
+
+    def _write_verified(self, key: str, expected: str | None, body, length, metadata: dict, reserve_more) -> bool:
+        """Create *key* from *body*'s blocks only if their SHA-256 is *expected* (when
+        given) and nothing is there yet: True if this created it."""
         part_size = _S3_UNSIZED_PART_SIZE if length is None else max(_S3_PART_SIZE, -(-length // _S3_MAX_PARTS))
         hasher = _BackgroundHasher()
         pending = bytearray()
@@ -3882,22 +3910,13 @@ class S3Store:
             if length is not None and received != length:
                 raise WrongLength(f"body has {received} bytes, Content-Length says {length}")
             digest = hasher.finish()
-            Store._verify(oid, digest)
+            Store._verify(expected, digest)
             if upload_id is None:
                 metadata["stored-at"] = repr(time.time())
                 return self._put_whole(key, bytes(pending), metadata, digest.digest())
             if pending:
                 parts.send(bytes(pending))
-            completed = self._call(
-                "complete an upload",
-                "complete_multipart_upload",
-                absent=(409, 412),  # 412: stored meanwhile by another upload; 409: one in flight (AWS)
-                Key=key,
-                UploadId=upload_id,
-                MultipartUpload={"Parts": parts.finish()},
-                IfNoneMatch="*",
-            )
-            if completed is None:
+            if not self._complete_once(key, upload_id, parts.finish()):
                 return False
             upload_id = None
             return True
@@ -3908,6 +3927,40 @@ class S3Store:
             if upload_id is not None:
                 with contextlib.suppress(StorageError):  # else the sweeper aborts it later
                     self._call("abort an upload", "abort_multipart_upload", absent=(404,), Key=key, UploadId=upload_id)
+
+    def _complete_once(self, key: str, upload_id: str, parts: list[dict]) -> bool:
+        """Complete the multipart upload into *key* unless something is there: True if this
+        created it. Completions of one key are taken in turn through a claim, a create-only
+        PutObject of PREFIX/claims/<key>: some stores (SeaweedFS 4.48) let two racing
+        CompleteMultipartUploads with If-None-Match: * both succeed, never two PutObjects.
+        A claim older than _S3_CLAIM_STALE is its dead holder's, and is removed."""
+        claim = f"{self.prefix}claims/{key[len(self.prefix) :]}"
+        deadline = time.monotonic() + _S3_CLAIM_PATIENCE
+        delays = _delays(_POLL_MIN, _POLL_MAX)
+        while True:
+            if self._call("claim a key", "put_object", absent=(409, 412), Key=claim, Body=b"", IfNoneMatch="*"):
+                try:
+                    completed = self._call(
+                        "complete an upload",
+                        "complete_multipart_upload",
+                        absent=(409, 412),  # 412: stored meanwhile by another upload; 409: one in flight (AWS)
+                        Key=key,
+                        UploadId=upload_id,
+                        MultipartUpload={"Parts": parts},
+                        IfNoneMatch="*",
+                    )
+                finally:
+                    with contextlib.suppress(StorageError):  # else it goes stale
+                        self._call("release a claim", "delete_object", absent=(404,), Key=claim)
+                return completed is not None
+            if self._call("look up a key", "head_object", absent=(404,), Key=key) is not None:
+                return False  # another upload completed it
+            held = self._call("look up a claim", "head_object", absent=(404,), Key=claim)
+            if held is not None and time.time() - held["LastModified"].timestamp() > _S3_CLAIM_STALE:
+                self._call("remove a stale claim", "delete_object", absent=(404, 412), Key=claim, IfMatch=held["ETag"])
+            elif time.monotonic() > deadline:
+                raise Busy("another upload of this object is being completed", retry_after=5)
+            time.sleep(next(delays))
 
     def _send_part(self, key: str, upload_id: str, number: int, data: bytes) -> dict:
         sent = self._call("store a part", "upload_part", Key=key, UploadId=upload_id, PartNumber=number, Body=data)
@@ -3928,33 +3981,152 @@ class S3Store:
         )
         return done is not None
 
-    def put_chunk(self, oid, first, last, total, body, digest, limits) -> Stored:
-        """Stored.ALREADY for a chunk of a stored object; else NotSupported (not done yet)."""
-        if not self.is_stored(oid):
-            raise NotSupported(
-                "uploads in chunks (Content-Range) are not done on S3 yet: send the whole file in one PUT"
+    # -- uploads in chunks: segment objects that any host reads --------------------
+
+    def _segment_key(self, oid: str, total: int, first: int, last: int) -> str:
+        return f"{self.prefix}segments/{oid}/{total}/{first:020d}-{last:020d}.{secrets.token_hex(8)}"
+
+    def _segments(self, oid: str) -> list[tuple[int, int, int, str]]:
+        """(first, last, total, key) of each stored chunk of the upload of *oid*, by first."""
+        under = f"{self.prefix}segments/{oid}/"
+        found = []
+        for key, _, _ in self._keys(f"segments/{oid}/"):
+            total, _, name = key[len(under) :].partition("/")
+            first, _, last = name.split(".", 1)[0].partition("-")
+            if total.isdigit() and first.isdigit() and last.isdigit():
+                found.append((int(first), int(last), int(total), key))
+        return sorted(found)
+
+    def _drop_segments(self, segments) -> None:
+        for _, _, _, key in segments:
+            self._call("remove a chunk", "delete_object", absent=(404,), Key=key)
+
+    def _segment_bytes(self, segments, first: int, last: int):
+        """Bytes first..last of the upload, read from its segments in order."""
+        import botocore.exceptions
+        import urllib3.exceptions
+
+        position = first
+        while position <= last:
+            covering = [segment for segment in segments if segment[0] <= position <= segment[1]]
+            if not covering:
+                raise Conflict("a part of the upload is missing: send it again")
+            start, end, _, key = max(covering, key=lambda segment: segment[1])
+            end = min(end, last)
+            got = self._call(
+                "read a chunk", "get_object", absent=(404,), Key=key, Range=f"bytes={position - start}-{end - start}"
             )
-        for _ in body:
-            pass
-        return Stored.ALREADY
+            if got is None:
+                raise Busy("the upload's chunks changed meanwhile", retry_after=1)
+            try:
+                while position <= end and (block := got["Body"].read(min(_S3_READ_SIZE, end + 1 - position))):
+                    position += len(block)
+                    yield block
+            except (botocore.exceptions.BotoCoreError, urllib3.exceptions.HTTPError, OSError) as exc:
+                raise Unavailable(f"the object store stopped sending a chunk ({exc.__class__.__name__})") from None
+            if position <= end:
+                raise Unavailable("the object store ended a chunk early")
+
+    def _same_bytes(self, segments, first: int, last: int, blocks) -> bool:
+        """Whether *blocks* hold bytes first..last of the upload as its segments do."""
+        received = hashlib.sha256()
+        for block in blocks:
+            received.update(block)
+        stored = hashlib.sha256()
+        for block in self._segment_bytes(segments, first, last):
+            stored.update(block)
+        return received.digest() == stored.digest()
+
+    def put_chunk(
+        self, oid: str, first: int, last: int, total: int, body, digest: bytes | None, limits: Limits
+    ) -> Progress | Stored:
+        """Store bytes first..last of an object of *total* bytes as a segment object, which
+        any host can list and read; the chunk that completes the upload has the object
+        composed from the segments, verified against its name, then the segments removed.
+        A chunk that contradicts what was stored is a Conflict (and is not kept)."""
+        if self.is_stored(oid):
+            for _ in body:
+                pass
+            return Stored.ALREADY
+        self.check_size(total)
+        segments = self._segments(oid)
+        if any(other != total for _, _, other, _ in segments):
+            raise Conflict(f"an upload of this object with another length is in progress (Content-Range says {total})")
+        ranges = merge_ranges((start, end) for start, end, _, _ in segments)
+        if any(start <= first and last <= end for start, end in ranges):  # a retry of what is stored
+            if not self._same_bytes(segments, first, last, self._digested(body, digest)):
+                raise Conflict(f"bytes {first}-{last} differ from those received before")
+        else:
+            key = self._segment_key(oid, total, first, last)
+            metadata = {"token": secrets.token_hex(16), **self._limits_metadata(limits)}
+            with self._reservation(last - first + 1) as reserve_more:
+                try:
+                    self._write_verified(
+                        key, digest.hex() if digest else None, body, last - first + 1, metadata, reserve_more
+                    )
+                except Mismatch:
+                    raise Mismatch("the chunk does not match its Content-Digest: it was not stored") from None
+            segments = self._segments(oid)
+            mine = [segment for segment in segments if segment[3] == key]
+            others = [segment for segment in segments if segment[3] != key]
+            for start, end in merge_ranges((start, end) for start, end, _, _ in others):
+                low, high = max(start, first), min(end, last)
+                if low <= high and not self._same_bytes(others, low, high, self._segment_bytes(mine, low, high)):
+                    self._drop_segments(mine)
+                    raise Conflict(f"bytes {low}-{high} differ from those received before")
+            ranges = merge_ranges((start, end) for start, end, _, _ in segments)
+        if ranges == [(0, total - 1)]:
+            return self._compose(oid, total, segments, limits)
+        return Progress("chunks", total, ranges, False)
+
+    @staticmethod
+    def _digested(body, digest: bytes | None):
+        """*body*'s blocks; Mismatch at its end if they do not hash to *digest*."""
+        hasher = hashlib.sha256()
+        for block in body:
+            hasher.update(block)
+            yield block
+        if digest is not None and hasher.digest() != digest:
+            raise Mismatch("the chunk does not match its Content-Digest")
+
+    def _compose(self, oid: str, total: int, segments, limits: Limits) -> Stored:
+        """Make the object from the upload's segments, verified against its name (else the
+        upload is discarded), then remove the segments."""
+        metadata = {"token": secrets.token_hex(16), **self._limits_metadata(limits)}
+        body = self._segment_bytes(segments, 0, total - 1)
+        try:
+            created = self._write_verified(self._object_key(oid), oid, body, total, metadata, lambda more: None)
+        except Mismatch as exc:
+            self._drop_segments(segments)
+            raise Mismatch(f"{exc.reason}; the partial upload was discarded") from None
+        self._drop_segments(segments)
+        return Stored.CREATED if created else Stored.ALREADY
 
     # -- housekeeping ------------------------------------------------------------
 
     def usage(self) -> dict:
-        """Stored objects (listed), multipart uploads in progress (on any relay), bytes this
-        relay's uploads reserve, and --max-disk as the store's size (else 1 EiB: unknown)."""
+        """Stored objects (listed), uploads in progress on any relay (multipart uploads, and
+        uploads in chunks: reserving their whole length), bytes this relay's uploads
+        reserve, and --max-disk as the store's size (else 1 EiB: unknown)."""
         stored_count = stored_bytes = 0
-        for _, size in self._keys("objects/"):
+        for _, size, _ in self._keys("objects/"):
             stored_count += 1
             stored_bytes += size
         partial_count = sum(1 for _ in self._multipart_uploads(f"{self.prefix}objects/"))
+        chunked: dict = {}  # the length of each upload in chunks
+        allocated = 0
+        for key, size, _ in self._keys("segments/"):
+            oid, length = key.split("/")[-3:-1]
+            chunked[oid] = int(length) if length.isdigit() else 0
+            allocated += size
+        partial_count += len(chunked)
         total = self.config.max_disk if self.config.max_disk is not None else _S3_UNBOUNDED
         return {
             "stored_count": stored_count,
             "stored_bytes": stored_bytes,
             "partial_count": partial_count,
-            "reserved_bytes": self._reserved,
-            "partial_allocated_bytes": 0,
+            "reserved_bytes": self._reserved + sum(chunked.values()),
+            "partial_allocated_bytes": allocated,
             "pipe_count": 0,  # no pipes on S3
             "pipe_buffer_bytes": 0,
             "disk_total_bytes": total,
@@ -3963,39 +4135,54 @@ class S3Store:
         }
 
     def sweep(self, now: float | None = None) -> dict:
-        """Remove objects that expired or were used up, counters whose object is gone, and
-        multipart uploads begun longer than --partial-ttl ago (abandoned by a relay that
-        died). Safe on several hosts at once: each removal is judged on what the store
-        holds then, and removing what another host removed first is no harm."""
+        """Remove objects that expired or were used up, counters whose object is gone,
+        stale completion claims, and uploads abandoned by a relay that died: multipart
+        uploads begun and uploads in chunks untouched longer than --partial-ttl. Safe on
+        several hosts at once: each removal is judged on what the store holds then, and
+        removing what another host removed first is no harm."""
         now = time.time() if now is None else now
         removed = {"objects": 0, "partials": 0, "leftovers": 0}
-        for key, _ in list(self._keys("objects/")):
+        for key, _, _ in list(self._keys("objects/")):
             oid = key.rsplit("/", 1)[-1]
-            if not _is_object_name(oid):
-                continue
-            found = self._head(oid)
+            found = self._head(oid) if _is_object_name(oid) else None
             if found is not None and self._is_spent(found[0], now):
                 state, _ = self._read_counter(oid, found[1])
                 expired = found[0].expires_at is not None and found[0].expires_at <= now
                 if (expired or not self._live_leases(state, now)) and self._remove(oid, found[1]):
                     removed["objects"] += 1
-        for key, _ in list(self._keys("downloads/")):
+        for key, _, _ in list(self._keys("downloads/")):
             oid, _, token = key.rsplit("/", 1)[-1].partition(".")
             found = self._head(oid) if _is_object_name(oid) else None
             if found is None or found[1] != token:
                 self._call("remove a download count", "delete_object", Key=key)
                 removed["leftovers"] += 1
-        for key, upload_id, initiated in list(self._multipart_uploads(f"{self.prefix}objects/")):
-            if now - initiated > self.config.partial_ttl:
-                self._call("abort an upload", "abort_multipart_upload", absent=(404,), Key=key, UploadId=upload_id)
-                removed["partials"] += 1
+        for key, _, modified in list(self._keys("claims/")):
+            if now - modified > _S3_CLAIM_STALE:  # its holder died while completing
+                self._call("remove a stale claim", "delete_object", absent=(404,), Key=key)
+                removed["leftovers"] += 1
+        self._sweep_uploads(now, removed)
         return removed
+
+    def _sweep_uploads(self, now: float, removed: dict) -> None:
+        touched: dict = {}  # the segments of each upload in chunks, and when it last got one
+        for key, _, modified in list(self._keys("segments/")):
+            keys, latest = touched.get(key.split("/")[-3], ([], 0.0))
+            touched[key.split("/")[-3]] = ([*keys, key], max(latest, modified))
+        for keys, latest in touched.values():
+            if now - latest > self.config.partial_ttl:
+                self._drop_segments([(0, 0, 0, key) for key in keys])
+                removed["partials"] += 1
+        for under, kind in (("segments/", "leftovers"), ("objects/", "partials")):
+            for key, upload_id, initiated in list(self._multipart_uploads(f"{self.prefix}{under}")):
+                if now - initiated > self.config.partial_ttl:
+                    self._call("abort an upload", "abort_multipart_upload", absent=(404,), Key=key, UploadId=upload_id)
+                    removed[kind] += 1
 
     def purge(self) -> None:
         """Remove everything under the prefix (and abort its multipart uploads)."""
         for key, upload_id, _ in list(self._multipart_uploads(self.prefix)):
             self._call("abort an upload", "abort_multipart_upload", absent=(404,), Key=key, UploadId=upload_id)
-        for key, _ in list(self._keys("")):
+        for key, _, _ in list(self._keys("")):
             self._call("remove an object", "delete_object", Key=key)
 
 
@@ -4124,6 +4311,111 @@ class S3ObjectReader:
                     self.ticket.complete() if self.finished else self.ticket.release()
         finally:
             self._close_stream()
+
+
+class S3UploadReader:
+    """Reads an upload in chunks as its segments appear, on any host, then the object once
+    it is stored. The last byte is held back until the object verified, so a reader never
+    receives something that looks complete but is not; if the upload is cancelled, fails
+    or stalls, read() raises UploadFailed. No sendfile."""
+
+    object = None
+    ticket = None
+    max_downloads = None  # an upload with a budget is not followed (S3Store.follow)
+    pause = staticmethod(time.sleep)  # the wait between looks; the web layer replaces it
+
+    def __init__(self, store: S3Store, oid: str, length: int):
+        self.store = store
+        self.oid = oid
+        self.length = length
+        self.start = self.position = 0
+        self.end = length
+        self.finished = length == 0
+        self.stall_timeout = store.config.idle_timeout
+        self._stream = None
+        self._stream_end = 0  # where what _stream delivers ends
+
+    @property
+    def sent(self) -> int:
+        return self.position - self.start
+
+    def progress(self) -> Progress:
+        return self.store.progress(self.oid) or Progress("chunks", self.length, [(0, self.length - 1)], False)
+
+    def select(self, first: int, last: int) -> None:
+        self._close_stream()
+        self.start = self.position = first
+        self.end = last + 1
+        self.finished = False
+
+    def read(self, size: int = -1) -> bytes:
+        import botocore.exceptions
+        import urllib3.exceptions
+
+        last_progress = time.monotonic()
+        delays = _delays(_POLL_MIN, _POLL_MAX)
+        while True:
+            if self._stream is not None:
+                try:
+                    block = self._stream.read(min(max(size, _S3_READ_SIZE), self._stream_end - self.position))
+                except (botocore.exceptions.BotoCoreError, urllib3.exceptions.HTTPError, OSError) as exc:
+                    raise UploadFailed(f"the object store stopped sending ({exc.__class__.__name__})") from None
+                if block:
+                    self.position += len(block)
+                    return block
+                self._close_stream()
+            if self.position >= self.end and (self.end < self.length or self._stored()):
+                self.finished = True
+                return b""
+            if self._open_next():
+                continue
+            if time.monotonic() - last_progress > self.stall_timeout:
+                raise UploadFailed("the upload stalled")
+            self.pause(next(delays))
+
+    def _stored(self) -> bool:
+        try:
+            return self.store._head(self.oid) is not None
+        except StorageError as exc:
+            raise UploadFailed(exc.reason) from None
+
+    def _open_next(self) -> bool:
+        """Open what holds the next bytes: the object if stored, else a segment (but never
+        the last byte from one). False if nothing holds them yet."""
+        if self.position >= self.end:
+            return False  # only the verdict is awaited
+        try:
+            if self._stored():
+                self._stream, self._stream_end = self.store._stream(self.oid, self.position, self.end - 1), self.end
+                return True
+            segments = self.store._segments(self.oid)
+            if not segments:
+                raise UploadFailed("the upload was cancelled, or did not verify")
+            for start, end, _, key in segments:
+                stop = min(end, self.end - 1, self.length - 2)
+                if start <= self.position <= stop:
+                    got = self.store._call(
+                        "read a chunk",
+                        "get_object",
+                        absent=(404, 416),
+                        Key=key,
+                        Range=f"bytes={self.position - start}-{stop - start}",
+                    )
+                    if got is not None:
+                        self._stream, self._stream_end = got["Body"], stop + 1
+                        return True
+        except StorageError as exc:
+            raise UploadFailed(exc.reason) from None
+        return False
+
+    def _close_stream(self) -> None:
+        if self._stream is not None:
+            with contextlib.suppress(Exception):
+                self._stream.close()
+            self._stream = None
+
+    def close(self) -> None:
+        self._close_stream()
 
 
 def open_storage(config: RelayConfig) -> Storage:

@@ -250,7 +250,7 @@ def test_a_host_killed_mid_upload_leaves_nothing_under_the_name(s3_relays, seawe
     sending.start()
     wait_until(lambda: multipart_uploads(seaweed, s3_storage_url), timeout=30, message="the upload's first part")
     following = requests.get(url(b, oid), timeout=60)
-    assert following.status_code == 501 and "following an upload in progress" in following.text
+    assert following.status_code == 501 and "following a whole upload in progress" in following.text
     a.kill()
     sending.join(60)
     assert keys_under(seaweed, s3_storage_url) == []
@@ -263,13 +263,102 @@ def test_a_host_killed_mid_upload_leaves_nothing_under_the_name(s3_relays, seawe
     assert requests.get(url(b, oid), timeout=60).content == data
 
 
-def test_a_chunk_or_a_name_less_upload_is_501_with_its_reason(s3_relays):
+def test_a_name_less_upload_is_501_with_its_reason(s3_relays):
     (a,) = s3_relays(1)
-    data, oid = blob(2000)
-    chunk = requests.put(url(a, oid), data=data[:1000], headers={"Content-Range": "bytes 0-999/2000"}, timeout=60)
-    assert chunk.status_code == 501 and "not done on S3 yet" in chunk.text and chunk.text.count("\n") == 1
+    data, _ = blob(2000)
     unnamed = requests.put(f"{url(a)}/new/x.txt", data=data, timeout=60)
     assert unnamed.status_code == 501 and unnamed.text.count("\n") == 1
+    started = requests.post(f"{url(a)}/new/x.txt", headers={"Upload-Length": "2000"}, timeout=60)
+    assert started.status_code == 501
+
+
+def chunk(relay, oid: str, data: bytes, first: int, last: int, **kwargs) -> requests.Response:
+    headers = {"Content-Range": f"bytes {first}-{last}/{len(data)}"}
+    return requests.put(url(relay, oid), data=data[first : last + 1], headers=headers, timeout=60, **kwargs)
+
+
+def test_the_chunks_of_one_upload_go_to_different_hosts_in_any_order(s3_relays, seaweed, s3_storage_url):
+    relays = s3_relays(3)
+    data, oid = blob(6 << 20)
+    piece = 1 << 20
+    order = [4, 1, 5, 0, 3, 2]
+    for step, index in enumerate(order):
+        first, last = index * piece, (index + 1) * piece - 1
+        answer = chunk(relays[step % 3], oid, data, first, last)
+        if step < len(order) - 1:
+            assert answer.status_code == 202, answer.text
+            for relay in relays:  # every host knows where the upload stands
+                head = requests.head(url(relay, oid), timeout=60)
+                received = sorted(order[: step + 1])
+                assert head.headers["Upload-Length"] == str(len(data))
+                assert head.headers["Upload-Offset"] == str(piece * next(i for i in range(7) if i not in received))
+                assert head.headers["Upload-Ranges"] == answer.headers["Upload-Ranges"]
+        else:
+            assert answer.status_code == 201, answer.text
+    for relay in relays:
+        assert requests.get(url(relay, oid), timeout=60).content == data
+    assert keys_under(seaweed, s3_storage_url, "segments/") == [] and keys_under(seaweed, s3_storage_url) == [oid]
+    retried = chunk(relays[1], oid, data, 0, piece - 1)
+    assert retried.status_code == 200 and "already stored" in retried.text
+
+
+def test_a_download_on_one_host_follows_chunks_arriving_at_another(s3_relays):
+    a, b = s3_relays(2)
+    data, oid = blob(3 << 20, seed=3)
+    piece = 1 << 20
+    assert chunk(a, oid, data, 0, piece - 1).status_code == 202
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        following = pool.submit(lambda: requests.get(url(b, oid), timeout=60))
+        wait_until(
+            lambda: requests.get(url(b), timeout=60).json()["downloads_in_progress"] == 1,
+            timeout=30,
+            message="B's download of the upload to begin",
+        )
+        assert chunk(a, oid, data, piece, 2 * piece - 1).status_code == 202
+        assert chunk(a, oid, data, 2 * piece, 3 * piece - 1).status_code == 201
+        got = following.result(60)
+    assert got.status_code == 200 and got.content == data
+
+
+def test_a_chunk_that_contradicts_another_host_s_is_refused_and_the_upload_goes_on(s3_relays):
+    a, b = s3_relays(2)
+    data, oid = blob(2 << 20, seed=4)
+    piece = 1 << 20
+    assert chunk(a, oid, data, 0, piece - 1).status_code == 202
+    other = bytearray(data)
+    other[100] ^= 1
+    refused = chunk(b, oid, bytes(other), 0, piece - 1)
+    assert refused.status_code == 409 and "differ" in refused.text
+    overlapping = chunk(b, oid, bytes(other), 0, piece + 99)
+    assert overlapping.status_code == 409 and "differ" in overlapping.text
+    assert requests.head(url(a, oid), timeout=60).headers["Upload-Ranges"] == f"0-{piece - 1}"
+    assert chunk(b, oid, data, piece, 2 * piece - 1).status_code == 201
+    assert requests.get(url(a, oid), timeout=60).content == data
+
+
+def test_a_host_killed_mid_chunk_loses_nothing_acknowledged_and_another_resumes(s3_relays, seaweed, s3_storage_url):
+    a, b = s3_relays(2)
+    data, oid = blob(12 << 20, seed=5)
+    piece = 4 << 20
+    assert chunk(a, oid, data, 0, piece - 1).status_code == 202
+    body = Paced(data[piece : 3 * piece], seconds=6, pieces=24)
+
+    def send() -> None:
+        with contextlib.suppress(requests.RequestException):  # its relay is killed
+            requests.put(
+                url(a, oid), data=body, headers={"Content-Range": f"bytes {piece}-{3 * piece - 1}/{len(data)}"}
+            )
+
+    sending = threading.Thread(target=send)
+    sending.start()
+    wait_until(lambda: body.sent > piece, timeout=30, message="half the chunk to be sent")
+    a.kill()
+    sending.join(60)
+    head = requests.head(url(b, oid), timeout=60)
+    assert head.headers["Upload-Ranges"] == f"0-{piece - 1}" and head.headers["Upload-Offset"] == str(piece)
+    assert chunk(b, oid, data, piece, 3 * piece - 1).status_code == 201
+    assert requests.get(url(b, oid), timeout=60).content == data
+    assert keys_under(seaweed, s3_storage_url, "segments/") == []
 
 
 def test_racing_reservations_of_the_last_download_on_several_hosts_give_out_one(seaweed, s3_env, s3_storage_url):

@@ -4,7 +4,7 @@ through the Storage protocol alone (no look at files, locks or descriptors).
 Every backend runs the whole module: add it to BACKENDS and it inherits the
 specification. The filesystem backend (Store) and the S3 backend (S3Store, over the
 seaweed fixture's SeaweedFS) run it; what a backend does not do yet (CAPABILITIES) is
-skipped for it, and a test of its own checks that it refuses that as NotSupported."""
+skipped for it."""
 
 import hashlib
 import time
@@ -14,7 +14,7 @@ import pytest
 import file_relay
 
 BACKENDS = {"filesystem": file_relay.Store, "s3": file_relay.S3Store}
-MISSING = {"s3": {"chunks", "follow"}}  # what a backend does not do yet
+MISSING = {"s3": {"exclusive writers"}}  # what a backend does not do yet
 NONE = file_relay.Limits()
 
 
@@ -22,7 +22,7 @@ def needs(storage, capability: str) -> None:
     """Skip the test for a backend that does not do *capability* yet."""
     backend = next(name for name, kind in BACKENDS.items() if isinstance(storage, kind))
     if capability in MISSING.get(backend, ()):
-        pytest.skip(f"{backend}: {capability} not done yet (refused as NotSupported)")
+        pytest.skip(f"{backend}: {capability} not done yet")
 
 
 def content(size: int, seed: int = 0) -> tuple[bytes, str]:
@@ -113,7 +113,6 @@ def test_an_upload_over_the_quota_finds_no_space(make_storage):
 
 
 def test_chunks_report_their_progress_then_complete_the_object(storage):
-    needs(storage, "chunks")
     data, oid = content(200_000)
     progress = storage.put_chunk(oid, 100_000, 199_999, len(data), [data[100_000:]], None, NONE)
     assert isinstance(progress, file_relay.Progress)
@@ -127,7 +126,6 @@ def test_chunks_report_their_progress_then_complete_the_object(storage):
 
 
 def test_a_chunk_that_does_not_match_its_digest_is_not_stored(storage):
-    needs(storage, "chunks")
     data, oid = content(200_000)
     wrong = hashlib.sha256(b"other").digest()
     with pytest.raises(file_relay.Mismatch):
@@ -136,7 +134,6 @@ def test_a_chunk_that_does_not_match_its_digest_is_not_stored(storage):
 
 
 def test_a_chunk_contradicting_what_was_received_is_a_conflict(storage):
-    needs(storage, "chunks")
     data, oid = content(200_000)
     storage.put_chunk(oid, 0, 99_999, len(data), [data[:100_000]], None, NONE)
     with pytest.raises(file_relay.Conflict):
@@ -147,7 +144,7 @@ def test_a_chunk_contradicting_what_was_received_is_a_conflict(storage):
 
 
 def test_a_request_writing_what_another_is_writing_is_told_to_come_back(storage):
-    needs(storage, "chunks")
+    needs(storage, "exclusive writers")
     data, oid = content(200_000)
     refused = []
 
@@ -168,7 +165,6 @@ def test_a_request_writing_what_another_is_writing_is_told_to_come_back(storage)
 
 
 def test_deleting_cancels_an_upload_and_removes_an_object(storage):
-    needs(storage, "chunks")
     data, oid = content(200_000)
     storage.put_chunk(oid, 0, 99_999, len(data), [data[:100_000]], None, NONE)
     assert storage.delete(oid) is True
@@ -193,17 +189,6 @@ def test_a_reader_delivers_a_selected_range(storage):
         reader.close()
 
 
-def test_what_a_backend_does_not_do_yet_is_refused_as_not_supported(storage):
-    backend = next(name for name, kind in BACKENDS.items() if isinstance(storage, kind))
-    if "chunks" not in MISSING.get(backend, ()):
-        pytest.skip(f"{backend} does every kind of upload")
-    data, oid = content(200_000)
-    with pytest.raises(file_relay.NotSupported):
-        storage.put_chunk(oid, 0, 99_999, len(data), [data[:100_000]], None, NONE)
-    assert storage.progress(oid) is None and storage.lookup(oid) is None
-    assert not isinstance(storage, file_relay.UnnamedUploads)
-
-
 def test_usage_counts_objects_and_space(storage):
     data, oid = content(5000)
     storage.put_stream(oid, [data], len(data), NONE)
@@ -219,7 +204,6 @@ def test_nothing_to_read_is_none(storage):
 
 
 def test_a_follower_reads_an_upload_as_it_arrives(storage):
-    needs(storage, "follow")
     data, oid = content(200_000)
     storage.put_chunk(oid, 0, 99_999, len(data), [data[:100_000]], None, NONE)
     reader = storage.follow(oid)
@@ -234,7 +218,6 @@ def test_a_follower_reads_an_upload_as_it_arrives(storage):
 
 
 def test_a_follower_of_an_upload_that_is_cancelled_fails(storage):
-    needs(storage, "follow")
     data, oid = content(200_000)
     storage.put_chunk(oid, 0, 99_999, len(data), [data[:100_000]], None, NONE)
     reader = storage.follow(oid)
@@ -303,7 +286,6 @@ def test_an_expired_object_is_swept(storage):
 
 
 def test_usage_counts_objects_uploads_and_free_space(storage):
-    needs(storage, "chunks")
     data, oid = content(5000)
     other, other_oid = content(200_000, seed=1)
     storage.put_stream(oid, [data], len(data), NONE)
