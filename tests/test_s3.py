@@ -532,3 +532,32 @@ def test_sweepers_on_several_hosts_at_once_remove_what_expired_and_nothing_else(
     assert sum(result["objects"] for result in swept) >= len(expiring)
     assert keys_under(seaweed, s3_storage_url) == [kept_oid]
     assert stores[2].lookup(kept_oid).size == len(kept)
+
+
+def test_a_host_killed_while_it_composes_the_object_leaves_the_chunks_for_another(s3_relays, seaweed, s3_storage_url):
+    """Killed after the last chunk was stored, while it writes the object from the
+    segments (mid-verification): no object, every chunk kept, and the last chunk sent
+    again to another host completes the upload."""
+    a, b = s3_relays(2)
+    data, oid = blob(40 << 20, seed=6)
+    piece = 20 << 20
+    assert chunk(a, oid, data, 0, piece - 1).status_code == 202
+    _, prefix = file_relay.parse_storage_url(s3_storage_url)
+    composing = f"{prefix}objects/{oid}"
+
+    def send_last() -> None:
+        with contextlib.suppress(requests.RequestException):  # its relay is killed
+            chunk(a, oid, data, piece, 2 * piece - 1)
+
+    sending = threading.Thread(target=send_last)
+    sending.start()
+    wait_until(
+        lambda: composing in multipart_uploads(seaweed, s3_storage_url), timeout=60, message="the object being composed"
+    )
+    a.kill()
+    sending.join(60)
+    assert keys_under(seaweed, s3_storage_url) == []
+    assert len(keys_under(seaweed, s3_storage_url, "segments/")) == 2
+    assert requests.head(url(b, oid), timeout=60).headers["Upload-Offset"] == str(len(data))
+    assert chunk(b, oid, data, piece, 2 * piece - 1).status_code == 201
+    assert requests.get(url(b, oid), timeout=60).content == data
