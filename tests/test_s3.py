@@ -488,7 +488,7 @@ def test_a_download_whose_host_died_counts_once_its_lease_runs_out(seaweed, s3_e
     crash on a filesystem counts one, so the object is used up for every host."""
     config = file_relay.RelayConfig(server_id=SERVER_ID, storage=s3_storage_url, s3_endpoint=seaweed.endpoint)
     a, b = file_relay.S3Store(config), file_relay.S3Store(config)
-    a.lease_seconds = 1.0
+    a.lease_seconds = 5.0  # long enough for B to look while it lasts, on a busy machine too
     data, oid = blob(1000)
     assert a.put_stream(oid, [data], len(data), file_relay.Limits(max_downloads=1))
     a.reserve_download(a.open(oid))  # and nothing more from A
@@ -505,7 +505,7 @@ def test_a_download_whose_host_died_counts_once_its_lease_runs_out(seaweed, s3_e
 
     try:
         assert reserved_or_used_up() is None
-        assert wait_until(reserved_or_used_up, timeout=10, message="the dead host's lease to run out") == "used up"
+        assert wait_until(reserved_or_used_up, timeout=30, message="the dead host's lease to run out") == "used up"
     finally:
         reader.close()
     assert b.lookup(oid) is None and b.open(oid) is None
