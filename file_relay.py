@@ -3412,8 +3412,9 @@ class PipeReader:
 # An upload is hashed as it arrives. A small one is sent in one PutObject once verified; a
 # larger one becomes a multipart upload under the object's key, its parts sent as they
 # arrive, completed only once the hash matched (else aborted): nothing is visible under the
-# name before. Not done on S3 yet, answered 501: resumable uploads in chunks, following an
-# upload in progress, uploads the relay names.
+# name before. An upload in chunks is its segments until the chunk that completes it has
+# the object written from them. Not done on S3 yet, answered 501: uploads the relay names,
+# following a whole upload in progress or an upload with Max-Downloads.
 # ---------------------------------------------------------------------------
 
 # Options whose meaning is a local filesystem's.

@@ -561,3 +561,22 @@ def test_a_host_killed_while_it_composes_the_object_leaves_the_chunks_for_anothe
     assert requests.head(url(b, oid), timeout=60).headers["Upload-Offset"] == str(len(data))
     assert chunk(b, oid, data, piece, 2 * piece - 1).status_code == 201
     assert requests.get(url(b, oid), timeout=60).content == data
+
+
+def test_the_built_in_client_sends_to_one_host_and_gets_from_another(s3_relays, tmp_path, relay_env):
+    """send falls back from the name-less form (501 on S3) to hashing first and sending
+    chunks to /<sha256>; get downloads from another host, verified."""
+    a, b = s3_relays(2)
+    data, oid = blob(20 << 20, seed=7)
+    source, received = tmp_path / "big.bin", tmp_path / "received.bin"
+    source.write_bytes(data)
+    env = {**relay_env, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    client = [sys.executable, str(SCRIPT)]
+    sent = subprocess.run([*client, "send", url(a), str(source)], env=env, capture_output=True, text=True, timeout=120)
+    assert sent.returncode == 0, sent.stderr
+    assert oid in sent.stdout and "stored and verified" in sent.stderr
+    got = subprocess.run(
+        [*client, "get", url(b, oid), "-o", str(received)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert got.returncode == 0, got.stderr
+    assert received.read_bytes() == data
