@@ -3754,13 +3754,15 @@ class S3Store:
         """Replace the counter read with *etag* by *state*: False if it changed meanwhile."""
         condition = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
         body = json.dumps(state).encode()
-        # 412: changed meanwhile; 409: another swap in flight (AWS); 404: gone (AWS's If-Match)
+        # 412: changed meanwhile; 409: another swap in flight (AWS); 404: gone (AWS's If-Match).
+        # The checksum makes the store refuse a body cut short rather than keep what came.
         done = self._call(
             "count a download",
             "put_object",
             absent=(404, 409, 412),
             Key=self._counter_key(oid, token),
             Body=body,
+            ChecksumSHA256=base64.b64encode(hashlib.sha256(body).digest()).decode(),
             **condition,
         )
         return done is not None
