@@ -21,17 +21,21 @@ Storage invariant: a file under a hash name always holds exactly the content wit
 hash. Uploads are written under a private directory, hashed as they arrive, fsynced, and
 only then hard-linked to their public name, which is never overwritten. Everything that
 matters lives on the filesystem and is coordinated with open-file-description locks, so
-several workers (and several relays on one directory) behave like one.
+several workers (and several relays on one directory) behave like one. On an object store
+(--storage s3://BUCKET/PREFIX) the same holds through create-only writes (If-None-Match: *)
+made only once the content verified, and compare-and-swap (If-Match) on download counts,
+so relays on any number of hosts can share one bucket.
 
 Architecture: bannered sections, each using only those above it. Constants and helpers;
 storage: the Storage protocol, the one seam (readers, named refusals such as NotFound or
 Busy, outcomes such as Stored.CREATED), and Store, its backend over a local directory,
 with its pipes (the Pipes capability: a bounded ring in a file the workers map, passed
-from a sender to its receivers and never stored); the counters shared by the workers;
-every use of gunicorn's and Bottle's internals; the web application: RelayHandler's
-routes over any Storage, whose refusals one table (_REFUSALS) maps to HTTP statuses;
-logging; the server (gunicorn embedded, a draining master); then the client and the
-command line, which reach a relay only over HTTP.
+from a sender to its receivers and never stored); S3Store, its backend over an S3 bucket
+(boto3, imported only there); the counters shared by the workers; every use of
+gunicorn's and Bottle's internals; the web application: RelayHandler's routes over any
+Storage, whose refusals one table (_REFUSALS) maps to HTTP statuses; logging; the server
+(gunicorn embedded, a draining master); then the client and the command line, which
+reach a relay only over HTTP.
 Storage knows nothing of HTTP, the web layer nothing of files, descriptors or paths.
 
 The relay runs on Linux (it relies on open-file-description locks). The built-in client
