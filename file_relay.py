@@ -3411,14 +3411,18 @@ class PipeReader:
 # PREFIX/segments/<sha256>/<length>/<first>-<last>.<token>   one chunk of an upload in chunks, stored
 #                                    once its bytes are (and match their Content-Digest)
 # PREFIX/claims/<key>                held while one upload completes <key> (see _complete_once)
+# PREFIX/incoming/<token>            an upload the relay names, until it is copied under its hash
+# PREFIX/unnamed/<token>             a resumable upload the relay names: its length, limits, name,
+#                                    and once stored, its object's name
 # PREFIX/.probe-*                    written and removed at start (the permission to write)
 #
 # An upload is hashed as it arrives. A small one is sent in one PutObject once verified; a
 # larger one becomes a multipart upload under the object's key, its parts sent as they
 # arrive, completed only once the hash matched (else aborted): nothing is visible under the
 # name before. An upload in chunks is its segments until the chunk that completes it has
-# the object written from them. Not done on S3 yet, answered 501: uploads the relay names,
-# following a whole upload in progress or an upload with Max-Downloads.
+# the object written from them. An upload the relay names is staged (PREFIX/incoming/),
+# then copied under its hash; a resumable one is recorded in PREFIX/unnamed/<token>. Not
+# done on S3 yet, answered 501: following a whole upload in progress, or one with a budget.
 # ---------------------------------------------------------------------------
 
 # Options whose meaning is a local filesystem's.
@@ -3436,6 +3440,7 @@ _S3_FULL_CODES = ("XMinioStorageFull", "InsufficientStorage", "QuotaExceeded", "
 _S3_SWAP_ATTEMPTS = 64  # compare-and-swaps of one counter before the request is told to retry
 _S3_CLAIM_PATIENCE = 30.0  # seconds an upload waits for another's completion of the same key
 _S3_CLAIM_STALE = 120.0  # seconds after which a completion claim is its dead holder's
+_S3_COPY_PART_SIZE = 512 << 20  # bytes per UploadPartCopy of a staged upload
 _S3_PARTS_IN_FLIGHT = 2  # parts of one upload being sent at once while the next one arrives
 _S3_READ_SIZE = 1 << 20  # bytes a download asks of the store's response at once
 
@@ -3888,9 +3893,12 @@ class S3Store:
         metadata = {"token": secrets.token_hex(16), **self._limits_metadata(limits)}
         return self._write_verified(self._object_key(oid), oid, body, length, metadata, reserve_more)
 
-    def _write_verified(self, key: str, expected: str | None, body, length, metadata: dict, reserve_more) -> bool:
+    def _write_verified(
+        self, key: str, expected: str | None, body, length, metadata: dict, reserve_more, hashed: list | None = None
+    ) -> bool:
         """Create *key* from *body*'s blocks only if their SHA-256 is *expected* (when
-        given) and nothing is there yet: True if this created it."""
+        given) and nothing is there yet: True if this created it. The SHA-256 and the size
+        of what arrived are appended to *hashed*, if given."""
         part_size = _S3_UNSIZED_PART_SIZE if length is None else max(_S3_PART_SIZE, -(-length // _S3_MAX_PARTS))
         hasher = _BackgroundHasher()
         pending = bytearray()
@@ -3918,6 +3926,8 @@ class S3Store:
                 raise WrongLength(f"body has {received} bytes, Content-Length says {length}")
             digest = hasher.finish()
             Store._verify(expected, digest)
+            if hashed is not None:
+                hashed.append((digest.hexdigest(), received))
             if upload_id is None:
                 metadata["stored-at"] = repr(time.time())
                 return self._put_whole(key, bytes(pending), metadata, digest.digest())
@@ -4056,35 +4066,41 @@ class S3Store:
                 pass
             return Stored.ALREADY
         self.check_size(total)
-        segments = self._segments(oid)
+        ranges, segments = self._put_segment(oid, first, last, total, body, digest, limits)
+        if ranges == [(0, total - 1)]:
+            return self._compose(oid, total, segments, limits)
+        return Progress("chunks", total, ranges, False)
+
+    def _put_segment(self, upload: str, first: int, last: int, total: int, body, digest, limits: Limits):
+        """Store bytes first..last of the upload in chunks *upload* (an object's name, or
+        new-TOKEN) as a segment, unless they are stored already (then compared): the
+        upload's merged ranges and its segments."""
+        segments = self._segments(upload)
         if any(other != total for _, _, other, _ in segments):
             raise Conflict(f"an upload of this object with another length is in progress (Content-Range says {total})")
         ranges = merge_ranges((start, end) for start, end, _, _ in segments)
         if any(start <= first and last <= end for start, end in ranges):  # a retry of what is stored
             if not self._same_bytes(segments, first, last, self._digested(body, digest)):
                 raise Conflict(f"bytes {first}-{last} differ from those received before")
-        else:
-            key = self._segment_key(oid, total, first, last)
-            metadata = {"token": secrets.token_hex(16), **self._limits_metadata(limits)}
-            with self._reservation(last - first + 1) as reserve_more:
-                try:
-                    self._write_verified(
-                        key, digest.hex() if digest else None, body, last - first + 1, metadata, reserve_more
-                    )
-                except Mismatch:
-                    raise Mismatch("the chunk does not match its Content-Digest: it was not stored") from None
-            segments = self._segments(oid)
-            mine = [segment for segment in segments if segment[3] == key]
-            others = [segment for segment in segments if segment[3] != key]
-            for start, end in merge_ranges((start, end) for start, end, _, _ in others):
-                low, high = max(start, first), min(end, last)
-                if low <= high and not self._same_bytes(others, low, high, self._segment_bytes(mine, low, high)):
-                    self._drop_segments(mine)
-                    raise Conflict(f"bytes {low}-{high} differ from those received before")
-            ranges = merge_ranges((start, end) for start, end, _, _ in segments)
-        if ranges == [(0, total - 1)]:
-            return self._compose(oid, total, segments, limits)
-        return Progress("chunks", total, ranges, False)
+            return ranges, segments
+        key = self._segment_key(upload, total, first, last)
+        metadata = {"token": secrets.token_hex(16), **self._limits_metadata(limits)}
+        with self._reservation(last - first + 1) as reserve_more:
+            try:
+                self._write_verified(
+                    key, digest.hex() if digest else None, body, last - first + 1, metadata, reserve_more
+                )
+            except Mismatch:
+                raise Mismatch("the chunk does not match its Content-Digest: it was not stored") from None
+        segments = self._segments(upload)
+        mine = [segment for segment in segments if segment[3] == key]
+        others = [segment for segment in segments if segment[3] != key]
+        for start, end in merge_ranges((start, end) for start, end, _, _ in others):
+            low, high = max(start, first), min(end, last)
+            if low <= high and not self._same_bytes(others, low, high, self._segment_bytes(mine, low, high)):
+                self._drop_segments(mine)
+                raise Conflict(f"bytes {low}-{high} differ from those received before")
+        return merge_ranges((start, end) for start, end, _, _ in segments), segments
 
     @staticmethod
     def _digested(body, digest: bytes | None):
@@ -4108,6 +4124,157 @@ class S3Store:
             raise Mismatch(f"{exc.reason}; the partial upload was discarded") from None
         self._drop_segments(segments)
         return Stored.CREATED if created else Stored.ALREADY
+
+    # -- uploads the relay names: staged, hashed, then copied under their hash ----
+
+    def _record_key(self, token: str) -> str:
+        return f"{self.prefix}unnamed/{token}"
+
+    def _read_record(self, token: str) -> dict | None:
+        """What start_unnamed recorded of upload *token* (and, once stored, its object)."""
+        if not _UNNAMED_TOKEN_RE.fullmatch(token):
+            return None
+        got = self._call("read an upload's record", "get_object", absent=(404,), Key=self._record_key(token))
+        if got is None:
+            return None
+        try:
+            return json.loads(got["Body"].read(64 << 10))
+        except (ValueError, OSError) as exc:
+            raise Unavailable(f"the object store sent an upload's record that does not read ({exc})") from None
+
+    def _write_record(self, token: str, record: dict, **condition) -> None:
+        body = json.dumps(record).encode()
+        checksum = base64.b64encode(hashlib.sha256(body).digest()).decode()
+        self._call(
+            "record an upload",
+            "put_object",
+            Key=self._record_key(token),
+            Body=body,
+            ChecksumSHA256=checksum,
+            **condition,
+        )
+
+    def _store_named(
+        self, body, length: int | None, limits: Limits, reserve_more, expected: str | None = None
+    ) -> tuple[str, bool]:
+        """Store *body* under its SHA-256 (which must be *expected*, if given): (the name,
+        whether this created it). Up to a part's size it is hashed in memory and put under
+        its name at once; a larger one is staged under PREFIX/incoming/, then copied under
+        its name (UploadPartCopy)."""
+        metadata = {"token": secrets.token_hex(16), **self._limits_metadata(limits)}
+        if length is not None and length <= _S3_PART_SIZE:
+            data = b"".join(bytes(block) for block in body)
+            if len(data) != length:
+                raise WrongLength(f"body has {len(data)} bytes, Content-Length says {length}")
+            digest = hashlib.sha256(data)
+            Store._verify(expected, digest)
+            metadata["stored-at"] = repr(time.time())
+            return digest.hexdigest(), self._put_whole(
+                self._object_key(digest.hexdigest()), data, metadata, digest.digest()
+            )
+        staged = f"{self.prefix}incoming/{secrets.token_hex(16)}"
+        hashed: list = []
+        try:
+            self._write_verified(staged, expected, body, length, {}, reserve_more, hashed)
+            oid, size = hashed[0]
+            metadata["stored-at"] = repr(time.time())
+            return oid, self._copy_under_name(staged, size, oid, metadata)
+        finally:
+            with contextlib.suppress(StorageError):  # else the sweeper removes it
+                self._call("remove a staged upload", "delete_object", absent=(404,), Key=staged)
+
+    def _copy_under_name(self, staged: str, size: int, oid: str, metadata: dict) -> bool:
+        """Copy the staged object to PREFIX/objects/<oid>, create-only: True if this created it."""
+        key = self._object_key(oid)
+        if self._call("look up an object", "head_object", absent=(404,), Key=key) is not None:
+            return False
+        if size == 0:  # no range of it to copy
+            return self._put_whole(key, b"", metadata, hashlib.sha256(b"").digest())
+        upload_id = self._call("begin an upload", "create_multipart_upload", Key=key, Metadata=metadata)["UploadId"]
+        try:
+            parts = []
+            for number, start in enumerate(range(0, max(size, 1), _S3_COPY_PART_SIZE), start=1):
+                copied = self._call(
+                    "copy a part",
+                    "upload_part_copy",
+                    Key=key,
+                    UploadId=upload_id,
+                    PartNumber=number,
+                    CopySource={"Bucket": self.bucket, "Key": staged},
+                    CopySourceRange=f"bytes={start}-{min(size, start + _S3_COPY_PART_SIZE) - 1}",
+                )
+                parts.append({"PartNumber": number, "ETag": copied["CopyPartResult"]["ETag"]})
+            created = self._complete_once(key, upload_id, parts)
+            if created:
+                upload_id = None
+            return created
+        finally:
+            if upload_id is not None:
+                with contextlib.suppress(StorageError):
+                    self._call("abort an upload", "abort_multipart_upload", absent=(404,), Key=key, UploadId=upload_id)
+
+    def put_unnamed(self, body, length: int | None, limits: Limits, expected: str | None = None) -> Named:
+        if length is not None:
+            self.check_size(length)
+        try:
+            with self._reservation(length or 0) as reserve_more:
+                oid, created = self._store_named(body, length, limits, reserve_more, expected)
+        except Mismatch as exc:
+            raise Mismatch(str(exc).replace("does not match its name", "does not match its digest")) from None
+        return Named(oid, Stored.CREATED if created else Stored.ALREADY)
+
+    def start_unnamed(self, length: int, limits: Limits, name: str | None) -> str:
+        self.check_size(length)
+        token = secrets.token_hex(16)
+        record = {"length": length, "limits": dataclasses.asdict(limits), "name": name, "created": time.time()}
+        self._write_record(token, record, IfNoneMatch="*")
+        return token
+
+    def put_unnamed_chunk(
+        self, token: str, first: int, last: int, total: int, body, digest: bytes | None
+    ) -> Progress | Named:
+        record = self._read_record(token)
+        if record is None:
+            raise NotFound("no such upload: it was cancelled, expired unfinished, or never begun")
+        if record.get("oid"):
+            obj = self.lookup(record["oid"])
+            if obj is None:
+                raise NotFound(
+                    f"this upload was stored as {record['oid']}, which is gone (expired, used up or removed)"
+                )
+            if total != obj.size:
+                raise Conflict(f"this upload was stored as {obj.oid}, of {obj.size} bytes, not {total}")
+            stored = [(0, obj.size - 1, obj.size, self._object_key(obj.oid))]
+            if not self._same_bytes(stored, first, last, self._digested(body, digest)):
+                raise Conflict(f"bytes {first}-{last} differ from those of {obj.oid}, which this upload stored")
+            return Named(obj.oid, Stored.ALREADY, record.get("name"))
+        if total != record["length"]:
+            raise Conflict(f"this upload is {record['length']} bytes long, Content-Range says {total}")
+        limits = Limits(**record["limits"])
+        ranges, segments = self._put_segment(f"new-{token}", first, last, total, body, digest, limits)
+        if ranges != [(0, total - 1)]:
+            return Progress("chunks", total, ranges, False)
+        oid, created = self._store_named(self._segment_bytes(segments, 0, total - 1), total, limits, lambda more: None)
+        self._write_record(token, {**record, "oid": oid})
+        self._drop_segments(segments)
+        return Named(oid, Stored.CREATED if created else Stored.ALREADY, record.get("name"))
+
+    def unnamed_progress(self, token: str) -> Progress | Named | None:
+        record = self._read_record(token)
+        if record is None:
+            return None
+        if record.get("oid"):
+            return Named(record["oid"], Stored.CREATED, record.get("name")) if self.is_stored(record["oid"]) else None
+        segments = self._segments(f"new-{token}")
+        return Progress("chunks", record["length"], merge_ranges((a, b) for a, b, _, _ in segments), False)
+
+    def cancel_unnamed(self, token: str) -> bool:
+        record = self._read_record(token)
+        if record is None or record.get("oid"):
+            return False
+        self._drop_segments(self._segments(f"new-{token}"))
+        self._call("cancel an upload", "delete_object", absent=(404,), Key=self._record_key(token))
+        return True
 
     # -- housekeeping ------------------------------------------------------------
 
@@ -4167,6 +4334,11 @@ class S3Store:
             if now - modified > _S3_CLAIM_STALE:  # its holder died while completing
                 self._call("remove a stale claim", "delete_object", absent=(404,), Key=key)
                 removed["leftovers"] += 1
+        for under in ("unnamed/", "incoming/"):  # records of uploads the relay names; staged uploads
+            for key, _, modified in list(self._keys(under)):
+                if now - modified > self.config.partial_ttl:
+                    self._call("remove a leftover", "delete_object", absent=(404,), Key=key)
+                    removed["leftovers"] += 1
         self._sweep_uploads(now, removed)
         return removed
 
@@ -4179,7 +4351,7 @@ class S3Store:
             if now - latest > self.config.partial_ttl:
                 self._drop_segments([(0, 0, 0, key) for key in keys])
                 removed["partials"] += 1
-        for under, kind in (("segments/", "leftovers"), ("objects/", "partials")):
+        for under, kind in (("segments/", "leftovers"), ("incoming/", "leftovers"), ("objects/", "partials")):
             for key, upload_id, initiated in list(self._multipart_uploads(f"{self.prefix}{under}")):
                 if now - initiated > self.config.partial_ttl:
                     self._call("abort an upload", "abort_multipart_upload", absent=(404,), Key=key, UploadId=upload_id)

@@ -3,6 +3,7 @@
 
 import concurrent.futures
 import contextlib
+import hashlib
 import os
 import socket
 import subprocess
@@ -263,13 +264,43 @@ def test_a_host_killed_mid_upload_leaves_nothing_under_the_name(s3_relays, seawe
     assert requests.get(url(b, oid), timeout=60).content == data
 
 
-def test_a_name_less_upload_is_501_with_its_reason(s3_relays):
-    (a,) = s3_relays(1)
-    data, _ = blob(2000)
-    unnamed = requests.put(f"{url(a)}/new/x.txt", data=data, timeout=60)
-    assert unnamed.status_code == 501 and unnamed.text.count("\n") == 1
-    started = requests.post(f"{url(a)}/new/x.txt", headers={"Upload-Length": "2000"}, timeout=60)
-    assert started.status_code == 501
+@pytest.mark.parametrize("size", [0, 2000, 9 << 20])  # in memory; staged and copied under its name
+def test_a_name_less_upload_on_one_host_downloads_from_another(s3_relays, seaweed, s3_storage_url, size):
+    a, b = s3_relays(2)
+    data, oid = blob(size, seed=11)
+    stored = requests.put(f"{url(a)}/new/report.bin", data=data, timeout=60)
+    assert stored.status_code == 201, stored.text
+    assert oid in stored.text and stored.headers["Location"].endswith(f"/{oid}?name=report.bin")
+    assert requests.get(url(b, oid), timeout=60).content == data
+    again = requests.put(f"{url(b)}/new/", data=data, timeout=60)
+    assert again.status_code == 200 and oid in again.text
+    assert keys_under(seaweed, s3_storage_url) == [oid] and keys_under(seaweed, s3_storage_url, "incoming/") == []
+    assert multipart_uploads(seaweed, s3_storage_url) == []
+
+
+def test_a_resumable_name_less_upload_goes_to_every_host(s3_relays, seaweed, s3_storage_url):
+    relays = s3_relays(3)
+    data, oid = blob(3 << 20, seed=12)
+    piece = 1 << 20
+    started = requests.post(f"{url(relays[0])}/new/data.bin", headers={"Upload-Length": str(len(data))}, timeout=60)
+    assert started.status_code == 201, started.text
+    token = started.headers["Location"].rsplit("/", 1)[-1]
+    uploads = [f"{url(relay)}/uploads/{token}" for relay in relays]
+    for step, index in enumerate([2, 0, 1]):
+        first, last = index * piece, (index + 1) * piece - 1
+        headers = {"Content-Range": f"bytes {first}-{last}/{len(data)}"}
+        answer = requests.put(uploads[step], data=data[first : last + 1], headers=headers, timeout=60)
+        assert answer.status_code == (201 if step == 2 else 202), answer.text
+        state = requests.head(uploads[(step + 1) % 3], timeout=60)
+        assert state.status_code == 200
+    assert oid in answer.text and answer.headers["Location"].endswith(f"/{oid}?name=data.bin")
+    assert requests.head(uploads[1], timeout=60).headers["Upload-Incomplete"] == "?0"
+    assert requests.get(url(relays[2], oid), timeout=60).content == data
+    assert keys_under(seaweed, s3_storage_url, "segments/") == []
+    cancelled = requests.post(f"{url(relays[1])}/new/", headers={"Upload-Length": "10"}, timeout=60)
+    other = cancelled.headers["Location"].rsplit("/", 1)[-1]
+    assert requests.delete(f"{url(relays[2])}/uploads/{other}", timeout=60).status_code == 200
+    assert requests.head(f"{url(relays[0])}/uploads/{other}", timeout=60).status_code == 404
 
 
 def chunk(relay, oid: str, data: bytes, first: int, last: int, **kwargs) -> requests.Response:
@@ -564,8 +595,8 @@ def test_a_host_killed_while_it_composes_the_object_leaves_the_chunks_for_anothe
 
 
 def test_the_built_in_client_sends_to_one_host_and_gets_from_another(s3_relays, tmp_path, relay_env):
-    """send falls back from the name-less form (501 on S3) to hashing first and sending
-    chunks to /<sha256>; get downloads from another host, verified."""
+    """send (the name-less resumable form: the file read once, sent in chunks) to one
+    host; get downloads from another, verified."""
     a, b = s3_relays(2)
     data, oid = blob(20 << 20, seed=7)
     source, received = tmp_path / "big.bin", tmp_path / "received.bin"
@@ -580,3 +611,33 @@ def test_the_built_in_client_sends_to_one_host_and_gets_from_another(s3_relays, 
     )
     assert got.returncode == 0, got.stderr
     assert received.read_bytes() == data
+
+
+def test_a_finished_name_less_upload_whose_object_is_gone_names_nothing(s3_relays):
+    a, b = s3_relays(2)
+    data, oid = blob(1000, seed=13)
+    headers = {"Upload-Length": str(len(data)), "Max-Downloads": "1"}
+    upload = requests.post(f"{url(a)}/new/once", headers=headers, timeout=60).headers["Location"].rsplit("/", 1)[-1]
+    chunk_headers = {"Content-Range": f"bytes 0-{len(data) - 1}/{len(data)}"}
+    assert requests.put(f"{url(a)}/uploads/{upload}", data=data, headers=chunk_headers, timeout=60).status_code == 201
+    assert requests.head(f"{url(b)}/uploads/{upload}", timeout=60).headers["Location"].endswith(f"/{oid}?name=once")
+    assert requests.get(url(b, oid), timeout=60).content == data  # its one download: the object is gone
+    assert requests.head(f"{url(a)}/uploads/{upload}", timeout=60).status_code == 404
+    again = requests.put(f"{url(b)}/uploads/{upload}", data=data, headers=chunk_headers, timeout=60)
+    assert again.status_code == 404 and oid in again.text
+
+
+def test_name_less_uploads_are_checked_against_the_sender_s_digest_and_the_stored_object(s3_relays):
+    a, b = s3_relays(2)
+    data, oid = blob(3000, seed=15)
+    wrong = {"Content-Digest": file_relay.sha256_field(hashlib.sha256(b"other").digest())}
+    refused = requests.put(f"{url(a)}/new/x", data=data, headers=wrong, timeout=60)
+    assert refused.status_code == 400 and "digest" in refused.text
+    assert requests.get(url(b, oid), timeout=60).status_code == 404
+    started = requests.post(f"{url(a)}/new/x", headers={"Upload-Length": str(len(data))}, timeout=60)
+    upload = f"/uploads/{started.headers['Location'].rsplit('/', 1)[-1]}"
+    whole = {"Content-Range": f"bytes 0-{len(data) - 1}/{len(data)}"}
+    assert requests.put(url(a) + upload, data=data, headers=whole, timeout=60).status_code == 201
+    assert requests.put(url(b) + upload, data=data, headers=whole, timeout=60).status_code == 200  # a retry
+    other = bytes(reversed(data))
+    assert requests.put(url(b) + upload, data=other, headers=whole, timeout=60).status_code == 409
