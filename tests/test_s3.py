@@ -641,3 +641,26 @@ def test_name_less_uploads_are_checked_against_the_sender_s_digest_and_the_store
     assert requests.put(url(b) + upload, data=data, headers=whole, timeout=60).status_code == 200  # a retry
     other = bytes(reversed(data))
     assert requests.put(url(b) + upload, data=other, headers=whole, timeout=60).status_code == 409
+
+
+def test_a_file_sent_through_the_page_on_one_host_downloads_from_another(s3_relays, browser, tmp_path):
+    """The page (headless Chromium) sends a file to host A in digested chunks to the
+    name-less resumable form; host B serves it under its name."""
+    from test_page import random_file, wait_for_event
+
+    a, b = s3_relays(2)
+    source = tmp_path / "notes.bin"
+    oid = random_file(source, 20 << 20, seed=14)
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.goto(url(a))
+        wait_until(lambda: "free" in page.inner_text("#status"), 10, message="the status line")
+        page.set_input_files("#pick", str(source))
+        stored = wait_for_event(page, "stored", 120)[0]
+        assert stored["sha256"] == oid and stored["url"] == url(a, oid) + "?name=notes.bin"
+    finally:
+        context.close()
+    got = requests.get(url(b, oid) + "?name=notes.bin", timeout=60)
+    assert got.status_code == 200 and hashlib.sha256(got.content).hexdigest() == oid
+    assert got.headers["Content-Disposition"] == 'attachment; filename="notes.bin"'
