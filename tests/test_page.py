@@ -53,6 +53,21 @@ def wait_for_event(page, kind: str, timeout: float, count: int = 1) -> list:
     return wait_until(seen, timeout, message=f"the page to report {count} {kind} event(s)")
 
 
+def hold_the_second_chunk(page) -> list:
+    """Hold the page's request for the file's second 8 MiB chunk; the list gets its route,
+    to continue_() when the test is ready."""
+    held = []
+
+    def hold(route):
+        if route.request.headers.get("content-range", "").startswith("bytes 8388608-"):
+            held.append(route)
+        else:
+            route.continue_()
+
+    page.route("**/uploads/*", hold)
+    return held
+
+
 def while_routing(page, predicate, timeout: float, what: str):
     """wait_until *predicate* holds, while the page runs: playwright calls route handlers
     only while the test is inside one of its calls, so each look makes one."""
@@ -477,19 +492,12 @@ def test_a_file_changed_while_it_is_sent_is_not_stored(live, files, browser, tmp
     relay = live()
     source = tmp_path / "log.bin"
     before = random_file(source, 24 << 20, seed=8)
-    held = []
-
-    def hold_the_second_chunk(route):
-        if route.request.headers.get("content-range", "").startswith("bytes 8388608-"):
-            held.append(route)
-        else:
-            route.continue_()
 
     context = browser.new_context()
     try:
         page = context.new_page()
         page.goto(relay.url())
-        page.route("**/uploads/*", hold_the_second_chunk)
+        held = hold_the_second_chunk(page)
         page.set_input_files("#pick", str(source))
         wait_for_event(page, "chunk", 60)
         while_routing(page, lambda: held, 10, "the second chunk held")
@@ -637,19 +645,12 @@ def test_a_file_touched_while_it_is_sent_fails_plainly_and_its_upload_is_cancell
     relay = live()
     source = tmp_path / "draft.bin"
     random_file(source, 24 << 20, seed=15)
-    held = []
-
-    def hold_the_second_chunk(route):
-        if route.request.headers.get("content-range", "").startswith("bytes 8388608-"):
-            held.append(route)
-        else:
-            route.continue_()
 
     context = browser.new_context()
     try:
         page = context.new_page()
         page.goto(relay.url())
-        page.route("**/uploads/*", hold_the_second_chunk)
+        held = hold_the_second_chunk(page)
         page.set_input_files("#pick", str(source))
         wait_for_event(page, "chunk", 60)
         while_routing(page, lambda: held, 10, "the second chunk held")
@@ -674,19 +675,12 @@ def test_on_plain_http_a_file_changed_while_it_is_sent_is_not_stored(live, files
     )
     source = tmp_path / "log.bin"
     random_file(source, 24 << 20, seed=16)
-    held = []
-
-    def hold_the_second_chunk(route):
-        if route.request.headers.get("content-range", "").startswith("bytes 8388608-"):
-            held.append(route)
-        else:
-            route.continue_()
 
     try:
         page = plain.new_page()
         page.goto(f"http://relay.test:{relay.address[1]}/{SERVER_ID}")
         assert page.evaluate("window.isSecureContext") is False
-        page.route("**/uploads/*", hold_the_second_chunk)
+        held = hold_the_second_chunk(page)
         page.set_input_files("#pick", str(source))
         wait_for_event(page, "chunk", 60)
         while_routing(page, lambda: held, 10, "the second chunk held")
