@@ -984,20 +984,44 @@ def _names_nothing_of_ours(exc: OSError) -> bool:
     return exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ELOOP, errno.ENXIO)
 
 
+def _name_is_there(path: Path, looks: int = 3) -> bool:
+    """Whether *path* names something. A name that a rename is replacing can look missing
+    for a moment on some FUSE filesystems (JuiceFS), so it is missing only if it looks
+    missing every time."""
+    for _look in range(looks):
+        try:
+            os.lstat(path)
+        except FileNotFoundError:
+            continue
+        return True
+    return False
+
+
 def _read_small_file(path: Path, limit: int = 64 << 10) -> bytes | None:
     """The start of a small regular file the relay keeps (limits, info, the ledger), or
     None if there is none: missing, or anything planted there (a link, a FIFO, a
-    directory) is never followed, waited on or read past *limit*."""
-    try:
-        fd = os.open(path, os.O_RDONLY | _NO_SURPRISES)
-    except OSError as exc:
-        if _names_nothing_of_ours(exc):
-            return None
-        raise
-    try:
-        return os.read(fd, limit) if stat.S_ISREG(os.fstat(fd).st_mode) else None
-    finally:
-        os.close(fd)
+    directory) is never followed, waited on or read past *limit*.
+
+    These files are replaced by rename. Some FUSE filesystems (JuiceFS) answer ENOENT
+    for a name being replaced, or for the replaced file while it is open; such a read is
+    tried again while the name is there."""
+    for _attempt in range(16):
+        try:
+            fd = os.open(path, os.O_RDONLY | _NO_SURPRISES)
+        except OSError as exc:
+            if exc.errno == errno.ENOENT and _name_is_there(path):
+                continue
+            if _names_nothing_of_ours(exc):
+                return None
+            raise
+        try:
+            return os.read(fd, limit) if stat.S_ISREG(os.fstat(fd).st_mode) else None
+        except FileNotFoundError:
+            if not _name_is_there(path):
+                return None
+        finally:
+            os.close(fd)
+    raise OSError(errno.ESTALE, "replaced while read, again and again", str(path))
 
 
 def _is_object_name(name: str) -> bool:

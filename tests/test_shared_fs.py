@@ -122,6 +122,36 @@ def test_the_route_and_storage_tests_pass_with_their_files_on_juicefs(volume, tm
     assert run.returncode == 0, run.stdout[-3000:]
 
 
+def test_a_small_file_replaced_by_rename_is_read_whole_while_it_is_replaced(volume, tmp_path):
+    """JuiceFS can answer ENOENT to an open, fstat or read of a name that a rename is
+    replacing; the relay's ledger, limits and records are replaced that way."""
+    import file_relay
+
+    path = volume.points[0] / f"ledger-{tmp_path.name}"
+    path.write_bytes(b"0" * 24)
+    stop = threading.Event()
+
+    def replace_again_and_again():
+        for turn in range(100_000):
+            if stop.is_set():
+                return
+            staging = path.with_name(f".{path.name}-{turn}")
+            staging.write_bytes(b"%024d" % turn)
+            os.rename(staging, path)
+
+    replacer = threading.Thread(target=replace_again_and_again)
+    replacer.start()
+    reads, deadline = [], time.monotonic() + 10
+    try:
+        while len(reads) < 3000 and time.monotonic() < deadline:
+            reads.append(file_relay._read_small_file(path, 24))
+    finally:
+        stop.set()
+        replacer.join()
+    assert len(reads) >= 300
+    assert all(read is not None and len(read) == 24 for read in reads), [r for r in reads if not r][:3]
+
+
 # -- two hosts -------------------------------------------------------------------------------
 
 
