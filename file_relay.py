@@ -4438,7 +4438,19 @@ class S3DownloadTicket:
             self.store._remove(self.oid, self.token)
 
 
-class S3ObjectReader:
+class _S3StreamReader:
+    """A reader of the bucket that holds one GET's response body open at a time."""
+
+    _stream = None
+
+    def _close_stream(self) -> None:
+        if self._stream is not None:
+            with contextlib.suppress(Exception):  # the store may have cut it off already
+                self._stream.close()
+            self._stream = None
+
+
+class S3ObjectReader(_S3StreamReader):
     """A stored object in the bucket, read with ranged GETs as the download goes (no
     sendfile). A read that the store cuts off raises UploadFailed: the response is cut
     off too, never passed off as complete."""
@@ -4497,12 +4509,6 @@ class S3ObjectReader:
                 self.ticket.renew()
         return block
 
-    def _close_stream(self) -> None:
-        if self._stream is not None:
-            with contextlib.suppress(Exception):
-                self._stream.close()
-            self._stream = None
-
     def close(self) -> None:
         """End the reader: a download it holds counts if every byte was delivered."""
         if self._closed:
@@ -4516,7 +4522,7 @@ class S3ObjectReader:
             self._close_stream()
 
 
-class S3UploadReader:
+class S3UploadReader(_S3StreamReader):
     """Reads an upload in chunks as its segments appear, on any host, then the object once
     it is stored. The last byte is held back until the object verified, so a reader never
     receives something that looks complete but is not; if the upload is cancelled, fails
@@ -4610,12 +4616,6 @@ class S3UploadReader:
         except StorageError as exc:
             raise UploadFailed(exc.reason) from None
         return False
-
-    def _close_stream(self) -> None:
-        if self._stream is not None:
-            with contextlib.suppress(Exception):
-                self._stream.close()
-            self._stream = None
 
     def close(self) -> None:
         self._close_stream()
