@@ -3701,11 +3701,17 @@ class S3Store:
             if obj.expires_at is not None and obj.expires_at <= time.time():
                 self._remove(oid, token)
                 return None
-            state, _ = self._read_counter(oid, token)
-            if not self._live_leases(state, time.time()):  # its last downloads may still be going
+            if self._used_up(oid, token, obj.max_downloads, time.time()):
                 self._remove(oid, token)
                 return None
         return found
+
+    def _used_up(self, oid: str, token: str, limit: int, now: float) -> bool:
+        """Whether the downloads of upload *token* of the object are all done, judged on one
+        read of its counter: as many counted as *limit* allows, none in flight. A download
+        in flight when _head() looked may have been given back since."""
+        state, _ = self._read_counter(oid, token)
+        return not self._live_leases(state, now) and self._counted(state) >= limit
 
     def _remove(self, oid: str, token: str | None = None) -> bool:
         """Remove the object (only the upload *token* of it, if given); False if it was not there."""
@@ -4344,9 +4350,9 @@ class S3Store:
             oid = key.rsplit("/", 1)[-1]
             found = self._head(oid) if _is_object_name(oid) else None
             if found is not None and self._is_spent(found[0], now):
-                state, _ = self._read_counter(oid, found[1])
                 expired = found[0].expires_at is not None and found[0].expires_at <= now
-                if (expired or not self._live_leases(state, now)) and self._remove(oid, found[1]):
+                used_up = not expired and self._used_up(oid, found[1], found[0].max_downloads, now)
+                if (expired or used_up) and self._remove(oid, found[1]):
                     removed["objects"] += 1
         for key, _, _ in list(self._keys("downloads/")):
             oid, _, token = key.rsplit("/", 1)[-1].partition(".")
