@@ -3092,12 +3092,16 @@ class UploadReader(_Reader):
 # each receiver holds its slot's byte, and the mutex byte makes a receiver's joining and
 # the sender's claim on ring space one decision.
 
-_PIPE_HEADER = struct.Struct("8sqqqqqq")  # magic, state, length (-1: unknown), capacity, wanted, claimed, written
+# magic, state, length (-1: unknown), capacity, wanted, claimed, written; then, once it failed, its PipeFailure
+# and the length of its reason (UTF-8 at _PIPE_REASON_AT)
+_PIPE_HEADER = struct.Struct("8sqqqqqqqq")
 _PIPE_MAGIC = b"relaypip"
 _PIPE_SLOT = struct.Struct("qq")  # status, position
 _PIPE_SLOTS = 64  # receivers of one pipe, at most
 _PIPE_SLOTS_AT = 128  # offset of the slots in the header
 _PIPE_ALL_SLOTS = struct.Struct(f"{2 * _PIPE_SLOTS}q")
+_PIPE_REASON_AT = _PIPE_SLOTS_AT + _PIPE_ALL_SLOTS.size
+_PIPE_REASON_SIZE = 1024  # bytes of a failed pipe's reason kept, at most (before _PIPE_DATA_AT)
 _PIPE_DATA_AT = max(mmap.PAGESIZE, 4096)  # offset of the ring
 _PIPE_MUTEX = 1 << 62  # lock bytes of a pipe's file, beyond any data
 _PIPE_SENDER = _PIPE_MUTEX + 1
@@ -3115,6 +3119,14 @@ class PipeState(enum.IntEnum):
     CLOSED = 4  # over: every receiver finished or left
 
 
+class PipeFailure(enum.IntEnum):
+    """Why a pipe failed, as its receivers that have had no byte yet are told."""
+
+    UNTOLD = 0  # none was recorded
+    SENDER = 1  # its content did not verify, or its sender stopped or was refused
+    TOO_FEW_RECEIVERS = 2  # its sender stopped waiting for the receivers it asked for
+
+
 class _Receiver(enum.IntEnum):
     FREE = 0
     ACTIVE = 1
@@ -3127,6 +3139,14 @@ _ACTIVE = int(_Receiver.ACTIVE)  # compared once a block for each slot: a plain 
 
 class PipeAbandoned(StorageError):
     """Every receiver of a pipe left before the end."""
+
+
+class PipeFailed(StorageError):
+    """A pipe failed (or its sender went away) before any byte reached this receiver."""
+
+
+class PipeShortOfReceivers(StorageError):
+    """A pipe's sender stopped waiting for its receivers before any byte flowed."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3157,7 +3177,7 @@ class _PipeFile:
     @classmethod
     def initialise(cls, fd: int, length: int | None, capacity: int, wanted: int) -> _PipeFile:
         header = _PIPE_HEADER.pack(
-            _PIPE_MAGIC, PipeState.WAITING, -1 if length is None else length, capacity, wanted, 0, 0
+            _PIPE_MAGIC, PipeState.WAITING, -1 if length is None else length, capacity, wanted, 0, 0, 0, 0
         )
         _write_all(fd, header, 0)
         return cls(fd)
@@ -3173,6 +3193,22 @@ class _PipeFile:
     wanted = property(lambda self: self._field(4))
     claimed = property(lambda self: self._field(5), lambda self, value: self._set_field(5, value))
     written = property(lambda self: self._field(6), lambda self, value: self._set_field(6, value))
+
+    def record_failure(self, failure: PipeFailure, reason: str) -> None:
+        """Keep why the pipe failed (under the mutex, as its state is set to FAILED)."""
+        text = reason.encode()[:_PIPE_REASON_SIZE]
+        self.map[_PIPE_REASON_AT : _PIPE_REASON_AT + len(text)] = text
+        self._set_field(8, len(text))
+        self._set_field(7, failure)
+
+    def failure(self) -> tuple[PipeFailure, str]:
+        """Why the pipe failed, as recorded (UNTOLD and "" if it was not)."""
+        size = min(max(0, self._field(8)), _PIPE_REASON_SIZE)
+        try:
+            failure = PipeFailure(self._field(7))
+        except ValueError:
+            failure = PipeFailure.UNTOLD
+        return failure, bytes(self.map[_PIPE_REASON_AT : _PIPE_REASON_AT + size]).decode(errors="replace")
 
     def slot(self, index: int) -> tuple[_Receiver, int]:
         status, position = _PIPE_SLOT.unpack_from(self.map, _PIPE_SLOTS_AT + index * _PIPE_SLOT.size)
@@ -3331,6 +3367,14 @@ class PipeSender:
             delays = delays or _delays(_PIPE_POLL_MIN, _PIPE_POLL_MAX)
             pause(next(delays))
 
+    def fail(self, reason: str, failure: PipeFailure = PipeFailure.SENDER) -> None:
+        """Fail the pipe, unless it verified: receivers that have had no byte yet are told
+        *reason*; the others are cut off."""
+        with self.pipe.mutex():
+            if self.pipe.state in (PipeState.WAITING, PipeState.FLOWING):
+                self.pipe.record_failure(failure, reason)
+                self.pipe.state = PipeState.FAILED
+
     def close(self) -> None:
         """End the pipe: one that did not verify fails; its file goes (receivers that
         hold it finish or are cut off)."""
@@ -3376,6 +3420,28 @@ class PipeReader:
 
     def select(self, first: int, last: int) -> None:
         raise Conflict("a pipe is sent whole, from its first byte")
+
+    def wait_for_bytes(self) -> None:
+        """Wait until read() has bytes to pass, or the pipe has verified (it may have none);
+        raises PipeFailed or PipeShortOfReceivers, with the sender's reason, when it fails
+        first, or its sender goes. Waits with .pause, as read() does."""
+        pipe = self.pipe
+        delays = _delays(_PIPE_POLL_MIN, _PIPE_POLL_MAX)
+        while True:
+            sender_alive = pipe.sender_alive()  # looked at first: a sender that ended has set the state
+            with pipe.mutex():
+                state, written = pipe.state, pipe.written
+                failure, reason = pipe.failure()
+            if state is PipeState.FAILED:
+                why = f"the pipe failed before any byte reached this receiver; {reason or 'its sender stopped'}"
+                raise (PipeShortOfReceivers if failure is PipeFailure.TOO_FEW_RECEIVERS else PipeFailed)(why)
+            if state in (PipeState.VERIFIED, PipeState.CLOSED):
+                return
+            if not sender_alive:
+                raise PipeFailed("the pipe's sender went away before any byte reached this receiver")
+            if self.position < written - 1:
+                return
+            self.pause(next(delays))
 
     def read(self, size: int = -1) -> bytes:
         """The next bytes to pass (up to _PIPE_READ), waiting for them; b"" at the end."""
@@ -5293,6 +5359,8 @@ _REFUSALS = {
     WrongLength: 400,
     Overloaded: 503,
     PipeAbandoned: 502,  # no receiver is left to pass the content to
+    PipeFailed: 502,  # to a receiver: the sender's content did not verify, or it stopped or went away
+    PipeShortOfReceivers: 504,  # to a receiver: the sender stopped waiting for the others
     Unavailable: 503,  # with Retry-After
     NotSupported: 501,
     StorageError: 500,  # a kind no table entry names: the relay's own fault
@@ -6555,8 +6623,13 @@ class RelayHandler:
                     raise RelayError(504, reason)
                 outcome = pipe.send(_request_body(environ, length, exchange), length, pause)
         except (RelayError, StorageError) as exc:
+            refusal = _as_refusal(exc)
+            too_few = isinstance(exc, RelayError) and refusal.status == 504  # its wait for receivers ran out
+            failure = PipeFailure.TOO_FEW_RECEIVERS if too_few else PipeFailure.SENDER
+            pipe.fail(f"its sender was answered {refusal.status}: {refusal.reason}", failure)
             return self._refuse(exc)
         except ClientGone as exc:
+            pipe.fail(f"its sender was answered {exc.status}: {exc}")
             exchange.note = str(exc)
             return self._reply(exc.status, str(exc), close=True)
         finally:
@@ -6815,6 +6888,8 @@ class RelayHandler:
         here for both; a GET of it all also reserves a counted download. Then HEAD closes
         the reader, GET sends its bytes."""
         try:
+            if not head and isinstance(reader, PipeReader):
+                self._await_first_bytes(reader)
             status, headers = self._head_of(reader)
             if status == 200 and not head:
                 status = self._select_range(reader, headers)
@@ -6829,6 +6904,20 @@ class RelayHandler:
             reader.close()
             return self.response_class(None, status, headers)
         return self.response_class(self._body(reader, whole=status == 200), status, headers)
+
+    def _await_first_bytes(self, reader: PipeReader) -> None:
+        """Wait until a pipe's bytes flow to this receiver (or it verified) before answering
+        it: a pipe that fails before gets an answer that says why, not a 200 cut short.
+        Raises ClientGone as soon as the receiver hangs up."""
+        peer = _client_socket(self.request.environ)
+
+        def pause_unless_gone(seconds: float) -> None:
+            if _hangs_up_within(peer, seconds):
+                raise ClientGone("the receiver hung up while waiting for the pipe's first bytes")
+
+        reader.pause = pause_unless_gone
+        with self.state.active("waiting_readers"):
+            reader.wait_for_bytes()
 
     def _head_of(self, reader) -> tuple[int, dict]:
         """The status (200 or 304) and headers of all of what *reader* reads."""

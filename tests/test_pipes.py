@@ -103,6 +103,11 @@ class Receiver:
             headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
             self.length = int(headers["content-length"]) if "content-length" in headers else None
             if self.method == "HEAD" or self.status != 200:
+                while self.method != "HEAD" and len(rest) < (self.length or 0):
+                    data = self.sock.recv(65536)
+                    if not data:
+                        break
+                    rest += data
                 self.body = rest
                 self.ended = "complete"
                 return
@@ -229,14 +234,20 @@ def test_a_sender_that_aborts_cuts_every_receiver(live, files):
     assert_nothing_kept(files)
 
 
-def test_a_stalled_sender_is_cut_after_the_idle_timeout_and_so_are_its_receivers(live, files):
+@pytest.mark.parametrize("sent", [200_000, 5 << 19], ids=["before any byte passed", "after bytes passed"])
+def test_a_stalled_sender_is_cut_after_the_idle_timeout_and_so_are_its_receivers(live, files, sent):
     relay = live("--pipe-buffer", "1M", "--idle-timeout", "1")
     data, oid = blob(4 << 20)
     receiver = Receiver(relay, oid)
     waiting_readers(relay, 1)
     sock = raw_sender(relay, oid, len(data))
-    sock.sendall(data[:200_000])  # then silence, the connection left open
-    assert receiver.result().ended == "cut" and receiver.received < 200_000
+    sock.sendall(data[:sent])  # then silence, the connection left open
+    receiver.result()
+    if sent < file_relay._PIPE_CLAIM:  # the sender has published none of it
+        assert receiver.status == 502 and receiver.received == 0, (receiver.head, receiver.ended)
+        assert b"its sender was answered 408: the client sent nothing for the idle timeout" in receiver.body
+    else:
+        assert receiver.ended == "cut" and 0 < receiver.received < sent
     assert answer_of(sock).startswith(b"HTTP/1.1 408")
     assert_nothing_kept(files)
 
@@ -421,7 +432,8 @@ def test_a_sender_short_of_receivers_is_told_how_many_came(live, files):
     waiting_readers(relay, 1)
     answer = requests.put(pipe_url(relay, oid, receivers=2, wait=1), data=data, timeout=30)
     assert answer.status_code == 504 and "1 of 2 receivers came within 1 s: start the rest" in answer.text
-    assert not first.result().verified(oid)
+    assert first.result().status == 504, (first.head, first.ended)  # told so too, no byte having passed
+    assert b"its sender was answered 504: 1 of 2 receivers came within 1 s" in first.body
     assert_nothing_kept(files)
 
 
@@ -453,14 +465,32 @@ def test_an_empty_pipe(live, files):
     assert_nothing_kept(files)
 
 
-def test_an_empty_pipe_under_a_wrong_name_cuts_its_receiver(live, files):
+@pytest.mark.parametrize("body", [b"", b"x"], ids=["empty", "one byte"])
+def test_a_pipe_too_small_to_pass_a_byte_under_a_wrong_name_tells_its_receiver_why(live, files, body):
+    """Its every byte is held back until it verifies: the receiver has had none when it
+    fails, and is answered the sender's reason instead of a 200 cut short."""
     relay = live()
     _, oid = blob(10)
     receiver = Receiver(relay, oid)
     waiting_readers(relay, 1)
-    answer = requests.put(pipe_url(relay, oid), data=b"", timeout=30)
+    answer = requests.put(pipe_url(relay, oid), data=body, timeout=30)
     assert answer.status_code == 400
-    assert receiver.result().ended == "cut" and receiver.status is None  # not even a status line
+    assert receiver.result().status == 502, (receiver.head, receiver.ended)
+    assert b"the pipe failed before any byte reached this receiver; its sender was answered 400" in receiver.body
+    assert b"does not match the name" in receiver.body
+    assert_nothing_kept(files)
+
+
+def test_a_receiver_waiting_for_the_first_bytes_is_told_when_the_sender_hangs_up(live, files):
+    relay = live()
+    data, oid = blob(1 << 20)
+    receiver = Receiver(relay, oid)
+    waiting_readers(relay, 1)
+    sock = raw_sender(relay, oid, len(data), "pipe&receivers=2&wait=30")  # waits for a second receiver
+    wait_until(lambda: pipe_state(files, oid) == "WAITING" and pipe_slots_taken(files, oid), message="the receiver")
+    sock.close()
+    assert receiver.result().status == 502, (receiver.head, receiver.ended)
+    assert b"its sender was answered 400: the sender hung up" in receiver.body
     assert_nothing_kept(files)
 
 
@@ -641,6 +671,27 @@ def test_killing_the_senders_worker_cuts_the_receivers_on_the_other(live, files)
     waiting_readers(relay, 1)
     assert requests.put(pipe_url(relay, oid), data=data, timeout=60).status_code == 200
     assert receiver.result().verified(oid)
+
+
+def test_killing_the_senders_worker_before_bytes_flow_is_a_502_for_the_receivers_on_the_other(live, files):
+    relay = live("--workers", "2", "--pipe-buffer", "1M", "--sweep-interval", "3600")
+    data, oid = blob(1 << 20)
+    receivers = receivers_on_both_workers(relay, oid)
+    sock = raw_sender(relay, oid, len(data), f"pipe&receivers={len(receivers) + 1}&wait=60")  # one more: it waits
+    wait_until(
+        lambda: pipe_state(files, oid) == "WAITING" and pipe_slots_taken(files, oid) == len(receivers),
+        message="every receiver to join",
+    )
+    sender_worker = worker_of(relay, sock.getsockname()[1])
+    on_it = [receiver for receiver in receivers if worker_of(relay, receiver.port) == sender_worker]
+    os.kill(sender_worker, signal.SIGKILL)
+    for receiver in receivers:
+        receiver.result()
+    assert all(receiver.ended == "cut" and receiver.status is None for receiver in on_it)
+    told = [receiver for receiver in receivers if receiver not in on_it]
+    assert told and all(receiver.status == 502 for receiver in told), [(r.head, r.ended) for r in told]
+    assert all(b"the pipe's sender went away before any byte reached this receiver" in r.body for r in told)
+    sock.close()
 
 
 def test_killing_a_receivers_worker_leaves_the_others_to_finish(live, files):
