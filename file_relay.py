@@ -2457,18 +2457,42 @@ class Store:
         except FileNotFoundError:
             return []
 
-    def _live_pipes(self) -> list[str]:
-        """The names of the pipes whose sender is alive."""
-        live = []
-        for name in self._pipe_names():
+    def _pipe_files(self) -> dict[str, int | None]:
+        """Every file of the pipes directory (pipes, and pipes being created): the bytes
+        allocated to it while its sender lives, None once its sender is gone (a crash)."""
+        files = {}
+        for name in self._pipe_names(everything=True):
             with contextlib.suppress(FileNotFoundError):
                 fd = os.open(self.pipes / name, os.O_RDONLY | _NO_SURPRISES)
                 try:
-                    if _lock_held(fd, _PIPE_SENDER):
-                        live.append(name)
+                    files[name] = os.fstat(fd).st_blocks * 512 if _lock_held(fd, _PIPE_SENDER) else None
                 finally:
                     os.close(fd)
-        return live
+        return files
+
+    def _live_pipes(self) -> list[str]:
+        """The names of the pipes whose sender is alive."""
+        return [name for name, size in self._pipe_files().items() if size is not None and not name.startswith(".")]
+
+    def _remove_dead_pipes(self) -> int:
+        """Remove the files of pipes whose sender is gone, and those a crash left being
+        created; how many. Only under the space lock: a pipe's file is created, locked by
+        its sender and named under it, so no live pipe's file takes a name looked at here."""
+        removed = 0
+        for name in self._pipe_names(everything=True):
+            path = self.pipes / name
+            with contextlib.suppress(FileNotFoundError):
+                fd = os.open(path, os.O_RDONLY | _NO_SURPRISES)
+                try:
+                    if _lock_held(fd, _PIPE_SENDER):
+                        continue
+                    named, ours = os.stat(path), os.fstat(fd)
+                    if (named.st_dev, named.st_ino) == (ours.st_dev, ours.st_ino):
+                        os.unlink(path)
+                        removed += 1
+                finally:
+                    os.close(fd)
+        return removed
 
     def open_pipe(self, oid: str, length: int | None, receivers: int) -> PipeSender:
         self.check_size(length or 0)
@@ -2478,6 +2502,7 @@ class Store:
         wanted = self.config.pipe_buffer if length is None else min(self.config.pipe_buffer, max(1, length))
         capacity = -(-wanted // mmap.PAGESIZE) * mmap.PAGESIZE
         with self._space_lock():
+            self._remove_dead_pipes()  # their buffers count no more
             live = self._live_pipes()
             if oid in live:
                 raise Conflict("a pipe of this object is in progress: receive it with GET")
@@ -2577,11 +2602,9 @@ class Store:
                 allocated += on_disk
                 reserved += max(info["length"] or 0, on_disk)
         stored_count, stored_bytes, _ = self._ledger()
-        pipe_count = pipe_bytes = 0
-        for name in self._pipe_names(everything=True):
-            with contextlib.suppress(FileNotFoundError):
-                pipe_bytes += os.lstat(self.pipes / name).st_blocks * 512
-                pipe_count += not name.startswith(".")
+        live_pipes = {name: size for name, size in self._pipe_files().items() if size is not None}
+        pipe_count = sum(not name.startswith(".") for name in live_pipes)
+        pipe_bytes = sum(live_pipes.values())
         disk = shutil.disk_usage(self.root)
         return {
             "stored_count": stored_count,
@@ -2634,7 +2657,8 @@ class Store:
         removed["leftovers"] += self._sweep_meta(now)
         for name in os.listdir(self.retired):
             self._unlink_if_unread(self.retired / name)
-        removed["leftovers"] += self._sweep_pipes(now)
+        with self._space_lock():
+            removed["leftovers"] += self._remove_dead_pipes()
         for name in os.listdir(self.unnamed):
             with contextlib.suppress(FileNotFoundError):
                 ttl = 60 if name.startswith(".") else self.config.partial_ttl
@@ -2642,27 +2666,6 @@ class Store:
                     os.unlink(self.unnamed / name)
                     removed["leftovers"] += 1
         self._recount()
-        return removed
-
-    def _sweep_pipes(self, now: float) -> int:
-        """Remove the files of pipes whose sender is gone (a crash), and of pipes being
-        created for over a minute; how many."""
-        removed = 0
-        for name in self._pipe_names(everything=True):
-            path = self.pipes / name
-            with contextlib.suppress(FileNotFoundError):
-                fd = os.open(path, os.O_RDONLY | _NO_SURPRISES)
-                try:
-                    young = name.startswith(".") and now - os.fstat(fd).st_mtime < 60
-                    if young or _lock_held(fd, _PIPE_SENDER):
-                        continue
-                    named = os.stat(path)
-                    ours = os.fstat(fd)
-                    if (named.st_dev, named.st_ino) == (ours.st_dev, ours.st_ino):
-                        os.unlink(path)
-                        removed += 1
-                finally:
-                    os.close(fd)
         return removed
 
     def _sweep_partial(self, oid: str, now: float) -> bool:

@@ -604,6 +604,32 @@ def test_a_pipe_holds_its_buffer_against_other_uploads(live, files):
     assert requests.put(relay.url(small_oid), data=small, timeout=30).status_code == 201
 
 
+def test_a_pipe_whose_sender_died_counts_neither_in_the_status_nor_against_max_disk(live, files):
+    relay = live("--workers", "1", "--max-disk", "3M", "--pipe-buffer", "2M", "--sweep-interval", "3600")
+    data, oid = blob(4 << 20)
+    sock = raw_sender(relay, oid, len(data), "pipe&wait=60")
+    wait_until(lambda: pipe_state(files, oid) == "WAITING", message="the pipe")
+    (worker,) = relay.worker_pids()
+    os.kill(worker, signal.SIGKILL)  # its buffer's file stays: the sweep is an hour away
+    sock.close()
+    wait_until(lambda: relay.worker_pids() not in ([], [worker]), message="the next worker")
+    assert requests.get(relay.url(), timeout=30).json()["pipes_in_progress"] == 0
+    assert pipe_state(files, oid) == "WAITING"
+    other, other_oid = blob(4 << 20, seed=1)
+    small, small_oid = blob(512 << 10, seed=2)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        answer = send(pool, pipe_url(relay, other_oid, wait=30), other)  # the dead buffer and this: over 3M
+        wait_until(lambda: answer.done() or pipe_state(files, other_oid) == "WAITING", message="the next pipe")
+        assert not answer.done(), answer.result().text
+        assert pipe_state(files, oid) is None  # the dead one's file went
+        assert requests.put(relay.url(small_oid), data=small, timeout=30).status_code == 201  # beside the live one
+        assert pipe_state(files, other_oid) == "WAITING"  # which is kept
+        assert requests.get(relay.url(), timeout=30).json()["pipes_in_progress"] == 1
+        receiver = Receiver(relay, other_oid)
+        assert answer.result().status_code == 200, answer.result().text
+    assert receiver.result().verified(other_oid)
+
+
 # -- workers, crashes, shutdown --------------------------------------------------------
 
 
