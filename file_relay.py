@@ -4724,6 +4724,7 @@ class SharedState:
         "bytes_out",
         "uploads_completed",
         "downloads_completed",
+        "pipes_completed",
     )
     GAUGES = ("uploads_active", "downloads_active", "waiting_readers")
     FIELDS = COUNTERS + GAUGES
@@ -6642,6 +6643,7 @@ class RelayHandler:
         exchange.note = summary
         if not outcome.delivered:
             return self._reply(502, f"{oid} ({outcome.size} bytes) verified, but {summary}", counts)
+        self.state.add("pipes_completed")
         return self._reply(200, f"piped {oid} ({outcome.size} bytes): verified; {summary}", counts)
 
     def _unless_draining(self, pause):
@@ -7039,6 +7041,7 @@ def _status_report(config: RelayConfig, usage: dict, state: SharedState) -> dict
             "bytes_out": totals["bytes_out"],
             "uploads_completed": totals["uploads_completed"],
             "downloads_completed": totals["downloads_completed"],
+            "pipes_completed": totals["pipes_completed"],
             "requests": {f"{n}xx": totals[f"requests_{n}xx"] for n in range(1, 6)},
         },
         "limits": {
@@ -7077,6 +7080,7 @@ def _prometheus_text(report: dict) -> str:
     metric("uploads_active", "gauge", "Upload requests being served.", [("", report["uploads_in_progress"])])
     metric("downloads_active", "gauge", "Download responses being sent.", [("", report["downloads_in_progress"])])
     metric("waiting_readers", "gauge", "Downloads waiting for an upload to start.", [("", report["waiting_readers"])])
+    metric("pipes_active", "gauge", "Pipes in progress (their senders alive).", [("", report["pipes_in_progress"])])
     metric("disk_used_bytes", "gauge", "Used bytes of the files directory's filesystem.", [("", disk["bytes_used"])])
     metric(
         "disk_free_bytes", "gauge", "Free bytes of the files directory's filesystem.", [("", disk["bytes_remaining"])]
@@ -7085,6 +7089,8 @@ def _prometheus_text(report: dict) -> str:
     metric("sent_bytes_total", "counter", "Response body bytes sent.", [("", totals["bytes_out"])])
     metric("uploads_completed_total", "counter", "Objects stored.", [("", totals["uploads_completed"])])
     metric("downloads_completed_total", "counter", "Whole downloads sent.", [("", totals["downloads_completed"])])
+    pipes_completed = [("", totals["pipes_completed"])]
+    metric("pipes_completed_total", "counter", "Pipes verified and delivered whole to a receiver.", pipes_completed)
     requests_samples = [(f'{{class="{cls}"}}', count) for cls, count in totals["requests"].items()]
     metric("requests_total", "counter", "Requests answered, by status class.", requests_samples)
     limit_samples = [(f'{{limit="{name}"}}', value) for name, value in report["limits"].items() if value is not None]

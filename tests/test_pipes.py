@@ -630,6 +630,30 @@ def test_a_pipe_whose_sender_died_counts_neither_in_the_status_nor_against_max_d
     assert receiver.result().verified(other_oid)
 
 
+def prometheus_samples(relay) -> dict[str, float]:
+    text = requests.get(relay.url() + "?format=prometheus", timeout=30).text
+    samples = (line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
+    return {name: float(value) for name, value in samples}
+
+
+def test_metrics_count_the_pipes_in_progress_and_those_delivered(live, files):
+    relay = live()
+    data, oid = blob(1 << 20)
+    samples = prometheus_samples(relay)
+    assert samples["file_relay_pipes_active"] == samples["file_relay_pipes_completed_total"] == 0
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        answer = send(pool, pipe_url(relay, oid, wait=30), data)
+        wait_until(lambda: pipe_state(files, oid) == "WAITING", message="the pipe")
+        assert prometheus_samples(relay)["file_relay_pipes_active"] == 1
+        receiver = Receiver(relay, oid)
+        assert answer.result().status_code == 200
+    assert receiver.result().verified(oid)
+    assert requests.put(pipe_url(relay, oid, wait=0.2), data=data, timeout=30).status_code == 504  # not counted
+    samples = prometheus_samples(relay)
+    assert samples["file_relay_pipes_active"] == 0 and samples["file_relay_pipes_completed_total"] == 1
+    assert requests.get(relay.url(), timeout=30).json()["totals"]["pipes_completed"] == 1
+
+
 # -- workers, crashes, shutdown --------------------------------------------------------
 
 
