@@ -3509,13 +3509,16 @@ class PipeReader:
 #                                    and once stored, its object's name
 # PREFIX/.probe-*                    written and removed at start (the permission to write)
 #
-# An upload is hashed as it arrives. A small one is sent in one PutObject once verified; a
-# larger one becomes a multipart upload under the object's key, its parts sent as they
-# arrive, completed only once the hash matched (else aborted): nothing is visible under the
-# name before. An upload in chunks is its segments until the chunk that completes it has
-# the object written from them. An upload the relay names is staged (PREFIX/incoming/),
-# then copied under its hash; a resumable one is recorded in PREFIX/unnamed/<token>. Not
-# done on S3 yet, answered 501: following a whole upload in progress, or one with a budget.
+# An upload is hashed as it arrives. A small one is sent in one PutObject once verified. A
+# larger one of known length is stored as segments as it arrives (so that followers on any
+# host read it), which the store copies under the object's key (UploadPartCopy) once the
+# hash matched; one of unknown length becomes a multipart upload under the object's key,
+# its parts sent as they arrive, completed only once the hash matched (else aborted):
+# nothing is visible under the name before. An upload in chunks is its segments until the
+# chunk that completes it has the object written from them. An upload the relay names is
+# staged (PREFIX/incoming/), then copied under its hash; a resumable one is recorded in
+# PREFIX/unnamed/<token>. Not done on S3 yet, answered 501: following a whole upload of
+# unknown length in progress, or an upload with a budget.
 # ---------------------------------------------------------------------------
 
 # Options whose meaning is a local filesystem's.
@@ -3811,9 +3814,10 @@ class S3Store:
         return got["Body"]
 
     def follow(self, oid: str) -> S3UploadReader | None:
-        """A reader of the upload of *oid* in chunks (its segments, then the object), or
-        None. NotSupported for an upload that cannot be followed yet: one with a download
-        budget, or a whole upload being sent in parts (by any host)."""
+        """A reader of the upload of *oid* in segments (in chunks, or whole and larger than
+        a segment: its segments, then the object), or None. NotSupported for an upload that
+        cannot be followed yet: one with a download budget, or a whole upload of unknown
+        length being sent in parts (by any host)."""
         segments = self._segments(oid)
         if segments:
             head = self._call("look up a chunk", "head_object", absent=(404,), Key=segments[0][3])
@@ -3825,7 +3829,7 @@ class S3Store:
         if began:
             raise NotSupported(
                 f"an upload of this object began {http_date(min(began))} and has not ended; following a whole "
-                "upload in progress is not done on S3 yet: download it once it is stored"
+                "upload of unknown length in progress is not done on S3 yet: download it once it is stored"
             )
         return None
 
@@ -3990,7 +3994,60 @@ class S3Store:
 
     def _receive(self, oid: str, body, length: int | None, limits: Limits, reserve_more) -> bool:
         metadata = {"token": secrets.token_hex(16), **self._limits_metadata(limits)}
+        if length is not None and length > self._segment_size(length):
+            return self._receive_in_segments(oid, body, length, metadata, reserve_more)
         return self._write_verified(self._object_key(oid), oid, body, length, metadata, reserve_more)
+
+    @staticmethod
+    def _segment_size(length: int) -> int:
+        """Bytes per segment of a whole upload of *length* bytes (the last may be fewer)."""
+        return max(_S3_PART_SIZE, -(-length // _S3_MAX_PARTS))
+
+    def _receive_in_segments(self, oid: str, body, length: int, metadata: dict, reserve_more) -> bool:
+        """A whole upload larger than a segment, stored as it arrives as the segments of an
+        upload in chunks, which followers on any host read as they appear (S3UploadReader).
+        Once the whole has hashed to *oid*, the store copies them under the name; they are
+        removed either way. True if this created the object."""
+        size = self._segment_size(length)
+        hasher = _BackgroundHasher()
+        written: dict[int, tuple[str, int]] = {}  # segment number -> (key, bytes)
+
+        def send_segment(number: int, data: bytes) -> dict:
+            first = (number - 1) * size
+            key = self._segment_key(oid, length, first, first + len(data) - 1)
+            written[number] = (key, len(data))
+            checksum = base64.b64encode(hashlib.sha256(data).digest()).decode()  # never kept cut short
+            self._call("store a chunk", "put_object", Key=key, Body=data, Metadata=metadata, ChecksumSHA256=checksum)
+            reserve_more(-len(data))  # counted as stored from now on
+            return {"PartNumber": number, "Key": key}
+
+        segments = _S3Parts(send_segment)
+        pending = bytearray()
+        received = 0
+        try:
+            for block in body:
+                received += len(block)
+                hasher.update(block)
+                pending += block
+                while len(pending) >= size:
+                    segment, pending = bytes(pending[:size]), pending[size:]
+                    segments.send(segment)
+            if received != length:
+                raise WrongLength(f"body has {received} bytes, Content-Length says {length}")
+            if pending:
+                segments.send(bytes(pending))
+            segments.finish()
+            Store._verify(oid, hasher.finish())
+            metadata["stored-at"] = repr(time.time())
+            created = self._copy_under_name([written[number] for number in sorted(written)], oid, metadata)
+            with contextlib.suppress(StorageError):  # else the sweeper removes them
+                self._drop_segments(self._segments(oid))  # any upload's: the object is stored
+            return created
+        finally:
+            hasher.finish()
+            segments.close()
+            with contextlib.suppress(StorageError):  # else the sweeper removes them
+                self._drop_segments([(0, 0, 0, key) for key, _ in written.values()])
 
     def _write_verified(
         self, key: str, expected: str | None, body, length, metadata: dict, reserve_more, hashed: list | None = None
@@ -4277,30 +4334,37 @@ class S3Store:
             self._write_verified(staged, expected, body, length, {}, reserve_more, hashed)
             oid, size = hashed[0]
             metadata["stored-at"] = repr(time.time())
-            return oid, self._copy_under_name(staged, size, oid, metadata)
+            return oid, self._copy_under_name([(staged, size)], oid, metadata)
         finally:
             with contextlib.suppress(StorageError):  # else the sweeper removes it
                 self._call("remove a staged upload", "delete_object", absent=(404,), Key=staged)
 
-    def _copy_under_name(self, staged: str, size: int, oid: str, metadata: dict) -> bool:
-        """Copy the staged object to PREFIX/objects/<oid>, create-only: True if this created it."""
+    def _copy_under_name(self, sources: list[tuple[str, int]], oid: str, metadata: dict) -> bool:
+        """Copy the objects *sources* names ((key, size) each, in order), verified together,
+        to PREFIX/objects/<oid> in the store (UploadPartCopy), create-only: True if this
+        created it."""
         key = self._object_key(oid)
         if self._call("look up an object", "head_object", absent=(404,), Key=key) is not None:
             return False
-        if size == 0:  # no range of it to copy
+        if not any(size for _, size in sources):  # no range of it to copy
             return self._put_whole(key, b"", metadata, hashlib.sha256(b"").digest())
         upload_id = self._call("begin an upload", "create_multipart_upload", Key=key, Metadata=metadata)["UploadId"]
         try:
             parts = []
-            for number, start in enumerate(range(0, max(size, 1), _S3_COPY_PART_SIZE), start=1):
+            pieces = [
+                (source, start, min(size, start + _S3_COPY_PART_SIZE) - 1)
+                for source, size in sources
+                for start in range(0, size, _S3_COPY_PART_SIZE)
+            ]
+            for number, (source, first, last) in enumerate(pieces, start=1):
                 copied = self._call(
                     "copy a part",
                     "upload_part_copy",
                     Key=key,
                     UploadId=upload_id,
                     PartNumber=number,
-                    CopySource={"Bucket": self.bucket, "Key": staged},
-                    CopySourceRange=f"bytes={start}-{min(size, start + _S3_COPY_PART_SIZE) - 1}",
+                    CopySource={"Bucket": self.bucket, "Key": source},
+                    CopySourceRange=f"bytes={first}-{last}",
                 )
                 parts.append({"PartNumber": number, "ETag": copied["CopyPartResult"]["ETag"]})
             created = self._complete_once(key, upload_id, parts)

@@ -245,10 +245,34 @@ def test_a_download_cut_short_gives_its_slot_back_to_any_host(s3_relays):
     assert requests.get(url(a, oid), timeout=60).status_code == 404
 
 
+def test_a_download_on_one_host_follows_a_whole_upload_arriving_at_another(s3_relays, seaweed, s3_storage_url):
+    a, b, c = s3_relays(3)
+    data, oid = blob(20 << 20, seed=5)  # three segments
+    body = Paced(data, seconds=6, pieces=40)
+    answers = []
+    sending = threading.Thread(target=lambda: answers.append(requests.put(url(a, oid), data=body, timeout=60)))
+    sending.start()
+    try:
+        wait_until(lambda: keys_under(seaweed, s3_storage_url, "segments/"), timeout=30, message="a first segment")
+        head = requests.head(url(c, oid), timeout=60)
+        assert head.status_code == 200 and int(head.headers["Upload-Offset"]) > 0, head.headers
+        assert head.headers["Upload-Incomplete"] == "?1"
+        with requests.get(url(b, oid), stream=True, timeout=60) as following:
+            assert following.status_code == 200 and following.headers["Content-Length"] == str(len(data))
+            received = following.raw.read(len(data) + 1)
+        assert body.sent < len(data) or body.finished_at is not None
+    finally:
+        sending.join(60)
+    assert answers[0].status_code == 201, answers[0].text
+    assert hashlib.sha256(received).hexdigest() == oid
+    assert keys_under(seaweed, s3_storage_url, "segments/") == [] and multipart_uploads(seaweed, s3_storage_url) == []
+    assert requests.get(url(c, oid), timeout=60).content == data
+
+
 def test_a_host_killed_mid_upload_leaves_nothing_under_the_name(s3_relays, seaweed, s3_storage_url):
     a, b = s3_relays(2)
-    data, oid = blob(12 << 20)
-    body = Paced(data, seconds=6, pieces=24)
+    data, oid = blob(20 << 20)
+    body = Paced(data, seconds=6, pieces=40)
 
     def send() -> None:
         with contextlib.suppress(requests.RequestException):  # its relay is killed
@@ -256,14 +280,18 @@ def test_a_host_killed_mid_upload_leaves_nothing_under_the_name(s3_relays, seawe
 
     sending = threading.Thread(target=send)
     sending.start()
-    wait_until(lambda: multipart_uploads(seaweed, s3_storage_url), timeout=30, message="the upload's first part")
-    following = requests.get(url(b, oid), timeout=60)
-    assert following.status_code == 501 and "following a whole upload in progress" in following.text
+    wait_until(lambda: keys_under(seaweed, s3_storage_url, "segments/"), timeout=30, message="a first segment")
+    following = requests.get(url(b, oid), stream=True, timeout=60)
+    assert following.status_code == 200
+    assert following.raw.read(1 << 20) == data[: 1 << 20]
     a.kill()
     sending.join(60)
     assert keys_under(seaweed, s3_storage_url) == []
-    assert requests.get(url(b, oid), timeout=60).status_code == 501  # its multipart upload is left
-    s3_relays(1, "--partial-ttl=1")  # whose start-up sweep aborts it as abandoned
+    s3_relays(1, "--partial-ttl=1")  # whose start-up sweep removes its segments as abandoned
+    assert keys_under(seaweed, s3_storage_url, "segments/") == []
+    with pytest.raises(requests.exceptions.ChunkedEncodingError):  # cut off, never a body that looks whole
+        b"".join(following.iter_content(1 << 20))
+    following.close()
     assert multipart_uploads(seaweed, s3_storage_url) == []
     assert requests.get(url(b, oid), timeout=60).status_code == 404
     data_b = requests.put(url(b, oid), data=data, timeout=60)  # another host stores it whole
@@ -446,14 +474,14 @@ def own_relay(server, tmp_path, *options) -> RelayProcess:
 
 
 def test_the_store_stopped_mid_upload_gives_503_and_no_object(own_seaweed, tmp_path):
-    relay = own_relay(own_seaweed, tmp_path)
+    relay = own_relay(own_seaweed, tmp_path, "--idle-timeout=5")  # a follower of what it left stalls for 5 s
     try:
         data, oid = blob(24 << 20)
         body = Paced(data, seconds=6, pieces=48)
         answers = []
         sending = threading.Thread(target=lambda: answers.append(requests.put(url(relay, oid), data=body, timeout=60)))
         sending.start()
-        wait_until(lambda: multipart_uploads(own_seaweed, "s3://relay/faults"), timeout=30, message="a first part")
+        wait_until(lambda: keys_under(own_seaweed, "s3://relay/faults", "segments/"), timeout=30, message="a segment")
         own_seaweed.stop()
         sending.join(60)
         assert answers and answers[0].status_code == 503, answers and answers[0].text
@@ -464,9 +492,15 @@ def test_the_store_stopped_mid_upload_gives_503_and_no_object(own_seaweed, tmp_p
         assert status.status_code == 503 and "object store" in status.text
         own_seaweed.start()
         assert keys_under(own_seaweed, "s3://relay/faults") == []
-        assert requests.get(url(relay, oid), timeout=60).status_code in (404, 501)  # 501: the upload it began
+        with requests.get(url(relay, oid), stream=True, timeout=60) as left:  # the segments the store kept
+            if left.status_code == 200:
+                with pytest.raises(requests.exceptions.ChunkedEncodingError):  # never a body that looks whole
+                    b"".join(left.iter_content(1 << 20))
+            else:
+                assert left.status_code == 404
         assert requests.put(url(relay, oid), data=data, timeout=60).status_code == 201
         assert requests.get(url(relay, oid), timeout=60).content == data
+        assert keys_under(own_seaweed, "s3://relay/faults", "segments/") == []  # those of any upload of it
     finally:
         relay.kill()
 
