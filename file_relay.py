@@ -4006,20 +4006,39 @@ class S3Store:
     def _receive_in_segments(self, oid: str, body, length: int, metadata: dict, reserve_more) -> bool:
         """A whole upload larger than a segment, stored as it arrives as the segments of an
         upload in chunks, which followers on any host read as they appear (S3UploadReader).
-        Once the whole has hashed to *oid*, the store copies them under the name; they are
-        removed either way. True if this created the object."""
+        The store copies each segment, once stored, into a multipart upload under the name
+        (UploadPartCopy), completed only once the whole has hashed to *oid*; the segments
+        are removed either way. True if this created the object."""
         size = self._segment_size(length)
+        key = self._object_key(oid)
         hasher = _BackgroundHasher()
-        written: dict[int, tuple[str, int]] = {}  # segment number -> (key, bytes)
+        written: dict[int, str] = {}  # segment number -> its key
+        began = threading.Lock()
+        upload_id = None  # begun once a segment is stored: a follower finds the segments first
 
         def send_segment(number: int, data: bytes) -> dict:
+            nonlocal upload_id
             first = (number - 1) * size
-            key = self._segment_key(oid, length, first, first + len(data) - 1)
-            written[number] = (key, len(data))
+            written[number] = segment = self._segment_key(oid, length, first, first + len(data) - 1)
             checksum = base64.b64encode(hashlib.sha256(data).digest()).decode()  # never kept cut short
-            self._call("store a chunk", "put_object", Key=key, Body=data, Metadata=metadata, ChecksumSHA256=checksum)
+            self._call(
+                "store a chunk", "put_object", Key=segment, Body=data, Metadata=metadata, ChecksumSHA256=checksum
+            )
             reserve_more(-len(data))  # counted as stored from now on
-            return {"PartNumber": number, "Key": key}
+            with began:
+                if upload_id is None:
+                    created = {**metadata, "stored-at": repr(time.time())}
+                    upload_id = self._call("begin an upload", "create_multipart_upload", Key=key, Metadata=created)
+                    upload_id = upload_id["UploadId"]
+            copied = self._call(
+                "copy a part",
+                "upload_part_copy",
+                Key=key,
+                UploadId=upload_id,
+                PartNumber=number,
+                CopySource={"Bucket": self.bucket, "Key": segment},
+            )
+            return {"PartNumber": number, "ETag": copied["CopyPartResult"]["ETag"]}
 
         segments = _S3Parts(send_segment)
         pending = bytearray()
@@ -4036,18 +4055,22 @@ class S3Store:
                 raise WrongLength(f"body has {received} bytes, Content-Length says {length}")
             if pending:
                 segments.send(bytes(pending))
-            segments.finish()
+            parts = segments.finish()
             Store._verify(oid, hasher.finish())
-            metadata["stored-at"] = repr(time.time())
-            created = self._copy_under_name([written[number] for number in sorted(written)], oid, metadata)
+            created = self._complete_once(key, upload_id, parts)
+            if created:
+                upload_id = None
             with contextlib.suppress(StorageError):  # else the sweeper removes them
                 self._drop_segments(self._segments(oid))  # any upload's: the object is stored
             return created
         finally:
             hasher.finish()
-            segments.close()
+            segments.close()  # no segment is sent after this
+            with contextlib.suppress(StorageError):  # else the sweeper aborts it
+                if upload_id is not None:
+                    self._call("abort an upload", "abort_multipart_upload", absent=(404,), Key=key, UploadId=upload_id)
             with contextlib.suppress(StorageError):  # else the sweeper removes them
-                self._drop_segments([(0, 0, 0, key) for key, _ in written.values()])
+                self._drop_segments([(0, 0, 0, segment) for segment in written.values()])
 
     def _write_verified(
         self, key: str, expected: str | None, body, length, metadata: dict, reserve_more, hashed: list | None = None
