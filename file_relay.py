@@ -466,9 +466,9 @@ class Option:
         """The default as the README's options table gives it."""
         return self.typed or self.unset
 
-    def add_to(self, parser: argparse.ArgumentParser) -> None:
-        """Add this option to *parser*, its default taken from the environment if set there."""
-        env_value = os.environ.get(self.env)
+    def add_to(self, parser: argparse.ArgumentParser, environ: typing.Mapping[str, str]) -> None:
+        """Add this option to *parser*, its default taken from *environ* if set there."""
+        env_value = environ.get(self.env)
         if isinstance(self.default, bool):
             keywords: dict = {"action": "store_true", "default": _env_flag(parser, self.env, env_value)}
         else:
@@ -9136,7 +9136,9 @@ def client_main(command: str, argv: list[str]) -> int:
 # ---------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(environ: typing.Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    """The relay's command line, its defaults taken from *environ* (the process's)."""
+    environ = os.environ if environ is None else environ
     parser = _Parser(
         prog="file_relay.py",
         description="Start a file relay: an HTTP relay through which machines that cannot "
@@ -9154,7 +9156,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="same as --server-id",
     )
     for option in OPTIONS:
-        option.add_to(parser)
+        option.add_to(parser, environ)
     parser.add_argument("--version", action="version", version=f"file-relay {__version__}")
     return parser
 
@@ -9188,6 +9190,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{word!r} is a client command, not a server ID; to use it as one: --server-id {word}")
     config = config_from_args(args, parser)
     if config.storage:
+        default_directory = RelayConfig(server_id=config.server_id).files_directory
+        if build_parser(environ={}).parse_args(argv).files_directory == default_directory:
+            # Only RELAY_FILES_DIRECTORY names one, as the container image does for its volume.
+            config = dataclasses.replace(config, files_directory=default_directory)
         problem = s3_option_problem(config) or probe_s3_storage(config)
         if problem:
             parser.error(f"storage: {problem}")

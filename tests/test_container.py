@@ -229,7 +229,7 @@ def test_the_image_runs_unprivileged_with_a_data_volume_and_knows_no_secret(imag
     assert config["StopSignal"] == "SIGTERM"
     look = "id -u; stat -c %u:%a /data; ls -A /app"
     inside = podman("run", "--rm", *ULIMITS, "--entrypoint", "sh", image, "-c", look)
-    assert inside.stdout.split() == ["10001", "10001:700", "file_relay.py", "requirements.txt"]
+    assert inside.stdout.split() == ["10001", "10001:700", "file_relay.py", "requirements-s3.txt", "requirements.txt"]
     history = podman("history", "--no-trunc", "--format", "{{.CreatedBy}}", image).stdout
     assert SERVER_ID not in history and "RELAY_SERVER_ID" not in history
 
@@ -254,6 +254,42 @@ def test_upload_download_status_stop_and_a_restart_that_keeps_the_files(containe
     assert second.stop() == 0
     assert '"PUT /***/' in first.logs()
     assert SERVER_ID not in first.logs() + second.logs()
+
+
+def test_the_image_keeps_its_files_in_an_s3_bucket(image, seaweed):
+    """--storage s3:// in the image as built: boto3 is in it. On the host's network, as the
+    test's SeaweedFS listens on 127.0.0.1 only."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from seaweed import _free_ports
+
+    port, prefix = _free_ports(1)[0], f"container-{secrets.token_hex(4)}"
+    name = f"file-relay-test-{secrets.token_hex(4)}"
+    env = {**seaweed.env, "RELAY_SERVER_ID": SERVER_ID}
+    args = ["--storage", f"s3://relay/{prefix}", "--s3-endpoint", seaweed.endpoint, "--bind", f"127.0.0.1:{port}"]
+    podman(
+        "run", *ULIMITS, "--detach", "--name", name, "--network", "host",
+        *[option for key in env for option in ("--env", key)], image, *args, env=env,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}/{SERVER_ID}"
+    try:
+
+        def answers() -> bool:
+            try:
+                return requests.get(base, timeout=5).status_code == 200
+            except requests.ConnectionError:
+                running = podman("inspect", "--format", "{{.State.Running}}", name).stdout.strip()
+                assert running == "true", podman("logs", name).stderr[-3000:]
+                return False
+
+        wait_until(answers, 60, message="the relay in the container to answer")
+        data, oid = blob(10 << 20)  # more than a segment
+        assert requests.put(f"{base}/{oid}", data=data, timeout=60).status_code == 201
+        assert requests.get(f"{base}/{oid}", timeout=60).content == data
+        listed = seaweed.client().list_objects_v2(Bucket="relay", Prefix=f"{prefix}/objects/")
+        assert [item["Key"] for item in listed.get("Contents", ())] == [f"{prefix}/objects/{oid}"]
+        assert SERVER_ID not in podman("logs", name).stderr
+    finally:
+        podman("rm", "--force", name, check=False)
 
 
 def test_podman_stop_drains_an_upload_in_flight_then_exits_zero(containers):

@@ -119,6 +119,16 @@ def test_options_without_meaning_on_s3_are_refused(relay_env, s3_storage_url, op
     assert word in line
 
 
+def test_a_files_directory_set_only_in_the_environment_is_no_reason_to_refuse_s3(s3_relays, tmp_path):
+    """The container image sets RELAY_FILES_DIRECTORY for its volume; --storage s3:// in that
+    image must still start (--files-directory on the command line is refused, above)."""
+    (relay,) = s3_relays(1, env={"RELAY_FILES_DIRECTORY": str(tmp_path / "unused")})
+    data, oid = blob(1000)
+    assert requests.put(url(relay, oid), data=data, timeout=60).status_code == 201
+    assert requests.get(url(relay, oid), timeout=60).content == data
+    assert not list((tmp_path / "unused").glob("*"))  # named, so made when parsed; never used
+
+
 @pytest.mark.parametrize("url", ["s3:/relay", "http://relay/x", "s3://Bad_Bucket/x"])
 def test_a_malformed_storage_url_is_refused(relay_env, url):
     result = start(relay_env, "--storage", url)
