@@ -4705,6 +4705,9 @@ class S3UploadReader(_S3StreamReader):
         self.stall_timeout = store.config.idle_timeout
         self._stream = None
         self._stream_end = 0  # where what _stream delivers ends
+        # What a whole download sent, hashed: the segments read may have been an attempt at
+        # the upload that was discarded (by any host) and sent again otherwise since.
+        self._sent_hash = hashlib.sha256()
 
     @property
     def sent(self) -> int:
@@ -4718,6 +4721,7 @@ class S3UploadReader(_S3StreamReader):
         self.start = self.position = first
         self.end = last + 1
         self.finished = False
+        self._sent_hash = None  # a range of an upload in progress is not verified (Upload-Incomplete)
 
     def read(self, size: int = -1) -> bytes:
         import botocore.exceptions
@@ -4732,6 +4736,7 @@ class S3UploadReader(_S3StreamReader):
                 except (botocore.exceptions.BotoCoreError, urllib3.exceptions.HTTPError, OSError) as exc:
                     raise UploadFailed(f"the object store stopped sending ({exc.__class__.__name__})") from None
                 if block:
+                    self._check_whole(block)
                     self.position += len(block)
                     return block
                 self._close_stream()
@@ -4743,6 +4748,15 @@ class S3UploadReader(_S3StreamReader):
             if time.monotonic() - last_progress > self.stall_timeout:
                 raise UploadFailed("the upload stalled")
             self.pause(next(delays))
+
+    def _check_whole(self, block: bytes) -> None:
+        """Hash *block* into what a whole download sent; before the block that ends it goes
+        out, UploadFailed unless everything sent hashes to the name."""
+        if self._sent_hash is None:
+            return
+        self._sent_hash.update(block)
+        if self.position + len(block) == self.length and self._sent_hash.hexdigest() != self.oid:
+            raise UploadFailed("the bytes followed were those of an attempt at the upload that was discarded")
 
     def _stored(self) -> bool:
         try:

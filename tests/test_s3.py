@@ -279,6 +279,52 @@ def test_a_download_on_one_host_follows_a_whole_upload_arriving_at_another(s3_re
     assert requests.get(url(c, oid), timeout=60).content == data
 
 
+class Follower(threading.Thread):
+    """A GET of *target* read to its end on a thread of its own: status, body, and whether
+    it was cut off."""
+
+    def __init__(self, target: str):
+        super().__init__()
+        self.target = target
+        self.status, self.body, self.cut = None, b"", False
+        self.start()
+
+    def run(self) -> None:
+        with requests.get(self.target, stream=True, timeout=60) as following:
+            self.status = following.status_code
+            try:
+                for block in following.iter_content(1000):  # each block once it is there
+                    self.body += block
+            except requests.exceptions.ChunkedEncodingError:
+                self.cut = True
+
+
+def test_a_follower_of_a_discarded_attempt_is_never_handed_a_whole_wrong_file(s3_relays):
+    """A follower reads the first chunk of an attempt that is then discarded (its last chunk
+    does not verify); the client sends the upload again at once, right this time. When the
+    follower's next look finds the new attempt's segments, what it read and what it reads
+    next make a body of the right length but the wrong bytes: it must be cut off, never
+    answered whole. Whether a look falls between the two attempts is timing: 8 turns."""
+    a, b = s3_relays(2)
+    for turn in range(8):
+        data, oid = blob(3000, seed=40 + turn)
+        wrong = blob(2000, seed=80 + turn)[0]
+        ranges = {"first": "bytes 0-1999/3000", "bad end": "bytes 2000-2999/3000"}
+        ranges |= {"again": "bytes 0-2499/3000", "end": "bytes 2500-2999/3000"}
+        sent = {name: {"Content-Range": value} for name, value in ranges.items()}
+        assert requests.put(url(b, oid), data=wrong, headers=sent["first"], timeout=60).status_code == 202
+        follower = Follower(url(a, oid))
+        wait_until(lambda f=follower: len(f.body) == 2000, message="the follower to read the first attempt")
+        # The attempt does not verify, and is discarded; then the upload is sent again, right.
+        assert requests.put(url(b, oid), data=data[2000:], headers=sent["bad end"], timeout=60).status_code == 400
+        assert requests.put(url(b, oid), data=data[:2500], headers=sent["again"], timeout=60).status_code == 202
+        assert requests.put(url(b, oid), data=data[2500:], headers=sent["end"], timeout=60).status_code == 201
+        follower.join(60)
+        assert follower.status == 200 and follower.body[:2000] == wrong
+        whole = hashlib.sha256(follower.body).hexdigest() == oid
+        assert follower.cut or whole, f"turn {turn}: {len(follower.body)} bytes, wrong, sent as whole"
+
+
 def test_a_host_killed_mid_upload_leaves_nothing_under_the_name(s3_relays, seaweed, s3_storage_url):
     a, b = s3_relays(2)
     data, oid = blob(20 << 20)
