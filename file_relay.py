@@ -5692,6 +5692,16 @@ _MIN_READ = 64 << 10
 
 
 _DIGITS_RE = re.compile(r"[0-9]+")  # str.isdigit() also takes '²' and other digits int() refuses
+_BEYOND_ANY_SIZE = 1 << 63
+
+
+def _whole_number(digits: str) -> int:
+    """The value of decimal *digits* (matched by _DIGITS_RE); one too long to be any size
+    or count is _BEYOND_ANY_SIZE, not converted (Python refuses past 4,300 digits)."""
+    significant = digits.lstrip("0")
+    return int(significant or "0") if len(significant) <= 18 else _BEYOND_ANY_SIZE
+
+
 _RANGE_RE = re.compile(r"bytes=([0-9]*)-([0-9]*)")
 _CONTENT_RANGE_RE = re.compile(r"bytes ([0-9]+)-([0-9]+)/([0-9]+)")
 
@@ -5706,13 +5716,13 @@ def _parse_range(header: str | None, size: int) -> tuple[int, int] | None:
         return None  # multiple or malformed ranges: a server may ignore Range
     first_text, last_text = match.groups()
     if first_text:
-        first = int(first_text)
-        last = min(int(last_text), size - 1) if last_text else size - 1
-        if last_text and int(last_text) < first:
+        first = _whole_number(first_text)
+        last = min(_whole_number(last_text), size - 1) if last_text else size - 1
+        if last_text and _whole_number(last_text) < first:
             return None
     else:
-        first, last = max(0, size - int(last_text)), size - 1
-        if int(last_text) == 0:
+        first, last = max(0, size - _whole_number(last_text)), size - 1
+        if _whole_number(last_text) == 0:
             first = size
     if first >= size:
         raise RelayError(
@@ -5737,7 +5747,7 @@ def _parse_content_range(header: str) -> tuple[int, int, int]:
     match = _CONTENT_RANGE_RE.fullmatch(header.strip())
     if not match:
         raise RelayError(400, "Content-Range must be 'bytes FIRST-LAST/TOTAL'")
-    first, last, total = map(int, match.groups())
+    first, last, total = map(_whole_number, match.groups())
     if last < first:
         raise RelayError(400, f"Content-Range {first}-{last} ends before it starts")
     if last >= total:
@@ -5759,9 +5769,11 @@ def _parse_limits(environ: dict, config: RelayConfig) -> Limits:
         ttl = min(ttl, LONGEST_TTL, config.ttl_cap or LONGEST_TTL)
     downloads = environ.get("HTTP_MAX_DOWNLOADS")
     if downloads is not None:
-        if not _DIGITS_RE.fullmatch(downloads.strip()) or int(downloads) < 1:
+        if not _DIGITS_RE.fullmatch(downloads.strip()) or _whole_number(downloads.strip()) < 1:
             raise RelayError(400, "Max-Downloads must be a positive whole number")
-        max_downloads = int(downloads)
+        max_downloads = _whole_number(downloads.strip())
+        if max_downloads == _BEYOND_ANY_SIZE:
+            raise RelayError(400, "Max-Downloads must be at most 18 digits")
     return Limits(ttl=ttl, max_downloads=max_downloads)
 
 
@@ -5771,7 +5783,7 @@ def _declared_length(environ: dict) -> int | None:
     if text:
         if not _DIGITS_RE.fullmatch(text):
             raise RelayError(400, "Content-Length must be a whole number")
-        return int(text)
+        return _whole_number(text)
     if "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
         return None
     return 0
@@ -5848,7 +5860,7 @@ def _preferred_wait(header: str | None) -> int | None:
         name, _, value = preference.split(";", 1)[0].partition("=")
         value = value.strip().strip('"')
         if name.strip().lower() == "wait" and _DIGITS_RE.fullmatch(value):
-            return int(value)
+            return _whole_number(value)
     return None
 
 
@@ -6803,9 +6815,9 @@ class RelayHandler:
             length_text = environ.get("HTTP_UPLOAD_LENGTH", "").strip()
             if not _DIGITS_RE.fullmatch(length_text):
                 raise RelayError(400, "Upload-Length must give the file's size in bytes")
-            if int(length_text) == 0:
+            if _whole_number(length_text) == 0:
                 raise RelayError(400, "an empty file has no chunks: PUT it to /new/ instead")
-            token = storage.start_unnamed(int(length_text), _parse_limits(environ, self.config), name)
+            token = storage.start_unnamed(_whole_number(length_text), _parse_limits(environ, self.config), name)
         except (RelayError, StorageError) as exc:
             return self._refuse(exc)
         url = _public_url(environ, f"uploads/{token}")

@@ -255,6 +255,36 @@ def test_an_unsatisfiable_range_gives_416(app):
     assert response.headers["Content-Range"] == "bytes */5000"
 
 
+HUGE = "9" * 5000  # past the 4,300 digits Python converts to an int
+
+
+@pytest.mark.parametrize(
+    ("range_header", "status", "body"),
+    [(f"bytes={HUGE}-", 416, None), (f"bytes=0-{HUGE}", 206, "all"), (f"bytes=-{HUGE}", 206, "all")],
+)
+def test_a_range_of_thousands_of_digits_is_answered_as_any_range_beyond_the_object(app, range_header, status, body):
+    data, oid = blob(5000)
+    app.put(object_url(oid), data)
+    response = app.get(object_url(oid), headers={"Range": range_header}, status=status)
+    if body == "all":
+        assert response.body == data
+
+
+def test_numbers_of_thousands_of_digits_in_upload_headers_get_4xx_and_change_nothing(app, stored):
+    data, oid = blob(1000)
+    app.put(object_url(oid), data, status=201)
+    other, other_oid = blob(1000, seed=3)
+    padded_one = "0" * 5000 + "1"
+    for headers in ({"Content-Range": f"bytes 0-999/{HUGE}"}, {"Max-Downloads": HUGE}, {"Max-Downloads": padded_one}):
+        response = app.put(object_url(other_oid), other, headers=headers, expect_errors=True)
+        assert response.status_int < 500, (headers, response.status, response.text)
+        response = app.put(object_url(oid), data, headers=headers, expect_errors=True)
+        assert response.status_int < 500, (headers, response.status, response.text)
+    response = app.post(f"/{SERVER_ID}/new/x", headers={"Upload-Length": HUGE}, expect_errors=True)
+    assert 400 <= response.status_int < 500, response.text
+    assert stored.data(oid) == data  # (the padded 1 is a valid Max-Downloads: the other may be stored)
+
+
 def test_if_range_with_another_etag_sends_the_whole_object(app):
     data, oid = blob(5000)
     app.put(object_url(oid), data)
