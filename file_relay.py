@@ -4254,6 +4254,7 @@ class S3Store:
         """Store bytes first..last of the upload in chunks *upload* (an object's name, or
         new-TOKEN) as a segment, unless they are stored already (then compared): the
         upload's merged ranges and its segments."""
+        body = self._within(body, first, last)
         segments = self._segments(upload)
         if any(other != total for _, _, other, _ in segments):
             raise Conflict(f"an upload of this object with another length is in progress (Content-Range says {total})")
@@ -4280,6 +4281,19 @@ class S3Store:
                 self._drop_segments(mine)
                 raise Conflict(f"bytes {low}-{high} differ from those received before")
         return merge_ranges((start, end) for start, end, _, _ in segments), segments
+
+    @staticmethod
+    def _within(body, first: int, last: int):
+        """*body*'s blocks; WrongLength as soon as they run past bytes first..last (a body
+        sent without Content-Length may), or if they end short."""
+        size, received = last - first + 1, 0
+        for block in body:
+            received += len(block)
+            if received > size:
+                raise WrongLength(f"body is longer than its Content-Range ({size} bytes)")
+            yield block
+        if received != size:
+            raise WrongLength(f"body has {received} bytes, Content-Range says {size}")
 
     @staticmethod
     def _digested(body, digest: bytes | None):

@@ -325,6 +325,25 @@ def test_a_follower_of_a_discarded_attempt_is_never_handed_a_whole_wrong_file(s3
         assert follower.cut or whole, f"turn {turn}: {len(follower.body)} bytes, wrong, sent as whole"
 
 
+def test_a_chunk_longer_than_its_content_range_is_refused_as_it_arrives(s3_relays, seaweed, s3_storage_url):
+    """Sent without Content-Length (chunked coding), a chunk's body is bounded by its
+    Content-Range: refused once it runs past it, nothing of it kept (as on a filesystem)."""
+    (relay,) = s3_relays(1, "--max-file-size=1M")
+    _, oid = blob(100)
+    connection = http.client.HTTPConnection(*relay.address, timeout=60)
+    try:
+        pieces = (b"x" * (1 << 20) for _ in range(40))  # 40 MiB, if it were all read
+        headers = {"Content-Range": "bytes 0-9/100"}
+        connection.request("PUT", f"/{SERVER_ID}/{oid}", body=pieces, headers=headers, encode_chunked=True)
+        response = connection.getresponse()
+        assert response.status == 400 and b"longer than its Content-Range" in response.read()
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # refused and closed while the body was still going out
+    finally:
+        connection.close()
+    assert keys_under(seaweed, s3_storage_url, "segments/") == [] and multipart_uploads(seaweed, s3_storage_url) == []
+
+
 def test_a_host_killed_mid_upload_leaves_nothing_under_the_name(s3_relays, seaweed, s3_storage_url):
     a, b = s3_relays(2)
     data, oid = blob(20 << 20)
