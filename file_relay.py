@@ -3503,7 +3503,8 @@ class PipeReader:
 #                                    by compare-and-swap (If-Match on its ETag)
 # PREFIX/segments/<sha256>/<length>/<first>-<last>.<token>   one chunk of an upload in chunks, stored
 #                                    once its bytes are (and match their Content-Digest)
-# PREFIX/claims/<key>                held while one upload completes <key> (see _complete_once)
+# PREFIX/claims/<key>                held while one upload creates, or one removal removes, the
+#                                    object <key> (see _claim)
 # PREFIX/incoming/<token>            an upload the relay names, until it is copied under its hash
 # PREFIX/unnamed/<token>             a resumable upload the relay names: its length, limits, name,
 #                                    and once stored, its object's name
@@ -3530,12 +3531,15 @@ _S3_REFUSED_OPTIONS = {
 _S3_PART_SIZE = 8 << 20  # bytes per part of a multipart upload of known length (at least)
 _S3_UNSIZED_PART_SIZE = 16 << 20  # of an upload of unknown length: 10,000 parts make 156 GiB
 _S3_MAX_PARTS = 10_000
+_S3_MAX_PART_SIZE = 64 << 20  # so that an upload holds at most three parts in memory: 625 GiB at most
 _S3_UNBOUNDED = 1 << 60  # the space reported for a store without --max-disk: it has no size to tell
 _S3_LEASE = 300.0  # seconds a counted download in flight holds its slot unless renewed
 _S3_FULL_CODES = ("XMinioStorageFull", "InsufficientStorage", "QuotaExceeded", "StorageFull")
 _S3_SWAP_ATTEMPTS = 64  # compare-and-swaps of one counter before the request is told to retry
-_S3_CLAIM_PATIENCE = 30.0  # seconds an upload waits for another's completion of the same key
-_S3_CLAIM_STALE = 120.0  # seconds after which a completion claim is its dead holder's
+_S3_CLAIM_PATIENCE = 30.0  # seconds a creation or removal of a key waits for another's claim on it
+_S3_CLAIM_STALE = 120.0  # seconds after which a completion's claim is its dead holder's
+_S3_QUICK_CLAIM = 5.0  # seconds after which a removal's claim is (a small PutObject's: more)
+_S3_SLOWEST_RATE = 2 << 20  # bytes per second a small PutObject is given, at least
 _S3_COPY_PART_SIZE = 512 << 20  # bytes per UploadPartCopy of a staged upload
 _S3_PARTS_IN_FLIGHT = 2  # parts of one upload being sent at once while the next one arrives
 _S3_READ_SIZE = 1 << 20  # bytes a download asks of the store's response at once
@@ -3624,6 +3628,20 @@ def probe_s3_storage(config: RelayConfig) -> str | None:
     return None
 
 
+def _claim_lease(head: dict) -> float:
+    """The seconds a claim (its HeadObject) says its holder needs at most."""
+    try:
+        return float(head.get("Metadata", {}).get("lease", _S3_CLAIM_STALE))
+    except ValueError:
+        return _S3_CLAIM_STALE
+
+
+@contextlib.contextmanager
+def _held():
+    """A claim not needed: held at once."""
+    yield True
+
+
 class _S3Parts:
     """The parts of one multipart upload, each sent on a thread of its own as soon as it
     is whole, while the body goes on arriving: at most _S3_PARTS_IN_FLIGHT at once (each
@@ -3697,6 +3715,8 @@ class S3Store:
                 raise NoSpace(f"the object store is full ({code or status}) while trying to {doing}") from None
             if status >= 500 or status in (408, 429) or code in ("SlowDown", "RequestTimeout"):
                 raise Unavailable(f"the object store failed to {doing} ({code or status})") from None
+            if code == "NoSuchUpload":  # a sweeper took it for abandoned (older than --partial-ttl)
+                raise Conflict(f"the store's upload ended before this one did ({code}): send it again") from None
             raise StorageError(f"the object store refused to {doing} ({code or status})") from None
         except botocore.exceptions.BotoCoreError as exc:
             raise Unavailable(f"the object store cannot be reached to {doing} ({exc.__class__.__name__})") from None
@@ -3786,12 +3806,14 @@ class S3Store:
         return not self._live_leases(state, now) and self._counted(state) >= limit
 
     def _remove(self, oid: str, token: str | None = None) -> bool:
-        """Remove the object (only the upload *token* of it, if given); False if it was not there."""
-        found = self._head(oid)
-        if found is None or (token is not None and found[1] != token):
-            return False
-        self._call("remove an object", "delete_object", Key=self._object_key(oid))
-        return True
+        """Remove the object (only the upload *token* of it, if given); False if it was not
+        there. Under the key's claim: a copy stored since it was looked at stays."""
+        with self._claim(self._object_key(oid), unless_stored=False, lease=self._quick_lease(0)):
+            found = self._head(oid)
+            if found is None or (token is not None and found[1] != token):
+                return False
+            self._call("remove an object", "delete_object", Key=self._object_key(oid))
+            return True
 
     def lookup(self, oid: str) -> StoredObject | None:
         found = self._found(oid)
@@ -3933,8 +3955,9 @@ class S3Store:
 
     def check_size(self, size: int) -> None:
         limit = self.config.max_file_size
-        if size > _S3_MAX_PARTS * _S3_UNSIZED_PART_SIZE * 64:
-            raise TooLarge("larger than any object the relay can store in S3")
+        if size > _S3_MAX_PARTS * _S3_MAX_PART_SIZE:
+            most = _S3_MAX_PARTS * _S3_MAX_PART_SIZE
+            raise TooLarge(f"larger than the relay stores in S3 ({format_size(most)}: {_S3_MAX_PARTS} parts at most)")
         if limit is not None and size > limit:
             raise TooLarge(f"larger than the relay's limit of {format_size(limit)} ({limit} bytes)")
 
@@ -4124,58 +4147,89 @@ class S3Store:
                 with contextlib.suppress(StorageError):  # else the sweeper aborts it later
                     self._call("abort an upload", "abort_multipart_upload", absent=(404,), Key=key, UploadId=upload_id)
 
-    def _complete_once(self, key: str, upload_id: str, parts: list[dict]) -> bool:
-        """Complete the multipart upload into *key* unless something is there: True if this
-        created it. Completions of one key are taken in turn through a claim, a create-only
-        PutObject of PREFIX/claims/<key>: some stores (SeaweedFS 4.48) let two racing
-        CompleteMultipartUploads with If-None-Match: * both succeed, never two PutObjects.
-        A claim older than _S3_CLAIM_STALE is its dead holder's, and is removed."""
+    @contextlib.contextmanager
+    def _claim(self, key: str, *, unless_stored: bool, lease: float = _S3_CLAIM_STALE):
+        """Hold the claim on *key*, a create-only PutObject of PREFIX/claims/<key>, while the
+        body runs: creations and removals of one object's key take turns through it, so
+        that a removal (which looks at what is there, then deletes it) never deletes a copy
+        stored in between (an ETag cannot tell two copies of one content apart), and two
+        completions never both win (SeaweedFS 4.48 let two racing
+        CompleteMultipartUploads with If-None-Match: * both succeed, never two PutObjects).
+        Yields True once held, or False, without it, if *unless_stored* and the key got
+        stored meanwhile. A claim older than its *lease* (seconds the holder needs at most,
+        in its metadata) is its dead holder's, and is removed. Busy if it stays held longer
+        than _S3_CLAIM_PATIENCE."""
         claim = f"{self.prefix}claims/{key[len(self.prefix) :]}"
         deadline = time.monotonic() + _S3_CLAIM_PATIENCE
         delays = _delays(_POLL_MIN, _POLL_MAX)
-        while True:
-            if self._call("claim a key", "put_object", absent=(409, 412), Key=claim, Body=b"", IfNoneMatch="*"):
-                try:
-                    completed = self._call(
-                        "complete an upload",
-                        "complete_multipart_upload",
-                        absent=(409, 412),  # 412: stored meanwhile by another upload; 409: one in flight (AWS)
-                        Key=key,
-                        UploadId=upload_id,
-                        MultipartUpload={"Parts": parts},
-                        IfNoneMatch="*",
-                    )
-                finally:
-                    with contextlib.suppress(StorageError):  # else it goes stale
-                        self._call("release a claim", "delete_object", absent=(404,), Key=claim)
-                return completed is not None
-            if self._call("look up a key", "head_object", absent=(404,), Key=key) is not None:
-                return False  # another upload completed it
+        while not self._call(
+            "claim a key",
+            "put_object",
+            absent=(409, 412),
+            Key=claim,
+            Body=b"",
+            IfNoneMatch="*",
+            Metadata={"lease": repr(lease)},
+        ):
+            if unless_stored and self._call("look up a key", "head_object", absent=(404,), Key=key) is not None:
+                yield False  # another upload stored it
+                return
             held = self._call("look up a claim", "head_object", absent=(404,), Key=claim)
-            if held is not None and time.time() - held["LastModified"].timestamp() > _S3_CLAIM_STALE:
+            if held is not None and time.time() - held["LastModified"].timestamp() > _claim_lease(held):
                 self._call("remove a stale claim", "delete_object", absent=(404, 412), Key=claim, IfMatch=held["ETag"])
             elif time.monotonic() > deadline:
-                raise Busy("another upload of this object is being completed", retry_after=5)
+                raise Busy("another upload or removal of this object is in progress", retry_after=5)
             time.sleep(next(delays))
+        try:
+            yield True
+        finally:
+            with contextlib.suppress(StorageError):  # else it goes stale
+                self._call("release a claim", "delete_object", absent=(404,), Key=claim)
+
+    @staticmethod
+    def _quick_lease(size: int) -> float:
+        """Seconds a claim for a removal, or a PutObject of *size* bytes, is held at most."""
+        return _S3_QUICK_CLAIM + size / _S3_SLOWEST_RATE
+
+    def _complete_once(self, key: str, upload_id: str, parts: list[dict]) -> bool:
+        """Complete the multipart upload into *key* unless something is there: True if this
+        created it."""
+        with self._claim(key, unless_stored=True) as held:
+            if not held:
+                return False
+            completed = self._call(
+                "complete an upload",
+                "complete_multipart_upload",
+                absent=(409, 412),  # 412: stored meanwhile by another upload; 409: one in flight (AWS)
+                Key=key,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": parts},
+                IfNoneMatch="*",
+            )
+            return completed is not None
 
     def _send_part(self, key: str, upload_id: str, number: int, data: bytes) -> dict:
         sent = self._call("store a part", "upload_part", Key=key, UploadId=upload_id, PartNumber=number, Body=data)
         return {"PartNumber": number, "ETag": sent["ETag"]}
 
     def _put_whole(self, key: str, data: bytes, metadata: dict, digest: bytes) -> bool:
-        """Create the object from *data*, verified by the store against its SHA-256 too:
-        False if it exists already."""
-        done = self._call(
-            "store an object",
-            "put_object",
-            absent=(409, 412),
-            Key=key,
-            Body=data,
-            Metadata=metadata,
-            IfNoneMatch="*",
-            ChecksumSHA256=base64.b64encode(digest).decode(),
-        )
-        return done is not None
+        """Create *key* from *data*, verified by the store against its SHA-256 too: False if
+        it exists already. An object's key is created under its claim (see _claim)."""
+        claim = self._claim(key, unless_stored=True, lease=self._quick_lease(len(data)))
+        with claim if key.startswith(self._object_key("")) else _held() as held:
+            if not held:
+                return False
+            done = self._call(
+                "store an object",
+                "put_object",
+                absent=(409, 412),
+                Key=key,
+                Body=data,
+                Metadata=metadata,
+                IfNoneMatch="*",
+                ChecksumSHA256=base64.b64encode(digest).decode(),
+            )
+            return done is not None
 
     # -- uploads in chunks: segment objects that any host reads --------------------
 

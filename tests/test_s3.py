@@ -10,12 +10,13 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import botocore.exceptions
 import pytest
 import requests
 from conftest import blob
-from harness import SCRIPT, Paced, RelayProcess, wait_until
+from harness import SCRIPT, Paced, RelayProcess, unsized, wait_until
 
 import file_relay
 
@@ -342,6 +343,98 @@ def test_a_chunk_longer_than_its_content_range_is_refused_as_it_arrives(s3_relay
     finally:
         connection.close()
     assert keys_under(seaweed, s3_storage_url, "segments/") == [] and multipart_uploads(seaweed, s3_storage_url) == []
+
+
+class HoldingProxy(threading.Thread):
+    """A TCP proxy on 127.0.0.1 in front of the store that, while *holding* is set, holds
+    each request whose first bytes name one of *methods* for *seconds* before passing it
+    on (a relay's DELETE to the store, say): a race's window, widened."""
+
+    def __init__(self, target_port: int, methods: tuple[bytes, ...], seconds: float):
+        super().__init__(daemon=True)
+        self.target_port, self.methods, self.seconds = target_port, methods, seconds
+        self.holding, self.held = threading.Event(), threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.start()
+
+    def run(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = self.listener.accept()
+                server = socket.create_connection(("127.0.0.1", self.target_port))
+                threading.Thread(target=self._pass, args=(client, server, True), daemon=True).start()
+                threading.Thread(target=self._pass, args=(server, client, False), daemon=True).start()
+
+    def _pass(self, source: socket.socket, sink: socket.socket, requests_side: bool) -> None:
+        with contextlib.suppress(OSError), source, sink:
+            while data := source.recv(1 << 16):
+                if requests_side and self.holding.is_set() and data.startswith(self.methods):
+                    self.held.set()
+                    time.sleep(self.seconds)
+                sink.sendall(data)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_a_removal_on_one_host_never_deletes_a_copy_stored_since_on_another(
+    seaweed, relay_env, s3_storage_url, tmp_path
+):
+    """Host A removes an expired copy (it looked, then deletes, its DELETE held 2 s on the
+    way); meanwhile host B stores the object again, acknowledged. That copy must stay."""
+    proxy = HoldingProxy(int(seaweed.endpoint.rsplit(":", 1)[1]), (b"DELETE ",), 2.0)
+    relays = []
+    try:
+        for name, endpoint in (("a", proxy.endpoint), ("b", seaweed.endpoint)):
+            args = ["--storage", s3_storage_url, "--s3-endpoint", endpoint, "--get-wait-timeout=0"]
+            relays.append(RelayProcess(None, tmp_path / f"{name}.log", args, env=relay_env).start(SERVER_ID))
+        a, b = relays
+        data, oid = blob(1000)
+        lifetime = 1.5
+        put = requests.put(url(b, oid), data=data, headers={"Max-Days": repr(lifetime / 86400)}, timeout=60)
+        assert put.status_code == 201
+        expired_at = time.time() + lifetime
+        wait_until(lambda: time.time() > expired_at + 0.2, message="the first copy to expire")
+        proxy.holding.set()
+        removing = threading.Thread(target=lambda: requests.get(url(a, oid), timeout=60))
+        removing.start()
+        assert proxy.held.wait(30), "host A sent no DELETE to the store"
+        assert requests.put(url(b, oid), data=data, timeout=60).status_code == 201  # no limits this time
+        removing.join(60)
+        proxy.holding.clear()
+        for relay in relays:
+            got = requests.get(url(relay, oid), timeout=60)
+            assert got.status_code == 200 and got.content == data, (relay.base, got.status_code)
+    finally:
+        for relay in relays:
+            relay.kill()
+        proxy.close()
+
+
+def test_a_length_past_what_the_relay_stores_in_s3_is_refused_before_the_body(s3_relays):
+    """Parts are at most 64 MiB (an upload holds three in memory), so 10,000 of them make
+    the largest object: a larger Content-Length gets 413 at once, nothing read."""
+    (relay,) = s3_relays(1)
+    connection = http.client.HTTPConnection(*relay.address, timeout=60)
+    try:
+        connection.putrequest("PUT", f"/{SERVER_ID}/{blob(10)[1]}")
+        connection.putheader("Content-Length", str(10**13))
+        connection.endheaders()
+        response = connection.getresponse()
+        assert response.status == 413 and b"larger than the relay stores in S3" in response.read()
+    finally:
+        connection.close()
+
+
+def test_an_upload_the_sweeper_took_for_abandoned_is_told_to_send_again(s3_relays, seaweed, s3_storage_url):
+    """An upload of unknown length that outlives --partial-ttl has its multipart upload
+    aborted by a sweeper: it gets 409 with the reason, not 500, and nothing is stored."""
+    (relay,) = s3_relays(1, "--partial-ttl=2", "--sweep-interval=1")
+    data, oid = blob(40 << 20)
+    answer = requests.put(url(relay, oid), data=unsized(data, seconds=8, pieces=40), timeout=60)
+    assert answer.status_code == 409 and "send it again" in answer.text, (answer.status_code, answer.text)
+    assert keys_under(seaweed, s3_storage_url) == []
 
 
 def test_a_host_killed_mid_upload_leaves_nothing_under_the_name(s3_relays, seaweed, s3_storage_url):
