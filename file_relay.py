@@ -4329,6 +4329,8 @@ class S3Store:
         segments = self._segments(upload)
         mine = [segment for segment in segments if segment[3] == key]
         others = [segment for segment in segments if segment[3] != key]
+        if not mine:  # dropped by another host's completion: discarded, or contradicting
+            raise Conflict("the upload changed while this chunk was stored, which was dropped: send it again")
         for start, end in merge_ranges((start, end) for start, end, _, _ in others):
             low, high = max(start, first), min(end, last)
             if low <= high and not self._same_bytes(others, low, high, self._segment_bytes(mine, low, high)):
@@ -4367,10 +4369,34 @@ class S3Store:
         try:
             created = self._write_verified(self._object_key(oid), oid, body, total, metadata, lambda more: None)
         except Mismatch as exc:
+            contradicting = self._contradicting(oid, segments)
+            if contradicting:  # not the upload's fault: a chunk still being compared, or its host died
+                self._drop_segments(contradicting)
+                raise Busy(
+                    "a chunk that contradicts one stored before was there: it is dropped; send this chunk again",
+                    retry_after=1,
+                ) from None
             self._drop_segments(segments)
             raise Mismatch(f"{exc.reason}; the partial upload was discarded") from None
         self._drop_segments(segments)
         return Stored.CREATED if created else Stored.ALREADY
+
+    def _contradicting(self, upload: str, segments) -> list:
+        """The segments whose bytes differ from an earlier segment's where they overlap: a
+        chunk that is compared only once stored (_put_segment), by a request still at it
+        or by a host that died at it."""
+        stored_at = {key: modified for key, _, modified in self._keys(f"segments/{upload}/")}
+        ordered = sorted(segments, key=lambda segment: stored_at.get(segment[3], 0.0))
+        found: list = []
+        for index, later in enumerate(ordered):
+            for earlier in ordered[:index]:
+                low, high = max(later[0], earlier[0]), min(later[1], earlier[1])
+                if earlier in found or low > high:
+                    continue
+                if not self._same_bytes([earlier], low, high, self._segment_bytes([later], low, high)):
+                    found.append(later)
+                    break
+        return found
 
     # -- uploads the relay names: staged, hashed, then copied under their hash ----
 
