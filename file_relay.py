@@ -7956,6 +7956,8 @@ class _Connection:
         sock = conn.sock
         sock.settimeout(self.session.options.timeout + body_wait)
         broken = None
+        if body is not None and headers.get("Expect") == "100-continue" and not _continued(sock):
+            body = None  # answered before the body was wanted: read that answer
         if body is not None:
             try:
                 for block in body():
@@ -7982,6 +7984,21 @@ class _Connection:
         if not response.isclosed():
             self.close()
         return data.decode("utf-8", "replace").strip()
+
+
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+def _continued(sock: socket.socket) -> bool:
+    """Wait for the relay's "100 Continue" (within the socket's timeout) and take it off
+    the connection: True. False if it answered otherwise first (left for getresponse())."""
+    head = sock.recv(len(_CONTINUE), socket.MSG_PEEK)
+    while head and _CONTINUE.startswith(head) and len(head) < len(_CONTINUE):
+        head = sock.recv(len(_CONTINUE), socket.MSG_PEEK | socket.MSG_WAITALL)
+    if head != _CONTINUE:
+        return False
+    sock.recv(len(_CONTINUE), socket.MSG_WAITALL)
+    return True
 
 
 def _hash_file(fd: int, size: int, console: _Console, label: str) -> str:
@@ -8256,7 +8273,9 @@ class _PipeUpload(_Upload):
         if self.options.pipe_wait is not None:
             query += f"&wait={self.options.pipe_wait:g}"
         wait = self.options.pipe_wait if self.options.pipe_wait is not None else _LONGEST_PIPE_WAIT
-        headers = {**self.headers, "Content-Length": str(self.size)}
+        # The body goes only once the relay wants it (its receivers came): else it would sit
+        # in the connection's buffers, and a sender that stops would not be seen to go.
+        headers = {**self.headers, "Content-Length": str(self.size), "Expect": "100-continue"}
         connection = self.connections[0]
         started = time.monotonic()
         while True:

@@ -888,6 +888,30 @@ def test_send_pipe_of_a_stored_file_sends_nothing(live, tmp_path):
     assert relay.url(oid) in sender.stdout
 
 
+def test_send_pipe_stopped_while_it_waits_ends_its_pipe(live, tmp_path, files):
+    """send --pipe sends its body only once the relay asks for it (100 Continue): a body
+    sent at once would fill the connection's buffers, and a sender stopped then would not
+    be seen to go, its pipe left in progress (refusing the next sender of the name with
+    409, counting against --max-pipes) until --pipe-wait ran out."""
+    relay = live()
+    data, oid = blob(48 << 20, seed=23)  # more than loopback's socket buffers hold
+    source = tmp_path / "data.bin"
+    source.write_bytes(data)
+    client = [sys.executable, str(ROOT / "file_relay.py")]
+    sender = subprocess.Popen(
+        [*client, "send", "--pipe", relay.url(), str(source)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        wait_until(lambda: requests.get(relay.url(), timeout=30).json()["pipes_in_progress"] == 1, timeout=60)
+        sender.terminate()
+        sender.communicate(timeout=30)
+        ended = lambda: requests.get(relay.url(), timeout=30).json()["pipes_in_progress"] == 0  # noqa: E731
+        wait_until(ended, timeout=10, message="the pipe of a stopped sender to end")
+    finally:
+        sender.kill()
+    assert_nothing_kept(files)
+
+
 def test_send_pipe_with_no_receiver_fails_clearly(live, tmp_path, files):
     relay = live()
     source = tmp_path / "data.bin"
