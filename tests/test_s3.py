@@ -378,38 +378,46 @@ class HoldingProxy(threading.Thread):
         self.listener.close()
 
 
-def test_a_removal_on_one_host_never_deletes_a_copy_stored_since_on_another(
-    seaweed, relay_env, s3_storage_url, tmp_path
-):
-    """Host A removes an expired copy (it looked, then deletes, its DELETE held 2 s on the
-    way); meanwhile host B stores the object again, acknowledged. That copy must stay."""
-    proxy = HoldingProxy(int(seaweed.endpoint.rsplit(":", 1)[1]), (b"DELETE ",), 2.0)
-    relays = []
-    try:
-        for name, endpoint in (("a", proxy.endpoint), ("b", seaweed.endpoint)):
+@pytest.fixture
+def held_hosts(seaweed, relay_env, s3_storage_url, tmp_path):
+    """start(methods, seconds) -> (proxy, a, b): two relays on one bucket, host A reaching
+    the store through a HoldingProxy, host B directly; all stopped at the end."""
+    proxies, relays = [], []
+
+    def start(methods: tuple[bytes, ...], seconds: float):
+        proxies.append(HoldingProxy(int(seaweed.endpoint.rsplit(":", 1)[1]), methods, seconds))
+        for name, endpoint in (("a", proxies[-1].endpoint), ("b", seaweed.endpoint)):
             args = ["--storage", s3_storage_url, "--s3-endpoint", endpoint, "--get-wait-timeout=0"]
             relays.append(RelayProcess(None, tmp_path / f"{name}.log", args, env=relay_env).start(SERVER_ID))
-        a, b = relays
-        data, oid = blob(1000)
-        lifetime = 1.5
-        put = requests.put(url(b, oid), data=data, headers={"Max-Days": repr(lifetime / 86400)}, timeout=60)
-        assert put.status_code == 201
-        expired_at = time.time() + lifetime
-        wait_until(lambda: time.time() > expired_at + 0.2, message="the first copy to expire")
-        proxy.holding.set()
-        removing = threading.Thread(target=lambda: requests.get(url(a, oid), timeout=60))
-        removing.start()
-        assert proxy.held.wait(30), "host A sent no DELETE to the store"
-        assert requests.put(url(b, oid), data=data, timeout=60).status_code == 201  # no limits this time
-        removing.join(60)
-        proxy.holding.clear()
-        for relay in relays:
-            got = requests.get(url(relay, oid), timeout=60)
-            assert got.status_code == 200 and got.content == data, (relay.base, got.status_code)
-    finally:
-        for relay in relays:
-            relay.kill()
+        return proxies[-1], relays[-2], relays[-1]
+
+    yield start
+    for relay in relays:
+        relay.kill()
+    for proxy in proxies:
         proxy.close()
+
+
+def test_a_removal_on_one_host_never_deletes_a_copy_stored_since_on_another(held_hosts):
+    """Host A removes an expired copy (it looked, then deletes, its DELETE held 2 s on the
+    way); meanwhile host B stores the object again, acknowledged. That copy must stay."""
+    proxy, a, b = held_hosts((b"DELETE ",), 2.0)
+    data, oid = blob(1000)
+    lifetime = 1.5
+    put = requests.put(url(b, oid), data=data, headers={"Max-Days": repr(lifetime / 86400)}, timeout=60)
+    assert put.status_code == 201
+    expired_at = time.time() + lifetime
+    wait_until(lambda: time.time() > expired_at + 0.2, message="the first copy to expire")
+    proxy.holding.set()
+    removing = threading.Thread(target=lambda: requests.get(url(a, oid), timeout=60))
+    removing.start()
+    assert proxy.held.wait(30), "host A sent no DELETE to the store"
+    assert requests.put(url(b, oid), data=data, timeout=60).status_code == 201  # no limits this time
+    removing.join(60)
+    proxy.holding.clear()
+    for relay in (a, b):
+        got = requests.get(url(relay, oid), timeout=60)
+        assert got.status_code == 200 and got.content == data, (relay.base, got.status_code)
 
 
 def test_a_length_past_what_the_relay_stores_in_s3_is_refused_before_the_body(s3_relays):
@@ -437,49 +445,37 @@ def test_an_upload_the_sweeper_took_for_abandoned_is_told_to_send_again(s3_relay
     assert keys_under(seaweed, s3_storage_url) == []
 
 
-def test_a_contradicting_chunk_being_compared_never_costs_the_acknowledged_ones(
-    seaweed, relay_env, s3_storage_url, tmp_path
-):
+def test_a_contradicting_chunk_being_compared_never_costs_the_acknowledged_ones(held_hosts, seaweed, s3_storage_url):
     """A chunk is stored as a segment, then compared with what overlaps it. While host A
     compares a chunk that contradicts an acknowledged one (its GETs held 3 s on the way), a
     chunk that completes the upload arrives at host B: the object does not verify, but the
     acknowledged chunks must stay, the contradicting one get 409, and the upload end 201."""
-    proxy = HoldingProxy(int(seaweed.endpoint.rsplit(":", 1)[1]), (b"GET ",), 3.0)
-    relays = []
-    try:
-        for name, endpoint in (("a", proxy.endpoint), ("b", seaweed.endpoint)):
-            args = ["--storage", s3_storage_url, "--s3-endpoint", endpoint, "--get-wait-timeout=0"]
-            relays.append(RelayProcess(None, tmp_path / f"{name}.log", args, env=relay_env).start(SERVER_ID))
-        a, b = relays
-        data, oid = blob(3000)
+    proxy, a, b = held_hosts((b"GET ",), 3.0)
+    data, oid = blob(3000)
 
-        def chunk(relay, first: int, last: int, payload: bytes) -> requests.Response:
-            headers = {"Content-Range": f"bytes {first}-{last}/3000"}
-            return requests.put(url(relay, oid), data=payload, headers=headers, timeout=60)
+    def chunk(relay, first: int, last: int, payload: bytes) -> requests.Response:
+        headers = {"Content-Range": f"bytes {first}-{last}/3000"}
+        return requests.put(url(relay, oid), data=payload, headers=headers, timeout=60)
 
-        assert chunk(b, 0, 1499, data[:1500]).status_code == 202
-        proxy.holding.set()
-        answers = []
-        contradicting = threading.Thread(target=lambda: answers.append(chunk(a, 1000, 1999, blob(1000, seed=9)[0])))
-        contradicting.start()
-        wait_until(lambda: len(keys_under(seaweed, s3_storage_url, "segments/")) == 2, message="A's segment")
-        completing = chunk(b, 2000, 2999, data[2000:])
-        contradicting.join(60)
-        proxy.holding.clear()
-        assert answers[0].status_code == 409, (answers[0].status_code, answers[0].text)
-        assert completing.status_code in (201, 202, 409), (completing.status_code, completing.text)
-        assert completing.status_code != 409 or completing.headers["Retry-After"]  # come back, not refused
-        for _ in range(3):  # the client sends what the relay lacks, as send does
-            head = requests.head(url(b, oid), timeout=60)
-            if head.status_code == 200 and "Upload-Ranges" not in head.headers:
-                break
-            assert "0-1499" in head.headers.get("Upload-Ranges", "0-1499"), head.headers  # acknowledged: kept
-            chunk(b, 1500, 2999, data[1500:])
-        assert requests.get(url(a, oid), timeout=60).content == data
-    finally:
-        for relay in relays:
-            relay.kill()
-        proxy.close()
+    assert chunk(b, 0, 1499, data[:1500]).status_code == 202
+    proxy.holding.set()
+    answers = []
+    contradicting = threading.Thread(target=lambda: answers.append(chunk(a, 1000, 1999, blob(1000, seed=9)[0])))
+    contradicting.start()
+    wait_until(lambda: len(keys_under(seaweed, s3_storage_url, "segments/")) == 2, message="A's segment")
+    completing = chunk(b, 2000, 2999, data[2000:])
+    contradicting.join(60)
+    proxy.holding.clear()
+    assert answers[0].status_code == 409, (answers[0].status_code, answers[0].text)
+    assert completing.status_code in (201, 202, 409), (completing.status_code, completing.text)
+    assert completing.status_code != 409 or completing.headers["Retry-After"]  # come back, not refused
+    for _ in range(3):  # the client sends what the relay lacks, as send does
+        head = requests.head(url(b, oid), timeout=60)
+        if head.status_code == 200 and "Upload-Ranges" not in head.headers:
+            break
+        assert "0-1499" in head.headers.get("Upload-Ranges", "0-1499"), head.headers  # acknowledged: kept
+        chunk(b, 1500, 2999, data[1500:])
+    assert requests.get(url(a, oid), timeout=60).content == data
 
 
 def test_a_host_killed_mid_upload_leaves_nothing_under_the_name(s3_relays, seaweed, s3_storage_url):
