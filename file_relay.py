@@ -7069,11 +7069,20 @@ class RelayHandler:
             return _UNSIZED_UPLOAD
         return reader
 
+    def _unsized_pipe(self, found, oid: str) -> bool:
+        """Whether *found* is a pipe of unknown length, which never gets one (an upload may)."""
+        if found is not _UNSIZED_UPLOAD or not isinstance(self.storage, Pipes):
+            return False
+        look = self.storage.join_pipe(oid, receive=False)
+        if look is not None:
+            look.close()
+        return look is not None
+
     def _find_or_wait(self, oid: str, wait: float, *, unsized_ok: bool):
         """What _find() finds, waiting up to *wait* for a stored object or an upload that
         may be followed. Raises ClientGone as soon as the client hangs up while it waits."""
         found = self._find(oid, unsized_ok=unsized_ok)
-        if (found is not None and found is not _UNSIZED_UPLOAD) or wait <= 0:
+        if (found is not None and found is not _UNSIZED_UPLOAD) or wait <= 0 or self._unsized_pipe(found, oid):
             return found
         if not self.waiting_slots.acquire(blocking=False):
             raise RelayError(503, "too many readers are waiting for uploads", retry_after=5)

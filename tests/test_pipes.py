@@ -340,6 +340,10 @@ def test_an_http10_receiver_of_a_pipe_of_unknown_length_is_told_to_retry_and_tak
             sock = socket.create_connection(relay.address, timeout=30)
             sock.sendall(f"GET /{SERVER_ID}/{oid}?wait=0 HTTP/1.0\r\n\r\n".encode())
             assert answer_of(sock).startswith(b"HTTP/1.0 503")
+        # One that would wait is told at once too: a pipe never gets a length.
+        sock = socket.create_connection(relay.address, timeout=5)
+        sock.sendall(f"GET /{SERVER_ID}/{oid}?wait=20 HTTP/1.0\r\n\r\n".encode())
+        assert answer_of(sock).startswith(b"HTTP/1.0 503")
         receiver = requests.get(relay.url(oid), timeout=60)  # HTTP/1.1: chunked
         assert answer.result().status_code == 200, answer.result().text
     assert answer.result().headers["X-Pipe-Receivers"] == "1"
