@@ -7958,6 +7958,8 @@ class _Connection:
 
     def _exchange(self, method: str, path: str, headers: dict, body, wait: float, body_wait: float):
         conn = self.conn
+        if isinstance(conn, http.client.HTTPSConnection):  # no peeking at a TLS socket: see _continued
+            headers = {name: value for name, value in headers.items() if name != "Expect"}
         conn.putrequest(method, path, skip_accept_encoding=True)
         for name, value in headers.items():
             conn.putheader(name, value)
@@ -8000,7 +8002,8 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 def _continued(sock: socket.socket) -> bool:
     """Wait for the relay's "100 Continue" (within the socket's timeout) and take it off
-    the connection: True. False if it answered otherwise first (left for getresponse())."""
+    the connection: True. False if it answered otherwise first (left for getresponse(),
+    which is why it peeks: a plain socket only)."""
     head = sock.recv(len(_CONTINUE), socket.MSG_PEEK)
     while head and _CONTINUE.startswith(head) and len(head) < len(_CONTINUE):
         head = sock.recv(len(_CONTINUE), socket.MSG_PEEK | socket.MSG_WAITALL)

@@ -916,6 +916,24 @@ def test_send_pipe_stopped_while_it_waits_ends_its_pipe(live, tmp_path, files):
     assert_nothing_kept(files)
 
 
+def test_send_pipe_over_https(live, tmp_path, files, certificate):
+    cert, key = certificate
+    relay = live("--certfile", cert, "--keyfile", key)
+    data, oid = blob(3 << 20, seed=29)
+    source = tmp_path / "data.bin"
+    source.write_bytes(data)
+    client = [sys.executable, str(ROOT / "file_relay.py")]
+    got = tmp_path / "got.bin"
+    getter = subprocess.Popen([*client, "get", relay.url(oid), "--wait", "60", "--cacert", cert, "-o", str(got)])
+    waiting = lambda: requests.get(relay.url(), verify=cert, timeout=30).json()["waiting_readers"] == 1  # noqa: E731
+    wait_until(waiting, message="the receiver to wait")
+    sending = [*client, "send", "--pipe", "--cacert", cert, relay.url(), str(source)]
+    sender = subprocess.run(sending, capture_output=True)
+    assert sender.returncode == 0, sender.stderr
+    assert getter.wait(60) == 0 and got.read_bytes() == data
+    assert_nothing_kept(files)
+
+
 def test_send_pipe_with_no_receiver_fails_clearly(live, tmp_path, files):
     relay = live()
     source = tmp_path / "data.bin"
