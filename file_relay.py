@@ -5786,14 +5786,14 @@ _MIN_READ = 64 << 10
 
 
 _DIGITS_RE = re.compile(r"[0-9]+")  # str.isdigit() also takes '²' and other digits int() refuses
-_BEYOND_ANY_SIZE = 1 << 63
+_BEYOND_ANY_SIZE = 10**30
 
 
 def _whole_number(digits: str) -> int:
-    """The value of decimal *digits* (matched by _DIGITS_RE); one too long to be any size
-    or count is _BEYOND_ANY_SIZE, not converted (Python refuses past 4,300 digits)."""
+    """The value of decimal *digits* (matched by _DIGITS_RE); one of more than 30 digits,
+    past any size or count, is _BEYOND_ANY_SIZE, not converted (Python refuses past 4,300)."""
     significant = digits.lstrip("0")
-    return int(significant or "0") if len(significant) <= 18 else _BEYOND_ANY_SIZE
+    return int(significant or "0") if len(significant) <= 30 else _BEYOND_ANY_SIZE
 
 
 _RANGE_RE = re.compile(r"bytes=([0-9]*)-([0-9]*)")
@@ -5866,8 +5866,8 @@ def _parse_limits(environ: dict, config: RelayConfig) -> Limits:
         if not _DIGITS_RE.fullmatch(downloads.strip()) or _whole_number(downloads.strip()) < 1:
             raise RelayError(400, "Max-Downloads must be a positive whole number")
         max_downloads = _whole_number(downloads.strip())
-        if max_downloads == _BEYOND_ANY_SIZE:
-            raise RelayError(400, "Max-Downloads must be at most 18 digits")
+        if max_downloads >= 10**18:
+            raise RelayError(400, "Max-Downloads must be less than 10**18")
     return Limits(ttl=ttl, max_downloads=max_downloads)
 
 
