@@ -4053,15 +4053,7 @@ class S3Store:
                     created = {**metadata, "stored-at": repr(time.time())}
                     upload_id = self._call("begin an upload", "create_multipart_upload", Key=key, Metadata=created)
                     upload_id = upload_id["UploadId"]
-            copied = self._call(
-                "copy a part",
-                "upload_part_copy",
-                Key=key,
-                UploadId=upload_id,
-                PartNumber=number,
-                CopySource={"Bucket": self.bucket, "Key": segment},
-            )
-            return {"PartNumber": number, "ETag": copied["CopyPartResult"]["ETag"]}
+            return self._copy_part(key, upload_id, number, segment)
 
         segments = _S3Parts(send_segment)
         pending = bytearray()
@@ -4207,6 +4199,21 @@ class S3Store:
                 IfNoneMatch="*",
             )
             return completed is not None
+
+    def _copy_part(self, key: str, upload_id: str, number: int, source: str, byte_range: str | None = None) -> dict:
+        """Part *number* of the multipart upload into *key*, copied by the store from the
+        object *source* (its *byte_range*, else all of it)."""
+        ranged = {"CopySourceRange": byte_range} if byte_range else {}
+        copied = self._call(
+            "copy a part",
+            "upload_part_copy",
+            Key=key,
+            UploadId=upload_id,
+            PartNumber=number,
+            CopySource={"Bucket": self.bucket, "Key": source},
+            **ranged,
+        )
+        return {"PartNumber": number, "ETag": copied["CopyPartResult"]["ETag"]}
 
     def _send_part(self, key: str, upload_id: str, number: int, data: bytes) -> dict:
         sent = self._call("store a part", "upload_part", Key=key, UploadId=upload_id, PartNumber=number, Body=data)
@@ -4474,16 +4481,7 @@ class S3Store:
                 for start in range(0, size, _S3_COPY_PART_SIZE)
             ]
             for number, (source, first, last) in enumerate(pieces, start=1):
-                copied = self._call(
-                    "copy a part",
-                    "upload_part_copy",
-                    Key=key,
-                    UploadId=upload_id,
-                    PartNumber=number,
-                    CopySource={"Bucket": self.bucket, "Key": source},
-                    CopySourceRange=f"bytes={first}-{last}",
-                )
-                parts.append({"PartNumber": number, "ETag": copied["CopyPartResult"]["ETag"]})
+                parts.append(self._copy_part(key, upload_id, number, source, f"bytes={first}-{last}"))
             created = self._complete_once(key, upload_id, parts)
             if created:
                 upload_id = None
