@@ -1084,6 +1084,61 @@ class _BackgroundHasher:
         return self._hash
 
 
+class _TrailingHasher:
+    """SHA-256 of a file's bytes from *start* on, read back from the file on a thread of
+    its own as the writer writes them: the writer never waits for the hash, which
+    catches up at finish(). update(block) is called with each block about to be written
+    at the next position, as for _BackgroundHasher: the blocks before it are then in the
+    file. The bytes from *start* up to the first block must be in the file already."""
+
+    def __init__(self, fd: int, start: int, first: int, hashed=None):
+        self._fd = fd
+        self._hash = hashed if hashed is not None else hashlib.sha256()
+        self._position = start  # hashed up to here
+        self._written = first  # the file holds the bytes up to here
+        self._next = first  # and will up to here once the block handed over is written
+        self._finished = False
+        self._short = False  # the file ended (or failed to read) before a written byte
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="sha256-trailing", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                while self._position >= self._written and not self._finished:
+                    self._changed.wait()
+                target = self._written
+            if self._position >= target:
+                return
+            while self._position < target:
+                try:
+                    block = os.pread(self._fd, min(8 * BLOCK_SIZE, target - self._position), self._position)
+                except OSError:
+                    block = b""
+                if not block:
+                    self._short = True
+                    return
+                self._hash.update(block)
+                self._position += len(block)
+
+    def update(self, block) -> None:
+        with self._changed:
+            self._written = self._next
+            self._next += len(block)
+            self._changed.notify()
+
+    def finish(self):
+        """Catch up with every block handed over (all written by now); the hash object,
+        or None if the file held fewer bytes than were written."""
+        with self._changed:
+            self._written = self._next
+            self._finished = True
+            self._changed.notify()
+        self._thread.join()
+        return None if self._short else self._hash
+
+
 class _Flusher:
     """Flushes a file being written every _FLUSH_INTERVAL seconds, on a thread of its own:
     the final fsync then has little left, and on a shared filesystem other hosts see the
@@ -2782,23 +2837,20 @@ class _PrefixHashes:
         self._hashes: dict = {}  # attempt token -> (hash of bytes 0..end-1, end)
 
     def continuing(self, partial: _Partial, first: int, recorded: list):
-        """(a _BackgroundHasher of the object's bytes up to *first*, where this process's
-        hash ended) if a chunk at *first* can carry it on, else (None, 0)."""
+        """(a hasher of the object's bytes up to *first* that the chunk at *first* carries
+        on, where this process's hash ended), or (None, 0) if it cannot carry one on."""
         if partial.attempt is None or contiguous_prefix(recorded) < first:
             return None, 0
         with self._lock:
             hashed, end = self._hashes.get(partial.attempt, (None, 0))
         if end > first:
             return None, 0
-        prefix = _BackgroundHasher(hashed.copy() if hashed is not None else None)
-        position = end
-        for block in _blocks_at(partial.fd, end, first):  # acknowledged: they do not change
-            prefix.update(block)
-            position += len(block)
-        if position != first:  # shorter than acknowledged: nothing to carry on
-            prefix.finish()
-            return None, 0
-        return prefix, end
+        carried = hashed.copy() if hashed is not None else None
+        if end == first:
+            return _BackgroundHasher(carried), end
+        # Bytes end..first-1 (acknowledged: they do not change) came through other workers:
+        # read back while this chunk arrives rather than before.
+        return _TrailingHasher(partial.fd, end, first, carried), end
 
     def extended(self, partial: _Partial, start: int, end: int, hashed) -> None:
         """*hashed* covers bytes 0..end-1, carried on from this process's hash to *start*."""

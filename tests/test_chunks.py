@@ -321,7 +321,8 @@ def _bytes_read() -> int:
 def test_chunks_in_order_alternating_between_workers_leave_the_last_one_little_to_hash(make_config, named):
     """Two stores over one directory stand for two workers, each with its own running hash:
     the one that completes the object has hashed the other's chunks as they came, and
-    reads back only the chunk before its own; the name is the content's."""
+    reads back only the chunk before its own and its own (hashed from the file while it
+    arrives); the name is the content's."""
     chunk = 256 << 10
     data, oid = blob(8 * chunk)
     config = make_config()
@@ -337,9 +338,41 @@ def test_chunks_in_order_alternating_between_workers_leave_the_last_one_little_t
         else:
             outcome = store.put_unnamed_chunk(token, first, last, len(data), [body], None)
         read = _bytes_read() - before
-    assert read < 2 * chunk  # the other worker's last chunk, and the upload's small files
+    assert read < 3 * chunk  # the other worker's last chunk, this one, and the upload's small files
     if named:
         assert outcome is file_relay.Stored.CREATED
     else:
         assert outcome.oid == oid and outcome.stored is file_relay.Stored.CREATED
+    assert sha256((config.files_directory / oid).read_bytes()) == oid
+
+
+def test_a_chunk_cut_off_while_another_workers_chunks_are_hashed_leaves_the_running_hash_right(make_config):
+    """A chunk that carries on a worker's hash past another worker's chunks, cut off
+    half-way or refused as different, leaves no hash behind that would pass for the
+    object's: sent again, then the rest, the object is created under its name."""
+    chunk = 256 << 10
+    data, oid = blob(6 * chunk)
+    config = make_config()
+    workers = [file_relay.Store(config), file_relay.Store(config)]
+    for store in workers:
+        store.prepare()
+    pieces = chunks_of(data, chunk)
+
+    def cut_off(body):
+        yield body[: len(body) // 2]
+        raise file_relay.ClientGone("the client stopped sending")
+
+    workers[0].put_chunk(oid, *pieces[0][:2], len(data), [pieces[0][2]], None, file_relay.Limits())
+    workers[1].put_chunk(oid, *pieces[1][:2], len(data), [pieces[1][2]], None, file_relay.Limits())
+    first, last, body = pieces[2]  # worker 0 carries its hash on past chunk 1, which it never saw
+    with pytest.raises(file_relay.ClientGone):
+        workers[0].put_chunk(oid, first, last, len(data), cut_off(body), None, file_relay.Limits())
+    workers[1].put_chunk(oid, first, last, len(data), [body], None, file_relay.Limits())
+    with pytest.raises(file_relay.Conflict):  # differs from what worker 1 stored
+        workers[0].put_chunk(oid, first, last, len(data), [bytes(len(body))], None, file_relay.Limits())
+    workers[0].put_chunk(oid, first, last, len(data), [body], None, file_relay.Limits())  # compared, not written
+    workers[1].put_chunk(oid, *pieces[3][:2], len(data), [pieces[3][2]], None, file_relay.Limits())
+    workers[1].put_chunk(oid, *pieces[4][:2], len(data), [pieces[4][2]], None, file_relay.Limits())
+    outcome = workers[0].put_chunk(oid, *pieces[5][:2], len(data), [pieces[5][2]], None, file_relay.Limits())
+    assert outcome is file_relay.Stored.CREATED
     assert sha256((config.files_directory / oid).read_bytes()) == oid
