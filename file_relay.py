@@ -59,6 +59,7 @@ import hmac
 import http.client
 import io
 import ipaddress
+import itertools
 import json
 import logging
 import math
@@ -3143,9 +3144,11 @@ class UploadReader(_Reader):
 # bytes the sender has written into the ring and may be writing, and one slot per
 # receiver: its status and how far it has read. The sender writes only where every
 # receiver has read, so it stops reading its socket (TCP backpressure) while the
-# slowest one is a ring behind. OFD locks on the file: the sender's byte says it lives,
-# each receiver holds its slot's byte, and the mutex byte makes a receiver's joining and
-# the sender's claim on ring space one decision.
+# slowest one is a ring behind; while the pipe waits for its receivers, it fills the
+# ring once at most, and publishes none of it until they are there. OFD locks on the
+# file: the sender's byte says it lives, each receiver holds its slot's byte, and the
+# mutex byte makes a receiver's joining and the sender's claim on ring space one
+# decision.
 
 # magic, state, length (-1: unknown), capacity, wanted, claimed, written; then, once it failed, its PipeFailure
 # and the length of its reason (UTF-8 at _PIPE_REASON_AT)
@@ -3330,10 +3333,19 @@ class PipeSender:
         self.path = path
         self.pipe = pipe
         self.allowed = 0  # the stream position the sender may write up to before it asks again
+        self.written = 0  # bytes of the body in the ring, taken while the pipe waited
+        self.hashed = hashlib.sha256()  # of those bytes
+        self.left_over = b""  # of the block that filled the ring, what did not fit
+        self.body_ended = False
 
-    def wait_for_receivers(self, seconds: float, pause) -> bool:
+    def wait_for_receivers(self, body, seconds: float, pause) -> bool:
         """Wait up to *seconds* until as many receivers as the sender asked for have
-        joined; whether they have. *pause*(seconds) waits between looks (and may raise)."""
+        joined; whether they have. Meanwhile the blocks the sender sends of *body* go into
+        the ring, hashed, as far as it holds them with every byte still there (a receiver
+        that joins still gets them all), so that a sender that goes away is seen to go:
+        its last bytes are not stuck behind unread ones. send() passes the rest of *body*.
+        *pause*(seconds, reading=) waits between looks, and may raise; *reading*, it ends
+        when the sender sends and says whether it did."""
         deadline = time.monotonic() + seconds
         delays = _delays(0.01, 0.25)
         while True:
@@ -3344,7 +3356,27 @@ class PipeSender:
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
-            pause(min(next(delays), left))
+            room = not self.body_ended and not self.left_over and self.written < self.pipe.capacity
+            if pause(min(next(delays), left), reading=room):
+                self._take(body)
+
+    def _take(self, body) -> None:
+        """Put the next block of *body* into the ring, where no receiver has read yet."""
+        block = next(body, None)
+        if block is None:
+            self.body_ended = True
+            return
+        self._check_limit(self.written, block)
+        fits = block[: self.pipe.capacity - self.written]
+        self.pipe.write(self.written, fits)
+        self.hashed.update(fits)
+        self.written += len(fits)
+        self.left_over = bytes(block[len(fits) :])  # a copy: the block's buffer is reused
+
+    def _check_limit(self, written: int, block) -> None:
+        limit = self.store.config.max_file_size
+        if self.pipe.length is None and limit is not None and written + len(block) > limit:
+            raise TooLarge(f"larger than the relay's limit of {format_size(limit)} ({limit} bytes)")
 
     def receivers_present(self) -> int:
         with self.pipe.mutex():
@@ -3362,16 +3394,15 @@ class PipeSender:
         return active
 
     def send(self, body, length: int | None, pause) -> PipeOutcome:
-        """Pass *body*'s blocks through the ring, hashing them; once the whole has hashed
-        to the name, let the receivers finish and wait for them. Raises Mismatch,
-        PipeAbandoned (every receiver left), TooLarge (an unsized body over the limit)."""
-        hasher = _BackgroundHasher()  # each block on a thread of its own, while it goes into the ring
-        written = 0
-        limit = self.store.config.max_file_size
+        """Pass the rest of *body*'s blocks (after those wait_for_receivers took) through
+        the ring, hashing them; once the whole has hashed to the name, let the receivers
+        finish and wait for them. Raises Mismatch, PipeAbandoned (every receiver left),
+        TooLarge (an unsized body over the limit)."""
+        hasher = _BackgroundHasher(self.hashed)  # each block on a thread of its own, while it goes into the ring
+        written = self.written
         try:
-            for block in body:
-                if length is None and limit is not None and written + len(block) > limit:
-                    raise TooLarge(f"larger than the relay's limit of {format_size(limit)} ({limit} bytes)")
+            for block in itertools.chain([self.left_over] if self.left_over else [], body):
+                self._check_limit(written, block)
                 hasher.update(block)
                 offset = 0
                 while offset < len(block):
@@ -5643,13 +5674,20 @@ class ClientGone(Exception):
 def _hangs_up_within(peer: socket.socket | None, seconds: float) -> bool:
     """Wait up to *seconds* for the client on *peer* (its connection, or None) to hang up;
     whether it did. Polling for its FIN reads nothing: the bytes it sent stay unread, and a
-    TLS connection is watched the same way as a plain one."""
+    TLS connection is watched the same way as a plain one. A FIN that follows more bytes
+    than the connection's buffers hold never comes while they stay unread."""
+    return bool(_watch(peer, seconds, select.POLLRDHUP))
+
+
+def _watch(peer: socket.socket | None, seconds: float, events: int) -> int:
+    """Wait up to *seconds* for *events* (select.POLL*) on the client's connection *peer*,
+    or None; the events that came (a reset or an error always comes), 0 for none."""
     if peer is None or peer.fileno() < 0:
         time.sleep(seconds)
-        return False
+        return 0
     watch = select.poll()
-    watch.register(peer.fileno(), select.POLLRDHUP)  # a reset or an error is reported too
-    return bool(watch.poll(math.ceil(seconds * 1000)))
+    watch.register(peer.fileno(), events)
+    return next((came for _, came in watch.poll(math.ceil(seconds * 1000))), 0)
 
 
 class _CutOff(ConnectionResetError):
@@ -6870,19 +6908,23 @@ class RelayHandler:
             return self._refuse(exc)
         peer = _client_socket(environ)
 
-        def pause(seconds: float) -> None:
-            if _hangs_up_within(peer, seconds):
+        def pause(seconds: float, *, reading: bool = False) -> bool:
+            """Wait *seconds* for the sender to hang up or, *reading*, to send; whether it sent."""
+            came = _watch(peer, seconds, select.POLLRDHUP | (select.POLLIN if reading else 0))
+            if came & ~select.POLLIN:
                 raise ClientGone("the sender hung up")
+            return bool(came)
 
         try:
             with self.state.active("uploads_active"):
-                if not pipe.wait_for_receivers(wait, self._unless_draining(pause)):
+                body = _request_body(environ, length, exchange)  # asks for it ("100 Continue") when first read
+                if not pipe.wait_for_receivers(body, wait, self._unless_draining(pause)):
                     came = pipe.receivers_present()
                     reason = f"no receiver came within {wait:g} s: start them (GET of this URL), then send again"
                     if came:
                         reason = f"{came} of {receivers} receivers came within {wait:g} s: start the rest, send again"
                     raise RelayError(504, reason)
-                outcome = pipe.send(_request_body(environ, length, exchange), length, pause)
+                outcome = pipe.send(body, length, pause)
         except (RelayError, StorageError) as exc:
             refusal = _as_refusal(exc)
             too_few = isinstance(exc, RelayError) and refusal.status == 504  # its wait for receivers ran out
@@ -6904,10 +6946,10 @@ class RelayHandler:
         return self._reply(200, f"piped {oid} ({outcome.size} bytes): verified; {summary}", counts)
 
     def _unless_draining(self, pause):
-        def paused(seconds: float) -> None:
+        def paused(seconds: float, **how) -> bool:
             if self.state.draining:
                 raise RelayError(503, "the relay is shutting down", retry_after=5)
-            pause(seconds)
+            return pause(seconds, **how)
 
         return paused
 

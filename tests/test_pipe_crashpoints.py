@@ -81,8 +81,9 @@ def check(files, receiver: PipeReceiver, where: str) -> None:
     again.start()
     sender = store.open_pipe(OID, len(DATA), 1)
     try:
-        assert sender.wait_for_receivers(10, again.join)
-        outcome = sender.send([DATA], len(DATA), again.join)
+        body = iter([DATA])
+        assert sender.wait_for_receivers(body, 10, lambda seconds, reading=False: again.join(seconds))
+        outcome = sender.send(body, len(DATA), again.join)
     finally:
         sender.close()
     again.join(10)

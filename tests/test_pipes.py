@@ -498,6 +498,97 @@ def test_a_receiver_waiting_for_the_first_bytes_is_told_when_the_sender_hangs_up
     assert_nothing_kept(files)
 
 
+def _read_by(pid: int, path) -> int:
+    """How far process *pid* has read the file *path* (its descriptor's position)."""
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == str(path):
+                return int(open(f"/proc/{pid}/fdinfo/{fd}").readline().split()[1])
+        except (FileNotFoundError, ValueError):
+            continue
+    return 0
+
+
+@pytest.mark.parametrize("size", [200_000, 16 << 20], ids=["small", "medium"])  # medium: beyond the sockets' buffers
+def test_a_curl_sender_killed_while_it_waits_ends_its_pipe(live, tmp_path, files, size):
+    """curl waits a second for 100 Continue, then sends its body anyway: the relay takes
+    what it sends into the pipe's buffer while the pipe waits, so a sender killed then is
+    seen to go (its FIN not stuck behind unread bytes) and its pipe ends at once, not
+    after --pipe-wait, which would leave its name refused (409) and a place of
+    --max-pipes taken meanwhile."""
+    relay = live()
+    data, oid = blob(size, seed=31)
+    source = tmp_path / "data.bin"
+    source.write_bytes(data)
+    curl = ["curl", "-sS", "-o", os.devnull, "-w", "%{http_code}", "-T", str(source), pipe_url(relay, oid, wait=120)]
+    sender = subprocess.Popen(curl, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        sending = lambda: sender.poll() is not None or _read_by(sender.pid, source) >= min(size, 1 << 20)  # noqa: E731
+        wait_until(sending, message="curl to give up waiting for 100 Continue and send its body")
+        assert sender.poll() is None, sender.communicate()
+        assert requests.get(relay.url(), timeout=30).json()["pipes_in_progress"] == 1
+        sender.kill()
+        sender.communicate(timeout=30)
+    finally:
+        sender.kill()
+    ended = lambda: requests.get(relay.url(), timeout=30).json()["pipes_in_progress"] == 0  # noqa: E731
+    wait_until(ended, timeout=5, message="the pipe of the killed sender to end")
+    again = subprocess.Popen(curl, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        sending = lambda: again.poll() is not None or _read_by(again.pid, source) >= min(size, 1 << 20)  # noqa: E731
+        wait_until(sending, message="the next sender to send its body")
+        assert pipe_state(files, oid) == "WAITING"
+        receiver = Receiver(relay, oid)  # joins with the first bytes in the buffer: gets them all
+        out, err = again.communicate(timeout=60)
+    finally:
+        again.kill()
+    assert out == "200", err
+    assert receiver.result().verified(oid)
+    assert_nothing_kept(files)
+
+
+def test_a_receiver_waiting_with_a_curl_sender_killed_while_it_waits_is_told_why(live, tmp_path, files):
+    relay = live()
+    data, oid = blob(16 << 20, seed=33)
+    source = tmp_path / "data.bin"
+    source.write_bytes(data)
+    receiver = Receiver(relay, oid)
+    waiting_readers(relay, 1)
+    curl = ["curl", "-sS", "-o", os.devnull, "-T", str(source), pipe_url(relay, oid, receivers=2, wait=120)]
+    sender = subprocess.Popen(curl, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        sending = lambda: sender.poll() is not None or _read_by(sender.pid, source) >= 1 << 20  # noqa: E731
+        wait_until(sending, message="curl to send its body")
+        assert sender.poll() is None and pipe_slots_taken(files, oid) == 1
+        sender.kill()
+    finally:
+        sender.kill()
+        sender.wait(30)
+    assert receiver.result(timeout=10).status == 502, (receiver.head, receiver.ended)
+    assert b"its sender was answered 400: the sender hung up" in receiver.body
+    assert_nothing_kept(files)
+
+
+def test_a_receiver_joining_after_the_senders_first_bytes_filled_the_buffer_gets_them_all(live, tmp_path, files):
+    relay = live("--pipe-buffer", "1M")
+    data, oid = blob(8 << 20, seed=32)
+    source = tmp_path / "data.bin"
+    source.write_bytes(data)
+    curl = ["curl", "-sS", "-o", os.devnull, "-w", "%{http_code}", "-T", str(source), pipe_url(relay, oid, wait=60)]
+    sender = subprocess.Popen(curl, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        sending = lambda: sender.poll() is not None or _read_by(sender.pid, source) >= 2 << 20  # noqa: E731
+        wait_until(sending, message="curl to send more than the buffer holds")
+        assert pipe_state(files, oid) == "WAITING" and pipe_written(files, oid) == 0  # none passed on yet
+        receiver = Receiver(relay, oid)
+        out, err = sender.communicate(timeout=60)
+    finally:
+        sender.kill()
+    assert out == "200", err
+    assert receiver.result().verified(oid)
+    assert_nothing_kept(files)
+
+
 def test_a_stored_name_is_not_piped(live, files):
     relay = live()
     data, oid = blob(1 << 20)
