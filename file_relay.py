@@ -5001,6 +5001,7 @@ class SharedState:
         "uploads_completed",
         "downloads_completed",
         "pipes_completed",
+        "arrivals",  # transfers begun (an upload's body, a pipe, a receiver joining one): waiters look again
     )
     GAUGES = ("uploads_active", "downloads_active", "waiting_readers")
     FIELDS = COUNTERS + GAUGES
@@ -5838,6 +5839,7 @@ def _request_body(environ: dict, length: int | None, exchange: _Exchange):
     peer = _client_socket(environ)
     if isinstance(peer, _HeaderDeadline):
         peer.send_continue()
+    exchange.state.add("arrivals")  # first read once the storage is ready for it: followable
     blocks = _socket_body(stream, peer, length) or _stream_blocks(stream, length)
     received = 0
     try:
@@ -6669,6 +6671,7 @@ class _LogWriter:
 
 
 _WAITING_POLL_FIRST, _WAITING_POLL_MOST = 0.05, 0.5  # seconds between a waiting reader's looks
+_ARRIVAL_POLL = 0.005  # seconds between a waiter's looks at this relay's count of transfers begun
 
 
 class RelayHandler:
@@ -6906,11 +6909,12 @@ class RelayHandler:
             pipe = self.storage.open_pipe(oid, length, int(receivers))
         except (RelayError, StorageError) as exc:
             return self._refuse(exc)
+        self.state.add("arrivals")  # receivers waiting for it may join now
         peer = _client_socket(environ)
 
         def pause(seconds: float, *, reading: bool = False) -> bool:
             """Wait *seconds* for the sender to hang up or, *reading*, to send; whether it sent."""
-            came = _watch(peer, seconds, select.POLLRDHUP | (select.POLLIN if reading else 0))
+            came = self._watch_for_arrivals(peer, seconds, select.POLLRDHUP | (select.POLLIN if reading else 0))
             if came & ~select.POLLIN:
                 raise ClientGone("the sender hung up")
             return bool(came)
@@ -7154,6 +7158,8 @@ class RelayHandler:
             if reader is not None and self.request.method != "HEAD" and (reader.length is not None or unsized_ok):
                 reader.close()
                 reader = self.storage.join_pipe(oid)
+                if reader is not None:
+                    self.state.add("arrivals")  # its sender may be waiting for it
         if reader is None:
             reader = self.storage.follow(oid)
         if reader is not None and reader.length is None and not unsized_ok:
@@ -7169,6 +7175,17 @@ class RelayHandler:
         if look is not None:
             look.close()
         return look is not None
+
+    def _watch_for_arrivals(self, peer, seconds: float, events: int = select.POLLRDHUP) -> int:
+        """_watch(peer, seconds, events), ended early too when a transfer begins on this
+        relay (in any worker: see "arrivals"), so that whoever waits for one looks again
+        at once rather than at its next poll; hosts sharing the storage are still polled."""
+        seen = self.state.get("arrivals")
+        deadline = time.monotonic() + seconds
+        while True:
+            came = _watch(peer, min(_ARRIVAL_POLL, max(0.0, deadline - time.monotonic())), events)
+            if came or time.monotonic() >= deadline or self.state.get("arrivals") != seen:
+                return came
 
     def _find_or_wait(self, oid: str, wait: float, *, unsized_ok: bool):
         """What _find() finds, waiting up to *wait* for a stored object or an upload that
@@ -7187,7 +7204,7 @@ class RelayHandler:
                         break
                     if self.state.draining:
                         raise RelayError(503, "the relay is shutting down", retry_after=5)
-                    if _hangs_up_within(peer, min(delay, max(0.0, deadline - time.monotonic()))):
+                    if self._watch_for_arrivals(peer, min(delay, max(0.0, deadline - time.monotonic()))):
                         raise ClientGone("the client hung up while waiting for the upload")
                     found = self._find(oid, unsized_ok=unsized_ok)
                     if found is not None and found is not _UNSIZED_UPLOAD:

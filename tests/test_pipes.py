@@ -241,6 +241,7 @@ def test_a_stalled_sender_is_cut_after_the_idle_timeout_and_so_are_its_receivers
     receiver = Receiver(relay, oid)
     waiting_readers(relay, 1)
     sock = raw_sender(relay, oid, len(data))
+    wait_until(lambda: pipe_state(files, oid) == "FLOWING", message="the receiver to join")  # none read ahead
     sock.sendall(data[:sent])  # then silence, the connection left open
     receiver.result()
     if sent < file_relay._PIPE_CLAIM:  # the sender has published none of it
@@ -422,7 +423,7 @@ def test_the_sender_waits_for_as_many_receivers_as_it_asked_for(live, files):
     waiting_readers(relay, 1)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         answer = send(pool, pipe_url(relay, oid, receivers=2), data)
-        wait_until(lambda: pipe_state(files, oid) == "WAITING", message="the pipe to wait")
+        wait_until(lambda oid=oid: pipe_state(files, oid) == "WAITING", message="the pipe to wait")
         assert pipe_written(files, oid) == 0 and first.received == 0  # no byte flows for one of two
         second = Receiver(relay, oid)
         assert answer.result().status_code == 200
@@ -1103,3 +1104,28 @@ def test_four_gib_through_a_64_mib_files_directory(live, tmp_path, small_filesys
         f" shared memory (the ring) {shared >> 10} MiB"
     )
     assert list((files / ".relay" / "pipes").iterdir()) == []
+
+
+def test_a_receiver_joining_a_sender_that_has_waited_long_gets_bytes_at_once(live, files):
+    """A sender's looks for its receivers grow a quarter of a second apart; a receiver
+    that joins (in either worker) has it look again at once."""
+    relay = live()
+    for round in range(6):
+        data, oid = blob(1 << 20, seed=round)
+        sender = raw_sender(relay, oid, len(data))
+        sender.sendall(data)
+        wait_until(lambda oid=oid: pipe_state(files, oid) == "WAITING", message="the pipe to wait")
+        time.sleep(1)  # the scenario itself: a sender that has waited long, its looks far apart
+        receiver = socket.create_connection(relay.address, timeout=30)
+        started = time.monotonic()
+        receiver.sendall(f"GET /{SERVER_ID}/{oid} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        first = receiver.recv(1)
+        began = time.monotonic() - started
+        assert first == b"H"
+        assert began < 0.12, f"round {round}: the receiver's answer began {began:.3f} s after it joined"
+        received = first
+        while chunk := receiver.recv(1 << 20):
+            received += chunk
+        assert received.startswith(b"HTTP/1.1 200") and received.endswith(data)
+        assert answer_of(sender).startswith(b"HTTP/1.1 200")
+        receiver.close()

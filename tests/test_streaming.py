@@ -488,3 +488,31 @@ def test_a_follower_behind_an_upload_that_completes_and_is_deleted_still_gets_ev
             for block in blocks:
                 received += block
     assert sha256(received) == oid
+
+
+def test_a_reader_that_has_waited_long_starts_as_soon_as_the_upload_does(live):
+    """A waiting reader's looks for its upload grow half a second apart; an upload that
+    begins on the relay (in either worker) has it look again at once."""
+    relay = live()
+    for round in range(5):
+        data, oid = blob(1 << 20, seed=round)
+        reader = socket.create_connection(relay.address, timeout=30)
+        reader.sendall(f"GET /{SERVER_ID}/{oid}?wait=30 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        wait_until(lambda: requests.get(relay.url()).json()["waiting_readers"] == 1, message="the reader to wait")
+        time.sleep(1.5 + round / 10)  # the scenario: a reader that has waited long, its looks far apart
+        sender = socket.create_connection(relay.address, timeout=30)
+        head = f"PUT /{SERVER_ID}/{oid} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n\r\n".encode()
+        started = time.monotonic()
+        sender.sendall(head + data[: len(data) // 2])
+        first = reader.recv(1)
+        began = time.monotonic() - started
+        assert first == b"H"
+        assert began < 0.12, f"round {round}: the reader's answer began {began:.3f} s after the upload"
+        sender.sendall(data[len(data) // 2 :])
+        assert sender.recv(100).startswith(b"HTTP/1.1 201")
+        received = first
+        while chunk := reader.recv(1 << 20):
+            received += chunk
+        assert received.startswith(b"HTTP/1.1 200") and received.endswith(data)
+        sender.close()
+        reader.close()
