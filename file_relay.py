@@ -5055,6 +5055,53 @@ class SharedState:
         self._values[self._DRAINING] = 1
 
 
+_ARRIVAL_POLL = 0.01  # seconds between looks at the relay's count of transfers begun, while anyone waits
+
+
+class ArrivalBells:
+    """Wakes this process's waiters (readers waiting for an upload, pipe senders waiting
+    for receivers) as soon as a transfer begins on the relay, in any worker: that is, as
+    soon as SharedState's "arrivals" changes. One thread looks at the count every
+    _ARRIVAL_POLL while anyone waits, and rings every waiter's bell (an eventfd, which a
+    waiter polls beside its client's connection): idle waiters cost nothing."""
+
+    def __init__(self, state: SharedState):
+        self._state = state
+        self._lock = threading.Lock()
+        self._bells: set[int] = set()
+        self._watching = False
+
+    @contextlib.contextmanager
+    def bell(self):
+        """An eventfd that becomes readable when a transfer begins, while in the block."""
+        bell = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        with self._lock:
+            self._bells.add(bell)
+            if not self._watching:
+                self._watching = True
+                threading.Thread(target=self._watch, name="arrivals", daemon=True).start()
+        try:
+            yield bell
+        finally:
+            with self._lock:
+                self._bells.discard(bell)  # never rung once closed: rung only under the lock
+            os.close(bell)
+
+    def _watch(self) -> None:
+        seen = self._state.get("arrivals")
+        while True:
+            time.sleep(_ARRIVAL_POLL)
+            count = self._state.get("arrivals")
+            with self._lock:
+                if not self._bells:
+                    self._watching = False
+                    return
+                if count != seen:
+                    for bell in self._bells:
+                        os.eventfd_write(bell, 1)
+            seen = count
+
+
 # ---------------------------------------------------------------------------
 # gunicorn and Bottle: every use of their internals
 #
@@ -5680,15 +5727,20 @@ def _hangs_up_within(peer: socket.socket | None, seconds: float) -> bool:
     return bool(_watch(peer, seconds, select.POLLRDHUP))
 
 
-def _watch(peer: socket.socket | None, seconds: float, events: int) -> int:
+def _watch(peer: socket.socket | None, seconds: float, events: int, bell: int | None = None) -> int:
     """Wait up to *seconds* for *events* (select.POLL*) on the client's connection *peer*,
-    or None; the events that came (a reset or an error always comes), 0 for none."""
-    if peer is None or peer.fileno() < 0:
+    or None, or for *bell* (an eventfd) to ring; the events that came on *peer* (a reset
+    or an error always comes), 0 for none."""
+    watch = select.poll()
+    if peer is not None and peer.fileno() >= 0:
+        watch.register(peer.fileno(), events)
+    elif bell is None:
         time.sleep(seconds)
         return 0
-    watch = select.poll()
-    watch.register(peer.fileno(), events)
-    return next((came for _, came in watch.poll(math.ceil(seconds * 1000))), 0)
+    if bell is not None:
+        watch.register(bell, select.POLLIN)
+    came = dict(watch.poll(math.ceil(seconds * 1000)))
+    return came.get(peer.fileno(), 0) if peer is not None and peer.fileno() >= 0 else 0
 
 
 class _CutOff(ConnectionResetError):
@@ -6671,7 +6723,6 @@ class _LogWriter:
 
 
 _WAITING_POLL_FIRST, _WAITING_POLL_MOST = 0.05, 0.5  # seconds between a waiting reader's looks
-_ARRIVAL_POLL = 0.005  # seconds between a waiter's looks at this relay's count of transfers begun
 
 
 class RelayHandler:
@@ -6695,6 +6746,7 @@ class RelayHandler:
         self.app = None  # the Bottle application routing to this handler (make_app)
         self.trusted_proxies = parse_trusted_proxies(config.forwarded_allow_ips)
         self.waiting_slots = threading.BoundedSemaphore(config.waiting_reader_limit)
+        self.arrivals = ArrivalBells(state)
         self.expected_id = hashlib.sha256(config.server_id.encode()).digest()
 
     # -- the WSGI application: every exchange measured and logged --------------
@@ -7178,14 +7230,10 @@ class RelayHandler:
 
     def _watch_for_arrivals(self, peer, seconds: float, events: int = select.POLLRDHUP) -> int:
         """_watch(peer, seconds, events), ended early too when a transfer begins on this
-        relay (in any worker: see "arrivals"), so that whoever waits for one looks again
-        at once rather than at its next poll; hosts sharing the storage are still polled."""
-        seen = self.state.get("arrivals")
-        deadline = time.monotonic() + seconds
-        while True:
-            came = _watch(peer, min(_ARRIVAL_POLL, max(0.0, deadline - time.monotonic())), events)
-            if came or time.monotonic() >= deadline or self.state.get("arrivals") != seen:
-                return came
+        relay (in any worker), so that whoever waits for one looks again at once rather
+        than at its next poll; hosts sharing the storage are still found by polling."""
+        with self.arrivals.bell() as bell:
+            return _watch(peer, seconds, events, bell)
 
     def _find_or_wait(self, oid: str, wait: float, *, unsized_ok: bool):
         """What _find() finds, waiting up to *wait* for a stored object or an upload that
