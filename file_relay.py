@@ -3356,7 +3356,10 @@ class PipeSender:
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
-            room = not self.body_ended and not self.left_over and self.written < self.pipe.capacity
+            # A body of unknown length comes in chunks read whole, so a slow sender would
+            # hold up this loop: it is read only once the bytes may flow.
+            sized = self.pipe.length is not None
+            room = sized and not self.body_ended and not self.left_over and self.written < self.pipe.capacity
             if pause(min(next(delays), left), reading=room):
                 self._take(body)
 

@@ -316,6 +316,35 @@ def test_a_pipe_of_unknown_length_reaches_its_receivers_chunked(live, files):
     assert_nothing_kept(files)
 
 
+def test_a_slow_sender_of_unknown_length_sees_its_receiver_join_at_once(live, files):
+    """A body sent in small chunks is not read while the pipe waits (a chunk is read
+    whole, which would hold the wait up): the receiver joining starts the bytes at once."""
+    relay = live()
+    data, oid = blob(256 << 10)
+    sender = socket.create_connection(relay.address, timeout=30)
+    sender.sendall(f"PUT /{SERVER_ID}/{oid}?pipe HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
+    flowing = threading.Event()
+
+    def trickle():
+        sent = 0
+        while not flowing.wait(0.05) and sent < len(data) // 2:  # 1 KiB every 50 ms until it flows
+            sender.sendall(b"400\r\n" + data[sent : sent + 1024] + b"\r\n")
+            sent += 1024
+        rest = data[sent:]
+        sender.sendall(f"{len(rest):x}\r\n".encode() + rest + b"\r\n0\r\n\r\n")
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        trickling = pool.submit(trickle)
+        wait_until(lambda: pipe_state(files, oid) == "WAITING", message="the pipe to wait")
+        reader = pool.submit(lambda: requests.get(relay.url(oid), timeout=60))
+        wait_until(lambda: pipe_state(files, oid) != "WAITING", timeout=3, message="the bytes to flow")
+        flowing.set()
+        trickling.result()
+        got = reader.result()
+    assert got.status_code == 200 and got.content == data
+    assert answer_of(sender).startswith(b"HTTP/1.1 200")
+
+
 def test_a_pipe_of_unknown_length_that_does_not_verify_never_ends_its_chunked_body(live, files):
     relay = live("--pipe-buffer", "1M")
     data, oid = blob(2 << 20)
