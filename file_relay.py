@@ -3589,6 +3589,8 @@ class PipeReader:
 #                                    by compare-and-swap (If-Match on its ETag)
 # PREFIX/segments/<sha256>/<length>/<first>-<last>.<token>   one chunk of an upload in chunks, stored
 #                                    once its bytes are (and match their Content-Digest)
+# PREFIX/segments/<sha256>/unsized.<attempt>/<first>-<last>.<token>   one segment of a whole upload
+#                                    of unknown length (never an upload in chunks: no length)
 # PREFIX/claims/<key>                held while one upload creates, or one removal removes, the
 #                                    object <key> (see _claim)
 # PREFIX/incoming/<token>            an upload the relay names, until it is copied under its hash
@@ -3597,15 +3599,14 @@ class PipeReader:
 # PREFIX/.probe-*                    written and removed at start (the permission to write)
 #
 # An upload is hashed as it arrives. A small one is sent in one PutObject once verified. A
-# larger one of known length is stored as segments as it arrives (so that followers on any
-# host read it), which the store copies under the object's key (UploadPartCopy) once the
-# hash matched; one of unknown length becomes a multipart upload under the object's key,
-# its parts sent as they arrive, completed only once the hash matched (else aborted):
+# larger one, of known length or not, is stored as segments as it arrives (so that
+# followers on any host read it), which the store copies into a multipart upload under the
+# object's key (UploadPartCopy), completed only once the hash matched (else aborted):
 # nothing is visible under the name before. An upload in chunks is its segments until the
 # chunk that completes it has the object written from them. An upload the relay names is
 # staged (PREFIX/incoming/), then copied under its hash; a resumable one is recorded in
-# PREFIX/unnamed/<token>. Not done on S3 yet, answered 501: following a whole upload of
-# unknown length in progress, or an upload with a budget.
+# PREFIX/unnamed/<token>. Not done on S3 yet, answered 501: following an upload with a
+# budget, or one being copied from its staged copy.
 # ---------------------------------------------------------------------------
 
 # Options whose meaning is a local filesystem's.
@@ -3629,6 +3630,9 @@ _S3_SLOWEST_RATE = 2 << 20  # bytes per second a small PutObject is given, at le
 _S3_COPY_PART_SIZE = 512 << 20  # bytes per UploadPartCopy of a staged upload
 _S3_PARTS_IN_FLIGHT = 2  # parts of one upload being sent at once while the next one arrives
 _S3_READ_SIZE = 1 << 20  # bytes a download asks of the store's response at once
+# What stands for the length in the key of a segment of a whole upload of unknown length,
+# followed by that attempt's own token: never a number, so never one upload in chunks.
+_UNSIZED_SEGMENTS = "unsized."
 
 
 def parse_storage_url(url: str) -> tuple[str, str]:
@@ -3924,22 +3928,31 @@ class S3Store:
     def follow(self, oid: str) -> S3UploadReader | None:
         """A reader of the upload of *oid* in segments (in chunks, or whole and larger than
         a segment: its segments, then the object), or None. NotSupported for an upload that
-        cannot be followed yet: one with a download budget, or a whole upload of unknown
-        length being sent in parts (by any host)."""
-        segments = self._segments(oid)
-        if segments:
-            head = self._call("look up a chunk", "head_object", absent=(404,), Key=segments[0][3])
-            if head is not None and head.get("Metadata", {}).get("max-downloads"):
+        cannot be followed yet: one with a download budget, or one under way without
+        segments (copied from a staged upload)."""
+        sized, unsized = self._listed_segments(oid)
+        if sized:
+            key, length, attempt = sized[0][3], sized[0][2], None
+        elif unsized:  # the attempt furthest along
+            attempt, segments = max(unsized.items(), key=lambda item: len(item[1]))
+            key, length = segments[0][2], None
+        if sized or unsized:
+            if self._segment_metadata(key).get("max-downloads"):
                 raise NotSupported("following an upload with Max-Downloads is not done on S3 yet: retry once stored")
-            return S3UploadReader(self, oid, segments[0][2])
+            return S3UploadReader(self, oid, length, attempt)
         key = self._object_key(oid)
         began = [initiated for found, _, initiated in self._multipart_uploads(key) if found == key]
         if began:
             raise NotSupported(
-                f"an upload of this object began {http_date(min(began))} and has not ended; following a whole "
-                "upload of unknown length in progress is not done on S3 yet: download it once it is stored"
+                f"an upload of this object began {http_date(min(began))} and is being copied into place "
+                "without segments to follow: download it once it is stored"
             )
         return None
+
+    def _segment_metadata(self, key: str) -> dict:
+        """The user metadata of a segment ({} once it is gone)."""
+        head = self._call("look up a chunk", "head_object", absent=(404,), Key=key)
+        return head.get("Metadata", {}) if head is not None else {}
 
     def progress(self, oid: str) -> Progress | None:
         """Where the upload of *oid* in chunks stands: the segments any host stored."""
@@ -4103,7 +4116,7 @@ class S3Store:
 
     def _receive(self, oid: str, body, length: int | None, limits: Limits, reserve_more) -> bool:
         metadata = {"token": secrets.token_hex(16), **self._limits_metadata(limits)}
-        if length is not None and length > self._segment_size(length):
+        if length is None or length > self._segment_size(length):
             return self._receive_in_segments(oid, body, length, metadata, reserve_more)
         return self._write_verified(self._object_key(oid), oid, body, length, metadata, reserve_more)
 
@@ -4112,13 +4125,16 @@ class S3Store:
         """Bytes per segment of a whole upload of *length* bytes (the last may be fewer)."""
         return max(_S3_PART_SIZE, -(-length // _S3_MAX_PARTS))
 
-    def _receive_in_segments(self, oid: str, body, length: int, metadata: dict, reserve_more) -> bool:
-        """A whole upload larger than a segment, stored as it arrives as the segments of an
-        upload in chunks, which followers on any host read as they appear (S3UploadReader).
-        The store copies each segment, once stored, into a multipart upload under the name
-        (UploadPartCopy), completed only once the whole has hashed to *oid*; the segments
-        are removed either way. True if this created the object."""
-        size = self._segment_size(length)
+    def _receive_in_segments(self, oid: str, body, length: int | None, metadata: dict, reserve_more) -> bool:
+        """A whole upload larger than a segment (or of unknown length), stored as it arrives
+        as segments, which followers on any host read as they appear (S3UploadReader): those
+        of an upload in chunks if its length is known, else those of this attempt alone
+        (_UNSIZED_SEGMENTS). The store copies each segment, once stored, into a multipart
+        upload under the name (UploadPartCopy), completed only once the whole has hashed to
+        *oid*; the segments are removed either way. One of unknown length that ends within
+        its first segment is sent in one PutObject instead. True if this created the object."""
+        size = _S3_UNSIZED_PART_SIZE if length is None else self._segment_size(length)
+        total = f"{_UNSIZED_SEGMENTS}{secrets.token_hex(8)}" if length is None else length
         key = self._object_key(oid)
         hasher = _BackgroundHasher()
         written: dict[int, str] = {}  # segment number -> its key
@@ -4128,10 +4144,15 @@ class S3Store:
         def send_segment(number: int, data: bytes) -> dict:
             nonlocal upload_id
             first = (number - 1) * size
-            written[number] = segment = self._segment_key(oid, length, first, first + len(data) - 1)
+            written[number] = segment = self._segment_key(oid, total, first, first + len(data) - 1)
             checksum = base64.b64encode(hashlib.sha256(data).digest()).decode()  # never kept cut short
             self._call(
-                "store a chunk", "put_object", Key=segment, Body=data, Metadata=metadata, ChecksumSHA256=checksum
+                "store a chunk",
+                "put_object",
+                Key=segment,
+                Body=data,
+                Metadata=metadata,
+                ChecksumSHA256=checksum,
             )
             reserve_more(-len(data))  # counted as stored from now on
             with began:
@@ -4147,13 +4168,21 @@ class S3Store:
         try:
             for block in body:
                 received += len(block)
+                if length is None:
+                    self.check_size(received)
+                    reserve_more(len(block))
                 hasher.update(block)
                 pending += block
                 while len(pending) >= size:
                     segment, pending = bytes(pending[:size]), pending[size:]
                     segments.send(segment)
-            if received != length:
+            if length is not None and received != length:
                 raise WrongLength(f"body has {received} bytes, Content-Length says {length}")
+            if not segments.sent:  # of unknown length, and smaller than a segment
+                digest = hasher.finish()
+                Store._verify(oid, digest)
+                metadata["stored-at"] = repr(time.time())
+                return self._put_whole(key, bytes(pending), metadata, digest.digest())
             if pending:
                 segments.send(bytes(pending))
             parts = segments.finish()
@@ -4326,19 +4355,32 @@ class S3Store:
 
     # -- uploads in chunks: segment objects that any host reads --------------------
 
-    def _segment_key(self, oid: str, total: int, first: int, last: int) -> str:
+    def _segment_key(self, oid: str, total: int | str, first: int, last: int) -> str:
+        """The key of a new segment: *total* is the upload's length, or for a whole upload of
+        unknown length _UNSIZED_SEGMENTS and its attempt's token."""
         return f"{self.prefix}segments/{oid}/{total}/{first:020d}-{last:020d}.{secrets.token_hex(8)}"
 
-    def _segments(self, oid: str) -> list[tuple[int, int, int, str]]:
-        """(first, last, total, key) of each stored chunk of the upload of *oid*, by first."""
+    def _listed_segments(self, oid: str) -> tuple[list, dict]:
+        """From one listing: (first, last, total, key) of each stored segment of an upload
+        of *oid* of known length, by first; and of each whole upload of unknown length in
+        progress, by its attempt's token, (first, last, key) of each of its segments."""
         under = f"{self.prefix}segments/{oid}/"
-        found = []
+        sized, unsized = [], {}
         for key, _, _ in self._keys(f"segments/{oid}/"):
             total, _, name = key[len(under) :].partition("/")
             first, _, last = name.split(".", 1)[0].partition("-")
-            if total.isdigit() and first.isdigit() and last.isdigit():
-                found.append((int(first), int(last), int(total), key))
-        return sorted(found)
+            if not (first.isdigit() and last.isdigit()):
+                continue
+            if total.isdigit():
+                sized.append((int(first), int(last), int(total), key))
+            elif total.startswith(_UNSIZED_SEGMENTS):
+                unsized.setdefault(total[len(_UNSIZED_SEGMENTS) :], []).append((int(first), int(last), key))
+        return sorted(sized), {attempt: sorted(found) for attempt, found in unsized.items()}
+
+    def _segments(self, oid: str) -> list[tuple[int, int, int, str]]:
+        """(first, last, total, key) of each stored chunk of the upload of *oid* of known
+        length (in chunks, or whole), by first."""
+        return self._listed_segments(oid)[0]
 
     def _drop_segments(self, segments) -> None:
         for _, _, _, key in segments:
@@ -4863,22 +4905,28 @@ class S3ObjectReader(_S3StreamReader):
 
 
 class S3UploadReader(_S3StreamReader):
-    """Reads an upload in chunks as its segments appear, on any host, then the object once
-    it is stored. The last byte is held back until the object verified, so a reader never
-    receives something that looks complete but is not; if the upload is cancelled, fails
-    or stalls, read() raises UploadFailed. No sendfile."""
+    """Reads a whole upload or one in chunks as its segments appear, on any host, then the
+    object once it is stored. The last byte is held back until the object verified, so a
+    reader never receives something that looks complete but is not; if the upload is
+    cancelled, fails or stalls, read() raises UploadFailed. No sendfile.
+
+    Of an upload of unknown length (*attempt* names it), the reader keeps to that attempt's
+    segments and never reads the last byte of one unless the next is there: any byte may be
+    the last, which comes from the object alone."""
 
     object = None
     ticket = None
     max_downloads = None  # an upload with a budget is not followed (S3Store.follow)
     pause = staticmethod(time.sleep)  # the wait between looks; the web layer replaces it
 
-    def __init__(self, store: S3Store, oid: str, length: int):
+    def __init__(self, store: S3Store, oid: str, length: int | None, attempt: str | None = None):
         self.store = store
         self.oid = oid
         self.length = length
+        self.attempt = attempt
         self.start = self.position = 0
-        self.end = length
+        self.end = length  # of a whole upload of unknown length: known once it is stored
+        self.selected = False
         self.finished = length == 0
         self.stall_timeout = store.config.idle_timeout
         self._stream = None
@@ -4892,12 +4940,16 @@ class S3UploadReader(_S3StreamReader):
         return self.position - self.start
 
     def progress(self) -> Progress:
+        if self.length is None:
+            segments = self.store._listed_segments(self.oid)[1].get(self.attempt, [])
+            return Progress("stream", None, merge_ranges((first, last) for first, last, _ in segments), True)
         return self.store.progress(self.oid) or Progress("chunks", self.length, [(0, self.length - 1)], False)
 
     def select(self, first: int, last: int) -> None:
         self._close_stream()
         self.start = self.position = first
         self.end = last + 1
+        self.selected = True
         self.finished = False
         self._sent_hash = None  # a range of an upload in progress is not verified (Upload-Incomplete)
 
@@ -4918,7 +4970,7 @@ class S3UploadReader(_S3StreamReader):
                     self.position += len(block)
                     return block
                 self._close_stream()
-            if self.position >= self.end and (self.end < self.length or self._stored()):
+            if self._done():
                 self.finished = True
                 return b""
             if self._open_next():
@@ -4927,35 +4979,48 @@ class S3UploadReader(_S3StreamReader):
                 raise UploadFailed("the upload stalled")
             self.pause(next(delays))
 
+    def _done(self) -> bool:
+        """Whether every byte asked for went out (the last of the upload only once stored)."""
+        if self.end is None or self.position < self.end:
+            return False
+        if self.length is None or self.end < self.length:
+            return True  # a range of an upload of unknown length, or one short of its end
+        return self._stored() is not None
+
     def _check_whole(self, block: bytes) -> None:
         """Hash *block* into what a whole download sent; before the block that ends it goes
         out, UploadFailed unless everything sent hashes to the name."""
         if self._sent_hash is None:
             return
         self._sent_hash.update(block)
-        if self.position + len(block) == self.length and self._sent_hash.hexdigest() != self.oid:
+        if self.position + len(block) == self.end and self._sent_hash.hexdigest() != self.oid:
             raise UploadFailed("the bytes followed were those of an attempt at the upload that was discarded")
 
-    def _stored(self) -> bool:
+    def _stored(self) -> StoredObject | None:
+        """The object, once stored."""
         try:
-            return self.store._head(self.oid) is not None
+            found = self.store._head(self.oid)
         except StorageError as exc:
             raise UploadFailed(exc.reason) from None
+        return found[0] if found is not None else None
 
     def _open_next(self) -> bool:
         """Open what holds the next bytes: the object if stored, else a segment (but never
         the last byte from one). False if nothing holds them yet."""
-        if self.position >= self.end:
+        if self.end is not None and self.position >= self.end:
             return False  # only the verdict is awaited
         try:
-            if self._stored():
+            stored = self._stored()
+            if stored is not None:
+                if self.end is None:
+                    self.end = stored.size
+                if self.end > stored.size:
+                    raise UploadFailed("the object stored ends before the range asked for")
+                if self.position >= self.end:
+                    return False
                 self._stream, self._stream_end = self.store._stream(self.oid, self.position, self.end - 1), self.end
                 return True
-            segments = self.store._segments(self.oid)
-            if not segments:
-                raise UploadFailed("the upload was cancelled, or did not verify")
-            for start, end, _, key in segments:
-                stop = min(end, self.end - 1, self.length - 2)
+            for start, stop, key in self._readable():
                 if start <= self.position <= stop:
                     got = self.store._call(
                         "read a chunk",
@@ -4970,6 +5035,24 @@ class S3UploadReader(_S3StreamReader):
         except StorageError as exc:
             raise UploadFailed(exc.reason) from None
         return False
+
+    def _readable(self) -> list[tuple[int, int, str]]:
+        """(first, last byte that may be read from it, key) of each segment there is now.
+        UploadFailed if none is, and the object was not stored either."""
+        if self.length is None:
+            segments = self.store._listed_segments(self.oid)[1].get(self.attempt, [])
+            starts = {first for first, _, _ in segments}
+            limit = self.end - 1 if self.end is not None else None
+            readable = [
+                (first, min(last if last + 1 in starts else last - 1, limit if limit is not None else last), key)
+                for first, last, key in segments
+            ]
+        else:
+            segments = self.store._segments(self.oid)
+            readable = [(first, min(last, self.end - 1, self.length - 2), key) for first, last, _, key in segments]
+        if not segments and self._stored() is None:  # a look again: stored and cleaned up since?
+            raise UploadFailed("the upload was cancelled, or did not verify")
+        return readable
 
     def close(self) -> None:
         self._close_stream()

@@ -280,6 +280,46 @@ def test_a_download_on_one_host_follows_a_whole_upload_arriving_at_another(s3_re
     assert requests.get(url(c, oid), timeout=60).content == data
 
 
+def seen_in_progress(relay: RelayProcess, oid: str) -> requests.Response:
+    """A HEAD on *relay* of the upload of *oid* once it is under way (before: 404)."""
+    seen = wait_until(  # a list: a Response is false when its status is an error
+        lambda: [answer] if (answer := requests.head(url(relay, oid), timeout=60)).status_code != 404 else None,
+        timeout=30,
+        interval=0.2,
+        message="the upload to be seen",
+    )
+    return seen[0]
+
+
+def test_a_download_on_one_host_follows_an_upload_of_unknown_length_arriving_at_another(
+    s3_relays, seaweed, s3_storage_url
+):
+    a, b, c = s3_relays(3)
+    data, oid = blob(20 << 20, seed=6)  # two segments of an upload of unknown length
+    body = Paced(data, seconds=8, pieces=40)
+    answers = []
+    sending = threading.Thread(target=lambda: answers.append(requests.put(url(a, oid), data=iter(body), timeout=60)))
+    sending.start()
+    try:
+        head = seen_in_progress(c, oid)
+        assert head.status_code == 200 and int(head.headers["Upload-Offset"]) > 0, (head.status_code, head.headers)
+        assert head.headers["Upload-Incomplete"] == "?1" and "Upload-Length" not in head.headers
+        assert "Upload-Ranges" not in head.headers  # not an upload in chunks
+        with requests.get(url(b, oid), stream=True, timeout=60) as following:
+            assert following.status_code == 200, following.text
+            assert "Content-Length" not in following.headers
+            began_before_the_end = body.finished_at is None
+            received = b"".join(following.iter_content(1 << 20))
+        assert began_before_the_end
+    finally:
+        sending.join(60)
+    assert answers[0].status_code == 201, answers[0].text
+    assert hashlib.sha256(received).hexdigest() == oid
+    assert keys_under(seaweed, s3_storage_url, "segments/") == [] and multipart_uploads(seaweed, s3_storage_url) == []
+    assert keys_under(seaweed, s3_storage_url) == [oid]
+    assert requests.get(url(c, oid), timeout=60).content == data
+
+
 class Follower(threading.Thread):
     """A GET of *target* read to its end on a thread of its own: status, body, and whether
     it was cut off."""
@@ -288,6 +328,7 @@ class Follower(threading.Thread):
         super().__init__()
         self.target = target
         self.status, self.body, self.cut = None, b"", False
+        self.finished_at = None
         self.start()
 
     def run(self) -> None:
@@ -298,6 +339,7 @@ class Follower(threading.Thread):
                     self.body += block
             except requests.exceptions.ChunkedEncodingError:
                 self.cut = True
+        self.finished_at = time.monotonic()
 
 
 def test_a_follower_of_a_discarded_attempt_is_never_handed_a_whole_wrong_file(s3_relays):
@@ -324,6 +366,27 @@ def test_a_follower_of_a_discarded_attempt_is_never_handed_a_whole_wrong_file(s3
         assert follower.status == 200 and follower.body[:2000] == wrong
         whole = hashlib.sha256(follower.body).hexdigest() == oid
         assert follower.cut or whole, f"turn {turn}: {len(follower.body)} bytes, wrong, sent as whole"
+
+
+def test_a_follower_of_an_upload_of_unknown_length_that_does_not_verify_is_cut_off(s3_relays, seaweed, s3_storage_url):
+    a, b = s3_relays(2)
+    data = blob(20 << 20, seed=8)[0]
+    oid = blob(1000, seed=9)[1]  # not the name of what is sent
+    body = Paced(data, seconds=8, pieces=40)
+    answers = []
+    sending = threading.Thread(target=lambda: answers.append(requests.put(url(a, oid), data=iter(body), timeout=60)))
+    sending.start()
+    try:
+        assert seen_in_progress(b, oid).status_code == 200
+        follower = Follower(url(b, oid))
+        follower.join(60)
+    finally:
+        sending.join(60)
+    assert answers[0].status_code == 400, answers[0].text
+    assert follower.status == 200 and len(follower.body) > 0
+    assert follower.cut and len(follower.body) < len(data), len(follower.body)
+    assert keys_under(seaweed, s3_storage_url, "segments/") == [] and keys_under(seaweed, s3_storage_url) == []
+    assert multipart_uploads(seaweed, s3_storage_url) == []
 
 
 def test_a_chunk_longer_than_its_content_range_is_refused_as_it_arrives(s3_relays, seaweed, s3_storage_url):
