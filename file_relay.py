@@ -3602,11 +3602,12 @@ class PipeReader:
 # larger one, of known length or not, is stored as segments as it arrives (so that
 # followers on any host read it), which the store copies into a multipart upload under the
 # object's key (UploadPartCopy), completed only once the hash matched (else aborted):
-# nothing is visible under the name before. An upload in chunks is its segments until the
-# chunk that completes it has the object written from them. An upload the relay names is
-# staged (PREFIX/incoming/), then copied under its hash; a resumable one is recorded in
-# PREFIX/unnamed/<token>. Not done on S3 yet, answered 501: following an upload with a
-# budget, or one being copied from its staged copy.
+# nothing is visible under the name before. A follower of a whole upload with a budget
+# counts on the counter of the upload's token, which its segments carry. An upload in
+# chunks is its segments until the chunk that completes it has the object written from
+# them. An upload the relay names is staged (PREFIX/incoming/), then copied under its hash;
+# a resumable one is recorded in PREFIX/unnamed/<token>. Not done on S3 yet, answered 501:
+# following an upload in chunks with a budget, or one being copied from its staged copy.
 # ---------------------------------------------------------------------------
 
 # Options whose meaning is a local filesystem's.
@@ -3927,19 +3928,22 @@ class S3Store:
 
     def follow(self, oid: str) -> S3UploadReader | None:
         """A reader of the upload of *oid* in segments (in chunks, or whole and larger than
-        a segment: its segments, then the object), or None. NotSupported for an upload that
-        cannot be followed yet: one with a download budget, or one under way without
-        segments (copied from a staged upload)."""
+        a segment: its segments, then the object), or None. A follower of a whole upload
+        with a download budget counts against it (reserve_download), on the counter of the
+        upload's token, which its segments carry. NotSupported for an upload that cannot be
+        followed: one in chunks with a budget (its object's token is chosen only when it is
+        composed), or one under way without segments (copied from a staged upload)."""
         sized, unsized = self._listed_segments(oid)
         if sized:
-            key, length, attempt = sized[0][3], sized[0][2], None
-        elif unsized:  # the attempt furthest along
+            meta = self._segment_metadata(sized[0][3])
+            if meta.get("max-downloads") and not meta.get("whole"):
+                raise NotSupported(
+                    "following an upload in chunks with Max-Downloads is not done on S3: retry once stored"
+                )
+            return S3UploadReader(self, oid, sized[0][2], meta)
+        if unsized:  # the attempt furthest along
             attempt, segments = max(unsized.items(), key=lambda item: len(item[1]))
-            key, length = segments[0][2], None
-        if sized or unsized:
-            if self._segment_metadata(key).get("max-downloads"):
-                raise NotSupported("following an upload with Max-Downloads is not done on S3 yet: retry once stored")
-            return S3UploadReader(self, oid, length, attempt)
+            return S3UploadReader(self, oid, None, self._segment_metadata(segments[0][2]), attempt)
         key = self._object_key(oid)
         began = [initiated for found, _, initiated in self._multipart_uploads(key) if found == key]
         if began:
@@ -4024,10 +4028,11 @@ class S3Store:
             time.sleep(random.uniform(0.005, 0.05))
         raise Busy("too many downloads of this object are being counted at once", retry_after=1)
 
-    def reserve_download(self, reader: S3ObjectReader) -> S3DownloadTicket | None:
+    def reserve_download(self, reader: S3ObjectReader | S3UploadReader) -> S3DownloadTicket | None:
         """A lease on one counted download, if the object has a budget: counted at once and
-        given back if the download does not go through whole. NotFound once it is used up,
-        Busy while its remaining downloads are in flight."""
+        given back if the download does not go through whole (a follower's: on the counter
+        of the upload it follows, whose object has that upload's token once stored).
+        NotFound once it is used up, Busy while its remaining downloads are in flight."""
         limit = reader.max_downloads
         if limit is None:
             return None
@@ -4151,7 +4156,7 @@ class S3Store:
                 "put_object",
                 Key=segment,
                 Body=data,
-                Metadata=metadata,
+                Metadata={**metadata, "whole": "1"},  # its token is the object's: followers count there
                 ChecksumSHA256=checksum,
             )
             reserve_more(-len(data))  # counted as stored from now on
@@ -4731,10 +4736,7 @@ class S3Store:
                 if (expired or used_up) and self._remove(oid, found[1]):
                     removed["objects"] += 1
         for key, _, _ in list(self._keys("downloads/")):
-            oid, _, token = key.rsplit("/", 1)[-1].partition(".")
-            found = self._head(oid) if _is_object_name(oid) else None
-            if found is None or found[1] != token:
-                self._call("remove a download count", "delete_object", Key=key)
+            if self._remove_counter_left(key):
                 removed["leftovers"] += 1
         for key, _, modified in list(self._keys("claims/")):
             if now - modified > _S3_CLAIM_STALE:  # its holder died while completing
@@ -4747,6 +4749,27 @@ class S3Store:
                     removed["leftovers"] += 1
         self._sweep_uploads(now, removed)
         return removed
+
+    def _remove_counter_left(self, key: str) -> bool:
+        """Remove the download counter *key* if no object of its upload is stored and none
+        is being uploaded: True if removed. The followers of an upload in progress count on
+        its counter before its object exists, and an upload stores its object before it
+        removes its segments: so the segments are looked at first, then the object, and the
+        counter is removed only if it did not change since it was read first."""
+        oid, _, token = key.rsplit("/", 1)[-1].partition(".")
+        counter = self._call("look up a download count", "head_object", absent=(404,), Key=key)
+        if counter is None:
+            return False
+        if _is_object_name(oid):
+            if any(self._keys(f"segments/{oid}/")):
+                return False
+            found = self._head(oid)
+            if found is not None and found[1] == token:
+                return False
+        done = self._call(
+            "remove a download count", "delete_object", absent=(404, 412), Key=key, IfMatch=counter["ETag"]
+        )
+        return done is not None
 
     def _sweep_uploads(self, now: float, removed: dict) -> None:
         touched: dict = {}  # the segments of each upload in chunks, and when it last got one
@@ -4912,18 +4935,20 @@ class S3UploadReader(_S3StreamReader):
 
     Of an upload of unknown length (*attempt* names it), the reader keeps to that attempt's
     segments and never reads the last byte of one unless the next is there: any byte may be
-    the last, which comes from the object alone."""
+    the last, which comes from the object alone. Its *metadata* (a segment's) gives the
+    upload's download budget and the token of the counter a follower counts on."""
 
     object = None
-    ticket = None
-    max_downloads = None  # an upload with a budget is not followed (S3Store.follow)
+    ticket: S3DownloadTicket | None = None
     pause = staticmethod(time.sleep)  # the wait between looks; the web layer replaces it
 
-    def __init__(self, store: S3Store, oid: str, length: int | None, attempt: str | None = None):
+    def __init__(self, store: S3Store, oid: str, length: int | None, metadata: dict, attempt: str | None = None):
         self.store = store
         self.oid = oid
         self.length = length
         self.attempt = attempt
+        self.token = metadata.get("token", "")
+        self.max_downloads = int(metadata["max-downloads"]) if metadata.get("max-downloads") else None
         self.start = self.position = 0
         self.end = length  # of a whole upload of unknown length: known once it is stored
         self.selected = False
@@ -4968,6 +4993,7 @@ class S3UploadReader(_S3StreamReader):
                 if block:
                     self._check_whole(block)
                     self.position += len(block)
+                    self._renew()
                     return block
                 self._close_stream()
             if self._done():
@@ -4977,7 +5003,13 @@ class S3UploadReader(_S3StreamReader):
                 continue
             if time.monotonic() - last_progress > self.stall_timeout:
                 raise UploadFailed("the upload stalled")
+            self._renew()
             self.pause(next(delays))
+
+    def _renew(self) -> None:
+        if self.ticket is not None:
+            with contextlib.suppress(StorageError):
+                self.ticket.renew()
 
     def _done(self) -> bool:
         """Whether every byte asked for went out (the last of the upload only once stored)."""
@@ -4997,12 +5029,17 @@ class S3UploadReader(_S3StreamReader):
             raise UploadFailed("the bytes followed were those of an attempt at the upload that was discarded")
 
     def _stored(self) -> StoredObject | None:
-        """The object, once stored."""
+        """The object, once stored; UploadFailed if another upload's copy of it is, while
+        this download counts against the budget of the upload it followed."""
         try:
             found = self.store._head(self.oid)
         except StorageError as exc:
             raise UploadFailed(exc.reason) from None
-        return found[0] if found is not None else None
+        if found is None:
+            return None
+        if self.ticket is not None and found[1] != self.token:
+            raise UploadFailed("another upload of the object was stored, with a download budget of its own")
+        return found[0]
 
     def _open_next(self) -> bool:
         """Open what holds the next bytes: the object if stored, else a segment (but never
@@ -5055,7 +5092,13 @@ class S3UploadReader(_S3StreamReader):
         return readable
 
     def close(self) -> None:
-        self._close_stream()
+        """End the reader: a download it holds counts if every byte was delivered."""
+        try:
+            if self.ticket is not None:
+                with contextlib.suppress(StorageError):  # a lease not given back counts once
+                    self.ticket.complete() if self.finished else self.ticket.release()
+        finally:
+            self._close_stream()
 
 
 def open_storage(config: RelayConfig) -> Storage:

@@ -389,6 +389,37 @@ def test_a_follower_of_an_upload_of_unknown_length_that_does_not_verify_is_cut_o
     assert multipart_uploads(seaweed, s3_storage_url) == []
 
 
+@pytest.mark.parametrize("sized", [True, False], ids=["known length", "unknown length"])
+def test_followers_on_every_host_count_against_the_upload_s_max_downloads(s3_relays, seaweed, s3_storage_url, sized):
+    """Max-Downloads: 2 and four followers on three hosts while the upload arrives: two get
+    the whole object, the others are refused while those are in flight; then the budget
+    is spent, and the object is gone on every host."""
+    relays = s3_relays(3)
+    data, oid = blob(20 << 20, seed=10)
+    body = Paced(data, seconds=8, pieces=40)
+    sent = body if sized else iter(body)
+    answers = []
+    headers = {"Max-Downloads": "2"}
+    sending = threading.Thread(
+        target=lambda: answers.append(requests.put(url(relays[0], oid), data=sent, headers=headers, timeout=60))
+    )
+    sending.start()
+    try:
+        assert seen_in_progress(relays[1], oid).status_code == 200
+        followers = [Follower(url(relays[i % 3], oid)) for i in range(1, 5)]
+        for follower in followers:
+            follower.join(60)
+    finally:
+        sending.join(60)
+    assert answers[0].status_code == 201, answers[0].text
+    outcomes = sorted((f.status, f.cut, hashlib.sha256(f.body).hexdigest() == oid) for f in followers)
+    assert outcomes[:2] == [(200, False, True)] * 2, outcomes
+    assert [status for status, _, _ in outcomes[2:]] == [409, 409], outcomes
+    assert all(f.finished_at > body.finished_at for f in followers if f.status == 200)  # waited for the end
+    for relay in relays:
+        wait_until(lambda r=relay: requests.get(url(r, oid), timeout=60).status_code == 404, message="404")
+
+
 def test_a_chunk_longer_than_its_content_range_is_refused_as_it_arrives(s3_relays, seaweed, s3_storage_url):
     """Sent without Content-Length (chunked coding), a chunk's body is bounded by its
     Content-Range: refused once it runs past it, nothing of it kept (as on a filesystem)."""
@@ -878,6 +909,65 @@ def test_sweepers_on_several_hosts_at_once_remove_what_expired_and_nothing_else(
     assert sum(result["objects"] for result in swept) >= len(expiring)
     assert keys_under(seaweed, s3_storage_url) == [kept_oid]
     assert stores[2].lookup(kept_oid).size == len(kept)
+
+
+def test_a_follower_counted_on_an_upload_that_another_one_beat_is_cut_off(s3_relays):
+    """Two uploads of one object with Max-Downloads: 1, each with a counter of its own. A
+    follower counts on the slow one's; the fast one stores the object, with its own
+    budget. The follower must be cut off: served whole, it would be a download the stored
+    object's budget never counted."""
+    a, b, c = s3_relays(3)
+    data, oid = blob(20 << 20, seed=12)
+    body = Paced(data, seconds=8, pieces=40)
+    headers = {"Max-Downloads": "1"}
+    answers = []
+    slow = threading.Thread(
+        target=lambda: answers.append(requests.put(url(a, oid), data=body, headers=headers, timeout=60))
+    )
+    slow.start()
+    try:
+        assert seen_in_progress(b, oid).status_code == 200
+        follower = Follower(url(b, oid))
+        wait_until(lambda: len(follower.body) > 0, timeout=30, message="the follower to read")
+        assert requests.put(url(c, oid), data=data, headers=headers, timeout=60).status_code == 201
+        follower.join(60)
+    finally:
+        slow.join(60)
+    assert follower.status == 200 and follower.cut and len(follower.body) < len(data), (
+        follower.cut,
+        len(follower.body),
+    )
+    got = requests.get(url(a, oid), timeout=60)  # the stored object's one download
+    assert got.status_code == 200 and got.content == data
+    wait_until(lambda: requests.get(url(c, oid), timeout=60).status_code == 404, message="404")
+
+
+def test_a_sweep_while_a_follower_counts_keeps_its_count(s3_relays, seaweed, s3_env, s3_storage_url):
+    """A follower counts on the counter of the upload it follows before the object exists:
+    a sweep then (on any host) must keep that counter, or the budget would be spent twice."""
+    a, b = s3_relays(2)
+    data, oid = blob(20 << 20, seed=11)
+    body = Paced(data, seconds=8, pieces=40)
+    answers = []
+    headers = {"Max-Downloads": "1"}
+    sending = threading.Thread(
+        target=lambda: answers.append(requests.put(url(a, oid), data=body, headers=headers, timeout=60))
+    )
+    sending.start()
+    try:
+        assert seen_in_progress(b, oid).status_code == 200
+        follower = Follower(url(b, oid))
+        wait_until(lambda: keys_under(seaweed, s3_storage_url, "downloads/"), message="the follower's count")
+        config = file_relay.RelayConfig(server_id=SERVER_ID, storage=s3_storage_url, s3_endpoint=seaweed.endpoint)
+        file_relay.S3Store(config).sweep()
+        assert keys_under(seaweed, s3_storage_url, "downloads/"), "the sweep removed the follower's count"
+        follower.join(60)
+    finally:
+        sending.join(60)
+    assert answers[0].status_code == 201, answers[0].text
+    assert follower.status == 200 and not follower.cut and hashlib.sha256(follower.body).hexdigest() == oid
+    assert requests.get(url(a, oid), timeout=60).status_code in (404, 409)  # 409: the follower's end is being counted
+    wait_until(lambda: requests.get(url(a, oid), timeout=60).status_code == 404, message="404")
 
 
 def test_a_host_killed_while_it_composes_the_object_leaves_the_chunks_for_another(s3_relays, seaweed, s3_storage_url):
