@@ -3936,6 +3936,8 @@ class S3Store:
         sized, unsized = self._listed_segments(oid)
         if sized:
             meta = self._segment_metadata(sized[0][3])
+            if meta is None:  # the upload ended since: its budget is the object's, if stored
+                return self.open(oid)
             if meta.get("max-downloads") and not meta.get("whole"):
                 raise NotSupported(
                     "following an upload in chunks with Max-Downloads is not done on S3: retry once stored"
@@ -3943,7 +3945,8 @@ class S3Store:
             return S3UploadReader(self, oid, sized[0][2], meta)
         if unsized:  # the attempt furthest along
             attempt, segments = max(unsized.items(), key=lambda item: len(item[1]))
-            return S3UploadReader(self, oid, None, self._segment_metadata(segments[0][2]), attempt)
+            meta = self._segment_metadata(segments[0][2])
+            return self.open(oid) if meta is None else S3UploadReader(self, oid, None, meta, attempt)
         key = self._object_key(oid)
         began = [initiated for found, _, initiated in self._multipart_uploads(key) if found == key]
         if began:
@@ -3953,10 +3956,10 @@ class S3Store:
             )
         return None
 
-    def _segment_metadata(self, key: str) -> dict:
-        """The user metadata of a segment ({} once it is gone)."""
+    def _segment_metadata(self, key: str) -> dict | None:
+        """The user metadata of a segment (None once it is gone)."""
         head = self._call("look up a chunk", "head_object", absent=(404,), Key=key)
-        return head.get("Metadata", {}) if head is not None else {}
+        return head.get("Metadata", {}) if head is not None else None
 
     def progress(self, oid: str) -> Progress | None:
         """Where the upload of *oid* in chunks stands: the segments any host stored."""

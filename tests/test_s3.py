@@ -942,6 +942,44 @@ def test_a_follower_counted_on_an_upload_that_another_one_beat_is_cut_off(s3_rel
     wait_until(lambda: requests.get(url(c, oid), timeout=60).status_code == 404, message="404")
 
 
+def test_a_follower_that_finds_the_upload_ended_meanwhile_still_counts(seaweed, s3_env, s3_storage_url):
+    """follow() lists an upload's segments, then reads the budget off one of them: if the
+    upload ends in between (its object stored, its segments removed), the reader it gives
+    must still count against the object's budget, not serve it uncounted."""
+    config = file_relay.RelayConfig(server_id=SERVER_ID, storage=s3_storage_url, s3_endpoint=seaweed.endpoint)
+    store = file_relay.S3Store(config)
+    data, oid = blob(20 << 20, seed=13)
+    rest = threading.Event()
+
+    def body():
+        yield data[: 9 << 20]  # more than a segment
+        rest.wait(30)
+        yield data[9 << 20 :]
+
+    stored = []
+    upload = threading.Thread(
+        target=lambda: stored.append(store.put_stream(oid, body(), len(data), file_relay.Limits(max_downloads=1)))
+    )
+    upload.start()
+    wait_until(lambda: store._segments(oid), timeout=30, message="a first segment")
+    read_metadata = store._segment_metadata
+
+    def once_the_upload_ended(key):
+        rest.set()
+        upload.join(60)
+        return read_metadata(key)
+
+    store._segment_metadata = once_the_upload_ended
+    try:
+        reader = store.follow(oid)
+    finally:
+        rest.set()
+        upload.join(60)
+    assert stored == [True] and store._segments(oid) == []
+    assert reader is not None and reader.max_downloads == 1
+    reader.close()
+
+
 def test_a_sweep_while_a_follower_counts_keeps_its_count(s3_relays, seaweed, s3_env, s3_storage_url):
     """A follower counts on the counter of the upload it follows before the object exists:
     a sweep then (on any host) must keep that counter, or the budget would be spent twice."""
