@@ -3585,8 +3585,9 @@ class PipeReader:
 #                                    its user metadata: the upload's token, ttl, max-downloads, and
 #                                    stored-at (a multipart upload's: when it began; lifetimes count
 #                                    from it)
-# PREFIX/downloads/<sha256>.<token>  the downloads of that upload of the object: JSON, changed only
-#                                    by compare-and-swap (If-Match on its ETag)
+# PREFIX/downloads/<sha256>.<token>  the downloads of that upload of the object (its followers'
+#                                    too, before it is stored): JSON, changed only by
+#                                    compare-and-swap (If-Match on its ETag)
 # PREFIX/segments/<sha256>/<length>/<first>-<last>.<token>   one chunk of an upload in chunks, stored
 #                                    once its bytes are (and match their Content-Digest)
 # PREFIX/segments/<sha256>/unsized.<attempt>/<first>-<last>.<token>   one segment of a whole upload
