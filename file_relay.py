@@ -5115,6 +5115,14 @@ def open_storage(config: RelayConfig) -> Storage:
 # ---------------------------------------------------------------------------
 
 
+_ARRIVALS_KEPT = 32  # keys of the latest transfers begun that each worker keeps (see ArrivalBells)
+
+
+def _arrival_key(oid: str) -> int:
+    """A 60-bit key of an object's name, to tell which waiters a transfer concerns."""
+    return int(oid[:15], 16) if len(oid) >= 15 and all(c in "0123456789abcdef" for c in oid[:15]) else -1
+
+
 class SharedState:
     """Counters, gauges and flags shared by the master and every worker process.
 
@@ -5134,7 +5142,6 @@ class SharedState:
         "uploads_completed",
         "downloads_completed",
         "pipes_completed",
-        "arrivals",  # transfers begun (an upload's body, a pipe, a receiver joining one): waiters look again
     )
     GAUGES = ("uploads_active", "downloads_active", "waiting_readers")
     FIELDS = COUNTERS + GAUGES
@@ -5144,6 +5151,8 @@ class SharedState:
         self.slots = slots
         self._memory = mmap.mmap(-1, (slots + 1) * len(self.FIELDS) * 8)
         self._values = memoryview(self._memory).cast("q")
+        # Per row: how many transfers this worker began, then the keys of the latest ones.
+        self._arrivals = memoryview(mmap.mmap(-1, (slots + 1) * (1 + _ARRIVALS_KEPT) * 8)).cast("q")
         self._row = 1
         self._lock = threading.Lock()
         self.started = time.time()
@@ -5174,6 +5183,32 @@ class SharedState:
     def totals(self) -> dict:
         return {field: self.get(field) for field in self.FIELDS}
 
+    def note_arrival(self, oid: str) -> None:
+        """Record that a transfer of *oid* began in this process (see ArrivalBells)."""
+        base = self._row * (1 + _ARRIVALS_KEPT)
+        with self._lock:
+            count = self._arrivals[base]
+            self._arrivals[base + 1 + count % _ARRIVALS_KEPT] = _arrival_key(oid)
+            self._arrivals[base] = count + 1  # after its key: a reader that sees the count sees the key
+
+    def arrivals_since(self, seen: list[int]) -> set[int] | None:
+        """The keys of the transfers begun since the counts *seen* (one per row, updated
+        in place), or None if more began in some worker than it keeps the keys of."""
+        keys: set[int] | None = set()
+        for row in range(1, self.slots + 1):
+            base = row * (1 + _ARRIVALS_KEPT)
+            count = self._arrivals[base]
+            new = [self._arrivals[base + 1 + index % _ARRIVALS_KEPT] for index in range(seen[row], count)]
+            if self._arrivals[base] - seen[row] > _ARRIVALS_KEPT:  # overwritten meanwhile
+                keys = None
+            elif keys is not None:
+                keys.update(new)
+            seen[row] = count
+        return keys
+
+    def arrival_counts(self) -> list[int]:
+        return [self._arrivals[row * (1 + _ARRIVALS_KEPT)] for row in range(self.slots + 1)]
+
     def reset_gauges(self, slot: int) -> None:
         for gauge in self.GAUGES:
             self._values[self._index(slot, gauge)] = 0
@@ -5188,28 +5223,29 @@ class SharedState:
         self._values[self._DRAINING] = 1
 
 
-_ARRIVAL_POLL = 0.01  # seconds between looks at the relay's count of transfers begun, while anyone waits
+_ARRIVAL_POLL = 0.01  # seconds between looks at the transfers begun, while anyone waits
 
 
 class ArrivalBells:
-    """Wakes this process's waiters (readers waiting for an upload, pipe senders waiting
-    for receivers) as soon as a transfer begins on the relay, in any worker: that is, as
-    soon as SharedState's "arrivals" changes. One thread looks at the count every
-    _ARRIVAL_POLL while anyone waits, and rings every waiter's bell (an eventfd, which a
-    waiter polls beside its client's connection): idle waiters cost nothing."""
+    """Wakes this process's waiters for an object (readers waiting for its upload, a pipe
+    sender waiting for its receivers) as soon as a transfer of that object begins on the
+    relay, in any worker (SharedState.note_arrival). One thread looks at the transfers
+    begun every _ARRIVAL_POLL while anyone waits, and rings the bells (eventfds, which a
+    waiter polls beside its client's connection) of those waiting for those objects: idle
+    waiters cost nothing, and a transfer wakes only the waiters it concerns."""
 
     def __init__(self, state: SharedState):
         self._state = state
         self._lock = threading.Lock()
-        self._bells: set[int] = set()
+        self._bells: dict[int, int] = {}  # eventfd -> the key of the object waited for
         self._watching = False
 
     @contextlib.contextmanager
-    def bell(self):
-        """An eventfd that becomes readable when a transfer begins, while in the block."""
+    def bell(self, oid: str):
+        """An eventfd that becomes readable when a transfer of *oid* begins, while in the block."""
         bell = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         with self._lock:
-            self._bells.add(bell)
+            self._bells[bell] = _arrival_key(oid)
             if not self._watching:
                 self._watching = True
                 threading.Thread(target=self._watch, name="arrivals", daemon=True).start()
@@ -5217,22 +5253,21 @@ class ArrivalBells:
             yield bell
         finally:
             with self._lock:
-                self._bells.discard(bell)  # never rung once closed: rung only under the lock
+                del self._bells[bell]  # never rung once closed: rung only under the lock
             os.close(bell)
 
     def _watch(self) -> None:
-        seen = self._state.get("arrivals")
+        seen = self._state.arrival_counts()
         while True:
             time.sleep(_ARRIVAL_POLL)
-            count = self._state.get("arrivals")
+            keys = self._state.arrivals_since(seen)
             with self._lock:
                 if not self._bells:
                     self._watching = False
                     return
-                if count != seen:
-                    for bell in self._bells:
+                for bell, key in self._bells.items():
+                    if keys is None or key in keys:
                         os.eventfd_write(bell, 1)
-            seen = count
 
 
 # ---------------------------------------------------------------------------
@@ -6013,7 +6048,7 @@ class _SendfileBody(_Body):
         return self.reader.seek(offset, whence)
 
 
-def _request_body(environ: dict, length: int | None, exchange: _Exchange):
+def _request_body(environ: dict, length: int | None, exchange: _Exchange, arriving: str | None = None):
     """Yield the request body in blocks as they arrive (up to BLOCK_SIZE each).
 
     Raises RelayError(400) if the body ends before its Content-Length, ClientGone if the
@@ -6024,7 +6059,8 @@ def _request_body(environ: dict, length: int | None, exchange: _Exchange):
     peer = _client_socket(environ)
     if isinstance(peer, _HeaderDeadline):
         peer.send_continue()
-    exchange.state.add("arrivals")  # first read once the storage is ready for it: followable
+    if arriving is not None:  # first read once the storage is ready for it: followable
+        exchange.state.note_arrival(arriving)
     blocks = _socket_body(stream, peer, length) or _stream_blocks(stream, length)
     received = 0
     try:
@@ -7020,7 +7056,7 @@ class RelayHandler:
             length, chunk, limits, digest = self._upload_request(oid)
         except (RelayError, StorageError) as exc:
             return self._refuse(exc)
-        body = _request_body(self.request.environ, length, exchange)
+        body = _request_body(self.request.environ, length, exchange, oid)
         try:
             with self.state.active("uploads_active"):
                 if chunk:
@@ -7094,12 +7130,12 @@ class RelayHandler:
             pipe = self.storage.open_pipe(oid, length, int(receivers))
         except (RelayError, StorageError) as exc:
             return self._refuse(exc)
-        self.state.add("arrivals")  # receivers waiting for it may join now
+        self.state.note_arrival(oid)  # receivers waiting for it may join now
         peer = _client_socket(environ)
 
         def pause(seconds: float, *, reading: bool = False) -> bool:
             """Wait *seconds* for the sender to hang up or, *reading*, to send; whether it sent."""
-            came = self._watch_for_arrivals(peer, seconds, select.POLLRDHUP | (select.POLLIN if reading else 0))
+            came = self._watch_for_arrivals(oid, peer, seconds, select.POLLRDHUP | (select.POLLIN if reading else 0))
             if came & ~select.POLLIN:
                 raise ClientGone("the sender hung up")
             return bool(came)
@@ -7344,7 +7380,7 @@ class RelayHandler:
                 reader.close()
                 reader = self.storage.join_pipe(oid)
                 if reader is not None:
-                    self.state.add("arrivals")  # its sender may be waiting for it
+                    self.state.note_arrival(oid)  # its sender may be waiting for it
         if reader is None:
             reader = self.storage.follow(oid)
         if reader is not None and reader.length is None and not unsized_ok:
@@ -7361,11 +7397,11 @@ class RelayHandler:
             look.close()
         return look is not None
 
-    def _watch_for_arrivals(self, peer, seconds: float, events: int = select.POLLRDHUP) -> int:
-        """_watch(peer, seconds, events), ended early too when a transfer begins on this
-        relay (in any worker), so that whoever waits for one looks again at once rather
-        than at its next poll; hosts sharing the storage are still found by polling."""
-        with self.arrivals.bell() as bell:
+    def _watch_for_arrivals(self, oid: str, peer, seconds: float, events: int = select.POLLRDHUP) -> int:
+        """_watch(peer, seconds, events), ended early too when a transfer of *oid* begins
+        on this relay (in any worker), so that whoever waits for one looks again at once
+        rather than at its next poll; hosts sharing the storage are still found by polling."""
+        with self.arrivals.bell(oid) as bell:
             return _watch(peer, seconds, events, bell)
 
     def _find_or_wait(self, oid: str, wait: float, *, unsized_ok: bool):
@@ -7385,7 +7421,7 @@ class RelayHandler:
                         break
                     if self.state.draining:
                         raise RelayError(503, "the relay is shutting down", retry_after=5)
-                    if self._watch_for_arrivals(peer, min(delay, max(0.0, deadline - time.monotonic()))):
+                    if self._watch_for_arrivals(oid, peer, min(delay, max(0.0, deadline - time.monotonic()))):
                         raise ClientGone("the client hung up while waiting for the upload")
                     found = self._find(oid, unsized_ok=unsized_ok)
                     if found is not None and found is not _UNSIZED_UPLOAD:

@@ -3,6 +3,7 @@ for an upload to start. Live relays, real curl where the client's view matters."
 
 import concurrent.futures
 import hashlib
+import os
 import socket
 import ssl
 import subprocess
@@ -515,4 +516,37 @@ def test_a_reader_that_has_waited_long_starts_as_soon_as_the_upload_does(live):
             received += chunk
         assert received.startswith(b"HTTP/1.1 200") and received.endswith(data)
         sender.close()
+        reader.close()
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def test_readers_waiting_idle_cost_the_relay_next_to_nothing(live):
+    """Readers waiting for uploads that do not begin, and uploads of other names meanwhile,
+    take little CPU: a waiter is woken by the transfers of its own object only."""
+    relay = live()
+    waiters = []
+    for index in range(100):
+        reader = socket.create_connection(relay.address, timeout=30)
+        reader.sendall(f"GET /{SERVER_ID}/{index + 1:064x}?wait=60 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        waiters.append(reader)
+    wait_until(lambda: requests.get(relay.url()).json()["waiting_readers"] == 100, message="100 readers to wait")
+    workers = relay.worker_pids()
+    before, started = _cpu_seconds(workers), time.monotonic()
+    with requests.Session() as session:
+        for index in range(100):
+            data, oid = blob(1000, seed=index)
+            assert session.put(relay.url(oid), data=data).status_code == 201
+    while time.monotonic() - started < 3:  # and idle the rest of 3 s
+        time.sleep(0.1)
+    used = (_cpu_seconds(workers) - before) / (time.monotonic() - started)
+    assert used < 0.25, f"the workers used {used:.2f} CPU s per second"
+    for reader in waiters:
         reader.close()
