@@ -3807,7 +3807,7 @@ class S3Store:
                 raise NoSpace(f"the object store is full ({code or status}) while trying to {doing}") from None
             if status >= 500 or status in (408, 429) or code in ("SlowDown", "RequestTimeout"):
                 raise Unavailable(f"the object store failed to {doing} ({code or status})") from None
-            if code == "NoSuchUpload":  # a sweeper took it for abandoned (older than --partial-ttl)
+            if code == "NoSuchUpload":  # a sweeper took it for abandoned (idle for --partial-ttl)
                 raise Conflict(f"the store's upload ended before this one did ({code}): send it again") from None
             raise StorageError(f"the object store refused to {doing} ({code or status})") from None
         except botocore.exceptions.BotoCoreError as exc:
@@ -4726,7 +4726,7 @@ class S3Store:
     def sweep(self, now: float | None = None) -> dict:
         """Remove objects that expired or were used up, counters whose object is gone,
         stale completion claims, and uploads abandoned by a relay that died: multipart
-        uploads begun and uploads in chunks untouched longer than --partial-ttl. Safe on
+        uploads and uploads in chunks untouched longer than --partial-ttl. Safe on
         several hosts at once: each removal is judged on what the store holds then, and
         removing what another host removed first is no harm."""
         now = time.time() if now is None else now
@@ -4775,8 +4775,24 @@ class S3Store:
         )
         return done is not None
 
+    def _last_part_at(self, key: str, upload_id: str) -> float:
+        """When the multipart upload into *key* last got a part (0 if it has none)."""
+        latest, marker = 0.0, {}
+        while True:
+            page = self._call("list parts", "list_parts", absent=(404,), Key=key, UploadId=upload_id, **marker)
+            if page is None:
+                return latest
+            for part in page.get("Parts", ()):
+                latest = max(latest, part["LastModified"].timestamp())
+            if not page.get("IsTruncated") or not page.get("NextPartNumberMarker"):
+                return latest
+            marker = {"PartNumberMarker": page["NextPartNumberMarker"]}
+
     def _sweep_uploads(self, now: float, removed: dict) -> None:
-        touched: dict = {}  # the segments of each upload in chunks, and when it last got one
+        """Remove the segments of each object untouched for --partial-ttl, and abort each
+        multipart upload idle that long: none of its parts, nor (under objects/) any
+        segment of its object, is newer. An upload still arriving is never swept."""
+        touched: dict = {}  # the segments of each object, and when it last got one
         for key, _, modified in list(self._keys("segments/")):
             keys, latest = touched.get(key.split("/")[-3], ([], 0.0))
             touched[key.split("/")[-3]] = ([*keys, key], max(latest, modified))
@@ -4786,9 +4802,13 @@ class S3Store:
                 removed["partials"] += 1
         for under, kind in (("segments/", "leftovers"), ("incoming/", "leftovers"), ("objects/", "partials")):
             for key, upload_id, initiated in list(self._multipart_uploads(f"{self.prefix}{under}")):
-                if now - initiated > self.config.partial_ttl:
-                    self._call("abort an upload", "abort_multipart_upload", absent=(404,), Key=key, UploadId=upload_id)
-                    removed[kind] += 1
+                segment_at = touched.get(key.rsplit("/", 1)[-1], ((), 0.0))[1] if under == "objects/" else 0.0
+                if now - max(initiated, segment_at) <= self.config.partial_ttl:
+                    continue
+                if now - self._last_part_at(key, upload_id) <= self.config.partial_ttl:
+                    continue
+                self._call("abort an upload", "abort_multipart_upload", absent=(404,), Key=key, UploadId=upload_id)
+                removed[kind] += 1
 
     def purge(self) -> None:
         """Remove everything under the prefix (and abort its multipart uploads)."""

@@ -16,7 +16,7 @@ import botocore.exceptions
 import pytest
 import requests
 from conftest import blob
-from harness import SCRIPT, Paced, RelayProcess, unsized, wait_until
+from harness import SCRIPT, Paced, RelayProcess, wait_until
 
 import file_relay
 
@@ -529,14 +529,36 @@ def test_a_length_past_what_the_relay_stores_in_s3_is_refused_before_the_body(s3
         connection.close()
 
 
+def idle_between(data: bytes, pause: float):
+    """A body of unknown length: the first 17 MiB (one segment, and a byte), then nothing
+    for *pause* seconds, then the rest."""
+    yield data[: 17 << 20]
+    time.sleep(pause)
+    yield data[17 << 20 :]
+
+
 def test_an_upload_the_sweeper_took_for_abandoned_is_told_to_send_again(s3_relays, seaweed, s3_storage_url):
-    """An upload of unknown length that outlives --partial-ttl has its multipart upload
-    aborted by a sweeper: it gets 409 with the reason, not 500, and nothing is stored."""
+    """An upload of unknown length that stays idle for longer than --partial-ttl has its
+    multipart upload aborted by a sweeper: it gets 409 with the reason, not 500, and
+    nothing is stored."""
     (relay,) = s3_relays(1, "--partial-ttl=2", "--sweep-interval=1")
-    data, oid = blob(40 << 20)
-    answer = requests.put(url(relay, oid), data=unsized(data, seconds=8, pieces=40), timeout=60)
+    data, oid = blob(20 << 20)
+    answer = requests.put(url(relay, oid), data=idle_between(data, pause=6), timeout=60)
     assert answer.status_code == 409 and "send it again" in answer.text, (answer.status_code, answer.text)
     assert keys_under(seaweed, s3_storage_url) == []
+
+
+@pytest.mark.parametrize("sized", [True, False], ids=["length", "unknown-length"])
+def test_an_upload_still_arriving_is_never_swept_however_long_it_lasts(s3_relays, seaweed, s3_storage_url, sized):
+    """--partial-ttl is how long an upload may stay idle, not how long it may last: a whole
+    upload paced over more than twice the ttl, a segment stored every ttl/2 or so, is stored."""
+    (relay,) = s3_relays(1, "--partial-ttl=6", "--sweep-interval=1")
+    data, oid = blob((40 if sized else 64) << 20, seed=18)  # segments of 8 MiB, or of 16 MiB
+    body = Paced(data, seconds=15 if sized else 16, pieces=60)
+    answer = requests.put(url(relay, oid), data=body if sized else iter(body), timeout=120)
+    assert answer.status_code == 201, (answer.status_code, answer.text)
+    assert keys_under(seaweed, s3_storage_url) == [oid]
+    assert multipart_uploads(seaweed, s3_storage_url) == [] and keys_under(seaweed, s3_storage_url, "segments/") == []
 
 
 def test_a_contradicting_chunk_being_compared_never_costs_the_acknowledged_ones(held_hosts, seaweed, s3_storage_url):
