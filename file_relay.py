@@ -3618,8 +3618,8 @@ _S3_REFUSED_OPTIONS = {
     "purge_on_exit": "--purge-on-exit would remove the files of every relay sharing the bucket",
 }
 _S3_PART_SIZE = 8 << 20  # bytes per part of a multipart upload of known length (at least)
-_S3_UNSIZED_PART_SIZE = 16 << 20  # of an upload of unknown length: 10,000 parts make 156 GiB
-_S3_MAX_PARTS = 10_000
+_S3_UNSIZED_PART_SIZE = 16 << 20  # of an upload of unknown length: 10,000 parts make 156.2 GiB
+_S3_MAX_PARTS = 10_000  # parts of a multipart upload, at most
 _S3_MAX_PART_SIZE = 64 << 20  # so that an upload holds at most three parts in memory: 625 GiB at most
 _S3_UNBOUNDED = 1 << 60  # the space reported for a store without --max-disk: it has no size to tell
 _S3_LEASE = 300.0  # seconds a counted download in flight holds its slot unless renewed
@@ -3779,6 +3779,7 @@ class S3Store:
         self._reserved_lock = threading.Lock()
         self._reserved = 0  # bytes of this process's uploads in progress
         self.lease_seconds = _S3_LEASE  # how long a counted download's slot outlives its last renewal
+        self.max_parts = _S3_MAX_PARTS  # parts of one multipart upload, at most
 
     # -- the store ---------------------------------------------------------------
 
@@ -4063,11 +4064,22 @@ class S3Store:
 
     def check_size(self, size: int) -> None:
         limit = self.config.max_file_size
-        if size > _S3_MAX_PARTS * _S3_MAX_PART_SIZE:
-            most = _S3_MAX_PARTS * _S3_MAX_PART_SIZE
-            raise TooLarge(f"larger than the relay stores in S3 ({format_size(most)}: {_S3_MAX_PARTS} parts at most)")
+        if size > self.max_parts * _S3_MAX_PART_SIZE:
+            most = self.max_parts * _S3_MAX_PART_SIZE
+            raise TooLarge(f"larger than the relay stores in S3 ({format_size(most)}: {self.max_parts} parts at most)")
         if limit is not None and size > limit:
             raise TooLarge(f"larger than the relay's limit of {format_size(limit)} ({limit} bytes)")
+
+    def _check_unsized(self, received: int) -> None:
+        """Refuse a body of unknown length once it has *received* bytes more than its parts
+        of _S3_UNSIZED_PART_SIZE can hold: before a part beyond the last is sent."""
+        self.check_size(received)
+        most = self.max_parts * _S3_UNSIZED_PART_SIZE
+        if received > most:
+            raise TooLarge(
+                f"larger than the relay stores in S3 without a Content-Length ({format_size(most)}, {most} bytes: "
+                f"{self.max_parts} parts of {format_size(_S3_UNSIZED_PART_SIZE)}); send it with one"
+            )
 
     @contextlib.contextmanager
     def _reservation(self, size: int):
@@ -4129,10 +4141,9 @@ class S3Store:
             return self._receive_in_segments(oid, body, length, metadata, reserve_more)
         return self._write_verified(self._object_key(oid), oid, body, length, metadata, reserve_more)
 
-    @staticmethod
-    def _segment_size(length: int) -> int:
-        """Bytes per segment of a whole upload of *length* bytes (the last may be fewer)."""
-        return max(_S3_PART_SIZE, -(-length // _S3_MAX_PARTS))
+    def _segment_size(self, length: int) -> int:
+        """Bytes per segment (or part) of a whole upload of *length* bytes (the last may be fewer)."""
+        return max(_S3_PART_SIZE, -(-length // self.max_parts))
 
     def _receive_in_segments(self, oid: str, body, length: int | None, metadata: dict, reserve_more) -> bool:
         """A whole upload larger than a segment (or of unknown length), stored as it arrives
@@ -4178,7 +4189,7 @@ class S3Store:
             for block in body:
                 received += len(block)
                 if length is None:
-                    self.check_size(received)
+                    self._check_unsized(received)
                     reserve_more(len(block))
                 hasher.update(block)
                 pending += block
@@ -4217,7 +4228,7 @@ class S3Store:
         """Create *key* from *body*'s blocks only if their SHA-256 is *expected* (when
         given) and nothing is there yet: True if this created it. The SHA-256 and the size
         of what arrived are appended to *hashed*, if given."""
-        part_size = _S3_UNSIZED_PART_SIZE if length is None else max(_S3_PART_SIZE, -(-length // _S3_MAX_PARTS))
+        part_size = _S3_UNSIZED_PART_SIZE if length is None else self._segment_size(length)
         hasher = _BackgroundHasher()
         pending = bytearray()
         parts: _S3Parts | None = None
@@ -4227,7 +4238,7 @@ class S3Store:
             for block in body:
                 received += len(block)
                 if length is None:
-                    self.check_size(received)
+                    self._check_unsized(received)
                     reserve_more(len(block))
                 hasher.update(block)
                 pending += block

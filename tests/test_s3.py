@@ -529,6 +529,31 @@ def test_a_length_past_what_the_relay_stores_in_s3_is_refused_before_the_body(s3
         connection.close()
 
 
+def test_an_upload_of_unknown_length_is_refused_once_it_outgrows_what_its_parts_hold(seaweed, s3_env, s3_storage_url):
+    """Without a Content-Length the relay sends 16 MiB parts, so at most max_parts of them
+    (10,000: 156 GiB) make the object: a body that grows past that is refused with
+    TooLarge (413) as soon as it does, before a part beyond is sent, and leaves nothing;
+    one of exactly that size is stored. Here max_parts is 2: 32 MiB."""
+    config = file_relay.RelayConfig(server_id=SERVER_ID, storage=s3_storage_url, s3_endpoint=seaweed.endpoint)
+    store = file_relay.S3Store(config)
+    store.max_parts = 2
+    exact, exact_oid = blob(32 << 20, seed=21)
+    assert store.put_stream(exact_oid, pieces(exact), None, file_relay.Limits())
+    over, over_oid = blob((32 << 20) + 1, seed=22)
+    with pytest.raises(file_relay.TooLarge) as refused:
+        store.put_stream(over_oid, pieces(over), None, file_relay.Limits())
+    reason = str(refused.value)
+    assert "without a Content-Length" in reason and "32.0 MiB" in reason and "\n" not in reason, reason
+    assert file_relay.status_of(refused.value) == 413
+    assert keys_under(seaweed, s3_storage_url) == [exact_oid]
+    assert multipart_uploads(seaweed, s3_storage_url) == [] and keys_under(seaweed, s3_storage_url, "segments/") == []
+
+
+def pieces(data: bytes, size: int = 1 << 20):
+    """*data* in blocks of *size* bytes, as a request body arrives."""
+    return (data[start : start + size] for start in range(0, len(data), size))
+
+
 def idle_between(data: bytes, pause: float):
     """A body of unknown length: the first 17 MiB (one segment, and a byte), then nothing
     for *pause* seconds, then the rest."""
