@@ -4705,33 +4705,40 @@ class S3Store:
     # -- housekeeping ------------------------------------------------------------
 
     def usage(self) -> dict:
-        """Stored objects (listed), uploads in progress on any relay (multipart uploads, and
-        uploads in chunks: reserving their whole length), bytes this relay's uploads
-        reserve, and --max-disk as the store's size (else 1 EiB: unknown)."""
+        """Stored objects (listed), uploads in progress on any relay, each counted once:
+        a whole one (a multipart upload under objects/, and its segments) by what it has
+        stored and what this relay reserves for the rest; one in chunks (segments alone)
+        reserving its whole length. --max-disk is the store's size (else 1 EiB: unknown),
+        used as an upload's reservation judges it: stored objects, segments, and what this
+        relay's uploads reserve."""
         stored_count = stored_bytes = 0
         for _, size, _ in self._keys("objects/"):
             stored_count += 1
             stored_bytes += size
-        partial_count = sum(1 for _ in self._multipart_uploads(f"{self.prefix}objects/"))
-        chunked: dict = {}  # the length of each upload in chunks
-        allocated = 0
+        whole = {key.rsplit("/", 1)[-1] for key, _, _ in self._multipart_uploads(f"{self.prefix}objects/")}
+        segmented: dict = {}  # of each object with segments: [its length (0: unknown), bytes stored]
         for key, size, _ in self._keys("segments/"):
             oid, length = key.split("/")[-3:-1]
-            chunked[oid] = int(length) if length.isdigit() else 0
-            allocated += size
-        partial_count += len(chunked)
+            counted = segmented.setdefault(oid, [0, 0])
+            counted[0] = max(counted[0], int(length) if length.isdigit() else 0)
+            counted[1] += size
+        allocated = sum(size for _, size in segmented.values())
+        reserved = self._reserved
+        for oid, (length, size) in segmented.items():
+            reserved += size if oid in whole else max(length, size)
+        used = stored_bytes + allocated + self._reserved
         total = self.config.max_disk if self.config.max_disk is not None else _S3_UNBOUNDED
         return {
             "stored_count": stored_count,
             "stored_bytes": stored_bytes,
-            "partial_count": partial_count,
-            "reserved_bytes": self._reserved + sum(chunked.values()),
+            "partial_count": len(whole | segmented.keys()),
+            "reserved_bytes": reserved,
             "partial_allocated_bytes": allocated,
             "pipe_count": 0,  # no pipes on S3
             "pipe_buffer_bytes": 0,
             "disk_total_bytes": total,
-            "disk_used_bytes": min(total, stored_bytes + self._reserved),
-            "disk_free_bytes": max(0, total - stored_bytes - self._reserved),
+            "disk_used_bytes": min(total, used),
+            "disk_free_bytes": max(0, total - used),
         }
 
     def sweep(self, now: float | None = None) -> dict:

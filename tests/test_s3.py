@@ -554,6 +554,44 @@ def pieces(data: bytes, size: int = 1 << 20):
     return (data[start : start + size] for start in range(0, len(data), size))
 
 
+def test_a_whole_upload_in_progress_is_counted_once_in_the_usage(seaweed, s3_env, s3_storage_url):
+    """A whole upload of known length is both segments and a multipart upload under the
+    object's key: the usage counts it once, its length reserved once (its stored segments,
+    and the rest that this process holds for it), beside an upload in chunks (its length)."""
+    config = file_relay.RelayConfig(server_id=SERVER_ID, storage=s3_storage_url, s3_endpoint=seaweed.endpoint)
+    store = file_relay.S3Store(config)
+    data, oid = blob(24 << 20, seed=23)  # three segments of 8 MiB
+    chunked, chunked_oid = blob(200_000, seed=24)
+    store.put_chunk(chunked_oid, 0, 99_999, len(chunked), [chunked[:100_000]], None, file_relay.Limits())
+    go_on = threading.Event()
+
+    def held_after_two_segments():
+        yield from pieces(data[: 16 << 20])
+        go_on.wait(60)
+        yield from pieces(data[16 << 20 :])
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        uploading = pool.submit(store.put_stream, oid, held_after_two_segments(), len(data), file_relay.Limits())
+        try:
+            wait_until(
+                lambda: (
+                    len(keys_under(seaweed, s3_storage_url, f"segments/{oid}/")) == 2
+                    and multipart_uploads(seaweed, s3_storage_url)
+                    and store._reserved == 8 << 20
+                ),
+                timeout=60,
+                message="two segments stored and the multipart upload begun",
+            )
+            usage = store.usage()
+        finally:
+            go_on.set()
+        assert uploading.result(60)
+    assert usage["partial_count"] == 2, usage
+    assert usage["reserved_bytes"] == len(data) + len(chunked), usage
+    assert usage["partial_allocated_bytes"] == (16 << 20) + 100_000, usage
+    assert usage["disk_used_bytes"] == len(data) + 100_000, usage
+
+
 def idle_between(data: bytes, pause: float):
     """A body of unknown length: the first 17 MiB (one segment, and a byte), then nothing
     for *pause* seconds, then the rest."""
