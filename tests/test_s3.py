@@ -549,6 +549,22 @@ def test_an_upload_of_unknown_length_is_refused_once_it_outgrows_what_its_parts_
     assert multipart_uploads(seaweed, s3_storage_url) == [] and keys_under(seaweed, s3_storage_url, "segments/") == []
 
 
+def test_an_upload_of_unknown_length_past_a_limit_gets_413_with_the_reason(s3_relays, seaweed, s3_storage_url):
+    """The refusal of a body of unknown length that grows past a limit mid-body reaches the
+    client as 413 and one line, and leaves nothing (here --max-file-size; past what 16 MiB
+    parts hold is refused the same way, above)."""
+    (relay,) = s3_relays(1, "--max-file-size=20M")
+    data, oid = blob(24 << 20, seed=25)
+    answer = requests.put(url(relay, oid), data=pieces(data), timeout=60)
+    assert answer.status_code == 413 and "larger than the relay's limit" in answer.text, (
+        answer.status_code,
+        answer.text,
+    )
+    assert len(answer.text.strip().splitlines()) == 1, answer.text
+    assert keys_under(seaweed, s3_storage_url) == [] and keys_under(seaweed, s3_storage_url, "segments/") == []
+    assert multipart_uploads(seaweed, s3_storage_url) == []
+
+
 def pieces(data: bytes, size: int = 1 << 20):
     """*data* in blocks of *size* bytes, as a request body arrives."""
     return (data[start : start + size] for start in range(0, len(data), size))
