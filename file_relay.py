@@ -4886,15 +4886,31 @@ class S3DownloadTicket:
 
 
 class _S3StreamReader:
-    """A reader of the bucket that holds one GET's response body open at a time."""
+    """A reader of the bucket that holds one GET's response body open at a time, and
+    the lease on a counted download (.ticket) if it has one."""
 
     _stream = None
+    _closed = False
+    ticket = None
+    finished = False
 
     def _close_stream(self) -> None:
         if self._stream is not None:
             with contextlib.suppress(Exception):  # the store may have cut it off already
                 self._stream.close()
             self._stream = None
+
+    def close(self) -> None:
+        """End the reader: a download it holds counts if every byte was delivered."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self.ticket is not None:
+                with contextlib.suppress(StorageError):  # a lease not given back counts once
+                    self.ticket.complete() if self.finished else self.ticket.release()
+        finally:
+            self._close_stream()
 
 
 class S3ObjectReader(_S3StreamReader):
@@ -4915,7 +4931,6 @@ class S3ObjectReader(_S3StreamReader):
         self.end = obj.size
         self.finished = obj.size == 0
         self._stream = None
-        self._closed = False
 
     @property
     def length(self) -> int:
@@ -4955,18 +4970,6 @@ class S3ObjectReader(_S3StreamReader):
             with contextlib.suppress(StorageError):
                 self.ticket.renew()
         return block
-
-    def close(self) -> None:
-        """End the reader: a download it holds counts if every byte was delivered."""
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            if self.ticket is not None:
-                with contextlib.suppress(StorageError):  # a lease not given back counts once
-                    self.ticket.complete() if self.finished else self.ticket.release()
-        finally:
-            self._close_stream()
 
 
 class S3UploadReader(_S3StreamReader):
@@ -5132,15 +5135,6 @@ class S3UploadReader(_S3StreamReader):
         if not segments and self._stored() is None:  # a look again: stored and cleaned up since?
             raise UploadFailed("the upload was cancelled, or did not verify")
         return readable
-
-    def close(self) -> None:
-        """End the reader: a download it holds counts if every byte was delivered."""
-        try:
-            if self.ticket is not None:
-                with contextlib.suppress(StorageError):  # a lease not given back counts once
-                    self.ticket.complete() if self.finished else self.ticket.release()
-        finally:
-            self._close_stream()
 
 
 def open_storage(config: RelayConfig) -> Storage:

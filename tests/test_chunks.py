@@ -316,6 +316,14 @@ def _bytes_read() -> int:
         return int(next(line for line in counts if line.startswith("rchar:")).split()[1])
 
 
+def two_workers(config) -> list:
+    """Two stores over one directory: two workers, each with its own running hashes."""
+    workers = [file_relay.Store(config), file_relay.Store(config)]
+    for store in workers:
+        store.prepare()
+    return workers
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/io"), reason="needs Linux's /proc/self/io to count bytes read")
 @pytest.mark.parametrize("named", [True, False], ids=["by-hash", "name-less"])
 def test_chunks_in_order_alternating_between_workers_leave_the_last_one_little_to_hash(make_config, named):
@@ -326,9 +334,7 @@ def test_chunks_in_order_alternating_between_workers_leave_the_last_one_little_t
     chunk = 256 << 10
     data, oid = blob(8 * chunk)
     config = make_config()
-    workers = [file_relay.Store(config), file_relay.Store(config)]
-    for store in workers:
-        store.prepare()
+    workers = two_workers(config)
     token = None if named else workers[0].start_unnamed(len(data), file_relay.Limits(), None)
     for index, (first, last, body) in enumerate(chunks_of(data, chunk)):
         store = workers[index % 2]
@@ -353,9 +359,7 @@ def test_a_chunk_cut_off_while_another_workers_chunks_are_hashed_leaves_the_runn
     chunk = 256 << 10
     data, oid = blob(6 * chunk)
     config = make_config()
-    workers = [file_relay.Store(config), file_relay.Store(config)]
-    for store in workers:
-        store.prepare()
+    workers = two_workers(config)
     pieces = chunks_of(data, chunk)
 
     def cut_off(body):
