@@ -5057,9 +5057,13 @@ class S3UploadReader(_S3StreamReader):
                 self.ticket.renew()
 
     def _done(self) -> bool:
-        """Whether every byte asked for went out (the last of the upload only once stored)."""
+        """Whether every byte asked for went out (the last of the upload only once stored).
+        UploadFailed if a whole download's bytes do not hash to the name: they may have been
+        an attempt's that went past the end of the object another upload stored since."""
         if self.end is None or self.position < self.end:
             return False
+        if self._sent_hash is not None and self._sent_hash.hexdigest() != self.oid:
+            raise UploadFailed("the bytes followed were those of an attempt at the upload that was discarded")
         if self.length is None or self.end < self.length:
             return True  # a range of an upload of unknown length, or one short of its end
         return self._stored() is not None
@@ -5082,7 +5086,8 @@ class S3UploadReader(_S3StreamReader):
             raise UploadFailed(exc.reason) from None
         if found is None:
             return None
-        if self.ticket is not None and found[1] != self.token:
+        if found[1] != self.token and (self.ticket is not None or found[0].max_downloads is not None):
+            # Its downloads count on its own counter, which this download did not count on.
             raise UploadFailed("another upload of the object was stored, with a download budget of its own")
         return found[0]
 

@@ -327,16 +327,20 @@ class Follower(threading.Thread):
     def __init__(self, target: str):
         super().__init__()
         self.target = target
-        self.status, self.body, self.cut = None, b"", False
+        self.status, self.received, self.cut = None, bytearray(), False
         self.finished_at = None
         self.start()
+
+    @property
+    def body(self) -> bytes:
+        return bytes(self.received)
 
     def run(self) -> None:
         with requests.get(self.target, stream=True, timeout=60) as following:
             self.status = following.status_code
             try:
                 for block in following.iter_content(1000):  # each block once it is there
-                    self.body += block
+                    self.received += block
             except requests.exceptions.ChunkedEncodingError:
                 self.cut = True
         self.finished_at = time.monotonic()
@@ -1208,3 +1212,64 @@ def test_a_file_sent_through_the_page_on_one_host_downloads_from_another(s3_rela
     got = requests.get(url(b, oid) + "?name=notes.bin", timeout=60)
     assert got.status_code == 200 and hashlib.sha256(got.content).hexdigest() == oid
     assert got.headers["Content-Disposition"] == 'attachment; filename="notes.bin"'
+
+
+def _chunked_sender(relay: RelayProcess, oid: str, data: bytes) -> socket.socket:
+    """A PUT of *oid* without a Content-Length whose body so far is *data*, left open."""
+    host, port = relay.address
+    sender = socket.create_connection((host, port), timeout=60)
+    sender.sendall(f"PUT /{SERVER_ID}/{oid} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
+    for start in range(0, len(data), 1 << 20):
+        piece = data[start : start + (1 << 20)]
+        sender.sendall(b"%x\r\n" % len(piece) + piece + b"\r\n")
+    return sender
+
+
+def _offset_reaches(relay: RelayProcess, oid: str, offset: int) -> None:
+    def reached():
+        head = requests.head(url(relay, oid), timeout=60)
+        return head.status_code == 200 and int(head.headers.get("Upload-Offset", 0)) >= offset
+
+    wait_until(reached, timeout=60, interval=0.2, message=f"the upload's segments to reach {offset} bytes")
+
+
+def test_a_follower_that_read_past_the_end_of_the_object_stored_meanwhile_is_cut_off(s3_relays):
+    """A whole upload of unknown length sends wrong bytes under a name, 32 MiB and more, and
+    stays open; a follower on another host reads them; then the real, smaller object is
+    stored. The follower has read past the object's end: it is cut off, never ended as if
+    what it had were the object."""
+    a, b = s3_relays(2)
+    real, oid = blob(1000, seed=31)
+    wrong, _ = blob((32 << 20) + 1, seed=32)
+    sender = _chunked_sender(a, oid, wrong)
+    try:
+        _offset_reaches(b, oid, 32 << 20)
+        follower = Follower(url(b, oid))
+        wait_until(lambda: len(follower.received) >= (32 << 20) - 1, timeout=60, message="the follower to read it")
+        assert requests.put(url(b, oid), data=real, timeout=60).status_code == 201
+        follower.join(60)
+        assert follower.status == 200 and follower.cut, (len(follower.received), follower.cut)
+    finally:
+        sender.close()
+    assert requests.get(url(a, oid), timeout=60).content == real
+
+
+def test_a_follower_of_an_upload_without_a_budget_is_cut_off_when_one_with_a_budget_is_stored(s3_relays):
+    """A follower counts on no budget while the upload it follows has none; if another
+    upload of the same content stores the object with Max-Downloads meanwhile, the
+    follower is cut off rather than served a whole copy that budget did not count."""
+    a, b, c = s3_relays(3)
+    data, oid = blob(20 << 20, seed=33)
+    sender = _chunked_sender(a, oid, data[: 17 << 20])
+    try:
+        _offset_reaches(b, oid, 16 << 20)
+        follower = Follower(url(b, oid))
+        wait_until(lambda: follower.received, timeout=60, message="the follower to begin")
+        answer = requests.put(url(c, oid), data=data, headers={"Max-Downloads": "1"}, timeout=60)
+        assert answer.status_code == 201, answer.text
+        follower.join(60)
+        assert follower.cut and follower.body != data, (len(follower.body), follower.cut)
+    finally:
+        sender.close()
+    assert requests.get(url(a, oid), timeout=60).content == data  # the one download the budget allows
+    assert requests.get(url(b, oid), timeout=60).status_code == 404
