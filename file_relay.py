@@ -5945,6 +5945,9 @@ def _watch(peer: socket.socket | None, seconds: float, events: int, bell: int | 
     if bell is not None:
         watch.register(bell, select.POLLIN)
     came = dict(watch.poll(math.ceil(seconds * 1000)))
+    if bell is not None and bell in came:
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(bell)  # silenced: it rings again for the next arrival
     return came.get(peer.fileno(), 0) if peer is not None and peer.fileno() >= 0 else 0
 
 
@@ -7106,6 +7109,8 @@ class RelayHandler:
         except ClientGone as exc:
             exchange.note = str(exc)
             return self._reply(exc.status, str(exc), close=True)
+        if outcome is Stored.CREATED:  # where nothing could be followed before (a small object on S3)
+            self.state.note_arrival(oid)
         return self._upload_answer(oid, outcome)
 
     def _upload_request(self, oid: str) -> tuple:
@@ -7451,14 +7456,17 @@ class RelayHandler:
             raise RelayError(503, "too many readers are waiting for uploads", retry_after=5)
         peer = _client_socket(self.request.environ)
         try:
-            with self.state.active("waiting_readers"):
+            # One bell for the whole wait: an arrival while _find looks (on S3, requests to
+            # the store) rings it for the next look.
+            with self.state.active("waiting_readers"), self.arrivals.bell(oid) as bell:
                 deadline = time.monotonic() + wait
                 for delay in _delays(_WAITING_POLL_FIRST, _WAITING_POLL_MOST, 1.5):
                     if time.monotonic() >= deadline:
                         break
                     if self.state.draining:
                         raise RelayError(503, "the relay is shutting down", retry_after=5)
-                    if self._watch_for_arrivals(oid, peer, min(delay, max(0.0, deadline - time.monotonic()))):
+                    seconds = min(delay, max(0.0, deadline - time.monotonic()))
+                    if _watch(peer, seconds, select.POLLRDHUP, bell):
                         raise ClientGone("the client hung up while waiting for the upload")
                     found = self._find(oid, unsized_ok=unsized_ok)
                     if found is not None and found is not _UNSIZED_UPLOAD:

@@ -1273,3 +1273,21 @@ def test_a_follower_of_an_upload_without_a_budget_is_cut_off_when_one_with_a_bud
         sender.close()
     assert requests.get(url(a, oid), timeout=60).content == data  # the one download the budget allows
     assert requests.get(url(b, oid), timeout=60).status_code == 404
+
+
+def test_a_reader_waiting_on_the_host_that_stores_a_small_object_gets_it_at_once(s3_relays):
+    """A small object is not there to follow before it is stored (one PutObject once it
+    verified): a reader waiting on that host is woken when it is stored, not at its next
+    look, half a second later."""
+    (relay,) = s3_relays(1)
+    for round in range(4):
+        data, oid = blob(1000, seed=40 + round)
+        reader = socket.create_connection(relay.address, timeout=30)
+        reader.sendall(f"GET /{SERVER_ID}/{oid}?wait=30 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        wait_until(lambda: requests.get(url(relay), timeout=30).json()["waiting_readers"] == 1, message="it waits")
+        time.sleep(1.5 + round / 10)  # the scenario: a reader whose looks are half a second apart
+        assert requests.put(url(relay, oid), data=data, timeout=60).status_code == 201
+        stored = time.monotonic()
+        first = reader.recv(1)
+        assert first == b"H" and time.monotonic() - stored < 0.15, f"round {round}: {time.monotonic() - stored:.3f} s"
+        reader.close()
