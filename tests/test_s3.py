@@ -695,12 +695,15 @@ def test_a_host_killed_mid_upload_leaves_nothing_under_the_name(s3_relays, seawe
     a.kill()
     sending.join(60)
     assert keys_under(seaweed, s3_storage_url) == []
-    s3_relays(1, "--partial-ttl=1")  # whose start-up sweep removes its segments as abandoned
-    assert keys_under(seaweed, s3_storage_url, "segments/") == []
+    s3_relays(1, "--partial-ttl=1", "--sweep-interval=1")  # whose sweeps remove what was abandoned
+    wait_until(
+        lambda: not keys_under(seaweed, s3_storage_url, "segments/") and not multipart_uploads(seaweed, s3_storage_url),
+        timeout=20,
+        message="the sweeps to remove the abandoned segments and multipart upload",
+    )
     with pytest.raises(requests.exceptions.ChunkedEncodingError):  # cut off, never a body that looks whole
         b"".join(following.iter_content(1 << 20))
     following.close()
-    assert multipart_uploads(seaweed, s3_storage_url) == []
     assert requests.get(url(b, oid), timeout=60).status_code == 404
     data_b = requests.put(url(b, oid), data=data, timeout=60)  # another host stores it whole
     assert data_b.status_code == 201
