@@ -1019,6 +1019,18 @@ def test_sweepers_on_several_hosts_at_once_remove_what_expired_and_nothing_else(
     assert stores[2].lookup(kept_oid).size == len(kept)
 
 
+def _paced_put(relay: RelayProcess, oid: str, data: bytes, headers: dict) -> tuple[threading.Thread, list]:
+    """A PUT of *data* paced over 8 s, on a thread of its own (started): the thread, and
+    the list its answer goes into."""
+    body = Paced(data, seconds=8, pieces=40)
+    answers = []
+    sending = threading.Thread(
+        target=lambda: answers.append(requests.put(url(relay, oid), data=body, headers=headers, timeout=60))
+    )
+    sending.start()
+    return sending, answers
+
+
 def test_a_follower_counted_on_an_upload_that_another_one_beat_is_cut_off(s3_relays):
     """Two uploads of one object with Max-Downloads: 1, each with a counter of its own. A
     follower counts on the slow one's; the fast one stores the object, with its own
@@ -1026,13 +1038,8 @@ def test_a_follower_counted_on_an_upload_that_another_one_beat_is_cut_off(s3_rel
     object's budget never counted."""
     a, b, c = s3_relays(3)
     data, oid = blob(20 << 20, seed=12)
-    body = Paced(data, seconds=8, pieces=40)
     headers = {"Max-Downloads": "1"}
-    answers = []
-    slow = threading.Thread(
-        target=lambda: answers.append(requests.put(url(a, oid), data=body, headers=headers, timeout=60))
-    )
-    slow.start()
+    slow, _ = _paced_put(a, oid, data, headers)
     try:
         assert seen_in_progress(b, oid).status_code == 200
         follower = Follower(url(b, oid))
@@ -1093,13 +1100,7 @@ def test_a_sweep_while_a_follower_counts_keeps_its_count(s3_relays, seaweed, s3_
     a sweep then (on any host) must keep that counter, or the budget would be spent twice."""
     a, b = s3_relays(2)
     data, oid = blob(20 << 20, seed=11)
-    body = Paced(data, seconds=8, pieces=40)
-    answers = []
-    headers = {"Max-Downloads": "1"}
-    sending = threading.Thread(
-        target=lambda: answers.append(requests.put(url(a, oid), data=body, headers=headers, timeout=60))
-    )
-    sending.start()
+    sending, answers = _paced_put(a, oid, data, {"Max-Downloads": "1"})
     try:
         assert seen_in_progress(b, oid).status_code == 200
         follower = Follower(url(b, oid))
