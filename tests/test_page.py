@@ -298,6 +298,10 @@ def test_the_page_is_usable_from_the_keyboard(live, files, browser, tmp_path):
     context = browser.new_context(permissions=["clipboard-read", "clipboard-write"])
     try:
         page = context.new_page()
+        # playwright asks the browser to hand it file choosers when a page first gets a
+        # listener, without waiting for the answer: listening from the start means the
+        # chooser the key press opens cannot come before that.
+        page.on("filechooser", lambda chooser: None)
         page.goto(relay.url())
         wait_until(lambda: "free" in page.inner_text("#status"), 30, message="the page to be ready")
         page.keyboard.press("Tab")
