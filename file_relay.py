@@ -9701,6 +9701,42 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
     return RelayConfig(**{**values, "server_id": server_id})
 
 
+def _run_again_from_bytecode() -> None:
+    """Replace this process by the same relay run from file_relay.py's cached bytecode, if
+    this process compiled the file from source to run it (`python file_relay.py`): what
+    compiling leaves on the heap would stay in the master and in every worker forked from
+    it. The bytecode is written beside the source as an import would; where it cannot
+    be, nothing happens and the relay runs on as it is."""
+    if __name__ != "__main__" or __spec__ is not None or not sys.executable or not sys.argv:
+        return  # imported, or run with -m (from the cached bytecode already)
+    import importlib.util
+    import py_compile
+
+    source = os.path.abspath(__file__)
+    name = Path(source).stem  # imported under this name, as no other module is
+    if not name.isidentifier() or name in sys.modules:
+        return
+    cached = importlib.util.cache_from_source(source)
+    try:
+        if not os.path.exists(cached) or os.stat(cached).st_mtime < os.stat(source).st_mtime:
+            py_compile.compile(source, cfile=cached, doraise=True)
+    except (OSError, py_compile.PyCompileError):
+        return
+    flags = sys.orig_argv[1 : len(sys.orig_argv) - len(sys.argv)]  # the interpreter's own, as given
+    # As for the script: its directory first on sys.path, in place of -c's current one.
+    rerun = (
+        "import sys\n"
+        "if sys.path[:1] == ['']: del sys.path[0]\n"
+        f"sys.path.insert(0, {os.path.dirname(source)!r})\n"
+        "del sys.argv[0]\n"
+        f"import {name}\n"
+        f"sys.exit({name}.main())\n"
+    )
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, *flags, "-c", rerun, sys.argv[0], *sys.argv[1:]])
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in CLIENT_COMMANDS:
@@ -9711,6 +9747,8 @@ def main(argv: list[str] | None = None) -> int:
         word = args.server_id_positional
         parser.error(f"{word!r} is a client command, not a server ID; to use it as one: --server-id {word}")
     config = config_from_args(args, parser)
+    if argv == sys.argv[1:]:
+        _run_again_from_bytecode()
     if config.storage:
         default_directory = RelayConfig(server_id=config.server_id).files_directory
         if build_parser(environ={}).parse_args(argv).files_directory == default_directory:

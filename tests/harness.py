@@ -53,6 +53,7 @@ class RelayProcess:
         out_path: Path | None = None,
         env: dict | None = None,
         script: Path = SCRIPT,
+        interpreter_flags: tuple = (),
     ):
         self.files = files
         self.log_path = log_path
@@ -60,6 +61,7 @@ class RelayProcess:
         self.args = list(args)
         self.env = {**os.environ, **(env or {})}
         self.script = script
+        self.interpreter_flags = list(interpreter_flags)
         self.process: subprocess.Popen | None = None
         self.base = ""
         self._log_start = 0
@@ -67,7 +69,7 @@ class RelayProcess:
     def start(self, server_id: str | None = None, bind: str = "127.0.0.1:0", timeout: float = 20) -> RelayProcess:
         """Start the relay (*server_id* on its command line, if given) and return once it
         listens; the log is appended to, and only what this start wrote is read for the port."""
-        command = [sys.executable, str(self.script)]
+        command = [sys.executable, *self.interpreter_flags, str(self.script)]
         if server_id is not None:
             command.append(server_id)
         command += ["--bind", bind, *(["--files-directory", str(self.files)] if self.files else []), *self.args]

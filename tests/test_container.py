@@ -229,7 +229,14 @@ def test_the_image_runs_unprivileged_with_a_data_volume_and_knows_no_secret(imag
     assert config["StopSignal"] == "SIGTERM"
     look = "id -u; stat -c %u:%a /data; ls -A /app"
     inside = podman("run", "--rm", *ULIMITS, "--entrypoint", "sh", image, "-c", look)
-    assert inside.stdout.split() == ["10001", "10001:700", "file_relay.py", "requirements-s3.txt", "requirements.txt"]
+    assert inside.stdout.split() == [
+        "10001",
+        "10001:700",
+        "__pycache__",
+        "file_relay.py",
+        "requirements-s3.txt",
+        "requirements.txt",
+    ]
     history = podman("history", "--no-trunc", "--format", "{{.CreatedBy}}", image).stdout
     assert SERVER_ID not in history and "RELAY_SERVER_ID" not in history
 
@@ -243,6 +250,8 @@ def test_upload_download_status_stop_and_a_restart_that_keeps_the_files(containe
         status = http.get(first.url()).json()
         assert (status["stored_objects"], status["stored_bytes"]) == (1, len(data))
         assert http.get(first.url(oid, server_id="wrong-id")).status_code == 403
+    master = podman("exec", first.name, "cat", "/proc/1/cmdline").stdout.rstrip("\0").split("\0")
+    assert master[1] == "-c" and master[3:] == ["/app/file_relay.py"]  # run again from the image's bytecode
     assert podman("healthcheck", "run", first.name, check=False).returncode == 0
     assert podman("inspect", "--format", "{{.State.Health.Status}}", first.name).stdout.strip() == "healthy"
     assert first.stop() == 0

@@ -4,6 +4,7 @@ import concurrent.futures
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import threading
@@ -11,7 +12,7 @@ import time
 
 import pytest
 import requests
-from conftest import SERVER_ID, Paced, blob, object_url, wait_until
+from conftest import ROOT, SERVER_ID, Paced, RelayProcess, blob, object_url, wait_until
 
 import file_relay
 
@@ -258,6 +259,64 @@ def test_min_free_is_judged_before_the_body_is_read(live, small_filesystem):
     second = start_raw_upload(relay, "c" * 64, 40 << 20, b"x" * 1000)  # now it fits
     wait_until((files / ".relay" / "partial" / ("c" * 64)).exists, message="the second upload")
     second.close()
+
+
+# -- start -------------------------------------------------------------------------------
+
+
+def master_command_line(relay: RelayProcess) -> list[str]:
+    with open(f"/proc/{relay.process.pid}/cmdline", "rb") as cmdline:
+        return cmdline.read().decode().rstrip("\0").split("\0")
+
+
+def test_a_relay_run_from_its_file_runs_again_from_its_bytecode(tmp_path):
+    """`python file_relay.py` compiles the file, and what compiling leaves on the heap would
+    stay in the master and every worker: the master runs itself again from the bytecode,
+    written beside the file even where Python is told to write none, with the
+    interpreter's options and the relay's arguments as given."""
+    script = tmp_path / "app" / "file_relay.py"
+    script.parent.mkdir()
+    shutil.copy(ROOT / "file_relay.py", script)
+    env = {"PYTHONDONTWRITEBYTECODE": "1", "RELAY_SERVER_ID": SERVER_ID}
+    relay = RelayProcess(
+        tmp_path / "files",
+        tmp_path / "relay.log",
+        ["--ttl", "172800"],
+        env=env,
+        script=script,
+        interpreter_flags=["-X", "utf8"],
+    )
+    try:
+        relay.start()
+        command = master_command_line(relay)
+        assert command[1:4] == ["-X", "utf8", "-c"]
+        files = str(tmp_path / "files")
+        assert command[5:] == [str(script), "--bind", "127.0.0.1:0", "--files-directory", files, "--ttl", "172800"]
+        assert list((script.parent / "__pycache__").glob("file_relay.*.pyc"))
+        data, oid = blob(100_000)
+        assert requests.put(f"{relay.base}/{SERVER_ID}/{oid}", data=data, timeout=30).status_code == 201
+        response = requests.get(f"{relay.base}/{SERVER_ID}/{oid}", timeout=30)
+        assert response.content == data and response.headers["X-Remaining-Days"].startswith("2")
+        assert requests.get(f"{relay.base}/{SERVER_ID}", timeout=30).json()["limits"]["ttl"] == 2 * 86400
+    finally:
+        relay.stop()
+    assert relay.process.returncode == 0
+
+
+def test_where_its_bytecode_cannot_be_written_the_relay_runs_from_its_file(tmp_path):
+    script = tmp_path / "app" / "file_relay.py"
+    script.parent.mkdir()
+    shutil.copy(ROOT / "file_relay.py", script)
+    (script.parent / "__pycache__").write_text("a file, where the bytecode's directory would be")
+    relay = RelayProcess(tmp_path / "files", tmp_path / "relay.log", env={"RELAY_SERVER_ID": SERVER_ID}, script=script)
+    try:
+        relay.start()
+        assert master_command_line(relay)[1:3] == [str(script), "--bind"]
+        data, oid = blob(1000)
+        assert requests.put(f"{relay.base}/{SERVER_ID}/{oid}", data=data, timeout=30).status_code == 201
+        assert requests.get(f"{relay.base}/{SERVER_ID}/{oid}", timeout=30).content == data
+    finally:
+        relay.stop()
 
 
 # -- drain and shutdown ----------------------------------------------------------------
