@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import bisect
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -3632,9 +3633,12 @@ _S3_SLOWEST_RATE = 2 << 20  # bytes per second a small PutObject is given, at le
 _S3_COPY_PART_SIZE = 512 << 20  # bytes per UploadPartCopy of a staged upload
 _S3_PARTS_IN_FLIGHT = 2  # parts of one upload being sent at once while the next one arrives
 _S3_READ_SIZE = 1 << 20  # bytes a download asks of the store's response at once
+_S3_SEGMENTED = "segments"  # an object's "layout": its bytes are its upload's segments, which its body lists
+_S3_DROP_BATCH = 100  # segments removed under one hold of their object's claim
 # What stands for the length in the key of a segment of a whole upload of unknown length,
 # followed by that attempt's own token: never a number, so never one upload in chunks.
 _UNSIZED_SEGMENTS = "unsized."
+_WHOLE_SEGMENT = ".whole"  # the end of the key of a segment of a whole upload
 
 
 def parse_storage_url(url: str) -> tuple[str, str]:
@@ -3762,6 +3766,26 @@ class _S3Parts:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
+class _BlocksBody:
+    """read() and close(), as of a response's body, over an iterator of blocks."""
+
+    def __init__(self, blocks):
+        self._blocks = blocks
+        self._left = b""
+
+    def read(self, size: int = -1) -> bytes:
+        if not self._left:
+            self._left = next(self._blocks, b"")
+        if size < 0 or size >= len(self._left):
+            block, self._left = self._left, b""
+        else:
+            block, self._left = self._left[:size], self._left[size:]
+        return block
+
+    def close(self) -> None:
+        self._blocks.close()
+
+
 class S3Store:
     """Objects in an S3-compatible bucket under a prefix, shared by any number of relays.
 
@@ -3780,6 +3804,7 @@ class S3Store:
         self._reserved = 0  # bytes of this process's uploads in progress
         self.lease_seconds = _S3_LEASE  # how long a counted download's slot outlives its last renewal
         self.max_parts = _S3_MAX_PARTS  # parts of one multipart upload, at most
+        self._segment_lists: dict = {}  # (object key, ETag) -> a segmented object's segments, as read
 
     # -- the store ---------------------------------------------------------------
 
@@ -3864,7 +3889,7 @@ class S3Store:
             downloads = self._counted(state)
         obj = StoredObject(
             oid=oid,
-            size=head["ContentLength"],
+            size=int(meta["size"]) if meta.get("layout") == _S3_SEGMENTED else head["ContentLength"],
             stored_at=stored_at,
             expires_at=None if ttl is None else stored_at + ttl,
             max_downloads=max_downloads,
@@ -3905,8 +3930,11 @@ class S3Store:
             found = self._head(oid)
             if found is None or (token is not None and found[1] != token):
                 return False
+            segments = self._segment_list(oid) or []
             self._call("remove an object", "delete_object", Key=self._object_key(oid))
-            return True
+        with contextlib.suppress(StorageError):  # else the sweeper removes them, listed by no object
+            self._drop_segments([(0, 0, 0, key) for _, _, key in segments])
+        return True
 
     def lookup(self, oid: str) -> StoredObject | None:
         found = self._found(oid)
@@ -3920,13 +3948,100 @@ class S3Store:
         return S3ObjectReader(self, *found) if found else None
 
     def _stream(self, oid: str, first: int, last: int):
-        """The body of bytes first..last of the object, as the store sends it."""
+        """A body (read(), close()) of bytes first..last of the object: the store's response,
+        or of an object stored as its segments, theirs in turn. Which one is judged on the
+        response itself, so that a segment list is never taken for the object's bytes."""
         got = self._call(
             "read an object", "get_object", absent=(404, 416), Key=self._object_key(oid), Range=f"bytes={first}-{last}"
         )
-        if got is None:
+        if got is not None and got.get("Metadata", {}).get("layout") != _S3_SEGMENTED:
+            return got["Body"]
+        if got is not None:
+            got["Body"].close()
+        segments = self._segment_list(oid)  # a range past the end of a segment list got 416
+        if segments is None:
             raise UploadFailed("the object was removed while it was being read")
-        return got["Body"]
+        return _BlocksBody(self._listed_bytes(segments, first, last))
+
+    def _listed_bytes(self, segments: list[tuple[int, int, str]], first: int, last: int):
+        """Bytes first..last of an object made of *segments* (_segment_list), from each in
+        turn; the next one's GET is sent while this one's bytes are read."""
+        index = bisect.bisect_right([start for start, _, _ in segments], first) - 1
+        wanted = [(key, max(first, start) - start, min(end, last) - start) for start, end, key in segments[index:]]
+        wanted = [(key, low, high) for key, low, high in wanted if low <= high]
+        ahead = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="s3-read-ahead")
+        opening = None
+        try:
+            for number, (key, low, high) in enumerate(wanted):
+                got = opening.result() if opening is not None else self._open_segment(key, low, high)
+                opening = ahead.submit(self._open_segment, *wanted[number + 1]) if number + 1 < len(wanted) else None
+                try:
+                    yield from self._segment_blocks(got, high + 1 - low)
+                finally:
+                    got["Body"].close()
+        finally:
+            if opening is not None:
+                with contextlib.suppress(Exception):  # its failure is no one's now
+                    opening.result()["Body"].close()
+            ahead.shutdown(wait=False)
+
+    def _open_segment(self, key: str, low: int, high: int) -> dict:
+        """The store's response to a GET of bytes low..high of the segment *key*."""
+        got = self._call("read a chunk", "get_object", absent=(404, 416), Key=key, Range=f"bytes={low}-{high}")
+        if got is None:
+            raise Busy("a segment of the object is gone", retry_after=1)
+        return got
+
+    @staticmethod
+    def _segment_blocks(got: dict, size: int):
+        """The *size* bytes of the response *got*, in blocks; Unavailable if they stop short."""
+        import botocore.exceptions
+        import urllib3.exceptions
+
+        try:
+            while size > 0 and (block := got["Body"].read(min(_S3_READ_SIZE, size))):
+                size -= len(block)
+                yield block
+        except (botocore.exceptions.BotoCoreError, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise Unavailable(f"the object store stopped sending a chunk ({exc.__class__.__name__})") from None
+        if size > 0:
+            raise Unavailable("the object store ended a chunk early")
+
+    def _object_bytes(self, oid: str, first: int, last: int):
+        """Bytes first..last of the stored object, in blocks (read once the first is asked for)."""
+        stream = self._stream(oid, first, last)
+        try:
+            yield from iter(functools.partial(stream.read, _S3_READ_SIZE), b"")
+        finally:
+            stream.close()
+
+    def _segment_list(self, oid: str) -> list[tuple[int, int, str]] | None:
+        """(first, last, key) of each segment of the stored object, if it is stored as its
+        upload's segments (_store_segmented); else None (stored whole, or not at all). A
+        list is read once per object and ETag: it never changes while its object exists."""
+        key = self._object_key(oid)
+        head = self._call("look up an object", "head_object", absent=(404,), Key=key)
+        if head is None or head.get("Metadata", {}).get("layout") != _S3_SEGMENTED:
+            return None
+        if (key, head["ETag"]) in self._segment_lists:
+            return self._segment_lists[key, head["ETag"]]
+        got = self._call("read an object's segments", "get_object", absent=(404, 412), Key=key, IfMatch=head["ETag"])
+        if got is None or got.get("Metadata", {}).get("layout") != _S3_SEGMENTED:
+            return None  # removed (or replaced) meanwhile
+        try:
+            listed = json.loads(got["Body"].read(64 << 20))
+            segments = [(int(first), int(last), f"{self.prefix}{name}") for first, last, name in listed["segments"]]
+            size = int(listed["size"])
+        except (ValueError, KeyError, TypeError, OSError) as exc:
+            raise Unavailable(f"the object store sent an object's segment list that does not read ({exc})") from None
+        if [first for first, _, _ in segments] != [0] + [last + 1 for _, last, _ in segments[:-1]] or (
+            segments[-1][1] + 1 if segments else 0
+        ) != size:
+            raise Unavailable("the object store sent an object's segment list that does not cover it")
+        if len(self._segment_lists) >= 1024:
+            self._segment_lists.clear()
+        self._segment_lists[key, head["ETag"]] = segments
+        return segments
 
     def follow(self, oid: str) -> S3UploadReader | None:
         """A reader of the upload of *oid* in segments (in chunks, or whole and larger than
@@ -4149,38 +4264,30 @@ class S3Store:
         """A whole upload larger than a segment (or of unknown length), stored as it arrives
         as segments, which followers on any host read as they appear (S3UploadReader): those
         of an upload in chunks if its length is known, else those of this attempt alone
-        (_UNSIZED_SEGMENTS). The store copies each segment, once stored, into a multipart
-        upload under the name (UploadPartCopy), completed only once the whole has hashed to
-        *oid*; the segments are removed either way. One of unknown length that ends within
-        its first segment is sent in one PutObject instead. True if this created the object."""
+        (_UNSIZED_SEGMENTS). Once the whole has hashed to *oid*, the object is created as
+        the list of those segments (_store_segmented): each byte is written to the store
+        once. One of unknown length that ends within its first segment is sent in one
+        PutObject instead. True if this created the object; if it did not, its segments
+        are removed."""
         size = _S3_UNSIZED_PART_SIZE if length is None else self._segment_size(length)
         total = f"{_UNSIZED_SEGMENTS}{secrets.token_hex(8)}" if length is None else length
-        key = self._object_key(oid)
         hasher = _BackgroundHasher()
-        written: dict[int, str] = {}  # segment number -> its key
-        began = threading.Lock()
-        upload_id = None  # begun once a segment is stored: a follower finds the segments first
+        written: dict[int, tuple[int, int, str]] = {}  # segment number -> (first, last, key)
 
-        def send_segment(number: int, data: bytes) -> dict:
-            nonlocal upload_id
+        def send_segment(number: int, data: bytes) -> None:
             first = (number - 1) * size
-            written[number] = segment = self._segment_key(oid, total, first, first + len(data) - 1)
+            last = first + len(data) - 1
+            written[number] = (first, last, self._segment_key(oid, total, first, last, whole=True))
             checksum = base64.b64encode(hashlib.sha256(data).digest()).decode()  # never kept cut short
             self._call(
                 "store a chunk",
                 "put_object",
-                Key=segment,
+                Key=written[number][2],
                 Body=data,
                 Metadata={**metadata, "whole": "1"},  # its token is the object's: followers count there
                 ChecksumSHA256=checksum,
             )
             reserve_more(-len(data))  # counted as stored from now on
-            with began:
-                if upload_id is None:
-                    created = {**metadata, "stored-at": repr(time.time())}
-                    upload_id = self._call("begin an upload", "create_multipart_upload", Key=key, Metadata=created)
-                    upload_id = upload_id["UploadId"]
-            return self._copy_part(key, upload_id, number, segment)
 
         segments = _S3Parts(send_segment)
         pending = bytearray()
@@ -4202,25 +4309,50 @@ class S3Store:
                 digest = hasher.finish()
                 Store._verify(oid, digest)
                 metadata["stored-at"] = repr(time.time())
-                return self._put_whole(key, bytes(pending), metadata, digest.digest())
+                return self._put_whole(self._object_key(oid), bytes(pending), metadata, digest.digest())
             if pending:
                 segments.send(bytes(pending))
-            parts = segments.finish()
+            segments.finish()
             Store._verify(oid, hasher.finish())
-            created = self._complete_once(key, upload_id, parts)
-            if created:
-                upload_id = None
-            with contextlib.suppress(StorageError):  # else the sweeper removes them
-                self._drop_segments(self._segments(oid))  # any upload's: the object is stored
-            return created
+            mine = [written[number] for number in sorted(written)]
+            if not self._store_segmented(oid, received, mine, metadata):
+                return False
+            written.clear()  # the object's now
+            made_of = {key for _, _, key in mine}
+            with contextlib.suppress(StorageError):  # else the sweeper removes them; any other upload's
+                self._drop_segments([segment for segment in self._segments(oid) if segment[3] not in made_of])
+            return True
         finally:
             hasher.finish()
             segments.close()  # no segment is sent after this
-            with contextlib.suppress(StorageError):  # else the sweeper aborts it
-                if upload_id is not None:
-                    self._call("abort an upload", "abort_multipart_upload", absent=(404,), Key=key, UploadId=upload_id)
             with contextlib.suppress(StorageError):  # else the sweeper removes them
-                self._drop_segments([(0, 0, 0, segment) for segment in written.values()])
+                self._drop_segments([(0, 0, 0, key) for _, _, key in written.values()])
+
+    def _store_segmented(self, oid: str, size: int, segments: list[tuple[int, int, str]], metadata: dict) -> bool:
+        """Create the object as the list of the *segments* ((first, last, key) each, in
+        order) that hold its *size* bytes, create-only: True if this created it. Under the
+        object's claim, which every removal of segments takes too (_drop_segments): the
+        segments are seen to be there, and stay while the list names them."""
+        key = self._object_key(oid)
+        listed = {"size": size, "segments": [[first, last, name[len(self.prefix) :]] for first, last, name in segments]}
+        body = json.dumps(listed).encode()
+        with self._claim(key, unless_stored=True) as held:
+            if not held:
+                return False
+            there = {found for found, _, _ in self._keys(f"segments/{oid}/")}
+            if any(name not in there for _, _, name in segments):
+                raise Conflict("a segment of this upload was removed meanwhile (taken for abandoned?): send it again")
+            done = self._call(
+                "store an object",
+                "put_object",
+                absent=(409, 412),
+                Key=key,
+                Body=body,
+                Metadata={**metadata, "stored-at": repr(time.time()), "layout": _S3_SEGMENTED, "size": str(size)},
+                IfNoneMatch="*",
+                ChecksumSHA256=base64.b64encode(hashlib.sha256(body).digest()).decode(),
+            )
+            return done is not None
 
     def _write_verified(
         self, key: str, expected: str | None, body, length, metadata: dict, reserve_more, hashed: list | None = None
@@ -4375,10 +4507,12 @@ class S3Store:
 
     # -- uploads in chunks: segment objects that any host reads --------------------
 
-    def _segment_key(self, oid: str, total: int | str, first: int, last: int) -> str:
+    def _segment_key(self, oid: str, total: int | str, first: int, last: int, whole: bool = False) -> str:
         """The key of a new segment: *total* is the upload's length, or for a whole upload of
-        unknown length _UNSIZED_SEGMENTS and its attempt's token."""
-        return f"{self.prefix}segments/{oid}/{total}/{first:020d}-{last:020d}.{secrets.token_hex(8)}"
+        unknown length _UNSIZED_SEGMENTS and its attempt's token; a *whole* upload's ends in
+        _WHOLE_SEGMENT (the listing tells it from a chunk's)."""
+        ending = _WHOLE_SEGMENT if whole else ""
+        return f"{self.prefix}segments/{oid}/{total}/{first:020d}-{last:020d}.{secrets.token_hex(8)}{ending}"
 
     def _listed_segments(self, oid: str) -> tuple[list, dict]:
         """From one listing: (first, last, total, key) of each stored segment of an upload
@@ -4403,14 +4537,29 @@ class S3Store:
         return self._listed_segments(oid)[0]
 
     def _drop_segments(self, segments) -> None:
-        for _, _, _, key in segments:
-            self._call("remove a chunk", "delete_object", absent=(404,), Key=key)
+        """Remove the *segments* ((..., key) each), but none that a stored object is made of:
+        under the claim of their object's key, through which _store_segmented takes turns,
+        _S3_DROP_BATCH at a time."""
+        keys = [segment[-1] for segment in segments]
+        for start in range(0, len(keys), _S3_DROP_BATCH):
+            batch = keys[start : start + _S3_DROP_BATCH]
+            by_upload: dict = {}
+            for key in batch:
+                by_upload.setdefault(key[len(f"{self.prefix}segments/") :].split("/", 1)[0], []).append(key)
+            for upload, dropped in by_upload.items():
+                if not _is_object_name(upload):  # an upload the relay names: no object has its name
+                    for key in dropped:
+                        self._call("remove a chunk", "delete_object", absent=(404,), Key=key)
+                    continue
+                lease = self._quick_lease(0) + len(dropped) * 0.1
+                with self._claim(self._object_key(upload), unless_stored=False, lease=lease):
+                    kept = {key for _, _, key in self._segment_list(upload) or ()}
+                    for key in dropped:
+                        if key not in kept:
+                            self._call("remove a chunk", "delete_object", absent=(404,), Key=key)
 
     def _segment_bytes(self, segments, first: int, last: int):
         """Bytes first..last of the upload, read from its segments in order."""
-        import botocore.exceptions
-        import urllib3.exceptions
-
         position = first
         while position <= last:
             covering = [segment for segment in segments if segment[0] <= position <= segment[1]]
@@ -4424,23 +4573,25 @@ class S3Store:
             if got is None:
                 raise Busy("the upload's chunks changed meanwhile", retry_after=1)
             try:
-                while position <= end and (block := got["Body"].read(min(_S3_READ_SIZE, end + 1 - position))):
-                    position += len(block)
-                    yield block
-            except (botocore.exceptions.BotoCoreError, urllib3.exceptions.HTTPError, OSError) as exc:
-                raise Unavailable(f"the object store stopped sending a chunk ({exc.__class__.__name__})") from None
-            if position <= end:
-                raise Unavailable("the object store ended a chunk early")
+                yield from self._segment_blocks(got, end + 1 - position)
+            finally:
+                got["Body"].close()
+            position = end + 1
 
     def _same_bytes(self, segments, first: int, last: int, blocks) -> bool:
         """Whether *blocks* hold bytes first..last of the upload as its segments do."""
-        received = hashlib.sha256()
-        for block in blocks:
-            received.update(block)
-        stored = hashlib.sha256()
-        for block in self._segment_bytes(segments, first, last):
-            stored.update(block)
-        return received.digest() == stored.digest()
+        return self._same_blocks(self._segment_bytes(segments, first, last), blocks)
+
+    @staticmethod
+    def _same_blocks(stored, blocks) -> bool:
+        """Whether the two iterables of blocks hold the same bytes."""
+        hashes = []
+        for source in (blocks, stored):
+            hasher = hashlib.sha256()
+            for block in source:
+                hasher.update(block)
+            hashes.append(hasher.digest())
+        return hashes[0] == hashes[1]
 
     def put_chunk(
         self, oid: str, first: int, last: int, total: int, body, digest: bytes | None, limits: Limits
@@ -4670,8 +4821,7 @@ class S3Store:
                 )
             if total != obj.size:
                 raise Conflict(f"this upload was stored as {obj.oid}, of {obj.size} bytes, not {total}")
-            stored = [(0, obj.size - 1, obj.size, self._object_key(obj.oid))]
-            if not self._same_bytes(stored, first, last, self._digested(body, digest)):
+            if not self._same_blocks(self._object_bytes(obj.oid, first, last), self._digested(body, digest)):
                 raise Conflict(f"bytes {first}-{last} differ from those of {obj.oid}, which this upload stored")
             return Named(obj.oid, Stored.ALREADY, record.get("name"))
         if total != record["length"]:
@@ -4711,17 +4861,28 @@ class S3Store:
         reserving its whole length. --max-disk is the store's size (else 1 EiB: unknown),
         used as an upload's reservation judges it: stored objects, segments, and what this
         relay's uploads reserve."""
-        stored_count = stored_bytes = 0
-        for _, size, _ in self._keys("objects/"):
-            stored_count += 1
-            stored_bytes += size
+        stored = {key.rsplit("/", 1)[-1]: size for key, size, _ in self._keys("objects/")}
         whole = {key.rsplit("/", 1)[-1] for key, _, _ in self._multipart_uploads(f"{self.prefix}objects/")}
-        segmented: dict = {}  # of each object with segments: [its length (0: unknown), bytes stored]
+        listed: dict = {}  # of each object with segments: {key: size}
         for key, size, _ in self._keys("segments/"):
-            oid, length = key.split("/")[-3:-1]
-            counted = segmented.setdefault(oid, [0, 0])
-            counted[0] = max(counted[0], int(length) if length.isdigit() else 0)
-            counted[1] += size
+            listed.setdefault(key.split("/")[-3], {})[key] = size
+        stored_bytes = sum(stored.values())
+        for oid in stored.keys() & listed.keys():  # stored as its segments? Those are its bytes
+            made_of = self._segment_list(oid) if _is_object_name(oid) else None
+            if made_of:
+                stored_bytes += made_of[-1][1] + 1 - stored[oid]
+                for _, _, key in made_of:
+                    listed[oid].pop(key, None)
+        segmented: dict = {}  # of each object with segments: [its length (0: unknown), bytes stored]
+        for oid, sizes in listed.items():
+            for key, size in sizes.items():
+                if key.endswith(_WHOLE_SEGMENT):
+                    whole.add(oid)
+                length = key.split("/")[-2]
+                counted = segmented.setdefault(oid, [0, 0])
+                counted[0] = max(counted[0], int(length) if length.isdigit() else 0)
+                counted[1] += size
+        stored_count = len(stored)
         allocated = sum(size for _, size in segmented.values())
         reserved = self._reserved
         for oid, (length, size) in segmented.items():
@@ -4809,18 +4970,23 @@ class S3Store:
     def _sweep_uploads(self, now: float, removed: dict) -> None:
         """Remove the segments of each object untouched for --partial-ttl, and abort each
         multipart upload idle that long: none of its parts, nor (under objects/) any
-        segment of its object, is newer. An upload still arriving is never swept."""
-        touched: dict = {}  # the segments of each object, and when it last got one
+        segment of its object, is newer. An upload still arriving is never swept, nor the
+        segments a stored object is made of."""
+        touched: dict = {}  # of each object: {key of a segment of an upload: when it was stored}
         for key, _, modified in list(self._keys("segments/")):
-            keys, latest = touched.get(key.split("/")[-3], ([], 0.0))
-            touched[key.split("/")[-3]] = ([*keys, key], max(latest, modified))
-        for keys, latest in touched.values():
-            if now - latest > self.config.partial_ttl:
-                self._drop_segments([(0, 0, 0, key) for key in keys])
+            touched.setdefault(key.split("/")[-3], {})[key] = modified
+        stored = {key.rsplit("/", 1)[-1] for key, _, _ in self._keys("objects/")}
+        for oid, segments in touched.items():
+            if oid in stored and _is_object_name(oid):
+                for _, _, key in self._segment_list(oid) or ():
+                    segments.pop(key, None)
+            if segments and now - max(segments.values()) > self.config.partial_ttl:
+                self._drop_segments([(0, 0, 0, key) for key in segments])
                 removed["partials"] += 1
         for under, kind in (("segments/", "leftovers"), ("incoming/", "leftovers"), ("objects/", "partials")):
             for key, upload_id, initiated in list(self._multipart_uploads(f"{self.prefix}{under}")):
-                segment_at = touched.get(key.rsplit("/", 1)[-1], ((), 0.0))[1] if under == "objects/" else 0.0
+                segments = touched.get(key.rsplit("/", 1)[-1], {}) if under == "objects/" else {}
+                segment_at = max(segments.values(), default=0.0)
                 if now - max(initiated, segment_at) <= self.config.partial_ttl:
                     continue
                 if now - self._last_part_at(key, upload_id) <= self.config.partial_ttl:
@@ -5033,6 +5199,8 @@ class S3UploadReader(_S3StreamReader):
             if self._stream is not None:
                 try:
                     block = self._stream.read(min(max(size, _S3_READ_SIZE), self._stream_end - self.position))
+                except StorageError as exc:
+                    raise UploadFailed(exc.reason) from None
                 except (botocore.exceptions.BotoCoreError, urllib3.exceptions.HTTPError, OSError) as exc:
                     raise UploadFailed(f"the object store stopped sending ({exc.__class__.__name__})") from None
                 if block:

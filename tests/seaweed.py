@@ -173,3 +173,22 @@ class Seaweed:
         except ProcessLookupError:
             pass
         self.process.wait(10)
+
+
+def listed_segments(client, bucket: str, prefix: str, key: str) -> list[str] | None:
+    """The keys of the segments the stored object *key* is made of, in order, if the relay
+    stored it as its upload's segments (user metadata layout=segments, its body their
+    list); else None."""
+    got = client.get_object(Bucket=bucket, Key=key)
+    if got.get("Metadata", {}).get("layout") != "segments":
+        return None
+    return [f"{prefix}{name}" for _, _, name in json.loads(got["Body"].read())["segments"]]
+
+
+def stored_content(client, bucket: str, prefix: str, key: str) -> bytes:
+    """The bytes of the stored object *key* as the relay serves them: its body, or its
+    segments' in turn."""
+    segments = listed_segments(client, bucket, prefix, key)
+    if segments is None:
+        return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    return b"".join(client.get_object(Bucket=bucket, Key=segment)["Body"].read() for segment in segments)

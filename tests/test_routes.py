@@ -14,6 +14,7 @@ import urllib.parse
 
 import pytest
 from conftest import SERVER_ID, blob, object_url, sha256
+from seaweed import listed_segments, stored_content
 
 import file_relay
 
@@ -58,13 +59,21 @@ class Stored:
     def data(self, oid: str) -> bytes:
         if not self.config.storage:
             return (self.config.files_directory / oid).read_bytes()
-        return self.client.get_object(Bucket=self.bucket, Key=f"{self.prefix}objects/{oid}")["Body"].read()
+        return stored_content(self.client, self.bucket, self.prefix, f"{self.prefix}objects/{oid}")
 
     def leftovers(self) -> list[str]:
+        """Uploads' remains: partial files; multipart uploads and the segments no object is made of."""
         if not self.config.storage:
             return os.listdir(self.config.files_directory / ".relay" / "partial")
         listed = self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=self.prefix)
-        return [upload["Key"] for upload in listed.get("Uploads", ())]
+        made_of = {
+            segment
+            for oid in self.names()
+            for segment in listed_segments(self.client, self.bucket, self.prefix, f"{self.prefix}objects/{oid}") or ()
+        }
+        segments = self.client.list_objects_v2(Bucket=self.bucket, Prefix=f"{self.prefix}segments/")
+        left = [item["Key"] for item in segments.get("Contents", ()) if item["Key"] not in made_of]
+        return [upload["Key"] for upload in listed.get("Uploads", ())] + left
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ import pytest
 import requests
 from conftest import blob
 from harness import SCRIPT, Paced, RelayProcess, wait_until
+from seaweed import listed_segments
 
 import file_relay
 
@@ -170,6 +171,17 @@ def keys_under(seaweed, s3_storage_url: str, what: str = "objects/") -> list[str
     return sorted(item["Key"].rsplit("/", 1)[-1] for item in listed.get("Contents", ()))
 
 
+def leftover_segments(seaweed, s3_storage_url: str) -> list[str]:
+    """The segments under the prefix that no stored object is made of: an upload's."""
+    bucket, prefix = file_relay.parse_storage_url(s3_storage_url)
+    client = seaweed.client()
+    listed = client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}segments/").get("Contents", ())
+    made_of = set()
+    for item in client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}objects/").get("Contents", ()):
+        made_of.update(listed_segments(client, bucket, prefix, item["Key"]) or ())
+    return sorted(item["Key"].rsplit("/", 1)[-1] for item in listed if item["Key"] not in made_of)
+
+
 def multipart_uploads(seaweed, s3_storage_url: str) -> list[str]:
     bucket, prefix = file_relay.parse_storage_url(s3_storage_url)
     listed = seaweed.client().list_multipart_uploads(Bucket=bucket, Prefix=prefix)
@@ -200,6 +212,71 @@ def test_an_object_uploaded_on_one_host_downloads_from_the_others(s3_relays, sea
     assert requests.delete(url(c, small_oid), timeout=60).status_code == 200
     assert requests.get(url(a, small_oid), timeout=60).status_code == 404
     assert keys_under(seaweed, s3_storage_url) == [oid] and multipart_uploads(seaweed, s3_storage_url) == []
+
+
+def test_a_large_upload_is_written_once_as_segments_that_stay_while_their_object_does(
+    s3_relays, seaweed, s3_env, s3_storage_url
+):
+    """Its segments are the object: the object's key holds their list, each byte is in the
+    store once, and no sweep takes them for an abandoned upload's; a DELETE, or the
+    download that uses the object up, removes them with it."""
+    a, b, _ = s3_relays(3)
+    bucket, prefix = file_relay.parse_storage_url(s3_storage_url)
+    client = seaweed.client()
+    data, oid = blob(20 << 20, seed=31)  # three segments of 8 MiB
+    assert requests.put(url(a, oid), data=data, timeout=60).status_code == 201
+    head = client.head_object(Bucket=bucket, Key=f"{prefix}objects/{oid}")
+    assert head["ContentLength"] < 4096 and head["Metadata"]["layout"] == "segments"
+    segments = listed_segments(client, bucket, prefix, f"{prefix}objects/{oid}")
+    assert [key.rsplit("/", 1)[-1] for key in segments] == keys_under(seaweed, s3_storage_url, f"segments/{oid}/")
+    assert [client.head_object(Bucket=bucket, Key=key)["ContentLength"] for key in segments] == [8 << 20] * 2 + [
+        4 << 20
+    ]
+    assert multipart_uploads(seaweed, s3_storage_url) == []
+
+    config = file_relay.RelayConfig(
+        server_id=SERVER_ID, storage=s3_storage_url, s3_endpoint=seaweed.endpoint, partial_ttl=1
+    )
+    assert file_relay.S3Store(config).sweep(now=time.time() + 3600)["partials"] == 0
+    assert len(keys_under(seaweed, s3_storage_url, f"segments/{oid}/")) == 3
+    got = requests.get(url(b, oid), timeout=60)
+    assert got.status_code == 200 and got.content == data and got.headers["Content-Length"] == str(len(data))
+    across = requests.get(url(b, oid), headers={"Range": "bytes=8388600-16777300"}, timeout=60)
+    assert across.status_code == 206 and across.content == data[8388600:16777301]
+    tail = requests.get(url(b, oid), headers={"Range": "bytes=-5"}, timeout=60)
+    assert tail.status_code == 206 and tail.content == data[-5:]
+    assert requests.head(url(b, oid), timeout=60).headers["Content-Length"] == str(len(data))
+    status = requests.get(url(b), timeout=60).json()
+    assert (status["stored_objects"], status["stored_bytes"], status["partial_uploads"]) == (1, len(data), 0)
+
+    assert requests.delete(url(b, oid), timeout=60).status_code == 200
+    assert requests.get(url(a, oid), timeout=60).status_code == 404
+    assert keys_under(seaweed, s3_storage_url, "segments/") == [] and keys_under(seaweed, s3_storage_url) == []
+
+    once, once_oid = blob(9 << 20, seed=32)
+    assert requests.put(url(a, once_oid), data=once, headers={"Max-Downloads": "1"}, timeout=60).status_code == 201
+    assert requests.get(url(b, once_oid), timeout=60).content == once
+    wait_until(lambda: requests.get(url(a, once_oid), timeout=60).status_code == 404, message="the object used up")
+    wait_until(lambda: not keys_under(seaweed, s3_storage_url, "segments/"), message="its segments removed with it")
+
+
+def test_a_name_less_upload_of_an_object_stored_as_segments_is_compared_with_them(seaweed, s3_env, s3_storage_url):
+    store = file_relay.S3Store(
+        file_relay.RelayConfig(server_id=SERVER_ID, storage=s3_storage_url, s3_endpoint=seaweed.endpoint)
+    )
+    data, oid = blob(9 << 20, seed=33)
+    assert store.put_stream(oid, pieces(data), len(data), file_relay.Limits())
+    token = store.start_unnamed(len(data), file_relay.Limits(), "same.bin")
+    half = len(data) // 2
+    assert isinstance(store.put_unnamed_chunk(token, 0, half - 1, len(data), [data[:half]], None), file_relay.Progress)
+    named = store.put_unnamed_chunk(token, half, len(data) - 1, len(data), [data[half:]], None)
+    assert (named.oid, named.stored) == (oid, file_relay.Stored.ALREADY)
+    again = store.put_unnamed_chunk(token, half - 10, half + 9, len(data), [data[half - 10 : half + 10]], None)
+    assert again.oid == oid  # a retry across the two segments, the same bytes
+    changed = bytes([data[half] ^ 1])
+    with pytest.raises(file_relay.Conflict):
+        store.put_unnamed_chunk(token, half, half, len(data), [changed], None)
+    assert store.open(oid) is not None
 
 
 @pytest.mark.parametrize("size", [100_000, 9 << 20])
@@ -276,7 +353,7 @@ def test_a_download_on_one_host_follows_a_whole_upload_arriving_at_another(s3_re
         sending.join(60)
     assert answers[0].status_code == 201, answers[0].text
     assert hashlib.sha256(received).hexdigest() == oid
-    assert keys_under(seaweed, s3_storage_url, "segments/") == [] and multipart_uploads(seaweed, s3_storage_url) == []
+    assert leftover_segments(seaweed, s3_storage_url) == [] and multipart_uploads(seaweed, s3_storage_url) == []
     assert requests.get(url(c, oid), timeout=60).content == data
 
 
@@ -315,7 +392,7 @@ def test_a_download_on_one_host_follows_an_upload_of_unknown_length_arriving_at_
         sending.join(60)
     assert answers[0].status_code == 201, answers[0].text
     assert hashlib.sha256(received).hexdigest() == oid
-    assert keys_under(seaweed, s3_storage_url, "segments/") == [] and multipart_uploads(seaweed, s3_storage_url) == []
+    assert leftover_segments(seaweed, s3_storage_url) == [] and multipart_uploads(seaweed, s3_storage_url) == []
     assert keys_under(seaweed, s3_storage_url) == [oid]
     assert requests.get(url(c, oid), timeout=60).content == data
 
@@ -389,7 +466,7 @@ def test_a_follower_of_an_upload_of_unknown_length_that_does_not_verify_is_cut_o
     assert answers[0].status_code == 400, answers[0].text
     assert follower.status == 200 and len(follower.body) > 0
     assert follower.cut and len(follower.body) < len(data), len(follower.body)
-    assert keys_under(seaweed, s3_storage_url, "segments/") == [] and keys_under(seaweed, s3_storage_url) == []
+    assert leftover_segments(seaweed, s3_storage_url) == [] and keys_under(seaweed, s3_storage_url) == []
     assert multipart_uploads(seaweed, s3_storage_url) == []
 
 
@@ -440,7 +517,7 @@ def test_a_chunk_longer_than_its_content_range_is_refused_as_it_arrives(s3_relay
         pass  # refused and closed while the body was still going out
     finally:
         connection.close()
-    assert keys_under(seaweed, s3_storage_url, "segments/") == [] and multipart_uploads(seaweed, s3_storage_url) == []
+    assert leftover_segments(seaweed, s3_storage_url) == [] and multipart_uploads(seaweed, s3_storage_url) == []
 
 
 class HoldingProxy(threading.Thread):
@@ -550,7 +627,7 @@ def test_an_upload_of_unknown_length_is_refused_once_it_outgrows_what_its_parts_
     assert "without a Content-Length" in reason and "32.0 MiB" in reason and "\n" not in reason, reason
     assert file_relay.status_of(refused.value) == 413
     assert keys_under(seaweed, s3_storage_url) == [exact_oid]
-    assert multipart_uploads(seaweed, s3_storage_url) == [] and keys_under(seaweed, s3_storage_url, "segments/") == []
+    assert multipart_uploads(seaweed, s3_storage_url) == [] and leftover_segments(seaweed, s3_storage_url) == []
 
 
 def test_an_upload_of_unknown_length_past_a_limit_gets_413_with_the_reason(s3_relays, seaweed, s3_storage_url):
@@ -565,7 +642,7 @@ def test_an_upload_of_unknown_length_past_a_limit_gets_413_with_the_reason(s3_re
         answer.text,
     )
     assert len(answer.text.strip().splitlines()) == 1, answer.text
-    assert keys_under(seaweed, s3_storage_url) == [] and keys_under(seaweed, s3_storage_url, "segments/") == []
+    assert keys_under(seaweed, s3_storage_url) == [] and leftover_segments(seaweed, s3_storage_url) == []
     assert multipart_uploads(seaweed, s3_storage_url) == []
 
 
@@ -575,9 +652,10 @@ def pieces(data: bytes, size: int = 1 << 20):
 
 
 def test_a_whole_upload_in_progress_is_counted_once_in_the_usage(seaweed, s3_env, s3_storage_url):
-    """A whole upload of known length is both segments and a multipart upload under the
-    object's key: the usage counts it once, its length reserved once (its stored segments,
-    and the rest that this process holds for it), beside an upload in chunks (its length)."""
+    """A whole upload of known length is stored as segments, which the listing tells from
+    a chunk's: the usage counts it once, its length reserved once (its stored segments,
+    and the rest that this process holds for it), beside an upload in chunks (its length).
+    Once stored, its segments are the object's bytes, counted once, as stored."""
     config = file_relay.RelayConfig(server_id=SERVER_ID, storage=s3_storage_url, s3_endpoint=seaweed.endpoint)
     store = file_relay.S3Store(config)
     data, oid = blob(24 << 20, seed=23)  # three segments of 8 MiB
@@ -595,12 +673,10 @@ def test_a_whole_upload_in_progress_is_counted_once_in_the_usage(seaweed, s3_env
         try:
             wait_until(
                 lambda: (
-                    len(keys_under(seaweed, s3_storage_url, f"segments/{oid}/")) == 2
-                    and multipart_uploads(seaweed, s3_storage_url)
-                    and store._reserved == 8 << 20
+                    len(keys_under(seaweed, s3_storage_url, f"segments/{oid}/")) == 2 and store._reserved == 8 << 20
                 ),
                 timeout=60,
-                message="two segments stored and the multipart upload begun",
+                message="two segments stored",
             )
             usage = store.usage()
         finally:
@@ -610,6 +686,10 @@ def test_a_whole_upload_in_progress_is_counted_once_in_the_usage(seaweed, s3_env
     assert usage["reserved_bytes"] == len(data) + len(chunked), usage
     assert usage["partial_allocated_bytes"] == (16 << 20) + 100_000, usage
     assert usage["disk_used_bytes"] == len(data) + 100_000, usage
+    stored = store.usage()
+    assert (stored["stored_count"], stored["stored_bytes"]) == (1, len(data)), stored
+    assert (stored["partial_count"], stored["partial_allocated_bytes"]) == (1, 100_000), stored
+    assert stored["disk_used_bytes"] == len(data) + 100_000, stored
 
 
 def idle_between(data: bytes, pause: float):
@@ -641,7 +721,7 @@ def test_an_upload_still_arriving_is_never_swept_however_long_it_lasts(s3_relays
     answer = requests.put(url(relay, oid), data=body if sized else iter(body), timeout=120)
     assert answer.status_code == 201, (answer.status_code, answer.text)
     assert keys_under(seaweed, s3_storage_url) == [oid]
-    assert multipart_uploads(seaweed, s3_storage_url) == [] and keys_under(seaweed, s3_storage_url, "segments/") == []
+    assert multipart_uploads(seaweed, s3_storage_url) == [] and leftover_segments(seaweed, s3_storage_url) == []
 
 
 def test_a_contradicting_chunk_being_compared_never_costs_the_acknowledged_ones(held_hosts, seaweed, s3_storage_url):
@@ -697,7 +777,7 @@ def test_a_host_killed_mid_upload_leaves_nothing_under_the_name(s3_relays, seawe
     assert keys_under(seaweed, s3_storage_url) == []
     s3_relays(1, "--partial-ttl=1", "--sweep-interval=1")  # whose sweeps remove what was abandoned
     wait_until(
-        lambda: not keys_under(seaweed, s3_storage_url, "segments/") and not multipart_uploads(seaweed, s3_storage_url),
+        lambda: not leftover_segments(seaweed, s3_storage_url) and not multipart_uploads(seaweed, s3_storage_url),
         timeout=20,
         message="the sweeps to remove the abandoned segments and multipart upload",
     )
@@ -742,7 +822,7 @@ def test_a_resumable_name_less_upload_goes_to_every_host(s3_relays, seaweed, s3_
     assert oid in answer.text and answer.headers["Location"].endswith(f"/{oid}?name=data.bin")
     assert requests.head(uploads[1], timeout=60).headers["Upload-Incomplete"] == "?0"
     assert requests.get(url(relays[2], oid), timeout=60).content == data
-    assert keys_under(seaweed, s3_storage_url, "segments/") == []
+    assert leftover_segments(seaweed, s3_storage_url) == []
     cancelled = requests.post(f"{url(relays[1])}/new/", headers={"Upload-Length": "10"}, timeout=60)
     other = cancelled.headers["Location"].rsplit("/", 1)[-1]
     assert requests.delete(f"{url(relays[2])}/uploads/{other}", timeout=60).status_code == 200
@@ -774,7 +854,7 @@ def test_the_chunks_of_one_upload_go_to_different_hosts_in_any_order(s3_relays, 
             assert answer.status_code == 201, answer.text
     for relay in relays:
         assert requests.get(url(relay, oid), timeout=60).content == data
-    assert keys_under(seaweed, s3_storage_url, "segments/") == [] and keys_under(seaweed, s3_storage_url) == [oid]
+    assert leftover_segments(seaweed, s3_storage_url) == [] and keys_under(seaweed, s3_storage_url) == [oid]
     retried = chunk(relays[1], oid, data, 0, piece - 1)
     assert retried.status_code == 200 and "already stored" in retried.text
 
@@ -835,7 +915,7 @@ def test_a_host_killed_mid_chunk_loses_nothing_acknowledged_and_another_resumes(
     assert head.headers["Upload-Ranges"] == f"0-{piece - 1}" and head.headers["Upload-Offset"] == str(piece)
     assert chunk(b, oid, data, piece, 3 * piece - 1).status_code == 201
     assert requests.get(url(b, oid), timeout=60).content == data
-    assert keys_under(seaweed, s3_storage_url, "segments/") == []
+    assert leftover_segments(seaweed, s3_storage_url) == []
 
 
 def test_racing_reservations_of_the_last_download_on_several_hosts_give_out_one(seaweed, s3_env, s3_storage_url):
@@ -911,7 +991,7 @@ def test_the_store_stopped_mid_upload_gives_503_and_no_object(own_seaweed, tmp_p
                 assert left.status_code == 404
         assert requests.put(url(relay, oid), data=data, timeout=60).status_code == 201
         assert requests.get(url(relay, oid), timeout=60).content == data
-        assert keys_under(own_seaweed, "s3://relay/faults", "segments/") == []  # those of any upload of it
+        assert leftover_segments(own_seaweed, "s3://relay/faults") == []  # those of any upload of it
     finally:
         relay.kill()
 
@@ -1059,8 +1139,8 @@ def test_a_follower_counted_on_an_upload_that_another_one_beat_is_cut_off(s3_rel
 
 def test_a_follower_that_finds_the_upload_ended_meanwhile_still_counts(seaweed, s3_env, s3_storage_url):
     """follow() lists an upload's segments, then reads the budget off one of them: if the
-    upload ends in between (its object stored, its segments removed), the reader it gives
-    must still count against the object's budget, not serve it uncounted."""
+    upload ends in between (its object stored, made of those segments), the reader it
+    gives must still count against the object's budget, not serve it uncounted."""
     config = file_relay.RelayConfig(server_id=SERVER_ID, storage=s3_storage_url, s3_endpoint=seaweed.endpoint)
     store = file_relay.S3Store(config)
     data, oid = blob(20 << 20, seed=13)
@@ -1090,8 +1170,8 @@ def test_a_follower_that_finds_the_upload_ended_meanwhile_still_counts(seaweed, 
     finally:
         rest.set()
         upload.join(60)
-    assert stored == [True] and store._segments(oid) == []
-    assert reader is not None and reader.max_downloads == 1
+    assert stored == [True] and store.lookup(oid).max_downloads == 1
+    assert reader is not None and reader.max_downloads == 1 and reader.token == store._head(oid)[1]
     reader.close()
 
 

@@ -29,6 +29,7 @@ import file_relay
 
 sys.path.insert(0, os.path.dirname(__file__))
 import s3_crash_driver as driver
+from seaweed import stored_content
 
 STRACE = shutil.which("strace")
 pytestmark = pytest.mark.skipif(STRACE is None, reason="strace is not installed (Debian's strace package)")
@@ -61,7 +62,7 @@ def verify_objects(seaweed, storage: str) -> dict:
     found = {}
     for item in client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}objects/").get("Contents", ()):
         name = item["Key"].rsplit("/", 1)[-1]
-        body = client.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
+        body = stored_content(client, bucket, prefix, item["Key"])
         assert hashlib.sha256(body).hexdigest() == name, f"{item['Key']} does not hash to its name"
         found[name] = len(body)
     return found
