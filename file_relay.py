@@ -3624,6 +3624,7 @@ _S3_MAX_PARTS = 10_000  # parts of a multipart upload, at most
 _S3_MAX_PART_SIZE = 64 << 20  # so that an upload holds at most three parts in memory: 625 GiB at most
 _S3_UNBOUNDED = 1 << 60  # the space reported for a store without --max-disk: it has no size to tell
 _S3_LEASE = 300.0  # seconds a counted download in flight holds its slot unless renewed
+_S3_CHANGED_ON_THE_WAY = ("BadDigest", "InvalidDigest", "XAmzContentSHA256Mismatch")  # a body that fails its checksum
 _S3_FULL_CODES = ("XMinioStorageFull", "InsufficientStorage", "QuotaExceeded", "StorageFull")
 _S3_SWAP_ATTEMPTS = 64  # compare-and-swaps of one counter before the request is told to retry
 _S3_CLAIM_PATIENCE = 30.0  # seconds a creation or removal of a key waits for another's claim on it
@@ -3659,7 +3660,9 @@ def s3_option_problem(config: RelayConfig) -> str | None:
 
 def _s3_client(config: RelayConfig):
     """A boto3 client of the store: the standard credential sources, bounded timeouts,
-    checksums only where the operation needs one (the relay verifies SHA-256 itself)."""
+    checksums only where the operation needs one (the relay verifies SHA-256 itself). No
+    request body is hashed for its signature, on http as on https: each one that carries
+    bytes carries their x-amz-checksum-sha256, a signed header the store verifies them by."""
     import boto3
     import botocore.config
 
@@ -3667,7 +3670,7 @@ def _s3_client(config: RelayConfig):
         connect_timeout=5,
         read_timeout=60,
         retries={"max_attempts": 3, "mode": "standard"},
-        s3={"addressing_style": "path" if config.s3_endpoint else "auto"},
+        s3={"addressing_style": "path" if config.s3_endpoint else "auto", "payload_signing_enabled": False},
         max_pool_connections=64,
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
@@ -3833,6 +3836,8 @@ class S3Store:
                 raise NoSpace(f"the object store is full ({code or status}) while trying to {doing}") from None
             if status >= 500 or status in (408, 429) or code in ("SlowDown", "RequestTimeout"):
                 raise Unavailable(f"the object store failed to {doing} ({code or status})") from None
+            if code in _S3_CHANGED_ON_THE_WAY:
+                raise Unavailable(f"the object store received changed bytes when asked to {doing} ({code})") from None
             if code == "NoSuchUpload":  # a sweeper took it for abandoned (idle for --partial-ttl)
                 raise Conflict(f"the store's upload ended before this one did ({code}): send it again") from None
             raise StorageError(f"the object store refused to {doing} ({code or status})") from None
@@ -4378,7 +4383,11 @@ class S3Store:
                     if upload_id is None:
                         metadata["stored-at"] = repr(time.time())
                         upload_id = self._call(
-                            "begin an upload", "create_multipart_upload", Key=key, Metadata=metadata
+                            "begin an upload",
+                            "create_multipart_upload",
+                            Key=key,
+                            Metadata=metadata,
+                            ChecksumAlgorithm="SHA256",
                         )["UploadId"]
                         parts = _S3Parts(functools.partial(self._send_part, key, upload_id))
                     part, pending = bytes(pending[:part_size]), pending[part_size:]
@@ -4483,8 +4492,18 @@ class S3Store:
         return {"PartNumber": number, "ETag": copied["CopyPartResult"]["ETag"]}
 
     def _send_part(self, key: str, upload_id: str, number: int, data: bytes) -> dict:
-        sent = self._call("store a part", "upload_part", Key=key, UploadId=upload_id, PartNumber=number, Body=data)
-        return {"PartNumber": number, "ETag": sent["ETag"]}
+        """Part *number* of a multipart upload begun with ChecksumAlgorithm SHA256."""
+        checksum = base64.b64encode(hashlib.sha256(data).digest()).decode()
+        sent = self._call(
+            "store a part",
+            "upload_part",
+            Key=key,
+            UploadId=upload_id,
+            PartNumber=number,
+            Body=data,
+            ChecksumSHA256=checksum,
+        )
+        return {"PartNumber": number, "ETag": sent["ETag"], "ChecksumSHA256": checksum}
 
     def _put_whole(self, key: str, data: bytes, metadata: dict, digest: bytes) -> bool:
         """Create *key* from *data*, verified by the store against its SHA-256 too: False if

@@ -553,6 +553,23 @@ class HoldingProxy(threading.Thread):
         self.listener.close()
 
 
+class CorruptingProxy(HoldingProxy):
+    """A HoldingProxy that, while *holding* is set, flips one bit in the next full block of
+    a request's body it passes on (the store's link corrupting what the relay sends)."""
+
+    def __init__(self, target_port: int):
+        super().__init__(target_port, (), 0.0)
+
+    def _pass(self, source: socket.socket, sink: socket.socket, requests_side: bool) -> None:
+        with contextlib.suppress(OSError), source, sink:
+            while data := source.recv(1 << 16):
+                if requests_side and self.holding.is_set() and len(data) == 1 << 16 and b"HTTP/1.1" not in data:
+                    self.holding.clear()
+                    data = data[:-1] + bytes([data[-1] ^ 1])
+                    self.held.set()
+                sink.sendall(data)
+
+
 @pytest.fixture
 def held_hosts(seaweed, relay_env, s3_storage_url, tmp_path):
     """start(methods, seconds) -> (proxy, a, b): two relays on one bucket, host A reaching
@@ -570,6 +587,44 @@ def held_hosts(seaweed, relay_env, s3_storage_url, tmp_path):
     for relay in relays:
         relay.kill()
     for proxy in proxies:
+        proxy.close()
+
+
+@pytest.mark.parametrize("how", ["whole", "in chunks"])
+def test_bytes_corrupted_on_the_way_to_the_store_are_refused_by_it_never_stored(
+    seaweed, relay_env, s3_storage_url, tmp_path, how
+):
+    """Each body the relay sends the store carries its x-amz-checksum-sha256: a segment of a
+    whole upload, or a part of the object an upload in chunks completes, that arrives
+    changed is refused, and nothing is stored under the name."""
+    proxy = CorruptingProxy(int(seaweed.endpoint.rsplit(":", 1)[1]))
+    args = ["--storage", s3_storage_url, "--s3-endpoint", proxy.endpoint, "--get-wait-timeout=0"]
+    relay = RelayProcess(None, tmp_path / "a.log", args, env=relay_env).start(SERVER_ID)
+    try:
+        data, oid = blob(20 << 20, seed=41)
+        if how == "whole":
+            proxy.holding.set()
+            answer = requests.put(url(relay, oid), data=data, timeout=60)
+        else:
+            half = len(data) // 2
+            first = {"Content-Range": f"bytes 0-{half - 1}/{len(data)}"}
+            assert requests.put(url(relay, oid), data=data[:half], headers=first, timeout=60).status_code == 202
+            proxy.holding.set()
+            last = {"Content-Range": f"bytes {half}-{len(data) - 1}/{len(data)}"}
+            answer = requests.put(url(relay, oid), data=data[half:], headers=last, timeout=60)
+        assert proxy.held.is_set(), "nothing was corrupted"
+        assert answer.status_code == 503 and "changed bytes" in answer.text, (answer.status_code, answer.text)
+        assert answer.headers["Retry-After"]
+        assert keys_under(seaweed, s3_storage_url) == []
+        if how == "whole":
+            assert requests.get(url(relay, oid), timeout=60).status_code == 404
+            assert leftover_segments(seaweed, s3_storage_url) == []
+        else:  # the chunks stay: the last one, sent again, completes the upload
+            assert requests.put(url(relay, oid), data=data[half:], headers=last, timeout=60).status_code == 201
+        assert requests.put(url(relay, oid), data=data, timeout=60).status_code in (200, 201)
+        assert requests.get(url(relay, oid), timeout=60).content == data
+    finally:
+        relay.kill()
         proxy.close()
 
 
