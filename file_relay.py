@@ -1381,6 +1381,9 @@ class Storage(typing.Protocol):
     def prepare(self) -> None:
         """Make ready to store (create what is missing)."""
 
+    def start_worker(self) -> None:
+        """Make ready what each worker process needs of its own, once it has forked."""
+
     def check_size(self, size: int) -> None:
         """Raise TooLarge if no object of *size* bytes may be stored."""
 
@@ -1602,6 +1605,9 @@ class Store:
         self.ledger_path = self.root / ".relay" / "usage"
         self.pipes = self.root / ".relay" / "pipes"
         self._prefix_hashes = _PrefixHashes()
+
+    def start_worker(self) -> None:
+        """Nothing: a worker needs nothing of its own."""
 
     def prepare(self) -> None:
         """Create the directories (private to the relay's user) if they are missing."""
@@ -3875,6 +3881,10 @@ class S3Store:
 
     def prepare(self) -> None:
         """Nothing to create: the bucket is the operator's (checked at start)."""
+
+    def start_worker(self) -> None:
+        """Make this worker's client now, not in its first request (botocore's set-up)."""
+        assert self.client is not None
 
     # -- objects -----------------------------------------------------------------
 
@@ -8017,6 +8027,7 @@ class _ServerHooks:
     def post_fork(self, server, worker):
         self.state.use_slot(worker.relay_slot)
         _limit_malloc_arenas()
+        self.storage.start_worker()
 
     def child_exit(self, server, worker):
         self.state.reset_gauges(worker.relay_slot)
