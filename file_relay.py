@@ -3741,6 +3741,11 @@ def _claim_lease(head: dict) -> float:
         return _S3_CLAIM_STALE
 
 
+def _s3_checksum(data) -> str:
+    """The x-amz-checksum-sha256 of a body: its SHA-256, in base64."""
+    return base64.b64encode(hashlib.sha256(data).digest()).decode()
+
+
 @contextlib.contextmanager
 def _held():
     """A claim not needed: held at once."""
@@ -4134,7 +4139,7 @@ class S3Store:
             absent=(404, 409, 412),
             Key=self._counter_key(oid, token),
             Body=body,
-            ChecksumSHA256=base64.b64encode(hashlib.sha256(body).digest()).decode(),
+            ChecksumSHA256=_s3_checksum(body),
             **condition,
         )
         return done is not None
@@ -4293,7 +4298,7 @@ class S3Store:
             first = (number - 1) * size
             last = first + len(data) - 1
             written[number] = (first, last, self._segment_key(oid, total, first, last, whole=True))
-            checksum = base64.b64encode(hashlib.sha256(data).digest()).decode()  # never kept cut short
+            checksum = _s3_checksum(data)  # never kept cut short
             self._call(
                 "store a chunk",
                 "put_object",
@@ -4357,17 +4362,8 @@ class S3Store:
             there = {found for found, _, _ in self._keys(f"segments/{oid}/")}
             if any(name not in there for _, _, name in segments):
                 raise Conflict("a segment of this upload was removed meanwhile (taken for abandoned?): send it again")
-            done = self._call(
-                "store an object",
-                "put_object",
-                absent=(409, 412),
-                Key=key,
-                Body=body,
-                Metadata={**metadata, "stored-at": repr(time.time()), "layout": _S3_SEGMENTED, "size": str(size)},
-                IfNoneMatch="*",
-                ChecksumSHA256=base64.b64encode(hashlib.sha256(body).digest()).decode(),
-            )
-            return done is not None
+            listing = {"stored-at": repr(time.time()), "layout": _S3_SEGMENTED, "size": str(size)}
+            return self._create(key, body, {**metadata, **listing}, _s3_checksum(body))
 
     def _write_verified(
         self, key: str, expected: str | None, body, length, metadata: dict, reserve_more, hashed: list | None = None
@@ -4503,7 +4499,7 @@ class S3Store:
 
     def _send_part(self, key: str, upload_id: str, number: int, data: bytes) -> dict:
         """Part *number* of a multipart upload begun with ChecksumAlgorithm SHA256."""
-        checksum = base64.b64encode(hashlib.sha256(data).digest()).decode()
+        checksum = _s3_checksum(data)
         sent = self._call(
             "store a part",
             "upload_part",
@@ -4522,17 +4518,21 @@ class S3Store:
         with claim if key.startswith(self._object_key("")) else _held() as held:
             if not held:
                 return False
-            done = self._call(
-                "store an object",
-                "put_object",
-                absent=(409, 412),
-                Key=key,
-                Body=data,
-                Metadata=metadata,
-                IfNoneMatch="*",
-                ChecksumSHA256=base64.b64encode(digest).decode(),
-            )
-            return done is not None
+            return self._create(key, data, metadata, base64.b64encode(digest).decode())
+
+    def _create(self, key: str, body: bytes, metadata: dict, checksum: str) -> bool:
+        """PutObject *key* create-only (If-None-Match: *): False if something is there."""
+        done = self._call(
+            "store an object",
+            "put_object",
+            absent=(409, 412),
+            Key=key,
+            Body=body,
+            Metadata=metadata,
+            IfNoneMatch="*",
+            ChecksumSHA256=checksum,
+        )
+        return done is not None
 
     # -- uploads in chunks: segment objects that any host reads --------------------
 
@@ -4752,7 +4752,7 @@ class S3Store:
 
     def _write_record(self, token: str, record: dict, **condition) -> None:
         body = json.dumps(record).encode()
-        checksum = base64.b64encode(hashlib.sha256(body).digest()).decode()
+        checksum = _s3_checksum(body)
         self._call(
             "record an upload",
             "put_object",
