@@ -3646,6 +3646,7 @@ _S3_DROP_BATCH = 100  # segments removed under one hold of their object's claim
 # followed by that attempt's own token: never a number, so never one upload in chunks.
 _UNSIZED_SEGMENTS = "unsized."
 _WHOLE_SEGMENT = ".whole"  # the end of the key of a segment of a whole upload
+_REMOVED_SEGMENTS = "removed"  # PREFIX/segments/<oid>/removed/...: notes of a stored object's segments being removed
 
 
 def parse_storage_url(url: str) -> tuple[str, str]:
@@ -3748,8 +3749,8 @@ def _s3_checksum(data) -> str:
 
 @contextlib.contextmanager
 def _held():
-    """A claim not needed: held at once."""
-    yield True
+    """A claim not needed: held at once, for as long as it takes."""
+    yield math.inf
 
 
 class _S3Parts:
@@ -3945,16 +3946,41 @@ class S3Store:
 
     def _remove(self, oid: str, token: str | None = None) -> bool:
         """Remove the object (only the upload *token* of it, if given); False if it was not
-        there. Under the key's claim: a copy stored since it was looked at stays."""
-        with self._claim(self._object_key(oid), unless_stored=False, lease=self._quick_lease(0)):
+        there. Under the key's claim: a copy stored since it was looked at stays. The
+        segments of one stored as its segments are named first in a note of their removal
+        (_note_removal), removed last: if they outlive the object (its host died, the store
+        failed), they are never taken for an upload in progress, and a sweeper removes them."""
+        with self._claim(self._object_key(oid), unless_stored=False, lease=self._quick_lease(0)) as until:
             found = self._head(oid)
             if found is None or (token is not None and found[1] != token):
                 return False
-            segments = self._segment_list(oid) or []
+            segments = [(0, 0, 0, key) for _, _, key in self._segment_list(oid) or ()]
+            if segments:
+                segments.append((0, 0, 0, self._note_removal(oid, segments)))
+            if time.monotonic() > until:
+                raise Busy("the object store is slow to answer: remove it again", retry_after=5)
             self._call("remove an object", "delete_object", Key=self._object_key(oid))
         with contextlib.suppress(StorageError):  # else the sweeper removes them, listed by no object
-            self._drop_segments([(0, 0, 0, key) for _, _, key in segments])
+            self._drop_segments(segments)
         return True
+
+    def _note_removal(self, oid: str, segments) -> str:
+        """The key of a new note, PREFIX/segments/<oid>/removed/<random>, that names the
+        *segments* ((..., key) each) of a stored object as being removed."""
+        key = f"{self.prefix}segments/{oid}/{_REMOVED_SEGMENTS}/{secrets.token_hex(8)}"
+        body = json.dumps([segment[-1][len(self.prefix) :] for segment in segments]).encode()
+        self._call("note a removal", "put_object", Key=key, Body=body, ChecksumSHA256=_s3_checksum(body))
+        return key
+
+    def _noted_removal(self, key: str) -> set[str]:
+        """The keys of the segments that the note *key* (_note_removal) names."""
+        got = self._call("read a note of a removal", "get_object", absent=(404,), Key=key)
+        if got is None:
+            return set()
+        try:
+            return {f"{self.prefix}{name}" for name in json.loads(got["Body"].read(64 << 20))}
+        except (ValueError, TypeError, OSError) as exc:
+            raise Unavailable(f"the object store sent a note of a removal that does not read ({exc})") from None
 
     def lookup(self, oid: str) -> StoredObject | None:
         found = self._found(oid)
@@ -4107,11 +4133,11 @@ class S3Store:
 
     def delete(self, oid: str) -> bool:
         """Remove the stored object and the segments of its upload in chunks (a whole
-        upload in progress elsewhere is not cancelled)."""
+        upload in progress, on any host, is not cancelled: its segments stay)."""
         removed = self._remove(oid)
-        segments = self._segments(oid)
-        self._drop_segments(segments)
-        return removed or bool(segments)
+        chunks = [segment for segment in self._segments(oid) if not segment[3].endswith(_WHOLE_SEGMENT)]
+        self._drop_segments(chunks)
+        return removed or bool(chunks)
 
     # -- download budgets --------------------------------------------------------
 
@@ -4356,12 +4382,16 @@ class S3Store:
         key = self._object_key(oid)
         listed = {"size": size, "segments": [[first, last, name[len(self.prefix) :]] for first, last, name in segments]}
         body = json.dumps(listed).encode()
-        with self._claim(key, unless_stored=True) as held:
-            if not held:
+        with self._claim(key, unless_stored=True) as until:
+            if not until:
                 return False
             there = {found for found, _, _ in self._keys(f"segments/{oid}/")}
             if any(name not in there for _, _, name in segments):
+                if self._call("look up an object", "head_object", absent=(404,), Key=key) is not None:
+                    return False  # another upload stored it, and removed these segments
                 raise Conflict("a segment of this upload was removed meanwhile (taken for abandoned?): send it again")
+            if time.monotonic() > until:
+                raise Busy("the object store took too long to list the upload's segments", retry_after=5)
             listing = {"stored-at": repr(time.time()), "layout": _S3_SEGMENTED, "size": str(size)}
             return self._create(key, body, {**metadata, **listing}, _s3_checksum(body))
 
@@ -4429,24 +4459,24 @@ class S3Store:
         stored in between (an ETag cannot tell two copies of one content apart), and two
         completions never both win (SeaweedFS 4.48 let two racing
         CompleteMultipartUploads with If-None-Match: * both succeed, never two PutObjects).
-        Yields True once held, or False, without it, if *unless_stored* and the key got
-        stored meanwhile. A claim older than its *lease* (seconds the holder needs at most,
-        in its metadata) is its dead holder's, and is removed. Busy if it stays held longer
-        than _S3_CLAIM_PATIENCE."""
+        Yields, once held, the time.monotonic() until which the holder may still start a
+        request that relies on it: half its *lease* (the seconds the holder needs at most,
+        in the claim's metadata) after it was asked for; or None, without it, if
+        *unless_stored* and the key got stored meanwhile. A claim older than its lease is
+        its dead holder's, and is removed: so a holder that would act past its time takes
+        the claim again first. Busy if it stays held longer than _S3_CLAIM_PATIENCE."""
         claim = f"{self.prefix}claims/{key[len(self.prefix) :]}"
         deadline = time.monotonic() + _S3_CLAIM_PATIENCE
         delays = _delays(_POLL_MIN, _POLL_MAX)
-        while not self._call(
-            "claim a key",
-            "put_object",
-            absent=(409, 412),
-            Key=claim,
-            Body=b"",
-            IfNoneMatch="*",
-            Metadata={"lease": repr(lease)},
-        ):
+        metadata = {"lease": repr(lease)}
+        while True:
+            asked = time.monotonic()
+            if self._call(
+                "claim a key", "put_object", absent=(409, 412), Key=claim, Body=b"", IfNoneMatch="*", Metadata=metadata
+            ):
+                break
             if unless_stored and self._call("look up a key", "head_object", absent=(404,), Key=key) is not None:
-                yield False  # another upload stored it
+                yield None  # another upload stored it
                 return
             held = self._call("look up a claim", "head_object", absent=(404,), Key=claim)
             if held is not None and time.time() - held["LastModified"].timestamp() > _claim_lease(held):
@@ -4455,7 +4485,7 @@ class S3Store:
                 raise Busy("another upload or removal of this object is in progress", retry_after=5)
             time.sleep(next(delays))
         try:
-            yield True
+            yield asked + lease / 2
         finally:
             with contextlib.suppress(StorageError):  # else it goes stale
                 self._call("release a claim", "delete_object", absent=(404,), Key=claim)
@@ -4546,11 +4576,15 @@ class S3Store:
     def _listed_segments(self, oid: str) -> tuple[list, dict]:
         """From one listing: (first, last, total, key) of each stored segment of an upload
         of *oid* of known length, by first; and of each whole upload of unknown length in
-        progress, by its attempt's token, (first, last, key) of each of its segments."""
+        progress, by its attempt's token, (first, last, key) of each of its segments. None
+        that a note of a removal names (the bytes of a removed object)."""
         under = f"{self.prefix}segments/{oid}/"
-        sized, unsized = [], {}
+        sized, unsized, removed = [], {}, set()
         for key, _, _ in self._keys(f"segments/{oid}/"):
             total, _, name = key[len(under) :].partition("/")
+            if total == _REMOVED_SEGMENTS:
+                removed |= self._noted_removal(key)
+                continue
             first, _, last = name.split(".", 1)[0].partition("-")
             if not (first.isdigit() and last.isdigit()):
                 continue
@@ -4558,7 +4592,10 @@ class S3Store:
                 sized.append((int(first), int(last), int(total), key))
             elif total.startswith(_UNSIZED_SEGMENTS):
                 unsized.setdefault(total[len(_UNSIZED_SEGMENTS) :], []).append((int(first), int(last), key))
-        return sorted(sized), {attempt: sorted(found) for attempt, found in unsized.items()}
+        if removed:
+            sized = [segment for segment in sized if segment[3] not in removed]
+            unsized = {attempt: [s for s in found if s[2] not in removed] for attempt, found in unsized.items()}
+        return sorted(sized), {attempt: sorted(found) for attempt, found in unsized.items() if found}
 
     def _segments(self, oid: str) -> list[tuple[int, int, int, str]]:
         """(first, last, total, key) of each stored chunk of the upload of *oid* of known
@@ -4566,24 +4603,28 @@ class S3Store:
         return self._listed_segments(oid)[0]
 
     def _drop_segments(self, segments) -> None:
-        """Remove the *segments* ((..., key) each), but none that a stored object is made of:
-        under the claim of their object's key, through which _store_segmented takes turns,
-        _S3_DROP_BATCH at a time."""
-        keys = [segment[-1] for segment in segments]
-        for start in range(0, len(keys), _S3_DROP_BATCH):
-            batch = keys[start : start + _S3_DROP_BATCH]
-            by_upload: dict = {}
-            for key in batch:
-                by_upload.setdefault(key[len(f"{self.prefix}segments/") :].split("/", 1)[0], []).append(key)
-            for upload, dropped in by_upload.items():
-                if not _is_object_name(upload):  # an upload the relay names: no object has its name
-                    for key in dropped:
-                        self._call("remove a chunk", "delete_object", absent=(404,), Key=key)
-                    continue
-                lease = self._quick_lease(0) + len(dropped) * 0.1
-                with self._claim(self._object_key(upload), unless_stored=False, lease=lease):
+        """Remove the *segments* ((..., key) each), in order, but none that a stored object
+        is made of: under the claim of their object's key, through which _store_segmented
+        takes turns, _S3_DROP_BATCH at a time, each removal sent within the claim's time
+        (else the claim is taken again, and the object's list read again, first)."""
+        by_upload: dict = {}
+        for segment in segments:
+            key = segment[-1]
+            by_upload.setdefault(key[len(f"{self.prefix}segments/") :].split("/", 1)[0], []).append(key)
+        for upload, keys in by_upload.items():
+            if not _is_object_name(upload):  # an upload the relay names: no object has its name
+                for key in keys:
+                    self._call("remove a chunk", "delete_object", absent=(404,), Key=key)
+                continue
+            keys.reverse()  # taken from the end
+            while keys:
+                lease = self._quick_lease(0) + min(len(keys), _S3_DROP_BATCH) * 0.1
+                with self._claim(self._object_key(upload), unless_stored=False, lease=lease) as until:
                     kept = {key for _, _, key in self._segment_list(upload) or ()}
-                    for key in dropped:
+                    for _ in range(_S3_DROP_BATCH):
+                        if not keys or time.monotonic() > until:
+                            break
+                        key = keys.pop()
                         if key not in kept:
                             self._call("remove a chunk", "delete_object", absent=(404,), Key=key)
 
@@ -4647,11 +4688,12 @@ class S3Store:
         segments = self._segments(upload)
         if any(other != total for _, _, other, _ in segments):
             raise Conflict(f"an upload of this object with another length is in progress (Content-Range says {total})")
-        ranges = merge_ranges((start, end) for start, end, _, _ in segments)
-        if any(start <= first and last <= end for start, end in ranges):  # a retry of what is stored
-            if not self._same_bytes(segments, first, last, self._digested(body, digest)):
+        chunks = [segment for segment in segments if not segment[3].endswith(_WHOLE_SEGMENT)]
+        stored = merge_ranges((start, end) for start, end, _, _ in chunks)  # not a whole upload's: it may fail
+        if any(start <= first and last <= end for start, end in stored):  # a retry of what is stored
+            if not self._same_bytes(chunks, first, last, self._digested(body, digest)):
                 raise Conflict(f"bytes {first}-{last} differ from those received before")
-            return ranges, segments
+            return merge_ranges((start, end) for start, end, _, _ in segments), segments
         key = self._segment_key(upload, total, first, last)
         metadata = {"token": secrets.token_hex(16), **self._limits_metadata(limits)}
         with self._reservation(last - first + 1) as reserve_more:
@@ -4850,7 +4892,11 @@ class S3Store:
                 )
             if total != obj.size:
                 raise Conflict(f"this upload was stored as {obj.oid}, of {obj.size} bytes, not {total}")
-            if not self._same_blocks(self._object_bytes(obj.oid, first, last), self._digested(body, digest)):
+            try:
+                same = self._same_blocks(self._object_bytes(obj.oid, first, last), self._digested(body, digest))
+            except UploadFailed:
+                raise NotFound(f"this upload was stored as {obj.oid}, which was removed meanwhile") from None
+            if not same:
                 raise Conflict(f"bytes {first}-{last} differ from those of {obj.oid}, which this upload stored")
             return Named(obj.oid, Stored.ALREADY, record.get("name"))
         if total != record["length"]:
@@ -5010,7 +5056,8 @@ class S3Store:
                 for _, _, key in self._segment_list(oid) or ():
                     segments.pop(key, None)
             if segments and now - max(segments.values()) > self.config.partial_ttl:
-                self._drop_segments([(0, 0, 0, key) for key in segments])
+                notes_last = sorted(segments, key=lambda key: f"/{_REMOVED_SEGMENTS}/" in key)
+                self._drop_segments([(0, 0, 0, key) for key in notes_last])
                 removed["partials"] += 1
         for under, kind in (("segments/", "leftovers"), ("incoming/", "leftovers"), ("objects/", "partials")):
             for key, upload_id, initiated in list(self._multipart_uploads(f"{self.prefix}{under}")):

@@ -17,7 +17,7 @@ import pytest
 import requests
 from conftest import blob
 from harness import SCRIPT, Paced, RelayProcess, wait_until
-from seaweed import listed_segments
+from seaweed import listed_segments, stored_content
 
 import file_relay
 
@@ -648,6 +648,178 @@ def test_a_removal_on_one_host_never_deletes_a_copy_stored_since_on_another(held
     for relay in (a, b):
         got = requests.get(url(relay, oid), timeout=60)
         assert got.status_code == 200 and got.content == data, (relay.base, got.status_code)
+
+
+def s3_store(s3_storage_url: str, endpoint: str) -> file_relay.S3Store:
+    """A store on the test's prefix, as a relay process has it, reaching S3 at *endpoint*."""
+    config = file_relay.RelayConfig(server_id=SERVER_ID, storage=s3_storage_url, s3_endpoint=endpoint)
+    return file_relay.S3Store(config)
+
+
+def held_upload(store: file_relay.S3Store, oid: str, data: bytes, sent: int):
+    """A whole upload of *data* to *store* on a thread of its own, held once *sent* bytes
+    went: (the event that lets the rest go, a future of put_stream's answer)."""
+    go_on = threading.Event()
+
+    def body():
+        yield from pieces(data[:sent])
+        go_on.wait(60)
+        yield from pieces(data[sent:])
+
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    uploading = pool.submit(store.put_stream, oid, body(), len(data), file_relay.Limits())
+    pool.shutdown(wait=False)
+    return go_on, uploading
+
+
+def test_the_upload_that_loses_a_race_of_whole_ones_is_told_already_stored(seaweed, s3_env, s3_storage_url):
+    """Two whole uploads of one object: the one that finishes first stores it and removes
+    the other's segments, which that one finds gone when it finishes. Its content was the
+    same: it gets 200 (already stored), not 409, and the object stays whole."""
+    a, b = s3_store(s3_storage_url, seaweed.endpoint), s3_store(s3_storage_url, seaweed.endpoint)
+    data, oid = blob(20 << 20, seed=51)
+    go_on, losing = held_upload(a, oid, data, sent=9 << 20)
+    try:
+        wait_until(lambda: a._segments(oid), timeout=60, message="a first segment of the slower upload")
+        assert b.put_stream(oid, pieces(data), len(data), file_relay.Limits()) is True
+    finally:
+        go_on.set()
+    assert losing.result(60) is False
+    assert seaweed_bytes(seaweed, s3_storage_url, oid) == data
+    assert leftover_segments(seaweed, s3_storage_url) == []
+
+
+def test_a_delete_on_another_host_does_not_cancel_a_whole_upload_in_progress(seaweed, s3_env, s3_storage_url):
+    """DELETE removes the stored object and an upload in chunks; a whole upload still
+    arriving on another host is not cancelled by it: it is stored, and reads back whole."""
+    a, b = s3_store(s3_storage_url, seaweed.endpoint), s3_store(s3_storage_url, seaweed.endpoint)
+    data, oid = blob(20 << 20, seed=52)
+    go_on, uploading = held_upload(a, oid, data, sent=9 << 20)
+    try:
+        wait_until(lambda: a._segments(oid), timeout=60, message="a first segment")
+        assert b.delete(oid) is False  # nothing stored, no upload in chunks
+    finally:
+        go_on.set()
+    assert uploading.result(60) is True
+    assert seaweed_bytes(seaweed, s3_storage_url, oid) == data
+
+
+def test_a_chunk_of_bytes_a_whole_upload_in_progress_holds_is_kept_if_that_upload_fails(
+    seaweed, s3_env, s3_storage_url
+):
+    """A chunk acknowledged with 202 is kept until its upload completes, even if a whole
+    upload in progress holds its bytes already: that upload may yet fail (here: it does
+    not verify), and its segments go with it."""
+    a, b = s3_store(s3_storage_url, seaweed.endpoint), s3_store(s3_storage_url, seaweed.endpoint)
+    data, oid = blob(20 << 20, seed=56)
+    wrong = data[: 9 << 20] + bytes(len(data) - (9 << 20))
+    go_on, failing = held_upload(a, oid, wrong, sent=9 << 20)
+    try:
+        wait_until(lambda: a._segments(oid), timeout=60, message="a first segment")
+        chunk = b.put_chunk(oid, 0, (1 << 20) - 1, len(data), [data[: 1 << 20]], None, file_relay.Limits())
+        assert isinstance(chunk, file_relay.Progress)
+    finally:
+        go_on.set()
+    with pytest.raises(file_relay.Mismatch):
+        failing.result(60)
+    assert b.progress(oid).ranges == [(0, (1 << 20) - 1)]
+
+
+def seaweed_bytes(seaweed, s3_storage_url: str, oid: str) -> bytes:
+    bucket, prefix = file_relay.parse_storage_url(s3_storage_url)
+    return stored_content(seaweed.client(), bucket, prefix, f"{prefix}objects/{oid}")
+
+
+def test_a_removal_that_outlasts_its_claim_never_removes_a_segment_listed_since(seaweed, s3_env, s3_storage_url):
+    """A removal of segments holds its object's claim for a few seconds; a host that finds
+    the claim older than that takes it over (its holder taken for dead) and may store the
+    object as the list of its segments. The removal, slowed (its first DELETE held 7 s on
+    the way), must take the claim again and read that list before it removes anything
+    more, or the stored object would lose its bytes."""
+    direct = s3_store(s3_storage_url, seaweed.endpoint)
+    bucket = direct.bucket
+    data, oid = blob(2 << 20, seed=53)
+    half = len(data) // 2
+    mine = [(0, half - 1), (half, len(data) - 1)]
+    segments = [(first, last, direct._segment_key(oid, len(data), first, last, whole=True)) for first, last in mine]
+    other = direct._segment_key(oid, f"{file_relay._UNSIZED_SEGMENTS}dead", 0, 9, whole=True)  # a dead attempt's
+    for first, last, key in [*segments, (0, 9, other)]:
+        seaweed.client().put_object(Bucket=bucket, Key=key, Body=data[first : last + 1])
+    proxy = HoldingProxy(int(seaweed.endpoint.rsplit(":", 1)[1]), (f"DELETE /{bucket}/{other}".encode(),), 7.0)
+    try:
+        slow = s3_store(s3_storage_url, proxy.endpoint)
+        proxy.holding.set()
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            removing = pool.submit(slow._drop_segments, [(0, 0, 0, key) for key in (other, *(k for *_, k in segments))])
+            assert proxy.held.wait(30), "the removal sent no DELETE"
+            assert direct._store_segmented(oid, len(data), segments, {"token": "t"}) is True
+            removing.result(60)
+    finally:
+        proxy.close()
+    assert keys_under(seaweed, s3_storage_url, f"segments/{oid}/") == sorted(k.rsplit("/", 1)[-1] for *_, k in segments)
+    assert seaweed_bytes(seaweed, s3_storage_url, oid) == data
+
+
+class RefusingProxy(HoldingProxy):
+    """A HoldingProxy that, while *holding* is set, closes the connection of each request
+    whose first bytes name one of *methods*, unanswered (the store gone for that request)."""
+
+    def __init__(self, target_port: int, methods: tuple[bytes, ...]):
+        super().__init__(target_port, methods, 0.0)
+
+    def _pass(self, source: socket.socket, sink: socket.socket, requests_side: bool) -> None:
+        with contextlib.suppress(OSError), source, sink:
+            while data := source.recv(1 << 16):
+                if requests_side and self.holding.is_set() and data.startswith(self.methods):
+                    self.held.set()
+                    return
+                sink.sendall(data)
+
+
+def test_the_segments_of_a_removed_object_are_never_taken_for_an_upload_in_progress(seaweed, s3_env, s3_storage_url):
+    """A removal deletes an object's list, then its segments: if those outlive it (the
+    store failed them, or the host died), no host follows them as an upload, nor reports
+    them in progress; a sweeper removes them, and the note that named them, later."""
+    direct = s3_store(s3_storage_url, seaweed.endpoint)
+    data, oid = blob(20 << 20, seed=54)  # three segments
+    assert direct.put_stream(oid, pieces(data), len(data), file_relay.Limits()) is True
+    segments = f"DELETE /{direct.bucket}/{direct.prefix}segments/".encode()
+    proxy = RefusingProxy(int(seaweed.endpoint.rsplit(":", 1)[1]), (segments,))
+    try:
+        proxy.holding.set()
+        assert s3_store(s3_storage_url, proxy.endpoint).delete(oid) is True
+        assert proxy.held.is_set(), "no segment's removal was refused"
+    finally:
+        proxy.close()
+    assert keys_under(seaweed, s3_storage_url) == []
+    assert len(keys_under(seaweed, s3_storage_url, f"segments/{oid}/")) == 4  # three segments and the note
+    assert direct.follow(oid) is None and direct.progress(oid) is None and direct.lookup(oid) is None
+    swept = direct.sweep(now=time.time() + direct.config.partial_ttl + 60)
+    assert swept["partials"] == 1 and keys_under(seaweed, s3_storage_url, "segments/") == [], swept
+
+
+def test_a_chunk_sent_again_after_its_upload_s_object_was_removed_gets_404(seaweed, s3_env, s3_storage_url):
+    """A chunk of a finished upload the relay names is compared with the object it stored;
+    if that object is removed while it is read (the GET held 3 s on the way), the chunk
+    gets 404 with the reason, not 500."""
+    direct = s3_store(s3_storage_url, seaweed.endpoint)
+    data, oid = blob(1000, seed=55)
+    token = direct.start_unnamed(len(data), file_relay.Limits(), None)
+    direct.put_unnamed_chunk(token, 0, 499, len(data), [data[:500]], None)
+    assert direct.put_unnamed_chunk(token, 500, 999, len(data), [data[500:]], None).oid == oid
+    read = f"GET /{direct.bucket}/{direct.prefix}objects/{oid}".encode()
+    proxy = HoldingProxy(int(seaweed.endpoint.rsplit(":", 1)[1]), (read,), 3.0)
+    try:
+        slow = s3_store(s3_storage_url, proxy.endpoint)
+        proxy.holding.set()
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            again = pool.submit(slow.put_unnamed_chunk, token, 0, 499, len(data), [data[:500]], None)
+            assert proxy.held.wait(30), "the chunk's comparison read nothing"
+            assert direct.delete(oid) is True
+            with pytest.raises(file_relay.NotFound, match="removed meanwhile"):
+                again.result(60)
+    finally:
+        proxy.close()
 
 
 def test_a_length_past_what_the_relay_stores_in_s3_is_refused_before_the_body(s3_relays):
