@@ -3639,9 +3639,9 @@ _S3_QUICK_CLAIM = 5.0  # seconds after which a removal's claim is (a small PutOb
 _S3_SLOWEST_RATE = 2 << 20  # bytes per second a small PutObject is given, at least
 _S3_COPY_PART_SIZE = 512 << 20  # bytes per UploadPartCopy of a staged upload
 _S3_PARTS_IN_FLIGHT = 2  # parts of one upload being sent at once while the next one arrives
+_S3_SAFE_IDLE = 0.75  # of --partial-ttl: how long a whole upload may go without storing a segment
 _S3_READ_SIZE = 1 << 20  # bytes a download asks of the store's response at once
 _S3_SEGMENTED = "segments"  # an object's "layout": its bytes are its upload's segments, which its body lists
-_S3_DROP_BATCH = 100  # segments removed under one hold of their object's claim
 # What stands for the length in the key of a segment of a whole upload of unknown length,
 # followed by that attempt's own token: never a number, so never one upload in chunks.
 _UNSIZED_SEGMENTS = "unsized."
@@ -4125,8 +4125,9 @@ class S3Store:
         return head.get("Metadata", {}) if head is not None else None
 
     def progress(self, oid: str) -> Progress | None:
-        """Where the upload of *oid* in chunks stands: the segments any host stored."""
-        segments = self._segments(oid)
+        """Where the upload of *oid* in chunks stands, from the segments any host stored;
+        with none, where a whole upload of it stands."""
+        segments = self._chunks(oid) or self._segments(oid)
         if not segments:
             return None
         return Progress("chunks", segments[0][2], merge_ranges((first, last) for first, last, _, _ in segments), False)
@@ -4135,7 +4136,7 @@ class S3Store:
         """Remove the stored object and the segments of its upload in chunks (a whole
         upload in progress, on any host, is not cancelled: its segments stay)."""
         removed = self._remove(oid)
-        chunks = [segment for segment in self._segments(oid) if not segment[3].endswith(_WHOLE_SEGMENT)]
+        chunks = self._chunks(oid)
         self._drop_segments(chunks)
         return removed or bool(chunks)
 
@@ -4319,6 +4320,7 @@ class S3Store:
         total = f"{_UNSIZED_SEGMENTS}{secrets.token_hex(8)}" if length is None else length
         hasher = _BackgroundHasher()
         written: dict[int, tuple[int, int, str]] = {}  # segment number -> (first, last, key)
+        stored_at: list[float] = []  # time.monotonic() of each segment's acknowledgement
 
         def send_segment(number: int, data: bytes) -> None:
             first = (number - 1) * size
@@ -4333,6 +4335,7 @@ class S3Store:
                 Metadata={**metadata, "whole": "1"},  # its token is the object's: followers count there
                 ChecksumSHA256=checksum,
             )
+            stored_at.append(time.monotonic())
             reserve_more(-len(data))  # counted as stored from now on
 
         segments = _S3Parts(send_segment)
@@ -4360,13 +4363,13 @@ class S3Store:
                 segments.send(bytes(pending))
             segments.finish()
             Store._verify(oid, hasher.finish())
+            moments = [*sorted(stored_at), time.monotonic()]
+            if max(later - earlier for earlier, later in itertools.pairwise(moments)) > self._safe_idle():
+                raise Conflict("this upload stayed idle for so long that it may be taken for abandoned: send it again")
             mine = [written[number] for number in sorted(written)]
             if not self._store_segmented(oid, received, mine, metadata):
                 return False
-            written.clear()  # the object's now
-            made_of = {key for _, _, key in mine}
-            with contextlib.suppress(StorageError):  # else the sweeper removes them; any other upload's
-                self._drop_segments([segment for segment in self._segments(oid) if segment[3] not in made_of])
+            written.clear()  # the object's now; another upload's segments are its own to remove
             return True
         finally:
             hasher.finish()
@@ -4374,11 +4377,18 @@ class S3Store:
             with contextlib.suppress(StorageError):  # else the sweeper removes them
                 self._drop_segments([(0, 0, 0, key) for _, _, key in written.values()])
 
+    def _safe_idle(self) -> float:
+        """Seconds a whole upload may go without storing a segment, and still list its
+        segments as its object: well short of --partial-ttl, after which a sweeper (on any
+        host, by its clock and the store's) may remove them (_sweep_uploads). No one else
+        removes an upload's segments."""
+        return _S3_SAFE_IDLE * self.config.partial_ttl
+
     def _store_segmented(self, oid: str, size: int, segments: list[tuple[int, int, str]], metadata: dict) -> bool:
         """Create the object as the list of the *segments* ((first, last, key) each, in
-        order) that hold its *size* bytes, create-only: True if this created it. Under the
-        object's claim, which every removal of segments takes too (_drop_segments): the
-        segments are seen to be there, and stay while the list names them."""
+        order) that hold its *size* bytes, this upload's own, create-only: True if this
+        created it. Under the object's claim, as every creation and removal of its key;
+        the segments are seen to be there first."""
         key = self._object_key(oid)
         listed = {"size": size, "segments": [[first, last, name[len(self.prefix) :]] for first, last, name in segments]}
         body = json.dumps(listed).encode()
@@ -4388,7 +4398,7 @@ class S3Store:
             there = {found for found, _, _ in self._keys(f"segments/{oid}/")}
             if any(name not in there for _, _, name in segments):
                 if self._call("look up an object", "head_object", absent=(404,), Key=key) is not None:
-                    return False  # another upload stored it, and removed these segments
+                    return False  # another upload stored it meanwhile
                 raise Conflict("a segment of this upload was removed meanwhile (taken for abandoned?): send it again")
             if time.monotonic() > until:
                 raise Busy("the object store took too long to list the upload's segments", retry_after=5)
@@ -4463,16 +4473,19 @@ class S3Store:
         request that relies on it: half its *lease* (the seconds the holder needs at most,
         in the claim's metadata) after it was asked for; or None, without it, if
         *unless_stored* and the key got stored meanwhile. A claim older than its lease is
-        its dead holder's, and is removed: so a holder that would act past its time takes
-        the claim again first. Busy if it stays held longer than _S3_CLAIM_PATIENCE."""
+        its dead holder's, and is removed: so a holder past its time starts nothing more
+        that relies on it (it answers Busy). Each claim's body is random, and a stale one is removed, or
+        one's own released, only if its ETag is still the one seen (If-Match): no one else's
+        claim goes with it. Busy if it stays held longer than _S3_CLAIM_PATIENCE."""
         claim = f"{self.prefix}claims/{key[len(self.prefix) :]}"
         deadline = time.monotonic() + _S3_CLAIM_PATIENCE
         delays = _delays(_POLL_MIN, _POLL_MAX)
         metadata = {"lease": repr(lease)}
+        mine = secrets.token_bytes(16)  # its ETag is this claim's alone: no one else's is removed for it
         while True:
             asked = time.monotonic()
-            if self._call(
-                "claim a key", "put_object", absent=(409, 412), Key=claim, Body=b"", IfNoneMatch="*", Metadata=metadata
+            if taken := self._call(
+                "claim a key", "put_object", absent=(409, 412), Key=claim, Body=mine, IfNoneMatch="*", Metadata=metadata
             ):
                 break
             if unless_stored and self._call("look up a key", "head_object", absent=(404,), Key=key) is not None:
@@ -4487,8 +4500,8 @@ class S3Store:
         try:
             yield asked + lease / 2
         finally:
-            with contextlib.suppress(StorageError):  # else it goes stale
-                self._call("release a claim", "delete_object", absent=(404,), Key=claim)
+            with contextlib.suppress(StorageError):  # else it goes stale; if taken over, it is not ours
+                self._call("release a claim", "delete_object", absent=(404, 412), Key=claim, IfMatch=taken["ETag"])
 
     @staticmethod
     def _quick_lease(size: int) -> float:
@@ -4602,31 +4615,18 @@ class S3Store:
         length (in chunks, or whole), by first."""
         return self._listed_segments(oid)[0]
 
+    def _chunks(self, upload: str) -> list[tuple[int, int, int, str]]:
+        """The _segments() of the upload in chunks *upload*: none of a whole upload's, which
+        has not verified yet and may fail, taking its segments with it."""
+        return [segment for segment in self._segments(upload) if not segment[3].endswith(_WHOLE_SEGMENT)]
+
     def _drop_segments(self, segments) -> None:
-        """Remove the *segments* ((..., key) each), in order, but none that a stored object
-        is made of: under the claim of their object's key, through which _store_segmented
-        takes turns, _S3_DROP_BATCH at a time, each removal sent within the claim's time
-        (else the claim is taken again, and the object's list read again, first)."""
-        by_upload: dict = {}
+        """Remove the *segments* ((..., key) each), in order. None of them is, or may yet
+        be, one that a stored object is made of: only an upload's own (until its object is
+        stored), a removed object's, an upload in chunks' (never listed as an object), and
+        those a sweeper finds idle (_sweep_uploads) are removed, so no claim is needed."""
         for segment in segments:
-            key = segment[-1]
-            by_upload.setdefault(key[len(f"{self.prefix}segments/") :].split("/", 1)[0], []).append(key)
-        for upload, keys in by_upload.items():
-            if not _is_object_name(upload):  # an upload the relay names: no object has its name
-                for key in keys:
-                    self._call("remove a chunk", "delete_object", absent=(404,), Key=key)
-                continue
-            keys.reverse()  # taken from the end
-            while keys:
-                lease = self._quick_lease(0) + min(len(keys), _S3_DROP_BATCH) * 0.1
-                with self._claim(self._object_key(upload), unless_stored=False, lease=lease) as until:
-                    kept = {key for _, _, key in self._segment_list(upload) or ()}
-                    for _ in range(_S3_DROP_BATCH):
-                        if not keys or time.monotonic() > until:
-                            break
-                        key = keys.pop()
-                        if key not in kept:
-                            self._call("remove a chunk", "delete_object", absent=(404,), Key=key)
+            self._call("remove a chunk", "delete_object", absent=(404,), Key=segment[-1])
 
     def _segment_bytes(self, segments, first: int, last: int):
         """Bytes first..last of the upload, read from its segments in order."""
@@ -4685,15 +4685,14 @@ class S3Store:
         new-TOKEN) as a segment, unless they are stored already (then compared): the
         upload's merged ranges and its segments."""
         body = self._within(body, first, last)
-        segments = self._segments(upload)
+        segments = self._chunks(upload)
         if any(other != total for _, _, other, _ in segments):
             raise Conflict(f"an upload of this object with another length is in progress (Content-Range says {total})")
-        chunks = [segment for segment in segments if not segment[3].endswith(_WHOLE_SEGMENT)]
-        stored = merge_ranges((start, end) for start, end, _, _ in chunks)  # not a whole upload's: it may fail
-        if any(start <= first and last <= end for start, end in stored):  # a retry of what is stored
-            if not self._same_bytes(chunks, first, last, self._digested(body, digest)):
+        ranges = merge_ranges((start, end) for start, end, _, _ in segments)
+        if any(start <= first and last <= end for start, end in ranges):  # a retry of what is stored
+            if not self._same_bytes(segments, first, last, self._digested(body, digest)):
                 raise Conflict(f"bytes {first}-{last} differ from those received before")
-            return merge_ranges((start, end) for start, end, _, _ in segments), segments
+            return ranges, segments
         key = self._segment_key(upload, total, first, last)
         metadata = {"token": secrets.token_hex(16), **self._limits_metadata(limits)}
         with self._reservation(last - first + 1) as reserve_more:
@@ -4703,7 +4702,7 @@ class S3Store:
                 )
             except Mismatch:
                 raise Mismatch("the chunk does not match its Content-Digest: it was not stored") from None
-        segments = self._segments(upload)
+        segments = self._chunks(upload)
         mine = [segment for segment in segments if segment[3] == key]
         others = [segment for segment in segments if segment[3] != key]
         if not mine:  # dropped by another host's completion: discarded, or contradicting
@@ -4916,14 +4915,14 @@ class S3Store:
             return None
         if record.get("oid"):
             return Named(record["oid"], Stored.CREATED, record.get("name")) if self.is_stored(record["oid"]) else None
-        segments = self._segments(f"new-{token}")
+        segments = self._chunks(f"new-{token}")
         return Progress("chunks", record["length"], merge_ranges((a, b) for a, b, _, _ in segments), False)
 
     def cancel_unnamed(self, token: str) -> bool:
         record = self._read_record(token)
         if record is None or record.get("oid"):
             return False
-        self._drop_segments(self._segments(f"new-{token}"))
+        self._drop_segments(self._chunks(f"new-{token}"))
         self._call("cancel an upload", "delete_object", absent=(404,), Key=self._record_key(token))
         return True
 

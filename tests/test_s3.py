@@ -3,6 +3,7 @@
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import hashlib
 import http.client
 import os
@@ -673,9 +674,9 @@ def held_upload(store: file_relay.S3Store, oid: str, data: bytes, sent: int):
 
 
 def test_the_upload_that_loses_a_race_of_whole_ones_is_told_already_stored(seaweed, s3_env, s3_storage_url):
-    """Two whole uploads of one object: the one that finishes first stores it and removes
-    the other's segments, which that one finds gone when it finishes. Its content was the
-    same: it gets 200 (already stored), not 409, and the object stays whole."""
+    """Two whole uploads of one object: the one that finishes last finds it stored by the
+    other. Its content was the same: it gets 200 (already stored), not 409, removes its own
+    segments, and the object stays whole."""
     a, b = s3_store(s3_storage_url, seaweed.endpoint), s3_store(s3_storage_url, seaweed.endpoint)
     data, oid = blob(20 << 20, seed=51)
     go_on, losing = held_upload(a, oid, data, sent=9 << 20)
@@ -730,33 +731,106 @@ def seaweed_bytes(seaweed, s3_storage_url: str, oid: str) -> bytes:
     return stored_content(seaweed.client(), bucket, prefix, f"{prefix}objects/{oid}")
 
 
-def test_a_removal_that_outlasts_its_claim_never_removes_a_segment_listed_since(seaweed, s3_env, s3_storage_url):
-    """A removal of segments holds its object's claim for a few seconds; a host that finds
-    the claim older than that takes it over (its holder taken for dead) and may store the
-    object as the list of its segments. The removal, slowed (its first DELETE held 7 s on
-    the way), must take the claim again and read that list before it removes anything
-    more, or the stored object would lose its bytes."""
-    direct = s3_store(s3_storage_url, seaweed.endpoint)
-    bucket = direct.bucket
-    data, oid = blob(2 << 20, seed=53)
-    half = len(data) // 2
-    mine = [(0, half - 1), (half, len(data) - 1)]
-    segments = [(first, last, direct._segment_key(oid, len(data), first, last, whole=True)) for first, last in mine]
-    other = direct._segment_key(oid, f"{file_relay._UNSIZED_SEGMENTS}dead", 0, 9, whole=True)  # a dead attempt's
-    for first, last, key in [*segments, (0, 9, other)]:
-        seaweed.client().put_object(Bucket=bucket, Key=key, Body=data[first : last + 1])
-    proxy = HoldingProxy(int(seaweed.endpoint.rsplit(":", 1)[1]), (f"DELETE /{bucket}/{other}".encode(),), 7.0)
+def test_an_upload_that_a_sweeper_took_for_abandoned_never_lists_a_segment_it_removes(seaweed, s3_env, s3_storage_url):
+    """A whole upload idle for longer than --partial-ttl (4 s) after its first segment is
+    taken for abandoned by a sweeper, whose DELETE of that segment is held 4 s on the way;
+    meanwhile the upload resumes and ends. Listing its segments as the object would be
+    acknowledged with 201, and the held DELETE would then take its first segment: it must
+    get 409 (send it again) and store nothing. An upload never lists segments after an idle
+    spell that a sweeper may judge abandoned (three quarters of --partial-ttl)."""
+    config = file_relay.RelayConfig(
+        server_id=SERVER_ID, storage=s3_storage_url, s3_endpoint=seaweed.endpoint, partial_ttl=4
+    )
+    uploader = file_relay.S3Store(config)
+    data, oid = blob(20 << 20, seed=53)
+    held = f"DELETE /{uploader.bucket}/{uploader.prefix}segments/{oid}/".encode()
+    proxy = HoldingProxy(int(seaweed.endpoint.rsplit(":", 1)[1]), (held,), 4.0)
     try:
-        slow = s3_store(s3_storage_url, proxy.endpoint)
-        proxy.holding.set()
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            removing = pool.submit(slow._drop_segments, [(0, 0, 0, key) for key in (other, *(k for *_, k in segments))])
-            assert proxy.held.wait(30), "the removal sent no DELETE"
-            assert direct._store_segmented(oid, len(data), segments, {"token": "t"}) is True
-            removing.result(60)
+        sweeper = file_relay.S3Store(dataclasses.replace(config, s3_endpoint=proxy.endpoint))
+        go_on, uploading = held_upload(uploader, oid, data, sent=9 << 20)
+        try:
+            wait_until(lambda: uploader._segments(oid), timeout=60, message="a first segment")
+            idle_since = time.time()
+            wait_until(lambda: time.time() > idle_since + 5.5, timeout=30, message="the upload idle past the ttl")
+            proxy.holding.set()
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                sweeping = pool.submit(sweeper.sweep)
+                assert proxy.held.wait(30), "the sweeper removed nothing"
+                go_on.set()
+                with pytest.raises(file_relay.Conflict, match="send it again"):
+                    uploading.result(60)
+                assert sweeping.result(60)["partials"] == 1
+        finally:
+            go_on.set()
     finally:
         proxy.close()
-    assert keys_under(seaweed, s3_storage_url, f"segments/{oid}/") == sorted(k.rsplit("/", 1)[-1] for *_, k in segments)
+    assert keys_under(seaweed, s3_storage_url) == [] and leftover_segments(seaweed, s3_storage_url) == []
+
+
+def holders_at_once(stores: list, key: str) -> list:
+    """Each of *stores* takes the claim on *key* at once, holds it 0.3 s, releases it: who
+    held it while another did, (name, [the others])."""
+    inside, overlaps, lock, start = [], [], threading.Lock(), threading.Barrier(len(stores))
+
+    def hold(store, name):
+        start.wait()
+        with store._claim(key, unless_stored=False, lease=60.0):
+            with lock:
+                if inside:
+                    overlaps.append((name, list(inside)))
+                inside.append(name)
+            time.sleep(0.3)  # a holder's work, while the others try
+            with lock:
+                inside.remove(name)
+
+    with concurrent.futures.ThreadPoolExecutor(len(stores)) as pool:
+        for future in [pool.submit(hold, store, i) for i, store in enumerate(stores)]:
+            future.result(120)
+    return overlaps
+
+
+def test_racing_takeovers_of_a_dead_host_s_claim_leave_one_holder_at_a_time(seaweed, s3_env, s3_storage_url):
+    """Eight stores race for the claim of an object whose holder died (its lease run out):
+    each removes the stale claim it saw, then takes its own. One holds it at a time, in
+    every round: a stale claim is removed only if it is still the one seen, and a holder
+    releases only its own (every claim's body, so its ETag, is its own)."""
+    stores = [s3_store(s3_storage_url, seaweed.endpoint) for _ in range(8)]
+    overlaps = {}
+    for round_ in range(8):
+        key = stores[0]._object_key(blob(10, seed=2000 + round_)[1])
+        claim = f"{stores[0].prefix}claims/{key[len(stores[0].prefix) :]}"
+        seaweed.client().put_object(Bucket=stores[0].bucket, Key=claim, Body=b"", Metadata={"lease": "0.2"})
+        put_at = time.time()
+        wait_until(lambda: time.time() > put_at + 1.3, message="the dead holder's claim to go stale")  # noqa: B023
+        if found := holders_at_once(stores, key):
+            overlaps[round_] = found
+    assert overlaps == {}
+
+
+def test_an_upload_in_chunks_is_its_own_beside_a_whole_upload_that_fails(seaweed, s3_env, s3_storage_url):
+    """A whole upload in progress has not verified and may fail: an upload in chunks of the
+    same object neither counts the whole one's segments as its bytes nor compares its
+    chunks with them. Its correct chunks are kept (202), whatever the whole one holds, and
+    it completes from its own chunks alone."""
+    a, b = s3_store(s3_storage_url, seaweed.endpoint), s3_store(s3_storage_url, seaweed.endpoint)
+    data, oid = blob(20 << 20, seed=57)
+    eight, sixteen = 8 << 20, 16 << 20
+    wrong = bytes(eight) + bytes(eight) + data[sixteen:]  # its first two segments are zeros
+    go_on, failing = held_upload(a, oid, wrong, sent=sixteen + (1 << 20))
+    limits = file_relay.Limits()
+    try:
+        wait_until(lambda: len(a._segments(oid)) == 2, timeout=60, message="two segments of the whole upload")
+        first = b.put_chunk(oid, 0, (1 << 20) - 1, len(data), [data[: 1 << 20]], None, limits)
+        assert isinstance(first, file_relay.Progress) and first.ranges == [(0, (1 << 20) - 1)]
+        last = b.put_chunk(oid, sixteen, len(data) - 1, len(data), list(pieces(data[sixteen:])), None, limits)
+        assert isinstance(last, file_relay.Progress) and last.ranges == [(0, (1 << 20) - 1), (sixteen, len(data) - 1)]
+    finally:
+        go_on.set()
+    with pytest.raises(file_relay.Mismatch):
+        failing.result(60)
+    assert b.progress(oid).ranges == [(0, (1 << 20) - 1), (sixteen, len(data) - 1)]
+    middle = list(pieces(data[1 << 20 : sixteen]))
+    assert b.put_chunk(oid, 1 << 20, sixteen - 1, len(data), middle, None, limits) is file_relay.Stored.CREATED
     assert seaweed_bytes(seaweed, s3_storage_url, oid) == data
 
 
@@ -944,7 +1018,7 @@ def test_an_upload_still_arriving_is_never_swept_however_long_it_lasts(s3_relays
     upload paced over more than twice the ttl, a segment stored every ttl/2 or so, is stored."""
     (relay,) = s3_relays(1, "--partial-ttl=6", "--sweep-interval=1")
     data, oid = blob((40 if sized else 64) << 20, seed=18)  # segments of 8 MiB, or of 16 MiB
-    body = Paced(data, seconds=15 if sized else 16, pieces=60)
+    body = Paced(data, seconds=15 if sized else 14, pieces=60)
     answer = requests.put(url(relay, oid), data=body if sized else iter(body), timeout=120)
     assert answer.status_code == 201, (answer.status_code, answer.text)
     assert keys_under(seaweed, s3_storage_url) == [oid]
@@ -1191,7 +1265,7 @@ def own_relay(server, tmp_path, *options) -> RelayProcess:
     return relay.start(SERVER_ID)
 
 
-def test_the_store_stopped_mid_upload_gives_503_and_no_object(own_seaweed, tmp_path):
+def test_the_store_stopped_mid_upload_gives_503_and_no_object(own_seaweed, tmp_path, monkeypatch):
     relay = own_relay(own_seaweed, tmp_path, "--idle-timeout=5")  # a follower of what it left stalls for 5 s
     try:
         data, oid = blob(24 << 20)
@@ -1218,7 +1292,14 @@ def test_the_store_stopped_mid_upload_gives_503_and_no_object(own_seaweed, tmp_p
                 assert left.status_code == 404
         assert requests.put(url(relay, oid), data=data, timeout=60).status_code == 201
         assert requests.get(url(relay, oid), timeout=60).content == data
-        assert leftover_segments(own_seaweed, "s3://relay/faults") == []  # those of any upload of it
+        for name, value in own_seaweed.env.items():  # the failed upload's segments: a sweeper's, once idle
+            monkeypatch.setenv(name, value)
+        config = file_relay.RelayConfig(
+            server_id=SERVER_ID, storage="s3://relay/faults", s3_endpoint=own_seaweed.endpoint
+        )
+        assert file_relay.S3Store(config).sweep(now=time.time() + config.partial_ttl + 60)["partials"] == 1
+        assert leftover_segments(own_seaweed, "s3://relay/faults") == []
+        assert requests.get(url(relay, oid), timeout=60).content == data
     finally:
         relay.kill()
 
