@@ -3634,7 +3634,8 @@ _S3_CHANGED_ON_THE_WAY = ("BadDigest", "InvalidDigest", "XAmzContentSHA256Mismat
 _S3_FULL_CODES = ("XMinioStorageFull", "InsufficientStorage", "QuotaExceeded", "StorageFull")
 _S3_SWAP_ATTEMPTS = 64  # compare-and-swaps of one counter before the request is told to retry
 _S3_CLAIM_PATIENCE = 30.0  # seconds a creation or removal of a key waits for another's claim on it
-_S3_CLAIM_STALE = 120.0  # seconds after which a completion's claim is its dead holder's
+_S3_CLAIM_STALE = 3600.0  # seconds after which a claim whose lease does not read is its dead holder's
+_S3_CLAIM_PER_PART = 0.05  # seconds a completion's claim is given for each part or segment
 _S3_QUICK_CLAIM = 5.0  # seconds after which a removal's claim is (a small PutObject's: more)
 _S3_SLOWEST_RATE = 2 << 20  # bytes per second a small PutObject is given, at least
 _S3_COPY_PART_SIZE = 512 << 20  # bytes per UploadPartCopy of a staged upload
@@ -3779,6 +3780,34 @@ class _S3Parts:
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _Pieces:
+    """The bytes of the blocks given to cut(), in pieces of *size* bytes (the last, rest(),
+    may be fewer), each a bytearray of its own, filled by one copy of each byte and not
+    touched once handed out: botocore sends a bytearray body in one write, where it wraps
+    bytes in a BytesIO and sends them 8 KiB at a time."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._piece = bytearray()
+
+    def cut(self, block) -> list[bytearray]:
+        """The pieces that *block* completes (its bytes are copied: its buffer may be reused)."""
+        full = []
+        view = memoryview(block)
+        while view:
+            taken = min(len(view), self.size - len(self._piece))
+            self._piece += view[:taken]
+            view = view[taken:]
+            if len(self._piece) == self.size:
+                full.append(self._piece)
+                self._piece = bytearray()
+        return full
+
+    def rest(self) -> bytearray:
+        """The bytes given since the last full piece."""
+        return self._piece
 
 
 class _BlocksBody:
@@ -4339,7 +4368,7 @@ class S3Store:
             reserve_more(-len(data))  # counted as stored from now on
 
         segments = _S3Parts(send_segment)
-        pending = bytearray()
+        pieces = _Pieces(size)
         received = 0
         try:
             for block in body:
@@ -4348,9 +4377,7 @@ class S3Store:
                     self._check_unsized(received)
                     reserve_more(len(block))
                 hasher.update(block)
-                pending += block
-                while len(pending) >= size:
-                    segment, pending = bytes(pending[:size]), pending[size:]
+                for segment in pieces.cut(block):
                     segments.send(segment)
             if length is not None and received != length:
                 raise WrongLength(f"body has {received} bytes, Content-Length says {length}")
@@ -4358,9 +4385,9 @@ class S3Store:
                 digest = hasher.finish()
                 Store._verify(oid, digest)
                 metadata["stored-at"] = repr(time.time())
-                return self._put_whole(self._object_key(oid), bytes(pending), metadata, digest.digest())
-            if pending:
-                segments.send(bytes(pending))
+                return self._put_whole(self._object_key(oid), pieces.rest(), metadata, digest.digest())
+            if rest := pieces.rest():
+                segments.send(rest)
             segments.finish()
             Store._verify(oid, hasher.finish())
             moments = [*sorted(stored_at), time.monotonic()]
@@ -4392,7 +4419,7 @@ class S3Store:
         key = self._object_key(oid)
         listed = {"size": size, "segments": [[first, last, name[len(self.prefix) :]] for first, last, name in segments]}
         body = json.dumps(listed).encode()
-        with self._claim(key, unless_stored=True) as until:
+        with self._claim(key, unless_stored=True, lease=self._completion_lease(len(segments), len(body))) as until:
             if not until:
                 return False
             there = {found for found, _, _ in self._keys(f"segments/{oid}/")}
@@ -4413,7 +4440,7 @@ class S3Store:
         of what arrived are appended to *hashed*, if given."""
         part_size = _S3_UNSIZED_PART_SIZE if length is None else self._segment_size(length)
         hasher = _BackgroundHasher()
-        pending = bytearray()
+        pieces = _Pieces(part_size)
         parts: _S3Parts | None = None
         upload_id = None
         received = 0
@@ -4424,8 +4451,7 @@ class S3Store:
                     self._check_unsized(received)
                     reserve_more(len(block))
                 hasher.update(block)
-                pending += block
-                if len(pending) >= part_size:
+                for part in pieces.cut(block):
                     if upload_id is None:
                         metadata["stored-at"] = repr(time.time())
                         upload_id = self._call(
@@ -4436,7 +4462,6 @@ class S3Store:
                             ChecksumAlgorithm="SHA256",
                         )["UploadId"]
                         parts = _S3Parts(functools.partial(self._send_part, key, upload_id))
-                    part, pending = bytes(pending[:part_size]), pending[part_size:]
                     parts.send(part)
             if length is not None and received != length:
                 raise WrongLength(f"body has {received} bytes, Content-Length says {length}")
@@ -4446,9 +4471,9 @@ class S3Store:
                 hashed.append((digest.hexdigest(), received))
             if upload_id is None:
                 metadata["stored-at"] = repr(time.time())
-                return self._put_whole(key, bytes(pending), metadata, digest.digest())
-            if pending:
-                parts.send(bytes(pending))
+                return self._put_whole(key, pieces.rest(), metadata, digest.digest())
+            if rest := pieces.rest():
+                parts.send(rest)
             if not self._complete_once(key, upload_id, parts.finish()):
                 return False
             upload_id = None
@@ -4462,7 +4487,7 @@ class S3Store:
                     self._call("abort an upload", "abort_multipart_upload", absent=(404,), Key=key, UploadId=upload_id)
 
     @contextlib.contextmanager
-    def _claim(self, key: str, *, unless_stored: bool, lease: float = _S3_CLAIM_STALE):
+    def _claim(self, key: str, *, unless_stored: bool, lease: float):
         """Hold the claim on *key*, a create-only PutObject of PREFIX/claims/<key>, while the
         body runs: creations and removals of one object's key take turns through it, so
         that a removal (which looks at what is there, then deletes it) never deletes a copy
@@ -4508,10 +4533,16 @@ class S3Store:
         """Seconds a claim for a removal, or a PutObject of *size* bytes, is held at most."""
         return _S3_QUICK_CLAIM + size / _S3_SLOWEST_RATE
 
+    @staticmethod
+    def _completion_lease(parts: int, size: int = 0) -> float:
+        """Seconds a claim for completing an object of *parts* parts or segments (listed,
+        with a list of *size* bytes) is held at most."""
+        return _S3_QUICK_CLAIM + parts * _S3_CLAIM_PER_PART + size / _S3_SLOWEST_RATE
+
     def _complete_once(self, key: str, upload_id: str, parts: list[dict]) -> bool:
         """Complete the multipart upload into *key* unless something is there: True if this
         created it."""
-        with self._claim(key, unless_stored=True) as held:
+        with self._claim(key, unless_stored=True, lease=self._completion_lease(len(parts))) as held:
             if not held:
                 return False
             completed = self._call(
@@ -4996,9 +5027,14 @@ class S3Store:
             if self._remove_counter_left(key):
                 removed["leftovers"] += 1
         for key, _, modified in list(self._keys("claims/")):
-            if now - modified > _S3_CLAIM_STALE:  # its holder died while completing
-                self._call("remove a stale claim", "delete_object", absent=(404,), Key=key)
-                removed["leftovers"] += 1
+            if now - modified <= _S3_QUICK_CLAIM:  # held, surely
+                continue
+            held = self._call("look up a claim", "head_object", absent=(404,), Key=key)
+            if held is not None and now - held["LastModified"].timestamp() > _claim_lease(held):  # its holder died
+                done = self._call(
+                    "remove a stale claim", "delete_object", absent=(404, 412), Key=key, IfMatch=held["ETag"]
+                )
+                removed["leftovers"] += done is not None
         for under in ("unnamed/", "incoming/"):  # records of uploads the relay names; staged uploads
             for key, _, modified in list(self._keys(under)):
                 if now - modified > self.config.partial_ttl:
