@@ -4499,9 +4499,10 @@ class S3Store:
         in the claim's metadata) after it was asked for; or None, without it, if
         *unless_stored* and the key got stored meanwhile. A claim older than its lease is
         its dead holder's, and is removed: so a holder past its time starts nothing more
-        that relies on it (it answers Busy). Each claim's body is random, and a stale one is removed, or
-        one's own released, only if its ETag is still the one seen (If-Match): no one else's
-        claim goes with it. Busy if it stays held longer than _S3_CLAIM_PATIENCE."""
+        that relies on it (it answers Busy). Each claim's body is random, and a stale one
+        is removed, or one's own released, only if its ETag is still the one seen
+        (If-Match): no one else's claim goes with it. Busy if it stays held longer than
+        _S3_CLAIM_PATIENCE."""
         claim = f"{self.prefix}claims/{key[len(self.prefix) :]}"
         deadline = time.monotonic() + _S3_CLAIM_PATIENCE
         delays = _delays(_POLL_MIN, _POLL_MAX)
