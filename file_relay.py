@@ -3635,6 +3635,7 @@ _S3_FULL_CODES = ("XMinioStorageFull", "InsufficientStorage", "QuotaExceeded", "
 _S3_SWAP_ATTEMPTS = 64  # compare-and-swaps of one counter before the request is told to retry
 _S3_CLAIM_PATIENCE = 30.0  # seconds a creation or removal of a key waits for another's claim on it
 _S3_CLAIM_STALE = 3600.0  # seconds after which a claim whose lease does not read is its dead holder's
+_S3_CLOCK_SKEW = 120.0  # seconds a host's clock may be off the store's without harm to claims
 _S3_CLAIM_PER_PART = 0.05  # seconds a completion's claim is given for each part or segment
 _S3_QUICK_CLAIM = 5.0  # seconds after which a removal's claim is (a small PutObject's: more)
 _S3_SLOWEST_RATE = 2 << 20  # bytes per second a small PutObject is given, at least
@@ -3741,6 +3742,16 @@ def _claim_lease(head: dict) -> float:
         return float(head.get("Metadata", {}).get("lease", _S3_CLAIM_STALE))
     except ValueError:
         return _S3_CLAIM_STALE
+
+
+def _claim_is_stale(head: dict, first_seen: float | None, now: float | None = None) -> bool:
+    """Whether the claim *head* (its HeadObject) is its dead holder's: this host has seen it
+    for longer than its lease (time.monotonic() since *first_seen*, no clock but its own),
+    or the store's clock says it is older than its lease by more than _S3_CLOCK_SKEW."""
+    if first_seen is not None and time.monotonic() - first_seen > _claim_lease(head):
+        return True
+    now = time.time() if now is None else now
+    return now - head["LastModified"].timestamp() > _claim_lease(head) + _S3_CLOCK_SKEW
 
 
 def _s3_checksum(data) -> str:
@@ -4155,11 +4166,14 @@ class S3Store:
 
     def progress(self, oid: str) -> Progress | None:
         """Where the upload of *oid* in chunks stands, from the segments any host stored;
-        with none, where a whole upload of it stands."""
-        segments = self._chunks(oid) or self._segments(oid)
+        with none, where a whole upload of it stands (Progress "stream": not chunks that
+        an upload in chunks goes on from)."""
+        chunks = self._chunks(oid)
+        segments = chunks or self._segments(oid)
         if not segments:
             return None
-        return Progress("chunks", segments[0][2], merge_ranges((first, last) for first, last, _, _ in segments), False)
+        ranges = merge_ranges((first, last) for first, last, _, _ in segments)
+        return Progress("chunks" if chunks else "stream", segments[0][2], ranges, False)
 
     def delete(self, oid: str) -> bool:
         """Remove the stored object and the segments of its upload in chunks (a whole
@@ -4394,7 +4408,7 @@ class S3Store:
             if max(later - earlier for earlier, later in itertools.pairwise(moments)) > self._safe_idle():
                 raise Conflict("this upload stayed idle for so long that it may be taken for abandoned: send it again")
             mine = [written[number] for number in sorted(written)]
-            if not self._store_segmented(oid, received, mine, metadata):
+            if not self._store_segmented(oid, received, mine, metadata, quiet_since=moments[-2]):
                 return False
             written.clear()  # the object's now; another upload's segments are its own to remove
             return True
@@ -4411,11 +4425,14 @@ class S3Store:
         removes an upload's segments."""
         return _S3_SAFE_IDLE * self.config.partial_ttl
 
-    def _store_segmented(self, oid: str, size: int, segments: list[tuple[int, int, str]], metadata: dict) -> bool:
+    def _store_segmented(
+        self, oid: str, size: int, segments: list[tuple[int, int, str]], metadata: dict, quiet_since: float
+    ) -> bool:
         """Create the object as the list of the *segments* ((first, last, key) each, in
         order) that hold its *size* bytes, this upload's own, create-only: True if this
         created it. Under the object's claim, as every creation and removal of its key;
-        the segments are seen to be there first."""
+        the segments are seen to be there first, and the last was stored (time.monotonic()
+        *quiet_since*) no longer than _safe_idle() before the list is created."""
         key = self._object_key(oid)
         listed = {"size": size, "segments": [[first, last, name[len(self.prefix) :]] for first, last, name in segments]}
         body = json.dumps(listed).encode()
@@ -4429,6 +4446,10 @@ class S3Store:
                 raise Conflict("a segment of this upload was removed meanwhile (taken for abandoned?): send it again")
             if time.monotonic() > until:
                 raise Busy("the object store took too long to list the upload's segments", retry_after=5)
+            if time.monotonic() - quiet_since > self._safe_idle():
+                raise Conflict(
+                    "this upload waited so long to be stored that it may be taken for abandoned: send it again"
+                )
             listing = {"stored-at": repr(time.time()), "layout": _S3_SEGMENTED, "size": str(size)}
             return self._create(key, body, {**metadata, **listing}, _s3_checksum(body))
 
@@ -4498,8 +4519,8 @@ class S3Store:
         request that relies on it: half its *lease* (the seconds the holder needs at most,
         in the claim's metadata) after it was asked for; or None, without it, if
         *unless_stored* and the key got stored meanwhile. A claim older than its lease is
-        its dead holder's, and is removed: so a holder past its time starts nothing more
-        that relies on it (it answers Busy). Each claim's body is random, and a stale one
+        its dead holder's, and is removed (_claim_is_stale): so a holder past its time
+        starts nothing more that relies on it (it answers Busy). Each claim's body is random, and a stale one
         is removed, or one's own released, only if its ETag is still the one seen
         (If-Match): no one else's claim goes with it. Busy if it stays held longer than
         _S3_CLAIM_PATIENCE."""
@@ -4508,6 +4529,7 @@ class S3Store:
         delays = _delays(_POLL_MIN, _POLL_MAX)
         metadata = {"lease": repr(lease)}
         mine = secrets.token_bytes(16)  # its ETag is this claim's alone: no one else's is removed for it
+        seen: dict = {}  # the ETag of each claim found in the way -> time.monotonic() when first seen
         while True:
             asked = time.monotonic()
             if taken := self._call(
@@ -4518,7 +4540,7 @@ class S3Store:
                 yield None  # another upload stored it
                 return
             held = self._call("look up a claim", "head_object", absent=(404,), Key=claim)
-            if held is not None and time.time() - held["LastModified"].timestamp() > _claim_lease(held):
+            if held is not None and _claim_is_stale(held, seen.setdefault(held["ETag"], time.monotonic())):
                 self._call("remove a stale claim", "delete_object", absent=(404, 412), Key=claim, IfMatch=held["ETag"])
             elif time.monotonic() > deadline:
                 raise Busy("another upload or removal of this object is in progress", retry_after=5)
@@ -5031,13 +5053,16 @@ class S3Store:
             if now - modified <= _S3_QUICK_CLAIM:  # held, surely
                 continue
             held = self._call("look up a claim", "head_object", absent=(404,), Key=key)
-            if held is not None and now - held["LastModified"].timestamp() > _claim_lease(held):  # its holder died
+            if held is not None and _claim_is_stale(held, None, now):  # its holder died
                 done = self._call(
                     "remove a stale claim", "delete_object", absent=(404, 412), Key=key, IfMatch=held["ETag"]
                 )
                 removed["leftovers"] += done is not None
         for under in ("unnamed/", "incoming/"):  # records of uploads the relay names; staged uploads
             for key, _, modified in list(self._keys(under)):
+                if under == "unnamed/":  # idle since its record was written, or its last chunk stored
+                    chunks = self._keys(f"segments/new-{key.rsplit('/', 1)[-1]}/")
+                    modified = max([modified, *(stored for _, _, stored in chunks)])
                 if now - modified > self.config.partial_ttl:
                     self._call("remove a leftover", "delete_object", absent=(404,), Key=key)
                     removed["leftovers"] += 1

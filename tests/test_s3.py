@@ -834,6 +834,128 @@ def test_an_upload_in_chunks_is_its_own_beside_a_whole_upload_that_fails(seaweed
     assert seaweed_bytes(seaweed, s3_storage_url, oid) == data
 
 
+def test_an_upload_that_waited_for_a_dead_host_s_claim_never_lists_segments_a_sweeper_removes(
+    seaweed, s3_env, s3_storage_url
+):
+    """A whole upload stores its segments without a pause, then waits for the claim a dead
+    host left (lease 7 s) past --partial-ttl (4 s); a sweeper meanwhile takes its segments
+    for abandoned, its DELETE held 3 s on the way. The upload must not list them as its
+    object (201, then unreadable): the wait counts as idle, and it gets 409."""
+    config = file_relay.RelayConfig(
+        server_id=SERVER_ID, storage=s3_storage_url, s3_endpoint=seaweed.endpoint, partial_ttl=4
+    )
+    uploader = file_relay.S3Store(config)
+    data, oid = blob(17 << 20, seed=72)
+    key = uploader._object_key(oid)
+    claim = f"{uploader.prefix}claims/{key[len(uploader.prefix) :]}"
+    held = f"DELETE /{uploader.bucket}/{uploader.prefix}segments/{oid}/".encode()
+    proxy = HoldingProxy(int(seaweed.endpoint.rsplit(":", 1)[1]), (held,), 3.0)
+    try:
+        sweeper = file_relay.S3Store(dataclasses.replace(config, s3_endpoint=proxy.endpoint))
+        proxy.holding.set()
+        seaweed.client().put_object(Bucket=uploader.bucket, Key=claim, Body=b"dead", Metadata={"lease": "7"})
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            uploading = pool.submit(uploader.put_stream, oid, pieces(data), len(data), file_relay.Limits())
+            wait_until(lambda: len(uploader._segments(oid)) == 3, timeout=60, message="all three segments")
+            stored_at = time.time()
+            wait_until(lambda: time.time() > stored_at + 5, timeout=30, message="segments idle past the ttl")
+            sweeping = pool.submit(sweeper.sweep)
+            with pytest.raises(file_relay.Conflict, match="send it again"):
+                uploading.result(60)
+            sweeping.result(60)
+    finally:
+        proxy.close()
+    assert keys_under(seaweed, s3_storage_url) == []
+
+
+HOLDER_WITH_A_CLOCK_AHEAD = r"""
+import sys, time
+real = time.time
+time.time = lambda: real() + float(sys.argv[1])
+import file_relay
+config = file_relay.RelayConfig(server_id="x" * 28, storage=sys.argv[2], s3_endpoint=sys.argv[3])
+store = file_relay.S3Store(config)
+with store._claim(sys.argv[4], unless_stored=False, lease=store._completion_lease(4)):
+    print("holds", real(), flush=True)
+"""
+
+
+@pytest.mark.parametrize("ahead", [0.0, 8.0])
+def test_a_host_whose_clock_runs_ahead_never_takes_a_live_claim(seaweed, s3_env, s3_storage_url, tmp_path, ahead):
+    """Host A holds a completion's claim (lease about 5 s) for 3 s; host B, whose clock runs
+    *ahead* s ahead of the store's, asks for it meanwhile: B must wait for A's release. A
+    claim is judged stale by how long a host has seen it, on its own monotonic clock."""
+    a = s3_store(s3_storage_url, seaweed.endpoint)
+    key = a._object_key(blob(10, seed=73)[1])
+    script = tmp_path / "holder.py"
+    script.write_text(HOLDER_WITH_A_CLOCK_AHEAD)
+    released, holding = [], threading.Event()
+
+    def hold():
+        with a._claim(key, unless_stored=False, lease=a._completion_lease(4)):
+            holding.set()
+            time.sleep(3)
+            released.append(time.time())
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    assert holding.wait(30)
+    env = {**os.environ, "PYTHONPATH": str(SCRIPT.parent)}
+    b = subprocess.run(
+        [sys.executable, str(script), str(ahead), s3_storage_url, seaweed.endpoint, key],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        env=env,
+    )
+    thread.join()
+    assert b.returncode == 0, b.stderr[-2000:]
+    b_holds = float(b.stdout.split("holds ")[1].split()[0])
+    assert b_holds >= released[0], f"B took the claim {released[0] - b_holds:.2f} s before A released it"
+
+
+def test_an_upload_the_relay_names_keeps_its_record_while_its_chunks_arrive(seaweed, s3_env, s3_storage_url):
+    """--partial-ttl is how long an upload may stay idle: a name-less upload in chunks, one
+    every 2.5 s (never idle for the 4 s ttl), keeps its record through a sweep."""
+    config = file_relay.RelayConfig(
+        server_id=SERVER_ID, storage=s3_storage_url, s3_endpoint=seaweed.endpoint, partial_ttl=4
+    )
+    store = file_relay.S3Store(config)
+    data, oid = blob(3 << 20, seed=71)
+    size = 1 << 20
+    token = store.start_unnamed(len(data), file_relay.Limits(), "f.bin")
+    for i in range(2):
+        chunk = [data[i * size : (i + 1) * size]]
+        assert isinstance(
+            store.put_unnamed_chunk(token, i * size, (i + 1) * size - 1, len(data), chunk, None), file_relay.Progress
+        )
+        began = time.time()
+        wait_until(lambda: time.time() > began + 2.5, message="the next chunk's turn")  # noqa: B023
+    store.sweep()
+    done = store.put_unnamed_chunk(token, 2 * size, 3 * size - 1, len(data), [data[2 * size :]], None)
+    assert isinstance(done, file_relay.Named) and done.oid == oid
+
+
+def test_a_whole_upload_s_segments_are_reported_in_progress_not_as_chunks_to_go_on_from(
+    s3_relays, seaweed, s3_storage_url
+):
+    """A whole upload's segments (here, one left by a killed host) are no upload in chunks:
+    HEAD reports them in progress (Upload-Offset) without Upload-Ranges, and a chunk sent
+    from that offset is answered with the chunks alone, as they are."""
+    (relay,) = s3_relays(1)
+    store = s3_store(s3_storage_url, seaweed.endpoint)
+    data, oid = blob(20 << 20, seed=74)
+    left = store._segment_key(oid, len(data), 0, (8 << 20) - 1, whole=True)
+    seaweed.client().put_object(Bucket=store.bucket, Key=left, Body=data[: 8 << 20])
+    head = requests.head(url(relay, oid), timeout=60)
+    assert head.status_code == 200 and head.headers["Upload-Offset"] == str(8 << 20), head.headers
+    assert "Upload-Ranges" not in head.headers
+    rest = {"Content-Range": f"bytes {8 << 20}-{len(data) - 1}/{len(data)}"}
+    answer = requests.put(url(relay, oid), data=data[8 << 20 :], headers=rest, timeout=60)
+    assert answer.status_code == 202 and answer.headers["Upload-Ranges"] == f"{8 << 20}-{len(data) - 1}"
+    assert requests.head(url(relay, oid), timeout=60).headers["Upload-Ranges"] == f"{8 << 20}-{len(data) - 1}"
+
+
 class RefusingProxy(HoldingProxy):
     """A HoldingProxy that, while *holding* is set, closes the connection of each request
     whose first bytes name one of *methods*, unanswered (the store gone for that request)."""
