@@ -5795,28 +5795,34 @@ class _GuardedTLSConnection(_HeaderDeadline, ssl.SSLSocket):
     blocking, before its first head."""
 
     _handshaken = False
+    _client_heard = False
     _PLAIN_HTTP_REASON = b"plain HTTP request sent to HTTPS port\n"
     _PLAIN_HTTP_ANSWER = (
         b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
         b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_PLAIN_HTTP_REASON), _PLAIN_HTTP_REASON)
     )
 
-    def _answer_plain_http(self) -> None:
-        """Answer 400 to a client speaking plain HTTP to the TLS port, as nginx does,
-        instead of an empty reply; raises PlainHTTPOnTLS, for a lingering close."""
+    def _client_spoke_first(self) -> bool:
+        """Whether the client's first byte has arrived. If it starts plain HTTP, answer 400,
+        as nginx does, instead of an empty reply, and raise PlainHTTPOnTLS for a lingering
+        close. The handshake begins only once that byte has been seen, so that it never
+        reads (and fails on) plain HTTP that arrived after the look."""
         try:
             first = socket.socket.recv(self, 1, socket.MSG_PEEK)
         except BlockingIOError:
-            return
+            return False
         if first.isalpha():  # a TLS connection starts with a handshake record, 0x16
             with contextlib.suppress(OSError):
                 socket.socket.recv(self, _HEAD_LIMIT)
                 socket.socket.send(self, self._PLAIN_HTTP_ANSWER)
             raise PlainHTTPOnTLS(errno.ECONNABORTED, "plain HTTP sent to the TLS port")
+        self._client_heard = True
+        return True
 
     def receive_head(self) -> int:
         if not self._handshaken:
-            self._answer_plain_http()
+            if not self._client_heard and not self._client_spoke_first():
+                return selectors.EVENT_READ
             try:
                 self.do_handshake()
             except ssl.SSLWantReadError:

@@ -5,6 +5,7 @@ front of a relay for a large upload and a download that streams while its upload
 import concurrent.futures
 import contextlib
 import getpass
+import http.client
 import json
 import os
 import shutil
@@ -80,8 +81,6 @@ def test_https_is_all_the_relay_speaks_and_its_certificate_is_checked(live, cert
 def test_plain_http_with_a_body_sent_to_the_tls_port_reads_its_400(live, certificate):
     """A client still sending its body when the relay answers 400 reads it (a lingering
     close), as for every other refusal."""
-    import http.client
-
     cert, key = certificate
     relay = live("--certfile", cert, "--keyfile", key)
     for attempt in range(3):
@@ -90,6 +89,41 @@ def test_plain_http_with_a_body_sent_to_the_tls_port_reads_its_400(live, certifi
         answer = connection.getresponse()
         assert answer.status == 400 and answer.read() == b"plain HTTP request sent to HTTPS port\n", attempt
         connection.close()
+
+
+RECVFROM = {"x86_64": 45, "aarch64": 207}.get(os.uname().machine)
+
+
+def stopped_leaving_recvfrom(pid: int) -> bool:
+    """Whether *pid*'s main thread is held by its tracer in a recvfrom call."""
+    with open(f"/proc/{pid}/task/{pid}/status") as status:
+        held = "tracing stop" in status.read()
+    with open(f"/proc/{pid}/task/{pid}/syscall") as syscall:
+        return held and syscall.read().split()[0] == str(RECVFROM)
+
+
+@pytest.mark.skipif(shutil.which("strace") is None or RECVFROM is None, reason="needs strace, on x86_64 or aarch64")
+def test_plain_http_arriving_just_after_the_relay_looks_for_it_reads_its_400(live, certificate):
+    """The relay looks at a TLS client's first byte before its handshake. Plain HTTP that
+    arrives just after a look found nothing is still answered 400, not reset by a failed
+    handshake: strace holds that look's answer for half a second while the request comes."""
+    cert, key = certificate
+    relay = live("--certfile", cert, "--keyfile", key, "--workers", "1")
+    worker = wait_until(lambda: relay.worker_pids(), message="the worker")[0]
+    command = ["strace", "-qq", "-o", os.devnull, "-e", "trace=recvfrom", "-p", str(worker)]
+    tracer = subprocess.Popen([*command, "-e", "inject=recvfrom:delay_exit=500000:when=1"], stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: f"TracerPid:\t{tracer.pid}\n" in open(f"/proc/{worker}/status").read(), message="strace")
+        connection = http.client.HTTPConnection(*relay.address, timeout=30)
+        connection.connect()
+        wait_until(lambda: stopped_leaving_recvfrom(worker), message="the relay to look at the connection")
+        connection.request("PUT", f"/{SERVER_ID}/{'0' * 64}", body=bytes(20 << 20))
+        answer = connection.getresponse()
+        assert answer.status == 400 and answer.read() == b"plain HTTP request sent to HTTPS port\n"
+        connection.close()
+    finally:
+        tracer.terminate()
+        tracer.wait(20)
 
 
 def test_the_pbench_push_over_https_sees_the_refusal(live, certificate, tmp_path):
