@@ -327,15 +327,24 @@ def cpu_seconds(pids: list[int]) -> float:
     return ticks / CLOCK_TICKS
 
 
+def machine_busy_seconds() -> float:
+    """CPU time the whole machine has spent busy so far, summed over its cores: every
+    process (the clients too) and the kernel's interrupt work, from /proc/stat."""
+    with open("/proc/stat") as stat:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, stat.readline().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS
+
+
 class Watch:
     """While in use: samples a process tree's summed RSS and PSS every SAMPLE_INTERVAL,
-    and counts the CPU time it spends. Summed RSS counts pages that forked workers share
-    once per process; PSS divides them among the sharers."""
+    and counts the CPU time it spends, and the whole machine's. Summed RSS counts pages
+    that forked workers share once per process; PSS divides them among the sharers."""
 
     def __init__(self, root: int):
         self.root = root
         self.peak_rss = self.peak_pss = 0
         self.cpu = 0.0
+        self.machine_cpu = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -351,10 +360,14 @@ class Watch:
 
     def __enter__(self) -> Watch:
         self.cpu = -cpu_seconds(process_tree(self.root))
+        self.machine_cpu = -machine_busy_seconds()
+        self.wall = -time.monotonic()
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
+        self.machine_cpu += machine_busy_seconds()
+        self.wall += time.monotonic()
         self._stop.set()
         self._thread.join()
         self.sample()
@@ -736,6 +749,22 @@ class Results:
         row = Row(scenario, what, unit, summary(relay), reference_name, summary(reference), summary(pairs), note=note)
         return self.add(row, target_key)
 
+    def machine(self, scenario: str, label: str, watches: dict[str, list[Watch]], reference: str, per: float = 1.0):
+        """A row of the whole machine's busy CPU time (clients, servers, kernel) while
+        *label* ran, per *per* GiB, relay beside *reference*, with how busy the cores were:
+        a reference that keeps every core busy bounds what a relay doing more work can do."""
+        cores = os.cpu_count() or 1
+
+        def busy(name: str) -> str:
+            fractions = [watch.machine_cpu / (watch.wall * cores) for watch in watches.get(name, []) if watch.wall]
+            return f"{name} {100 * statistics.median(fractions):.0f}%" if fractions else ""
+
+        note = "cores busy: " + ", ".join(filter(None, (busy("relay"), busy(reference))))
+        relay = [watch.machine_cpu / per for watch in watches.get("relay", [])]
+        other = [watch.machine_cpu / per for watch in watches.get(reference, [])] if reference else []
+        unit = "CPU s/GiB" if per != 1.0 else "CPU s"
+        return self.paired(scenario, f"{label}: machine CPU", unit, relay, reference, other, note=note)
+
     def memory(self, label: str, peaks: Peaks, reference: str = "") -> None:
         """Two rows: the peak PSS and summed RSS of the relay's process tree during
         *label*, beside *reference*'s; the target is on the relay's worst PSS."""
@@ -977,6 +1006,7 @@ def scenario_transfer(bench: Bench) -> None:
         label = format_size(size)
         figures = ("put", "put_cpu", "get", "get_cpu", "put_fsync")
         seen = {server.name: {figure: [] for figure in figures} for server in bench.servers()}
+        uploads = {server.name: [] for server in bench.servers()}
         peaks = Peaks()
         for run in range(bench.args.runs):
             for server in bench.servers():
@@ -995,6 +1025,7 @@ def scenario_transfer(bench: Bench) -> None:
                 mine["put_cpu"].append(put_watch.cpu / (size / (1 << 30)))
                 mine["get_cpu"].append(get_watch.cpu / (size / (1 << 30)))
                 peaks.add(server.name, put_watch, get_watch)
+                uploads[server.name].append(put_watch)
                 bench.log(
                     f"{server.name} {label} run {run + 1}: PUT {mine['put'][-1]:.0f} MB/s "
                     f"({mine['put_cpu'][-1]:.2f} CPU s/GiB), GET {mine['get'][-1]:.0f} MB/s "
@@ -1009,6 +1040,7 @@ def scenario_transfer(bench: Bench) -> None:
                 "upload", f"upload {label} (durable)", "MB/s", relay["put"], "nginx+fsync", nginx["put_fsync"]
             )
         results.paired("upload", f"upload {label}: server CPU", "s/GiB", relay["put_cpu"], with_nginx, nginx["put_cpu"])
+        results.machine("upload", f"upload {label}", uploads, with_nginx, per=size / (1 << 30))
         results.paired("download", f"download {label}", "MB/s", relay["get"], with_nginx, nginx["get"], "download")
         results.paired(
             "download", f"download {label}: server CPU", "s/GiB", relay["get_cpu"], with_nginx, nginx["get_cpu"]
@@ -1065,6 +1097,7 @@ def _stream_size(bench: Bench, size: int) -> None:
     relay = bench.relay
     alone, lag = [], []
     end_to_end = {server.name: [] for server in bench.streamers()}
+    watches = {server.name: [] for server in bench.streamers()}
     peaks = Peaks()
     for run in range(bench.args.runs):
         relay.clear(oid)
@@ -1076,6 +1109,7 @@ def _stream_size(bench: Bench, size: int) -> None:
             with Watch(server.process.pid) as watch:
                 seconds, late = _streamed(server, path, oid, size)
             peaks.add(server.name, watch)
+            watches[server.name].append(watch)
             end_to_end[server.name].append(seconds)
             if server is relay:
                 lag.append(late)
@@ -1091,6 +1125,7 @@ def _stream_size(bench: Bench, size: int) -> None:
         piped = end_to_end["piping-server"]
         bench.results.paired("stream", f"stream {label}: end-to-end", "s", relayed, "piping-server", piped, "stream")
     bench.results.paired("stream", f"stream {label}: end-to-end", "s", relayed, "relay upload alone", alone, note=note)
+    bench.results.machine("stream", f"stream {label}", watches, "piping-server" if bench.piping else "")
     bench.results.memory(f"stream {label}", peaks, "piping-server" if bench.piping else "")
 
 
@@ -1102,6 +1137,7 @@ def scenario_pipe(bench: Bench) -> None:
         path, oid = bench.data.file(size)
         label = format_size(size)
         end_to_end = {server.name: [] for server in bench.streamers()}
+        watches = {server.name: [] for server in bench.streamers()}
         peaks = Peaks()
         for run in range(bench.args.runs):
             for server in bench.streamers():
@@ -1110,6 +1146,7 @@ def scenario_pipe(bench: Bench) -> None:
                 with Watch(server.process.pid) as watch:
                     seconds, _ = _streamed(server, path, oid, size, pipe=True)
                 peaks.add(server.name, watch)
+                watches[server.name].append(watch)
                 end_to_end[server.name].append(seconds)
             if bench.relay.stored_path(oid).exists():
                 raise BenchError("the relay stored a pipe's content")
@@ -1119,6 +1156,7 @@ def scenario_pipe(bench: Bench) -> None:
         relayed, piped = end_to_end["relay"], end_to_end.get(reference, [])
         note = "the relay hashes and verifies, piping-server does not; neither stores"
         bench.results.paired("pipe", f"pipe {label}: end-to-end", "s", relayed, reference, piped, "pipe", note)
+        bench.results.machine("pipe", f"pipe {label}", watches, reference)
         bench.results.memory(f"pipe {label}", peaks, reference)
 
 
@@ -1132,11 +1170,13 @@ def scenario_stream_pairs(bench: Bench) -> None:
     label = f"{count} streaming pairs x {format_size(size)}"
     rates = {server.name: [] for server in bench.streamers()}
     failed = dict.fromkeys(rates, 0)
+    watches = {server.name: [] for server in bench.streamers()}
     peaks = Peaks()
     for run in range(bench.args.runs):
         for server in bench.streamers():
             seconds, reasons, watch = _stream_pairs(bench, server, files)
             peaks.add(server.name, watch)
+            watches[server.name].append(watch)
             rates[server.name].append(count * size / seconds / MB)
             failed[server.name] += len(reasons)
             for reason in reasons[:3]:
@@ -1149,6 +1189,7 @@ def scenario_stream_pairs(bench: Bench) -> None:
     )
     if failed["relay"]:
         row.passed = False
+    bench.results.machine("stream-pairs", label, watches, reference)
     bench.results.memory(label, peaks, reference)
 
 
@@ -1314,10 +1355,12 @@ def scenario_concurrency(bench: Bench) -> None:
     if bench.nginx:
         variants += [("nginx", bench.nginx, False), ("nginx+fsync", bench.nginx, True)]
     peaks = Peaks()
+    watches = {name: [] for name, _, _ in variants}
     for run in range(bench.args.runs):
         for name, server, durable in variants:
             seconds, failures, reasons, watch = _round_trips(bench, server, files, durable)
             peaks.add(name, watch)
+            watches[name].append(watch)
             rates[name].append(moved / seconds / MB)
             failed[name] += failures
             for reason in reasons[:3]:
@@ -1337,6 +1380,7 @@ def scenario_concurrency(bench: Bench) -> None:
         row = bench.results.add(Row("concurrency", f"{label}, PUT+GET", "MB/s", summary(rates["relay"]), note=note))
     if failed["relay"]:
         row.passed = False
+    bench.results.machine("concurrency", label, watches, "nginx" if bench.nginx else "")
     bench.results.memory(label, peaks, "nginx" if bench.nginx else "")
 
 
