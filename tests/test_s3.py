@@ -647,9 +647,11 @@ def test_bytes_corrupted_on_the_way_to_the_store_are_refused_by_it_never_stored(
         proxy.close()
 
 
-def removing_an_expired_copy(proxy: HoldingProxy, a, b, oid: str, data: bytes) -> threading.Thread:
-    """Store *data* through host *b* for 1.5 s; once it has expired, a GET on host *a*
-    removes it, its DELETE held by *proxy*: the thread of that GET, once it is held."""
+def test_a_removal_on_one_host_never_deletes_a_copy_stored_since_on_another(held_hosts):
+    """Host A removes an expired copy (it looked, then deletes, its DELETE held 2 s on the
+    way); meanwhile host B stores the object again, acknowledged. That copy must stay."""
+    proxy, a, b = held_hosts((b"DELETE ",), 2.0)
+    data, oid = blob(1000)
     lifetime = 1.5
     put = requests.put(url(b, oid), data=data, headers={"Max-Days": repr(lifetime / 86400)}, timeout=60)
     assert put.status_code == 201
@@ -659,15 +661,6 @@ def removing_an_expired_copy(proxy: HoldingProxy, a, b, oid: str, data: bytes) -
     removing = threading.Thread(target=lambda: requests.get(url(a, oid), timeout=60))
     removing.start()
     assert proxy.held.wait(30), "host A sent no DELETE to the store"
-    return removing
-
-
-def test_a_removal_on_one_host_never_deletes_a_copy_stored_since_on_another(held_hosts):
-    """Host A removes an expired copy (it looked, then deletes, its DELETE held 2 s on the
-    way); meanwhile host B stores the object again, acknowledged. That copy must stay."""
-    proxy, a, b = held_hosts((b"DELETE ",), 2.0)
-    data, oid = blob(1000)
-    removing = removing_an_expired_copy(proxy, a, b, oid, data)
     assert requests.put(url(b, oid), data=data, timeout=60).status_code == 201  # no limits this time
     removing.join(60)
     proxy.holding.clear()
@@ -686,7 +679,15 @@ def test_a_removal_the_store_is_slow_to_answer_gives_up_before_its_claim_runs_ou
     proxy, a, b = held_hosts((b"DELETE ",), 7.0)
     proxy.drop_abandoned = True
     data, oid = blob(1000, seed=5)
-    removing = removing_an_expired_copy(proxy, a, b, oid, data)
+    lifetime = 1.5
+    put = requests.put(url(b, oid), data=data, headers={"Max-Days": repr(lifetime / 86400)}, timeout=60)
+    assert put.status_code == 201
+    expired_at = time.time() + lifetime
+    wait_until(lambda: time.time() > expired_at + 0.2, message="the first copy to expire")
+    proxy.holding.set()
+    removing = threading.Thread(target=lambda: requests.get(url(a, oid), timeout=60))
+    removing.start()
+    assert proxy.held.wait(30), "host A sent no DELETE to the store"
     proxy.holding.clear()  # only that one is held
     assert requests.put(url(b, oid), data=data, timeout=60).status_code == 201
     assert proxy.let_go.wait(30)
