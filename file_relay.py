@@ -3667,30 +3667,24 @@ def s3_option_problem(config: RelayConfig) -> str | None:
     return None
 
 
-def _s3_client(config: RelayConfig, session=None, *, within: float | None = None):
+def _s3_client(config: RelayConfig):
     """A boto3 client of the store: the standard credential sources, bounded timeouts,
     checksums only where the operation needs one (the relay verifies SHA-256 itself). No
     request body is hashed for its signature, on http as on https: each one that carries
-    bytes carries their x-amz-checksum-sha256, a signed header the store verifies them by.
-
-    With *within*: a client whose requests end within about that many seconds or fail, in
-    one attempt (its connection and each wait for its answer get half of it), for those
-    that must not reach the store after a claim's lease, when another host may hold it."""
+    bytes carries their x-amz-checksum-sha256, a signed header the store verifies them by."""
     import boto3
     import botocore.config
 
-    timeouts = {"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 3, "mode": "standard"}}
-    if within is not None:
-        timeouts = {"connect_timeout": within / 2, "read_timeout": within / 2, "retries": {"total_max_attempts": 1}}
     settings = botocore.config.Config(
-        **timeouts,
+        connect_timeout=5,
+        read_timeout=60,
+        retries={"max_attempts": 3, "mode": "standard"},
         s3={"addressing_style": "path" if config.s3_endpoint else "auto", "payload_signing_enabled": False},
         max_pool_connections=64,
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
     )
-    session = session or boto3.session.Session()
-    return session.client("s3", endpoint_url=config.s3_endpoint or None, config=settings)
+    return boto3.session.Session().client("s3", endpoint_url=config.s3_endpoint or None, config=settings)
 
 
 def _s3_status(exc) -> tuple[int, str]:
@@ -3858,7 +3852,7 @@ class S3Store:
     def __init__(self, config: RelayConfig):
         self.config = config
         self.bucket, self.prefix = parse_storage_url(config.storage)
-        self._client = self._claimed_client = None
+        self._client = None
         self._client_pid = None
         self._client_lock = threading.Lock()
         self._reserved_lock = threading.Lock()
@@ -3873,32 +3867,19 @@ class S3Store:
     def client(self):
         """This process's client (one made before a fork is not used after it)."""
         if self._client_pid != os.getpid():
-            import boto3
-
             with self._client_lock:
                 if self._client_pid != os.getpid():
-                    session = boto3.session.Session()
-                    self._client = _s3_client(self.config, session)
-                    self._claimed_client = _s3_client(self.config, session, within=_S3_QUICK_CLAIM / 2)
+                    self._client = _s3_client(self.config)
                     self._client_pid = os.getpid()
         return self._client
 
-    @property
-    def claimed_client(self):
-        """This process's client for requests that rely on a removal's claim: begun before
-        half its lease (_claim), each ends, or fails, before the lease is out."""
-        self.client  # noqa: B018 - made with it
-        return self._claimed_client
-
-    def _call(self, doing: str, operation: str, *, absent=(), claimed: bool = False, **kwargs):
+    def _call(self, doing: str, operation: str, *, absent=(), **kwargs):
         """client.<operation>(Bucket=..., **kwargs), the store's failures as StorageErrors;
-        None if the store answered with a status in *absent*. *claimed*: through
-        claimed_client, for a request that relies on a removal's claim."""
+        None if the store answered with a status in *absent*."""
         import botocore.exceptions
 
-        client = self.claimed_client if claimed else self.client
         try:
-            return getattr(client, operation)(Bucket=self.bucket, **kwargs)
+            return getattr(self.client, operation)(Bucket=self.bucket, **kwargs)
         except botocore.exceptions.ClientError as exc:
             status, code = _s3_status(exc)
             if status in absent:
@@ -4018,7 +3999,7 @@ class S3Store:
                 segments.append((0, 0, 0, self._note_removal(oid, segments)))
             if time.monotonic() > until:
                 raise Busy("the object store is slow to answer: remove it again", retry_after=5)
-            self._call("remove an object", "delete_object", claimed=True, Key=self._object_key(oid))
+            self._call("remove an object", "delete_object", Key=self._object_key(oid))
         with contextlib.suppress(StorageError):  # else the sweeper removes them, listed by no object
             self._drop_segments(segments)
         return True
